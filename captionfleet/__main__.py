@@ -1,0 +1,3 @@
+from captionfleet.cli import main
+
+raise SystemExit(main())
