@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_STDLIB_CHECK = (
+    "import operator, collections, os; "
+    "assert os.path.dirname(operator.__file__) == os.path.dirname(os.__file__), operator.__file__; "
+    "print('ok', operator.eq(1, 1))"
+)
 
 
 def _run_python(code: str, cwd: Path) -> str:
@@ -21,10 +26,24 @@ def _run_python(code: str, cwd: Path) -> str:
     return done.stdout
 
 
-def test_stdlib_operator_is_not_shadowed_from_the_repository_root() -> None:
-    # `python -c` puts the working directory first on sys.path: the folder operator/ must still lose.
-    out = _run_python("import operator, collections; print(operator.__file__)", cwd=REPO)
-    assert not out.strip().startswith(str(REPO)), out
+@pytest.mark.parametrize(
+    "flags", [["-S", "-m", "json.tool"], ["-S", "-c", _STDLIB_CHECK], ["-c", _STDLIB_CHECK]]
+)
+def test_stdlib_operator_is_not_shadowed_from_the_repository_root(flags: list[str]) -> None:
+    # `-m` and `-c` put the working directory first on sys.path; `-S` skips site-packages, so nothing
+    # imported the real module earlier (as on a fresh venv running `python -m pip` from here).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
+    done = subprocess.run(
+        [sys.executable, *flags],
+        cwd=REPO,
+        env=env,
+        input='{"ok": 1}',
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
 
 
 @pytest.mark.parametrize("module", ["captionfleet.operator", "captionfleet.cli", "captionfleet.settings"])

@@ -1,0 +1,134 @@
+"""Semantic validation: what the CRD's schema cannot express.
+
+The schema (from spec.py) already bounds every number and enumerates every choice; the checks here
+relate fields to each other, to the object's name, or to how the operator is installed. Each problem
+is one sentence naming the field, so that the Invalid condition tells the user what to change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from captionfleet.operator import spec as s
+from captionfleet.operator.builders.common import ClusterConfig
+
+MAX_NAME = 63  # Services and labels: a DNS-1035 label
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def seconds(duration: str) -> float:
+    return sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    path = "spec"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def schema_problems(error: ValidationError) -> list[str]:
+    """pydantic's errors as ``spec.versions[1].weight: <message>`` lines."""
+    return [f"{_loc(e['loc'])}: {e['msg']}" for e in error.errors()]
+
+
+def _names(name: str, spec: s.CaptionModelSpec) -> list[str]:
+    problems = []
+    if not re.fullmatch(s.DNS_LABEL_PATTERN, name):
+        problems.append(
+            f"metadata.name {name!r} must start with a letter and hold only lowercase letters, digits and "
+            "'-': the router's Service is named after it"
+        )
+    longest = max([f"{name}-router"] + [f"{name}-{v.name}" for v in spec.versions], key=len)
+    if len(longest) > MAX_NAME:
+        problems.append(
+            f"child name {longest!r} is longer than {MAX_NAME} characters: shorten metadata.name "
+            "or the version names"
+        )
+    return problems
+
+
+def _versions(spec: s.CaptionModelSpec) -> list[str]:
+    problems = []
+    counts = Counter(v.name for v in spec.versions)
+    duplicates = sorted(name for name, n in counts.items() if n > 1)
+    if duplicates:
+        problems.append(f"spec.versions: names must be unique, {', '.join(duplicates)} repeated")
+    if "router" in counts:
+        problems.append("spec.versions: 'router' is reserved for the router's own objects")
+    total = sum(v.weight for v in spec.versions)
+    if total != 100:
+        split = ", ".join(f"{v.name}={v.weight}" for v in spec.versions)
+        problems.append(f"spec.versions: weights must sum to 100, they sum to {total} ({split})")
+    canaries = [v.name for v in spec.versions if v.canary]
+    if len(canaries) > 1:
+        problems.append(
+            f"spec.versions: at most one version may be in rollout (canary: true) at a time, "
+            f"got {', '.join(canaries)}"
+        )
+    if not any(not v.canary and v.weight > 0 for v in spec.versions):
+        problems.append("spec.versions: a version that is not a canary must receive traffic (weight > 0)")
+    for i, v in enumerate(spec.versions):
+        where = f"spec.versions[{i}] ({v.name})"
+        try:
+            s.parse_model_source(v.model)
+        except ValueError as e:
+            problems.append(f"{where}.model: {e}")
+        if v.min_replicas is not None and v.max_replicas is not None and v.min_replicas > v.max_replicas:
+            problems.append(f"{where}: minReplicas {v.min_replicas} is above maxReplicas {v.max_replicas}")
+        if v.min_replicas == 0 and spec.autoscaling.provider != "keda":
+            problems.append(f"{where}.minReplicas: 0 needs autoscaling.provider keda (scale to zero)")
+        if v.precision == "fp16" and spec.resources.gpu == 0:
+            problems.append(f"{where}.precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16")
+    return problems
+
+
+def _autoscaling(spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
+    problems = []
+    a = spec.autoscaling
+    if a.min_replicas > a.max_replicas:
+        problems.append(
+            f"spec.autoscaling: minReplicas {a.min_replicas} is above maxReplicas {a.max_replicas}"
+        )
+    if a.min_replicas == 0 and a.provider != "keda":
+        problems.append("spec.autoscaling.minReplicas: 0 needs provider keda (the HPA cannot scale to zero)")
+    if a.provider == "keda" and not config.prometheus_url:
+        problems.append(
+            "spec.autoscaling.provider: keda needs a Prometheus to query; this operator runs without "
+            "--prometheus-url (CAPTIONFLEET_PROMETHEUS_URL)"
+        )
+    analysis = spec.rollout.analysis
+    if analysis.max_weight < analysis.step_weight:
+        problems.append(
+            f"spec.rollout.analysis: maxWeight {analysis.max_weight} is below "
+            f"stepWeight {analysis.step_weight}"
+        )
+    if seconds(analysis.interval) <= 0:
+        problems.append("spec.rollout.analysis.interval: must be longer than 0")
+    if seconds(analysis.window) < seconds(analysis.interval):
+        problems.append(
+            f"spec.rollout.analysis: window {analysis.window} is shorter than interval {analysis.interval}"
+        )
+    return problems
+
+
+def problems(name: str, spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
+    """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
+    return _names(name, spec) + _versions(spec) + _autoscaling(spec, config)
+
+
+def check(
+    name: str, raw_spec: Mapping[str, Any] | None, config: ClusterConfig
+) -> tuple[s.CaptionModelSpec | None, list[str]]:
+    """(the parsed spec, no problems) or (None or the spec, the problems)."""
+    try:
+        spec = s.parse_spec(raw_spec)
+    except ValidationError as e:
+        return None, schema_problems(e)
+    return spec, problems(name, spec, config)

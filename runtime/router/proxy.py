@@ -1,0 +1,262 @@
+"""Forwarding one request to a version's runtimes: endpoint choice, the single retry, the deadline.
+
+- Endpoints of a version take turns (round robin, per router process).
+- A connection failure (refused, reset, dropped before the answer, connect timeout) or a 503 answer
+  gets one more attempt on another endpoint of the *same* version, with the same ``X-Request-Id``:
+  the user's version never changes behind their back. With a single endpoint (a Service address, where
+  kube-proxy picks a pod per connection) the retry goes to the same address.
+- The request's budget (``X-Request-Timeout-Ms``: what the client allows, at most the router's
+  ``request_timeout_ms``) covers both attempts; each attempt tells the runtime what is left of it in
+  ``X-Request-Timeout-Ms``, in whole milliseconds. When it is spent the answer is 504 and there is no
+  retry.
+- The body is read once, up to ``max_body_bytes`` (bounded, so it can be sent twice), and the answer
+  up to ``max_response_bytes``; the runtime's status, headers and body are relayed unchanged, so its
+  ``model_version`` says who answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from captionfleet.runtime.router.table import Version
+from captionfleet.runtime.serving.errors import PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+DEADLINE_HEADER = "X-Request-Timeout-Ms"
+REQUEST_ID_HEADER = "X-Request-Id"
+CHUNK = 64 * 1024
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP client or server computes itself.
+_NOT_FORWARDED = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect", DEADLINE_HEADER,
+        REQUEST_ID_HEADER,
+    )
+)  # fmt: skip
+_NOT_RELAYED = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Content-Length", "Date", "Server",
+    )
+)  # fmt: skip
+
+
+class Balancer:
+    """Round robin over each version's endpoints, skipping for a while those that refused a connection.
+
+    An endpoint that could not be reached sits out ``eject_s`` seconds (unless every endpoint of its
+    version does), so a pod that died before its EndpointSlice caught up costs one retry, not one per
+    round. A retry takes the endpoint after the failed one without moving the turn on.
+    """
+
+    def __init__(self, eject_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.eject_s = eject_s
+        self._clock = clock
+        self._turn: dict[str, int] = {}
+        self._ejected: dict[str, float] = {}  # endpoint -> until when
+
+    def choose(self, version: Version, avoid: str | None = None) -> str:
+        endpoints = version.endpoints
+        now = self._clock()
+        usable = [e for e in endpoints if self._ejected.get(e, 0.0) <= now and e != avoid]
+        if not usable:
+            usable = [e for e in endpoints if e != avoid] or list(endpoints)
+        if avoid is not None:
+            return usable[0] if avoid not in endpoints else _after(endpoints, avoid, usable)
+        turn = self._turn.get(version.name, 0)
+        self._turn[version.name] = turn + 1
+        return usable[turn % len(usable)]
+
+    def failed(self, endpoint: str) -> None:
+        self._ejected[endpoint] = self._clock() + self.eject_s
+
+    def succeeded(self, endpoint: str) -> None:
+        self._ejected.pop(endpoint, None)
+
+
+def _after(endpoints: tuple[str, ...], failed: str, usable: list[str]) -> str:
+    """The first usable endpoint after ``failed`` in the version's order (wrapping round)."""
+    start = endpoints.index(failed)
+    for offset in range(1, len(endpoints) + 1):
+        candidate = endpoints[(start + offset) % len(endpoints)]
+        if candidate in usable:
+            return candidate
+    return usable[0]
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    endpoint: str
+
+
+class _ConnectFailed(Exception):
+    """One attempt could not reach its endpoint (the caller decides about the retry)."""
+
+
+async def read_body(content: aiohttp.StreamReader, declared: int | None, limit: int) -> bytes:
+    """The whole request body, or PayloadTooLarge as soon as it is known to exceed ``limit``."""
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
+    chunks = []
+    size = 0
+    async for chunk in content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body has more than {limit} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def forwarded_headers(
+    incoming: Mapping[str, str] | CIMultiDictProxy[str], remote: str | None
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-For."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in _NOT_FORWARDED:
+            headers.add(name, value)
+    if remote:
+        prior = headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+    return headers
+
+
+def relayed_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming:
+        if name.lower() not in _NOT_RELAYED:
+            headers.add(name, value)
+    return headers
+
+
+class Forwarder:
+    """Sends requests to runtimes over one pooled HTTP client."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        balancer: Balancer,
+        *,
+        connect_timeout_s: float,
+        retry: bool,
+        max_response_bytes: int,
+    ) -> None:
+        self.session = session
+        self.balancer = balancer
+        self.connect_timeout_s = connect_timeout_s
+        self.retry = retry
+        self.max_response_bytes = max_response_bytes
+
+    async def forward(
+        self,
+        version: Version,
+        *,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        request_id: str,
+        deadline: float,
+        on_retry: Callable[[str], None] = lambda reason: None,
+    ) -> UpstreamAnswer:
+        """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable or BadUpstreamResponse.
+
+        ``on_retry(reason)`` is called before the second attempt, reason ``connect`` or ``status_503``.
+        """
+        first = self.balancer.choose(version)
+        try:
+            answer = await self._attempt(first, method, path_qs, headers, body, request_id, deadline)
+        except _ConnectFailed as exc:
+            self.balancer.failed(first)
+            log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
+            if not self.retry:
+                raise UpstreamUnreachable(f"no runtime of version {version.name} could be reached") from exc
+            on_retry("connect")
+            second = self.balancer.choose(version, avoid=first)
+            try:
+                return await self._attempt(second, method, path_qs, headers, body, request_id, deadline)
+            except _ConnectFailed as again:
+                self.balancer.failed(second)
+                log.warning(
+                    "runtime unreachable on the retry", extra={"version": version.name, "error": str(again)}
+                )
+                raise UpstreamUnreachable(
+                    f"no runtime of version {version.name} could be reached, on the retry either"
+                ) from again
+        if answer.status == 503 and self.retry and time.monotonic() < deadline:
+            on_retry("status_503")
+            second = self.balancer.choose(version, avoid=first)
+            try:
+                return await self._attempt(second, method, path_qs, headers, body, request_id, deadline)
+            except (_ConnectFailed, UpstreamTimeout):
+                return answer  # the first runtime's 503, with its Retry-After
+        return answer
+
+    async def _attempt(
+        self,
+        url: str,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        request_id: str,
+        deadline: float,
+    ) -> UpstreamAnswer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout("the request's deadline passed before a runtime answered")
+        sent = CIMultiDict(headers)
+        sent[REQUEST_ID_HEADER] = request_id
+        sent[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.connect_timeout_s, remaining))
+        try:
+            async with asyncio.timeout(remaining) as budget:
+                try:
+                    async with self.session.request(
+                        method, url + path_qs, headers=sent, data=body, timeout=timeout, allow_redirects=False
+                    ) as response:
+                        self.balancer.succeeded(url)
+                        content = await self._read_answer(response, url)
+                        return UpstreamAnswer(
+                            response.status, relayed_headers(response.headers.items()), content, url
+                        )
+                except aiohttp.ClientConnectionError as exc:
+                    raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
+                except aiohttp.ClientPayloadError as exc:
+                    log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
+                    raise BadUpstreamResponse("the runtime's answer was cut short") from exc
+        except TimeoutError as exc:
+            if budget.expired():
+                raise UpstreamTimeout(
+                    f"no answer from the runtime within the request's budget ({remaining * 1000:.0f} ms)"
+                ) from exc
+            raise
+
+    async def _read_answer(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+        declared = response.content_length
+        limit = self.max_response_bytes
+        if declared is not None and declared > limit:
+            raise BadUpstreamResponse(f"the runtime's answer has {declared} bytes; the limit is {limit}")
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_chunked(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise BadUpstreamResponse(f"the runtime's answer has more than {limit} bytes, the limit")
+            chunks.append(chunk)
+        return b"".join(chunks)

@@ -1,0 +1,117 @@
+"""``captionfleet router``'s settings: one frozen dataclass, one documented default per field.
+
+Every field is also a command-line option (``--caption-model``) and an environment variable
+(``CAPTIONFLEET_CAPTION_MODEL``); the operator sets some of these in the router's Deployment
+(``operator/builders/env.py``), so those names are part of the contract.
+
+The routing table comes from exactly one source: the CaptionModel named by ``caption_model`` (watched
+through the Kubernetes API), a ``routes_file``, or the ``routes``/``weights`` options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from captionfleet.settings import setting
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    host: str = setting("0.0.0.0", "Address to listen on (0.0.0.0: all interfaces, as in a container).")
+    port: int = setting(8080, "TCP port to listen on (0: any free port, logged).")
+    caption_model: str = setting(
+        "", "Name of the CaptionModel whose status.versions[] is the routing table (watched, read-only)."
+    )
+    namespace: str = setting(
+        "", "Namespace of the CaptionModel; empty: the pod's own namespace, else the kubeconfig context's."
+    )
+    kubeconfig: str = setting(
+        "",
+        "Kubeconfig file; empty: the pod's service account in a pod, else $KUBECONFIG or ~/.kube/config.",
+    )
+    routes: tuple[str, ...] = setting(
+        (),
+        "Static routes instead of a CaptionModel: version=URL, comma-separated; repeat a version for several "
+        "endpoints (v1=http://127.0.0.1:8081,v2=http://127.0.0.1:8082).",
+    )
+    weights: tuple[str, ...] = setting(
+        (), "Weights of the static routes in percent: v1=90,v2=10; empty: all traffic to the first version."
+    )
+    canary: str = setting(
+        "", "Static routes only: the version being rolled out (placed for monotonic moves)."
+    )
+    routes_file: str = setting(
+        "",
+        "JSON or YAML routing table ({versions: [{name, weight, role, endpoints}]}), reloaded on change.",
+    )
+    routes_file_poll_ms: float = setting(1000.0, "How often the routes file is checked for changes.")
+    service_port: int = setting(
+        8080, "Port of the version Services, used when their endpoints are not known."
+    )
+    request_timeout_ms: float = setting(
+        30000.0,
+        "Budget per request, retry included; a client's X-Request-Timeout-Ms may only shorten it. "
+        "The rest is passed on to the runtime in X-Request-Timeout-Ms; when it is spent the answer is 504.",
+    )
+    connect_timeout_ms: float = setting(
+        1000.0, "Longest wait for a connection to a runtime before trying elsewhere."
+    )
+    retry: bool = setting(True, "Retry once on another endpoint after a connection failure or a 503.")
+    max_body_bytes: int = setting(20 * MB, "Largest request body; larger gets 413 without being read.")
+    max_response_bytes: int = setting(32 * MB, "Largest runtime answer relayed; larger gets 502.")
+    stats_window_s: int = setting(
+        900, "Seconds of per-second figures kept per version for GET /v1/router/stats (the longest window)."
+    )
+    api_keys_file: str = setting(
+        "", "File with one API key per line (or sha256:<hex> of one); checked at the edge. Empty: none."
+    )
+    api_keys: tuple[str, ...] = setting((), "API keys, comma-separated (prefer the environment variable).")
+    drain_delay_s: float = setting(
+        5.0, "On SIGTERM: seconds to keep serving while /readyz says 503, so endpoints move away first."
+    )
+    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
+
+    def source(self) -> str:
+        """Which table source these settings choose: ``captionmodel``, ``file`` or ``static``."""
+        if self.routes_file:
+            return "file"
+        if self.routes:
+            return "static"
+        return "captionmodel"
+
+    def check(self) -> list[str]:
+        """Problems that make these settings unusable, as messages (empty: fine)."""
+        problems = []
+        chosen = [
+            name
+            for name, value in (
+                ("caption_model", self.caption_model),
+                ("routes_file", self.routes_file),
+                ("routes", self.routes),
+            )
+            if value
+        ]
+        if len(chosen) != 1:
+            problems.append(
+                "give exactly one source of routes: caption_model, routes_file or routes "
+                f"(got {', '.join(chosen) or 'none'})"
+            )
+        if self.weights and not self.routes:
+            problems.append("weights apply to routes; give routes too")
+        if self.canary and not self.routes:
+            problems.append("canary applies to routes (a routes file names roles itself)")
+        for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("max_body_bytes", "max_response_bytes", "stats_window_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        if self.drain_delay_s < 0:
+            problems.append("drain_delay_s must be >= 0")
+        if not 0 <= self.port < 65536:
+            problems.append("port must be in 0..65535 (0: any free port)")
+        if not 0 < self.service_port < 65536:
+            problems.append("service_port must be in 1..65535")
+        return problems

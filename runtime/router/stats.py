@@ -1,0 +1,219 @@
+"""Per-version request figures over a recent window, for ``GET /v1/router/stats``.
+
+The operator's rollout analysis reads every router pod's figures over its ``window`` and adds them up,
+so each version keeps:
+
+- a ring of per-second slots covering ``max_window_s`` (a slot is reused when its second comes round
+  again), from which any window up to that length is summed on demand;
+- cumulative totals since the process started, with the process's ``instance`` id and ``started_at``,
+  so a reader may also diff two reads and notice a restart.
+
+Counts are per request routed to the version, by its final outcome (after the retry): ``errors`` is the
+sum of ``status_5xx`` (a runtime's 5xx answer relayed), ``timeouts`` (the budget ran out),
+``connect_failures`` (no runtime of the version could be reached) and ``bad_responses`` (an answer that
+could not be relayed). 4xx answers are the client's, not errors. ``retries`` counts second attempts
+(which may have succeeded), ``fallbacks`` requests meant for the version that went elsewhere because it
+had no endpoints. Latency is the router's view, arrival to answer, in a fixed histogram so figures of
+several pods add up; percentiles are estimated from it (linear within a bucket, as Prometheus does).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Upper bounds in milliseconds; the histogram has one more count for everything above the last.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000
+)  # fmt: skip
+ERROR_KINDS = ("status_5xx", "timeouts", "connect_failures", "bad_responses")
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+
+
+def _bucket_index(latency_ms: float) -> int:
+    for index, bound in enumerate(LATENCY_BUCKETS_MS):
+        if latency_ms <= bound:
+            return index
+    return len(LATENCY_BUCKETS_MS)
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile (0..1) in ms estimated from histogram counts; None without samples."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            lower = LATENCY_BUCKETS_MS[index - 1] if index > 0 else 0.0
+            if index == len(LATENCY_BUCKETS_MS):  # above the last bound: its lower edge is all we know
+                return float(lower)
+            upper = LATENCY_BUCKETS_MS[index]
+            return float(lower + (upper - lower) * (rank - seen) / count)
+        seen += count
+    return float(LATENCY_BUCKETS_MS[-1])
+
+
+@dataclass
+class Figures:
+    """Counts of one version over some span of time."""
+
+    requests: int = 0
+    status_5xx: int = 0
+    timeouts: int = 0
+    connect_failures: int = 0
+    bad_responses: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+    latency_sum_ms: float = 0.0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+
+    @property
+    def errors(self) -> int:
+        return self.status_5xx + self.timeouts + self.connect_failures + self.bad_responses
+
+    def record(self, error: str | None, latency_ms: float, retries: int) -> None:
+        self.requests += 1
+        if error is not None:
+            setattr(self, error, getattr(self, error) + 1)
+        self.retries += retries
+        self.latency_sum_ms += latency_ms
+        self.latency_counts[_bucket_index(latency_ms)] += 1
+
+    def add(self, other: Figures) -> None:
+        for name in ("requests", *ERROR_KINDS, "retries", "fallbacks"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency_sum_ms += other.latency_sum_ms
+        self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
+
+    def as_json(self) -> dict[str, Any]:
+        latency: dict[str, Any] = {"sum": round(self.latency_sum_ms, 3), "counts": list(self.latency_counts)}
+        for name, q in QUANTILES:
+            value = quantile(self.latency_counts, q)
+            latency[name] = None if value is None else round(value, 3)
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
+            **{name: getattr(self, name) for name in ERROR_KINDS},
+            "retries": self.retries,
+            "fallbacks": self.fallbacks,
+            "latency_ms": latency,
+        }
+
+
+@dataclass
+class _Slot:
+    second: int
+    figures: Figures = field(default_factory=Figures)
+
+
+class VersionFigures:
+    """One version's ring of per-second slots and its totals."""
+
+    def __init__(self, slots: int) -> None:
+        self._ring: list[_Slot | None] = [None] * slots
+        self.total = Figures()
+
+    def _slot(self, second: int) -> _Slot:
+        index = second % len(self._ring)
+        slot = self._ring[index]
+        if slot is None or slot.second != second:
+            slot = self._ring[index] = _Slot(second)
+        return slot
+
+    def record(self, second: int, error: str | None, latency_ms: float, retries: int) -> None:
+        self._slot(second).figures.record(error, latency_ms, retries)
+        self.total.record(error, latency_ms, retries)
+
+    def record_fallback(self, second: int) -> None:
+        self._slot(second).figures.fallbacks += 1
+        self.total.fallbacks += 1
+
+    def slots(self, first: int, last: int) -> Iterable[_Slot]:
+        """Slots of the seconds first..last, oldest first."""
+        found = [s for s in self._ring if s is not None and first <= s.second <= last]
+        return sorted(found, key=lambda s: s.second)
+
+    def window(self, first: int, last: int) -> Figures:
+        summed = Figures()
+        for slot in self.slots(first, last):
+            summed.add(slot.figures)
+        return summed
+
+
+class RouterStats:
+    """Every version's figures; ``clock`` returns Unix seconds (tests pass their own)."""
+
+    def __init__(self, max_window_s: int, clock: Callable[[], float] = time.time) -> None:
+        self.max_window_s = max_window_s
+        self._clock = clock
+        self.instance = uuid.uuid4().hex
+        self.started_at = clock()
+        self._versions: dict[str, VersionFigures] = {}
+        self.unrouted = VersionFigures(max_window_s)
+
+    def _figures(self, version: str) -> VersionFigures:
+        figures = self._versions.get(version)
+        if figures is None:
+            figures = self._versions[version] = VersionFigures(self.max_window_s)
+        return figures
+
+    def record(self, version: str, *, error: str | None, latency_ms: float, retries: int = 0) -> None:
+        """One request routed to ``version`` is answered; ``error`` is one of ERROR_KINDS or None."""
+        if error is not None and error not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {error!r}")
+        self._figures(version).record(int(self._clock()), error, latency_ms, retries)
+
+    def record_fallback(self, meant_for: str) -> None:
+        """A request meant for ``meant_for`` went to another version: it had no endpoints."""
+        self._figures(meant_for).record_fallback(int(self._clock()))
+
+    def record_unrouted(self, latency_ms: float) -> None:
+        """A request no version could take (503 no_route)."""
+        self.unrouted.record(int(self._clock()), None, latency_ms, 0)
+
+    def snapshot(
+        self, window_s: int, *, versions: Iterable[str] = (), per_second: bool = False
+    ) -> dict[str, Any]:
+        """The JSON of GET /v1/router/stats: each version's figures over the last ``window_s`` seconds
+        (the current, partial second included) and since start. ``versions`` are listed even when idle."""
+        window_s = max(1, min(window_s, self.max_window_s))
+        now = self._clock()
+        last = int(now)
+        first = last - window_s + 1
+        body: dict[str, Any] = {}
+        for name in sorted(set(versions) | set(self._versions)):
+            figures = self._versions.get(name) or VersionFigures(1)
+            entry: dict[str, Any] = {
+                "window": figures.window(first, last).as_json(),
+                "total": figures.total.as_json(),
+            }
+            if per_second:
+                entry["seconds"] = [
+                    {
+                        "t": slot.second,
+                        "requests": slot.figures.requests,
+                        "errors": slot.figures.errors,
+                        "latency_ms_sum": round(slot.figures.latency_sum_ms, 3),
+                    }
+                    for slot in figures.slots(first, last)
+                ]
+            body[name] = entry
+        return {
+            "instance": self.instance,
+            "started_at": round(self.started_at, 3),
+            "now": round(now, 3),
+            "window_s": window_s,
+            "max_window_s": self.max_window_s,
+            "latency_buckets_ms": list(LATENCY_BUCKETS_MS),
+            "versions": body,
+            "unrouted": {
+                "window": self.unrouted.window(first, last).requests,
+                "total": self.unrouted.total.requests,
+            },
+        }

@@ -1,0 +1,275 @@
+"""The emulated Kubernetes API server for the operator tests (the ``api`` fixture).
+
+``ApiServer`` is kmock's KubernetesEmulator plus what the real API server does and the operator relies
+on. kmock stores objects as given; the real server also fills in ``uid``, ``resourceVersion``,
+``generation`` and ``creationTimestamp``, names objects from ``generateName``, honours a
+``resourceVersion`` precondition, filters lists by ``labelSelector``, lets the status subresource
+change only the status, and implements server-side apply (create-or-update, removing the fields the
+applier no longer sets). The subclass adds exactly these, so the product code runs unchanged.
+Garbage collection by owner references is not emulated: tests check the references instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+import pytest
+from kmock._internal import k8s, rendering
+
+from captionfleet.operator.crd import captionmodel_crd
+
+NAMESPACE = "ml"  # where the tests put their CaptionModels; it has a KopfPeering
+
+APPLY = "application/apply-patch+yaml"
+# Metadata the server owns: an apply never removes it.
+SERVER_METADATA = (
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "finalizers",
+)
+
+RESOURCES: dict[str, dict[str, Any]] = {
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition",
+        "namespaced": False,
+    },
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
+    "v1/events": {"kind": "Event", "namespaced": True},
+    "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering", "namespaced": False},
+    "kopf.dev/v1/kopfpeerings": {"kind": "KopfPeering", "namespaced": True},
+    "captionfleet.io/v1alpha1/captionmodels": {
+        "kind": "CaptionModel",
+        "namespaced": True,
+        "singular": "captionmodel",
+        "shortnames": ["capm"],
+        "subresources": ["status"],
+    },
+    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": ["status", "scale"]},
+    "v1/services": {"kind": "Service", "namespaced": True, "subresources": ["status"]},
+    "autoscaling/v2/horizontalpodautoscalers": {
+        "kind": "HorizontalPodAutoscaler",
+        "namespaced": True,
+        "subresources": ["status"],
+    },
+    "v1/serviceaccounts": {"kind": "ServiceAccount", "namespaced": True},
+    "rbac.authorization.k8s.io/v1/roles": {"kind": "Role", "namespaced": True},
+    "rbac.authorization.k8s.io/v1/rolebindings": {"kind": "RoleBinding", "namespaced": True},
+}
+KEDA = {
+    "keda.sh/v1alpha1/scaledobjects": {"kind": "ScaledObject", "namespaced": True, "subresources": ["status"]}
+}
+VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+
+
+def _matches(labels: Mapping[str, str], selector: str) -> bool:
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def _replacement(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch turning ``old`` into ``new`` (``None`` removes a key)."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(old.get(key), Mapping):
+            patch[key] = _replacement(old[key], value)
+        else:
+            patch[key] = value
+    return patch
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmock.KubernetesEmulator):
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
+    _log: list[rendering.Request] = attrs.field(factory=list, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in RESOURCES.items():
+            self.resources[key] = {**info, "verbs": VERBS}
+
+    def install_keda(self) -> None:
+        for key, info in KEDA.items():
+            self.resources[key] = {**info, "verbs": VERBS}
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 cannot parse the path of the namespace list (kopf lists and watches it when it
+        # serves chosen namespaces): serve it here.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            return await self._namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        namespace = kmock.resource("v1/namespaces")
+        items = [
+            obj.raw for (res, _, _), obj in self._objects.items() if res == namespace and not obj.deleted
+        ]
+        if raw_request.query.get("watch") != "true":
+            return aiohttp.web.json_response(
+                {"kind": "NamespaceList", "metadata": {"resourceVersion": "1"}, "items": items}
+            )
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        await asyncio.Event().wait()  # no namespace ever changes; ends when the server stops
+        return response
+
+    def _next_version(self) -> str:
+        return str(next(self._versions))
+
+    def _stored(self, request: rendering.Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            return copy.deepcopy(self._objects[key].raw)
+        return None
+
+    def _server_fields(self, data: dict[str, Any], namespace: str | None) -> None:
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if namespace and not meta.get("namespace"):
+            meta["namespace"] = namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = self._next_version()
+        meta["generation"] = 1
+        meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    async def _apply_as_create(self, request: rendering.Request, data: dict[str, Any]) -> None:
+        self._server_fields(data, request.namespace)
+        async with self._lock:
+            self._objects[request.resource, request.namespace, request.name] = copy.deepcopy(data)
+            await self._buses[request.resource].put({"type": "ADDED", "object": copy.deepcopy(data)})
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        # kmock finds the current request among all earlier ones for every reaction it considers,
+        # which makes each request slower than the one before: keep the earlier ones in a log.
+        self._log.extend(self._requests[:-1])
+        del self._requests[:-1]
+        resource = request.resource
+        if resource is not None and resource.plural is not None and resource not in self.resources:
+            raise k8s.KubernetesResourceNotFoundError()  # e.g. KEDA's kinds when it is not installed
+        data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and data is not None:
+            if request.action == kmock.action.CREATE:
+                self._server_fields(data, request.namespace)
+            elif request.action == kmock.action.UPDATE:
+                old = self._stored(request)
+                content_type = request.headers.get("Content-Type", "")
+                if content_type.startswith(APPLY) and old is None:
+                    await self._apply_as_create(request, data)
+                    old = self._stored(request)
+                if old is not None:
+                    self._update_fields(request, data, old, apply=content_type.startswith(APPLY))
+        return await super()._handle(request)
+
+    def _update_fields(
+        self, request: rendering.Request, data: dict[str, Any], old: dict[str, Any], *, apply: bool
+    ) -> None:
+        meta = data.get("metadata") or {}
+        wanted = meta.get("resourceVersion")
+        if wanted and wanted != old["metadata"].get("resourceVersion"):
+            raise k8s.KubernetesError(409, "Conflict", "the object has been modified; please apply again")
+        if request.subresource == "status":  # the status subresource changes the status only
+            patch = {"status": copy.deepcopy(data.get("status"))}
+        elif apply:  # one field manager: the applied object replaces all but status and server metadata
+            new = copy.deepcopy(data)
+            new["metadata"] = {
+                **{k: v for k, v in old["metadata"].items() if k in SERVER_METADATA},
+                **{k: v for k, v in data.get("metadata", {}).items() if k not in SERVER_METADATA},
+            }
+            if "status" in old:
+                new["status"] = old["status"]
+            patch = _replacement(old, new)
+        else:
+            patch = copy.deepcopy(data)
+        body_changed = request.subresource is None and any(
+            key not in ("metadata", "status") and patch[key] != old.get(key) for key in patch
+        )
+        patch.setdefault("metadata", {})
+        if patch["metadata"] is None:
+            patch["metadata"] = {}
+        patch["metadata"]["resourceVersion"] = self._next_version()
+        if body_changed:
+            patch["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
+        data.clear()
+        data.update(patch)
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        result: Any = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            result["items"] = [
+                item
+                for item in result["items"]
+                if _matches(item.get("metadata", {}).get("labels") or {}, selector)
+            ]
+        return result  # type: ignore[no-any-return]
+
+    def seen(self) -> list[rendering.Request]:
+        """Every request received so far, in order."""
+        return self._log + list(self._requests)
+
+    def live(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The stored object, or None when it does not exist (or was deleted)."""
+        key = (kmock.resource(resource), namespace, name)
+        if key in self._objects and not self._objects[key].deleted:
+            return copy.deepcopy(self._objects[key].raw)
+        return None
+
+    def names(self, resource: str, namespace: str | None = None) -> set[str]:
+        """Names of the live objects of a resource."""
+        wanted = kmock.resource(resource)
+        return {
+            name
+            for (res, ns, name), obj in self._objects.items()
+            if res == wanted and (namespace is None or ns == namespace) and not obj.deleted
+        }
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiServer]:
+    async with ApiServer() as server, kmock.Server(server):
+        crd = captionmodel_crd()
+        server.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = (
+            crd
+        )
+        for name in ("default", NAMESPACE):
+            server.objects["v1/namespaces", None, name] = {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name},
+            }
+        server.objects["kopf.dev/v1/clusterkopfpeerings", None, "captionfleet"] = {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": "captionfleet"},
+        }
+        server.objects["kopf.dev/v1/kopfpeerings", NAMESPACE, "captionfleet"] = {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "KopfPeering",
+            "metadata": {"name": "captionfleet", "namespace": NAMESPACE},
+        }
+        yield server

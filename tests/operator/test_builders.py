@@ -1,0 +1,217 @@
+"""The pure builders: spec in, whole manifests out, valid for Kubernetes, without a cluster."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from captionfleet.operator import builders, spec
+from captionfleet.operator.builders import autoscaling, runtime
+from captionfleet.operator.builders.common import ClusterConfig, FleetContext
+from captionfleet.operator.builders.env import ROUTER_ENV, RUNTIME_ENV
+from captionfleet.operator.builders.replicas import replica_bounds
+from captionfleet.operator.traffic import Share
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+K8S_VERSION = "1.33"
+CONFIG = ClusterConfig(
+    default_image="registry.test/runtime:1",
+    pull_policy="IfNotPresent",
+    queue_depth_metric="captionfleet_queue_depth",
+    prometheus_url="http://prometheus:9090",
+)
+
+# KEDA's ScaledObject is a CRD that kubernetes-validate has no schema for: these are the parts of
+# KEDA's own CRD schema (keda.sh/v1alpha1) that the builder fills in.
+SCALED_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "name": {"type": "string"},
+                    },
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer"},
+                "cooldownPeriod": {"type": "integer"},
+                "triggers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"type": "string"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def context(raw: dict[str, Any], name: str = "fleet") -> FleetContext:
+    return FleetContext.create(
+        name=name, namespace="ml", uid="0d5c-uid", spec=spec.parse_spec(raw), config=CONFIG
+    )
+
+
+def example(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((REPO / "examples" / name).read_text())["spec"])
+
+
+def variations() -> list[tuple[str, dict[str, Any]]]:
+    cases = [(path.name, yaml.safe_load(path.read_text())["spec"]) for path in EXAMPLES]
+    ab = example("ab-canary.yaml")
+    cases.append(("keda", ab | {"autoscaling": ab["autoscaling"] | {"provider": "keda", "minReplicas": 0}}))
+    cases.append(("fixed replicas", ab | {"autoscaling": {"provider": "none", "minReplicas": 3}}))
+    cases.append(("file model, NodePort router", {"versions": [{"name": "v1", "model": "file:///opt/m"}],
+                  "router": {"serviceType": "NodePort", "port": 8443}}))  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize(("case", "raw"), variations(), ids=[c for c, _ in variations()])
+def test_every_manifest_is_valid_for_kubernetes(case: str, raw: dict[str, Any]) -> None:
+    manifests = builders.fleet(context(raw))
+    assert manifests
+    for manifest in manifests:
+        if manifest["kind"] == "ScaledObject":
+            jsonschema.validate(manifest, SCALED_OBJECT_SCHEMA)
+        else:
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        meta = manifest["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["ownerReferences"][0]["uid"] == "0d5c-uid"
+        assert meta["labels"]["captionfleet.io/model"] == "fleet"
+        assert len(meta["name"]) <= 63
+
+
+def test_builders_do_not_touch_their_input() -> None:
+    raw = example("ab-canary.yaml")
+    kept = copy.deepcopy(raw)
+    ctx = context(raw)
+    first = builders.fleet(ctx)
+    assert raw == kept
+    assert builders.fleet(ctx) == first  # pure: the same input, the same manifests
+
+
+def test_children_per_version_and_for_the_router() -> None:
+    kinds = [(m["kind"], m["metadata"]["name"]) for m in builders.fleet(context(example("ab-canary.yaml")))]
+    assert kinds == [
+        ("ServiceAccount", "fleet-router"),
+        ("Role", "fleet-router"),
+        ("RoleBinding", "fleet-router"),
+        ("Deployment", "fleet-base"),
+        ("Service", "fleet-base"),
+        ("HorizontalPodAutoscaler", "fleet-base"),
+        ("Deployment", "fleet-large"),
+        ("Service", "fleet-large"),
+        ("HorizontalPodAutoscaler", "fleet-large"),
+        ("Deployment", "fleet-base-next"),
+        ("Service", "fleet-base-next"),
+        ("HorizontalPodAutoscaler", "fleet-base-next"),
+        ("Deployment", "fleet-router"),
+        ("Service", "fleet"),
+    ]
+
+
+def test_the_containers_set_only_the_documented_environment() -> None:
+    for _, raw in variations():
+        for manifest in builders.fleet(context(raw)):
+            if manifest["kind"] != "Deployment":
+                continue
+            for c in manifest["spec"]["template"]["spec"]["containers"]:
+                documented = RUNTIME_ENV if c["name"] == "runtime" else ROUTER_ENV
+                assert {e["name"] for e in c["env"]} <= set(documented), c["name"]
+
+
+def test_gpus_are_limits_only_when_asked_for() -> None:
+    gpu = context(example("gpu-pvc.yaml"))
+    cpu = context(example("minimal.yaml"))
+    gpu_limits = runtime.deployment(gpu, gpu.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]
+    cpu_limits = runtime.deployment(cpu, cpu.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]
+    assert gpu_limits["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in cpu_limits["resources"]["limits"]
+    assert "nvidia.com/gpu" not in gpu_limits["resources"]["requests"]
+
+
+def test_the_init_container_gets_the_model_as_arguments_never_as_code() -> None:
+    raw = {"versions": [{"name": "v1", "model": "hf://org/model-x@v2.0"}]}
+    ctx = context(raw)
+    pod = runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    assert fetch["command"] == ["python", "-c", runtime.DOWNLOAD_SCRIPT]
+    assert fetch["args"] == ["org/model-x", "v2.0", "/models/weights"]
+    assert "org/model-x" not in runtime.DOWNLOAD_SCRIPT
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["model"]["readOnly"] is True  # the server only reads what the init container wrote
+
+
+@pytest.mark.parametrize(
+    ("fleet", "weight", "override", "expected"),
+    [
+        ((2, 20), 100, {}, (2, 20)),
+        ((2, 20), 60, {}, (2, 12)),
+        ((2, 20), 10, {}, (1, 2)),  # a 10 % canary gets a tenth, not the stable version's count
+        ((2, 20), 0, {}, (1, 1)),  # no traffic: one warm pod
+        ((0, 20), 10, {}, (0, 2)),  # scale to zero stays possible (KEDA)
+        ((1, 100), 7, {}, (1, 7)),  # integer arithmetic: 7 % of 100 is 7
+        ((2, 20), 10, {"minReplicas": 3}, (3, 3)),
+        ((2, 20), 60, {"maxReplicas": 4}, (2, 4)),
+        ((2, 20), 60, {"minReplicas": 1, "maxReplicas": 30}, (1, 30)),
+    ],
+)
+def test_replica_bounds_follow_the_traffic_share(
+    fleet: tuple[int, int], weight: int, override: dict[str, int], expected: tuple[int, int]
+) -> None:
+    raw = {
+        "versions": [{"name": "v", "model": "hf://a/b", "weight": 100, **override}],
+        "autoscaling": {"minReplicas": fleet[0], "maxReplicas": fleet[1]},
+    }
+    parsed = spec.parse_spec(raw)
+    assert replica_bounds(parsed, Share("v", "stable", weight)) == expected
+
+
+def test_fixed_replicas_without_an_autoscaler() -> None:
+    raw = {
+        "versions": [{"name": "v1", "model": "hf://a/b"}],
+        "autoscaling": {"provider": "none", "minReplicas": 3},
+    }
+    ctx = context(raw)
+    assert autoscaling.autoscaler(ctx, ctx.spec.versions[0]) is None
+    assert runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["replicas"] == 3
+
+
+def test_the_hpa_scales_on_queue_depth_with_a_cpu_fallback() -> None:
+    ctx = context(example("ab-canary.yaml"))
+    hpa = autoscaling.hpa(ctx, ctx.spec.versions[0])["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "fleet-base"}
+    pods, cpu = hpa["metrics"]
+    assert pods["pods"] == {
+        "metric": {"name": "captionfleet_queue_depth"},
+        "target": {"type": "AverageValue", "averageValue": "8"},
+    }
+    assert cpu["resource"]["target"] == {"type": "Utilization", "averageUtilization": 80}

@@ -1,0 +1,147 @@
+"""Semantic validation: each rule the schema cannot express, with the message the user will read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from captionfleet.operator import spec, validation
+from captionfleet.operator.builders.common import ClusterConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = ClusterConfig(
+    "registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "http://prom:9090"
+)
+
+
+def v(name: str, weight: int = 100, **more: Any) -> dict[str, Any]:
+    return {"name": name, "model": f"hf://org/{name}", "weight": weight, **more}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_examples_have_no_problems(path: Path) -> None:
+    cr = yaml.safe_load(path.read_text())
+    parsed, problems = validation.check(cr["metadata"]["name"], cr["spec"], CONFIG)
+    assert problems == [] and parsed is not None
+
+
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "weights",
+        {"versions": [v("a", 60), v("b", 30)]},
+        "spec.versions: weights must sum to 100, they sum to 90 (a=60, b=30)",
+    ),
+    (
+        "unique names",
+        {"versions": [v("a", 50), v("a", 50)]},
+        "spec.versions: names must be unique, a repeated",
+    ),
+    (
+        "one rollout at a time",
+        {"versions": [v("a", 80), v("b", 10, canary=True), v("c", 10, canary=True)]},
+        "spec.versions: at most one version may be in rollout (canary: true) at a time, got b, c",
+    ),
+    (
+        "a stable version serves",
+        {"versions": [v("a", 0), v("b", 100, canary=True)]},
+        "spec.versions: a version that is not a canary must receive traffic (weight > 0)",
+    ),
+    ("reserved name", {"versions": [v("router")]}, "spec.versions: 'router' is reserved"),
+    (
+        "per-version bounds",
+        {"versions": [v("a", minReplicas=5, maxReplicas=2)]},
+        "spec.versions[0] (a): minReplicas 5 is above maxReplicas 2",
+    ),
+    (
+        "fleet bounds",
+        {"versions": [v("a")], "autoscaling": {"minReplicas": 9, "maxReplicas": 3}},
+        "spec.autoscaling: minReplicas 9 is above maxReplicas 3",
+    ),
+    (
+        "zero needs keda",
+        {"versions": [v("a")], "autoscaling": {"minReplicas": 0}},
+        "spec.autoscaling.minReplicas: 0 needs provider keda (the HPA cannot scale to zero)",
+    ),
+    (
+        "version zero needs keda",
+        {"versions": [v("a", minReplicas=0)]},
+        "spec.versions[0] (a).minReplicas: 0 needs autoscaling.provider keda (scale to zero)",
+    ),
+    (
+        "fp16 on CPU",
+        {"versions": [v("a", precision="fp16")]},
+        "spec.versions[0] (a).precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16",
+    ),
+    (
+        "analysis steps",
+        {"versions": [v("a")], "rollout": {"analysis": {"stepWeight": 30, "maxWeight": 20}}},
+        "spec.rollout.analysis: maxWeight 20 is below stepWeight 30",
+    ),
+    (
+        "analysis window",
+        {"versions": [v("a")], "rollout": {"analysis": {"interval": "5m", "window": "1m"}}},
+        "spec.rollout.analysis: window 1m is shorter than interval 5m",
+    ),
+    (
+        "pvc path escape",
+        {"versions": [{"name": "a", "model": "pvc://models/../etc"}]},
+        "spec.versions[0] (a).model: model 'pvc://models/../etc': the path inside the claim may not "
+        "contain '..'",
+    ),
+    (
+        "long child names",
+        {"versions": [v("a-long-version-name-indeed")]},
+        "child name 'a-fleet-name-that-is-quite-long-already-a-long-version-name-indeed' is longer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "message"), CASES, ids=[c[0] for c in CASES])
+def test_each_rule_names_the_field_and_the_fix(case: str, raw: dict[str, Any], message: str) -> None:
+    name = "a-fleet-name-that-is-quite-long-already" if case == "long child names" else "fleet"
+    _, problems = validation.check(name, raw, CONFIG)
+    assert any(p.startswith(message) for p in problems), problems
+
+
+def test_keda_needs_the_operator_to_know_a_prometheus() -> None:
+    raw = {"versions": [v("a")], "autoscaling": {"provider": "keda"}}
+    assert validation.check("fleet", raw, CONFIG)[1] == []
+    without = ClusterConfig(CONFIG.default_image, CONFIG.pull_policy, CONFIG.queue_depth_metric, "")
+    (problem,) = validation.check("fleet", raw, without)[1]
+    assert "keda needs a Prometheus to query" in problem and "CAPTIONFLEET_PROMETHEUS_URL" in problem
+
+
+def test_a_name_that_cannot_name_a_service() -> None:
+    (problem,) = validation.check("2fast", {"versions": [v("a")]}, CONFIG)[1]
+    assert problem.startswith("metadata.name '2fast' must start with a letter")
+
+
+def test_schema_errors_from_an_older_crd_still_get_field_paths() -> None:
+    parsed, problems = validation.check(
+        "fleet", {"versions": [{"name": "a", "model": "hf://x/y", "weight": 101}]}, CONFIG
+    )
+    assert parsed is None
+    assert problems == ["spec.versions[0].weight: Input should be less than or equal to 100"]
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    raw = {"versions": [v("a", 10), v("a", 10, canary=True), v("b", 10, canary=True, precision="fp16")]}
+    _, problems = validation.check("fleet", raw, CONFIG)
+    assert len(problems) == 4, problems
+
+
+def test_model_sources() -> None:
+    assert spec.parse_model_source("hf://Salesforce/blip@main") == spec.ModelSource(
+        "hf", "Salesforce/blip", revision="main"
+    )
+    assert spec.parse_model_source("Salesforce/blip") == spec.ModelSource("hf", "Salesforce/blip")
+    assert spec.parse_model_source("gpt2") == spec.ModelSource("hf", "gpt2")
+    assert spec.parse_model_source("pvc://models/blip/large/") == spec.ModelSource(
+        "pvc", "models", "blip/large"
+    )
+    assert spec.parse_model_source("file:///opt/models/blip") == spec.ModelSource("file", "/opt/models/blip")
+    with pytest.raises(ValueError, match="is not hf://org/name"):
+        spec.parse_model_source("s3://bucket/key")

@@ -1,0 +1,174 @@
+"""Fixtures of the router tests: fake runtimes on loopback and the real router app in front of them.
+
+A fake runtime is a small aiohttp app that answers like ``captionfleet serve`` (``model_version`` in the
+JSON body) and records what it received; a test scripts its answers (status codes, hanging until
+released) to inject faults. Everything listens on 127.0.0.1 with a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from captionfleet.runtime.router.app import build_app
+from captionfleet.runtime.router.settings import RouterSettings
+from captionfleet.runtime.router.sources import TableHolder
+
+
+@dataclass
+class Received:
+    path_qs: str
+    headers: CIMultiDict[str]  # case-insensitive, as HTTP headers are
+    body: bytes
+
+
+@dataclass
+class FakeRuntime:
+    """One fake runtime replica of a model version."""
+
+    version: str
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)  # answered in turn, then 200s
+    hang: bool = False  # answer only when `release` is set
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.rel_url.raw_path_qs, CIMultiDict(request.headers), body))
+        request_id = request.headers.get("X-Request-Id", "")
+        if self.hang:
+            await self.release.wait()
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status != 200:
+            error = {"error": {"code": f"fake_{status}", "message": "scripted"}, "request_id": request_id}
+            headers = {"Retry-After": "2"} if status in (429, 503) else {}
+            return web.json_response(error, status=status, headers=headers)
+        return web.json_response(
+            {
+                "caption": f"a caption by {self.version}",
+                "confidence": 0.9,
+                "suggestions": [],
+                "model_version": self.version,
+                "cached": False,
+                "latency_ms": 1.0,
+                "request_id": request_id,
+                "echo_bytes": len(body),
+            },
+            headers={"X-Fake-Runtime": self.url},
+        )
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        document = {"openapi": "3.1.0", "info": {"title": "runtime"}, "paths": {"/v1/caption": {}}}
+        return web.json_response(document)
+
+
+StartRuntime = Callable[[str], Awaitable[FakeRuntime]]
+
+
+@pytest.fixture
+async def start_runtime() -> AsyncIterator[StartRuntime]:
+    servers: list[tuple[FakeRuntime, TestServer]] = []
+
+    async def start(version: str) -> FakeRuntime:
+        runtime = FakeRuntime(version)
+        app = web.Application()
+        app.router.add_post("/v1/caption", runtime.handle)
+        app.router.add_post("/v1/caption/batch", runtime.handle)
+        app.router.add_get("/openapi.json", runtime.openapi)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        runtime.url = str(server.make_url("")).rstrip("/")
+        servers.append((runtime, server))
+        return runtime
+
+    yield start
+    for runtime, server in servers:
+        runtime.release.set()
+        await server.close()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback URL nothing listens on (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class RouterUnderTest:
+    client: aiohttp.ClientSession
+    url: str
+    app: web.Application
+    holder: TableHolder
+
+    async def caption(self, **kwargs: Any) -> aiohttp.ClientResponse:
+        kwargs.setdefault("data", b"\x89PNG fake image bytes")
+        kwargs.setdefault("headers", {"Content-Type": "image/png"})
+        response = await self.client.post(self.url + "/v1/caption", **kwargs)
+        await response.read()
+        return response
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        async with self.client.get(self.url + path) as response:
+            return response.status, await response.json()
+
+
+StartRouter = Callable[..., Awaitable[RouterUnderTest]]
+
+BASE = RouterSettings(
+    host="127.0.0.1", port=0, request_timeout_ms=5000, connect_timeout_ms=500, drain_delay_s=0
+)
+
+
+@pytest.fixture
+async def start_router() -> AsyncIterator[StartRouter]:
+    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+
+    async def start(*, seed: int = 7, **overrides: Any) -> RouterUnderTest:
+        settings = replace(BASE, **overrides)
+        holder = TableHolder()
+        app = build_app(settings, holder=holder, rng=random.Random(seed))
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        client = aiohttp.ClientSession()
+        started.append((server, client))
+        return RouterUnderTest(client, str(server.make_url("")).rstrip("/"), app, holder)
+
+    yield start
+    for server, client in started:
+        await client.close()
+        await server.close()
+
+
+Eventually = Callable[..., Awaitable[None]]
+
+
+async def _eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = ""
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def eventually() -> Eventually:
+    """``await eventually(check, timeout_s=..., what=...)``: poll an async check until it is true or the
+    deadline passes (a poll with a deadline, not a sleep as synchronisation)."""
+    return _eventually

@@ -1,0 +1,88 @@
+"""The routes file: applied at start, reloaded on change, a bad version of it leaves the last good table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from captionfleet.runtime.router.app import build_app
+from captionfleet.runtime.router.settings import RouterSettings
+from captionfleet.runtime.router.sources import TableHolder
+from captionfleet.runtime.router.table import TableError
+
+
+def routes(v1: str, v2: str, canary_weight: int) -> str:
+    return json.dumps(
+        {
+            "versions": [
+                {"name": "v1", "weight": 100 - canary_weight, "role": "stable", "endpoints": [v1]},
+                {"name": "v2", "weight": canary_weight, "role": "canary", "endpoints": [v2]},
+            ]
+        }
+    )
+
+
+async def test_the_routes_file_is_reloaded_on_change(
+    tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
+) -> None:
+    v1, v2 = await start_runtime("v1"), await start_runtime("v2")
+    path = tmp_path / "routes.json"
+    path.write_text(routes(v1.url, v2.url, 0))
+    router = await start_router(routes_file=str(path), routes_file_poll_ms=20)
+    body = await (await router.caption()).json()
+    assert body["model_version"] == "v1"
+
+    async def canary_weight_is(weight: int) -> bool:
+        _, models = await router.get_json("/v1/models")
+        return bool(models["models"][1]["weight"] == weight)
+
+    path.write_text(routes(v1.url, v2.url, 100))
+    await eventually(lambda: canary_weight_is(100), what="the new file")
+    assert (await (await router.caption()).json())["model_version"] == "v2"
+
+    # A broken file is reported and ignored; the last good table keeps routing.
+    path.write_text("versions: [{name: v1, weight: 30}]")
+
+    async def error_reported(text: str) -> bool:
+        _, models = await router.get_json("/v1/models")
+        return text in (models["router"]["last_error"] or "")
+
+    await eventually(lambda: error_reported("sum to 100"), what="the bad file's error")
+    assert (await (await router.caption()).json())["model_version"] == "v2"
+    path.unlink()
+    await eventually(lambda: error_reported("No such file"), what="the missing file's error")
+    assert (await (await router.caption()).json())["model_version"] == "v2"
+    path.write_text(routes(v1.url, v2.url, 100))  # the good content again
+
+    async def error_cleared() -> bool:
+        _, models = await router.get_json("/v1/models")
+        return models["router"]["last_error"] is None
+
+    await eventually(error_cleared, what="the error to clear")
+
+
+def test_a_bad_source_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("versions: {}")
+    with pytest.raises(TableError, match="a list under 'versions'"):
+        build_app(RouterSettings(routes_file=str(path)), holder=TableHolder())
+    with pytest.raises(FileNotFoundError):
+        build_app(RouterSettings(routes_file=str(tmp_path / "missing.yaml")), holder=TableHolder())
+    with pytest.raises(TableError, match="sum to 100"):
+        build_app(RouterSettings(routes=("v1=http://a:1", "v2=http://b:1"), weights=("v1=50",)))
+
+
+def test_settings_check() -> None:
+    assert RouterSettings(caption_model="captions").check() == []
+    assert "exactly one source" in RouterSettings().check()[0]
+    assert "exactly one source" in RouterSettings(caption_model="c", routes=("v1=http://a:1",)).check()[0]
+    problems = RouterSettings(
+        routes_file="r.yaml", weights=("v1=100",), request_timeout_ms=0, port=70000, max_body_bytes=0
+    ).check()
+    assert any("weights apply to routes" in p for p in problems)
+    assert any("request_timeout_ms must be > 0" in p for p in problems)
+    assert any("port must be" in p for p in problems)
+    assert any("max_body_bytes must be > 0" in p for p in problems)
