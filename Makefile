@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint typecheck layers unit crd docs-config clean redis-server
+.PHONY: run test bench lint typecheck layers unit crd crds docs-config docs clean redis-server
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,16 @@ unit: $(STAMP) redis-server
 
 test: lint typecheck layers unit
 
+# Regenerate the derived install files: docs/configuration.md, the chart's RBAC rules and its CRDs.
+docs: $(STAMP)
+	$(BIN)/python -m captionfleet.docgen
+
 bench: $(STAMP)
 	$(BIN)/captionfleet bench $(BENCH_ARGS)
+
+# Regenerate crds/ from the operator's pydantic spec models (a test fails when they are stale).
+crds: $(STAMP)
+	$(BIN)/python -m captionfleet.operator.crd crds
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

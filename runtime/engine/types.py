@@ -21,6 +21,8 @@ class GenerationOptions:
     """How many distinct captions to return (1-5), best first."""
     prompt: str | None = None
     """A caption prefix (BLIP's conditional captioning); style presets resolve to one."""
+    length_penalty: float = 1.0
+    """Beam search's length normalisation exponent: > 1 favours longer captions, < 1 shorter ones."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from captionfleet.runtime.router.errors import (
     status_of,
 )
 from captionfleet.runtime.router.kube import KubeAccess
-from captionfleet.runtime.router.logs import request_id_var
 from captionfleet.runtime.router.metrics import CONTENT_TYPE, NO_VERSION, RouterMetrics
 from captionfleet.runtime.router.proxy import (
     DEADLINE_HEADER,
@@ -49,6 +48,7 @@ from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable
 from captionfleet.runtime.serving.errors import InvalidRequest, ServingError
 from captionfleet.runtime.serving.keys import ApiKeys
+from captionfleet.runtime.web.logs import request_id_var
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"captionfleet router: {problem}", file=sys.stderr)
         return 2
-    from captionfleet.runtime.router.logs import configure_logging
+    from captionfleet.runtime.web.logs import configure_logging
 
     configure_logging(settings.log_level)
     try:

@@ -1,16 +1,12 @@
 """The router's domain errors and the one place where errors become HTTP statuses and the contract's
 JSON error body: ``{"error": {"code": str, "message": str}, "request_id": str}``.
 
-It mirrors ``captionfleet.runtime.server.errors`` (same body, same ``Retry-After`` rule, and it reuses
-the data plane's error classes for the shared cases) so the two can merge into one module; the router
-may not import the server, which is its sibling layer. Answers relayed from a runtime are not errors of
+The body and ``Retry-After`` rule are shared with the runtime server (``runtime/web/errors.py``), and
+the data plane's error classes serve the shared cases. Answers relayed from a runtime are not errors of
 the router and pass through unchanged.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -21,6 +17,7 @@ from captionfleet.runtime.serving.errors import (
     ServingError,
     Unauthorized,
 )
+from captionfleet.runtime.web.errors import ErrorReply, aiohttp_reply, domain_reply, status_in
 
 
 class NoRoute(ServingError):
@@ -63,27 +60,8 @@ ERROR_KIND: dict[type[Exception], str] = {
 }
 
 
-@dataclass(frozen=True)
-class ErrorReply:
-    status: int
-    code: str
-    message: str
-    retry_after: float | None = None
-
-    def body(self, request_id: str) -> dict[str, object]:
-        return {"error": {"code": self.code, "message": self.message}, "request_id": request_id}
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
-
-
 def status_of(error: BaseException) -> int:
-    for cls in type(error).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return 500
+    return status_in(STATUS_BY_ERROR, error)
 
 
 def error_kind(error: BaseException) -> str | None:
@@ -97,25 +75,13 @@ def error_kind(error: BaseException) -> str | None:
 def reply_for(error: BaseException) -> ErrorReply:
     """The status, code, message and retry hint for any exception."""
     if isinstance(error, ServingError):
-        status = status_of(error)
-        retry_after = error.retry_after
-        if status == 503 and retry_after is None:
-            retry_after = 1.0
-        return ErrorReply(status, error.code, error.message, retry_after)
+        return domain_reply(status_of(error), error.code, error.message, error.retry_after)
     if isinstance(error, web.HTTPException):
-        # aiohttp's own answers (404 no such route, 405 wrong method, ...), in our JSON shape.
-        code = error.reason.lower().replace(" ", "_") if error.reason else "http_error"
-        message = (
-            error.text if error.text and error.text != f"{error.status}: {error.reason}" else error.reason
-        )
-        return ErrorReply(error.status, code, message or code)
+        return aiohttp_reply(error)
     return ErrorReply(500, "internal_error", "the router failed to handle this request (see its log)")
 
 
 def error_response(
     error: BaseException, request_id: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    reply = reply_for(error)
-    return web.json_response(
-        reply.body(request_id), status=reply.status, headers={**reply.headers(), **(headers or {})}
-    )
+    return reply_for(error).response(request_id, headers)

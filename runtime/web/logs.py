@@ -1,7 +1,8 @@
-"""JSON logs, one object per line, each carrying the id of the request being proxied.
+"""JSON logs, one object per line, each carrying the request id of the request being handled.
 
-The same format as the runtime's (``captionfleet.runtime.server.logs``), which the router may not
-import (sibling layers); the two are candidates for one shared module.
+The id lives in a context variable set by the server's (or the router's) middleware; asyncio copies the
+context into tasks, so log lines from the data plane (the batcher's warnings, cache errors) carry it too
+when they happen on behalf of a request.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import sys
 import time
 from typing import Any
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("router_request_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
+# LogRecord attributes that are not extra fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
     "asctime",
@@ -49,4 +51,5 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiohttp's access log duplicates ours (which has the request id and the route).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,76 @@
+{{/* Names, labels and images shared by every template. */}}
+
+{{- define "captionfleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "captionfleet.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "captionfleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "captionfleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "captionfleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "captionfleet.labels" -}}
+helm.sh/chart: {{ include "captionfleet.chart" . }}
+{{ include "captionfleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: captionfleet
+{{- end }}
+
+{{- define "captionfleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "captionfleet.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "captionfleet.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "captionfleet.runtimeImage" -}}
+{{- $image := .Values.operator.runtimeImage }}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+
+{{/* "" when the operator watches every namespace, else the comma-separated list. */}}
+{{- define "captionfleet.watchNamespaces" -}}
+{{- join "," (uniq .Values.operator.watchNamespaces) }}
+{{- end }}
+
+{{/* The model bundled in the runtime image (Dockerfile.runtime links it to this path). */}}
+{{- define "captionfleet.bundledModel" -}}
+file:///opt/captionfleet/models/scenes-blip-tiny
+{{- end }}
+
+{{/* The operator's options (OperatorSettings) the chart sets, as CAPTIONFLEET_* variables. */}}
+{{- define "captionfleet.operatorEnv" -}}
+CAPTIONFLEET_NAMESPACES: {{ include "captionfleet.watchNamespaces" . | quote }}
+CAPTIONFLEET_DEFAULT_RUNTIME_IMAGE: {{ include "captionfleet.runtimeImage" . | quote }}
+CAPTIONFLEET_IMAGE_PULL_POLICY: {{ .Values.operator.runtimeImage.pullPolicy | quote }}
+CAPTIONFLEET_PROMETHEUS_URL: {{ .Values.operator.prometheusUrl | quote }}
+CAPTIONFLEET_PEERING: {{ .Values.operator.peering.name | quote }}
+CAPTIONFLEET_STANDALONE: {{ not .Values.operator.peering.enabled | quote }}
+CAPTIONFLEET_LIVENESS: {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) | quote }}
+CAPTIONFLEET_RESYNC_SECONDS: {{ .Values.operator.resyncSeconds | quote }}
+CAPTIONFLEET_VERBOSE: {{ .Values.operator.verbose | quote }}
+{{- end }}

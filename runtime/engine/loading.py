@@ -1,0 +1,177 @@
+"""Loading a BLIP captioning model: source resolution, device and dtype choice, and its version string.
+
+Sources: a local directory in ``save_pretrained`` format (plain path or ``file://`` URL) or a Hugging
+Face id such as ``Salesforce/blip-image-captioning-base`` (needs a reachable hub or a warm cache; the
+error says so otherwise).
+
+Version string, first that applies:
+1. the ``version`` argument (e.g. the CaptionModel's ``versions[].name``);
+2. ``"version"`` in a ``captionfleet.json`` next to the weights (written by ``captionfleet train``);
+3. local directory: ``<dir name>-<first 12 hex of sha256 over config.json and the weight files>``,
+   so retrained weights in the same folder get a new version;
+4. hub id: ``<id>@<first 12 hex of the resolved commit>``, or the id alone when unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from captionfleet.runtime.engine.errors import ModelLoadError
+from captionfleet.runtime.engine.preprocess import ImagePreprocessor
+
+if TYPE_CHECKING:
+    from captionfleet.runtime.engine.captioner import Captioner
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+MANIFEST = "captionfleet.json"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def bundled_model_dir() -> Path:
+    """The bundled model: the one folder in ``runtime/models/`` holding a ``config.json``."""
+    candidates = sorted(path.parent for path in MODELS_DIR.glob("*/config.json"))
+    if not candidates:
+        raise ModelLoadError(f"no bundled model in {MODELS_DIR} (run `captionfleet train` to build it)")
+    if len(candidates) > 1:
+        names = ", ".join(path.name for path in candidates)
+        raise ModelLoadError(f"several bundled models in {MODELS_DIR}: {names}; expected one")
+    return candidates[0]
+
+
+def resolve_source(source: str) -> Path | str:
+    """A local directory (``Path``) or a hub id (``str``); raises :class:`ModelLoadError` otherwise."""
+    text = source.strip()
+    if text.startswith("file:"):
+        parsed = urlparse(text)
+        path = Path(unquote(parsed.netloc + parsed.path)).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {path} (from {source!r}) does not exist")
+        return path
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+        raise ModelLoadError(f"model directory {text!r} does not exist (and it is not a Hugging Face id)")
+    return text
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The requested device, else CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    return chosen
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The requested dtype; by default bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    """``captionfleet.json`` next to the weights, or ``{}``."""
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def content_hash(model_dir: Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes), in name order."""
+    digest = hashlib.sha256()
+    files = [model_dir / "config.json"]
+    for pattern in _WEIGHT_PATTERNS:
+        files.extend(sorted(model_dir.glob(pattern)))
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def model_identity(location: Path | str, model: Any) -> tuple[str, str]:
+    """(model name, version) for a loaded model; see the module docstring for the rules."""
+    if isinstance(location, Path):
+        manifest = read_manifest(location)
+        name = str(manifest.get("name") or location.name)
+        version = manifest.get("version")
+        if version:
+            return name, str(version)
+        return name, f"{location.name}-{content_hash(location)[:12]}"
+    commit = getattr(model.config, "_commit_hash", None)
+    return location, f"{location}@{commit[:12]}" if commit else location
+
+
+def load_captioner(
+    source: str, *, device: str | None = None, dtype: str | None = None, version: str | None = None
+) -> Captioner:
+    """Load model, tokenizer and preprocessor from ``source`` into eval mode on the chosen device."""
+    from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil
+
+    from captionfleet.runtime.engine.captioner import Captioner
+
+    location = resolve_source(source)
+    chosen_device = pick_device(device)
+    chosen_dtype = pick_dtype(dtype, chosen_device)
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(location, dtype=chosen_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        if isinstance(location, Path):
+            preprocessor = ImagePreprocessor.from_pretrained(location)
+        else:
+            config, _ = BlipImageProcessorPil.get_image_processor_dict(location)
+            preprocessor = ImagePreprocessor.from_config(config)
+    except (OSError, ValueError) as exc:
+        if isinstance(location, Path):
+            raise ModelLoadError(f"could not load a BLIP model from {location}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load {location!r} from the Hugging Face Hub (is a hub reachable, or the model "
+            f"in the local cache? A local directory in save_pretrained format also works): {exc}"
+        ) from exc
+    model = model.to(chosen_device)  # type: ignore[arg-type]  # transformers' stub wraps .to oddly
+    model.train(False)  # eval mode: no dropout
+    model.requires_grad_(False)
+    name, default_version = model_identity(location, model)
+    return Captioner(
+        model,
+        tokenizer,
+        preprocessor,
+        version=version or default_version,
+        model_name=name,
+        device=chosen_device,
+        dtype=chosen_dtype,
+        source=str(location),
+    )

@@ -1,0 +1,48 @@
+"""``captionfleet serve``: serve one caption model over HTTP (see CONTRACT.md for the API)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings import add_options, from_args
+
+HELP = "Serve a BLIP caption model over HTTP with dynamic batching, a result cache, API keys and metrics."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, ServeSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = from_args(ServeSettings, args)
+    problems = settings.check()
+    if problems:
+        raise SystemExit("captionfleet serve: " + "; ".join(problems))
+
+    from captionfleet.runtime.server.lifecycle import serve_until_signalled
+    from captionfleet.runtime.web.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    logging.getLogger("captionfleet.runtime.server").info(
+        "starting captionfleet serve", extra={"settings": _public(settings)}
+    )
+    return asyncio.run(serve_until_signalled(settings))
+
+
+def _public(settings: ServeSettings) -> dict[str, object]:
+    """The settings fit for a log line: no keys, no Redis password."""
+    from dataclasses import asdict
+
+    from captionfleet.runtime.serving.cache import redact_url
+
+    shown = asdict(settings)
+    shown["api_keys"] = f"<{len(settings.api_keys)} keys>"
+    shown["redis_url"] = redact_url(settings.redis_url) if settings.redis_url else ""
+    return shown

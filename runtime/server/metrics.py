@@ -1,0 +1,130 @@
+"""Prometheus metrics of one runtime, all named ``captionfleet_*`` and labelled by model version.
+
+A registry per server (not the global one), so several servers in one process (tests) keep their own
+counts. :class:`ServerMetrics` implements the data plane's observer protocol, so the batcher and the
+service report their stages without knowing Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from captionfleet.runtime.engine.types import Caption
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds: a cache hit takes ~1 ms, a CPU batch of large BLIP several seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    def __init__(self, model_version: str, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model = model_version
+        r = self.registry
+        self.requests = Counter(
+            "captionfleet_requests",
+            "HTTP requests answered, by route and status code",
+            ["route", "code"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "captionfleet_request_duration_seconds",
+            "End-to-end latency of captioned requests (status 200), from arrival to response",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "captionfleet_queue_wait_seconds",
+            "Time a request waited in the batcher's queue before its batch started",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "captionfleet_preprocess_seconds",
+            "Decoding, cache key and preprocessing time per image (in the preprocessing pool)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "captionfleet_inference_seconds",
+            "Time of one batched model call",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size} & set(range(1, max_batch_size + 1)))
+        self.batch_size = Histogram(
+            "captionfleet_batch_size",
+            "Images per model call",
+            ["model"],
+            buckets=[float(b) for b in batch_buckets],
+            registry=r,
+        )
+        self.queue_depth_gauge = Gauge(
+            "captionfleet_queue_depth", "Requests waiting for a batch", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "captionfleet_requests_in_flight",
+            "Caption requests being handled right now",
+            ["model"],
+            registry=r,
+        )
+        self.cache_hits = Counter("captionfleet_cache_hits", "Result cache hits", ["model"], registry=r)
+        self.cache_misses = Counter("captionfleet_cache_misses", "Result cache misses", ["model"], registry=r)
+        self.confidence = Histogram(
+            "captionfleet_caption_confidence",
+            "Confidence of the captions generated",
+            ["model"],
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+            registry=r,
+        )
+        self.caption_words = Histogram(
+            "captionfleet_caption_length_words",
+            "Words per generated caption",
+            ["model"],
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50),
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "captionfleet_model_info",
+            "The model served (value 1), with its version, name, device and dtype",
+            ["model", "name", "device", "dtype"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "captionfleet_ready", "1 when the model is warm and the server not draining", registry=r
+        )
+
+    def describe_model(self, name: str, device: str, dtype: str) -> None:
+        self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # The data plane's observer protocol (BatchObserver, ServiceObserver).
+    def queue_depth(self, depth: int) -> None:
+        self.queue_depth_gauge.labels(self.model).set(depth)
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], inference_s: float) -> None:
+        self.batch_size.labels(self.model).observe(size)
+        self.inference.labels(self.model).observe(inference_s)
+        wait = self.queue_wait.labels(self.model)
+        for seconds in queue_waits:
+            wait.observe(seconds)
+
+    def preprocessed(self, seconds: float) -> None:
+        self.preprocess.labels(self.model).observe(seconds)
+
+    def cache_lookup(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).labels(self.model).inc()
+
+    def captioned(self, caption: Caption) -> None:
+        self.confidence.labels(self.model).observe(caption.confidence)
+        self.caption_words.labels(self.model).observe(len(caption.text.split()))

@@ -1,0 +1,255 @@
+"""``GET /openapi.json``: the HTTP API of CONTRACT.md as an OpenAPI 3.1 document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from captionfleet import __version__
+from captionfleet.runtime.engine.options import MAX_BEAMS, MAX_NEW_TOKENS, MAX_SUGGESTIONS, STYLES
+
+_ERROR_CODES = {
+    "400": "Bad input: undecodable image, too many pixels, bad options, malformed JSON/base64/multipart, "
+    "missing image field, refused or unfetchable URL",
+    "401": "Missing or unknown X-API-Key",
+    "413": "Body (or fetched image) larger than the limit",
+    "415": "Not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF; sniffed from the bytes)",
+    "429": "Rate limit of the API key exceeded (see Retry-After)",
+    "500": "Server fault",
+    "503": "Queue full, draining or not ready (see Retry-After)",
+    "504": "The request's deadline passed while it waited",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors() -> dict[str, Any]:
+    return {
+        code: {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
+        for code, text in _ERROR_CODES.items()
+    }
+
+
+def _options_properties() -> dict[str, Any]:
+    return {
+        "suggestions": {"type": "integer", "minimum": 1, "maximum": MAX_SUGGESTIONS, "default": 1},
+        "style": {"type": "string", "enum": sorted(STYLES), "description": "A named preset"},
+        "prompt": {"type": "string", "maxLength": 200, "description": "A caption prefix"},
+        "num_beams": {"type": "integer", "minimum": 1, "maximum": MAX_BEAMS},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
+    }
+
+
+def _query_parameters() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in _options_properties().items()
+    ]
+
+
+_HEADERS = [
+    {
+        "name": "X-API-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Required when the server has API keys configured",
+    },
+    {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Echoed in the response; generated when absent",
+    },
+    {
+        "name": "X-User-Id",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Sticky A/B assignment (used by the router)",
+    },
+    {
+        "name": "X-Request-Timeout-Ms",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "description": "The client's deadline in ms, queue time included; it only shortens the server's",
+    },
+]
+
+
+def _source_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "url": {"type": "string", "format": "uri", "description": "http(s) URL of the image"},
+            "image_base64": {"type": "string", "description": "The image, base64 (data: URLs accepted)"},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    caption_json = {**_source_schema()}
+    caption_json["properties"] = {**caption_json["properties"], **_options_properties()}
+    batch_json = {
+        "type": "object",
+        "required": ["images"],
+        "properties": {"images": {"type": "array", "items": _source_schema()}, **_options_properties()},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "captionfleet runtime",
+            "version": __version__,
+            "description": "Image captioning with dynamic batching, a result cache and top-N suggestions.",
+        },
+        "paths": {
+            "/v1/caption": {
+                "post": {
+                    "summary": "Caption one image",
+                    "parameters": _query_parameters() + _HEADERS,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {
+                                        "image": {"type": "string", "format": "binary"},
+                                        **_options_properties(),
+                                    },
+                                }
+                            },
+                            "image/*": {"schema": {"type": "string", "format": "binary"}},
+                            "application/json": {"schema": caption_json},
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The caption",
+                            "content": {"application/json": {"schema": _ref("CaptionResponse")}},
+                        },
+                        **_errors(),
+                    },
+                }
+            },
+            "/v1/caption/batch": {
+                "post": {
+                    "summary": "Caption several images; results in order, each a caption or an error",
+                    "parameters": _query_parameters() + _HEADERS,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["images"],
+                                    "properties": {
+                                        "images": {
+                                            "type": "array",
+                                            "items": {"type": "string", "format": "binary"},
+                                        },
+                                        **_options_properties(),
+                                    },
+                                }
+                            },
+                            "application/json": {"schema": batch_json},
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "One result per image, in order",
+                            "content": {"application/json": {"schema": _ref("BatchResponse")}},
+                        },
+                        **_errors(),
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The loaded model and its version",
+                    "responses": {"200": {"description": "Model information"}},
+                }
+            },
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: model loaded and warm, not draining",
+                    "responses": {
+                        "200": {"description": "Ready"},
+                        "503": {"description": "Not ready or draining"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (captionfleet_*)",
+                    "responses": {"200": {"description": "Text exposition format"}},
+                }
+            },
+        },
+        "components": {"schemas": _schemas()},
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    suggestion = {
+        "type": "object",
+        "required": ["text", "confidence"],
+        "properties": {"text": {"type": "string"}, "confidence": {"type": "number"}},
+    }
+    caption_fields = {
+        "caption": {"type": "string"},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "suggestions": {"type": "array", "items": suggestion},
+        "model_version": {"type": "string"},
+        "cached": {"type": "boolean"},
+        "latency_ms": {"type": "number"},
+    }
+    error_body = {
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    }
+    return {
+        "Suggestion": suggestion,
+        "CaptionResponse": {
+            "type": "object",
+            "required": [*caption_fields, "request_id"],
+            "properties": {**caption_fields, "request_id": {"type": "string"}},
+        },
+        "BatchResponse": {
+            "type": "object",
+            "required": ["results", "request_id"],
+            "properties": {
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "oneOf": [
+                            {
+                                "type": "object",
+                                "required": list(caption_fields),
+                                "properties": caption_fields,
+                            },
+                            {
+                                "type": "object",
+                                "required": ["error", "status"],
+                                "properties": {"error": error_body, "status": {"type": "integer"}},
+                            },
+                        ]
+                    },
+                },
+                "model_version": {"type": "string"},
+                "latency_ms": {"type": "number"},
+                "request_id": {"type": "string"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error", "request_id"],
+            "properties": {"error": error_body, "request_id": {"type": "string"}},
+        },
+    }

@@ -1,0 +1,200 @@
+"""Request bodies -> images (bytes or URLs) and option fields, within the body size limit.
+
+Accepted, as CONTRACT.md says: ``multipart/form-data`` (field ``image``; ``images`` for the batch
+route), a raw body (any other content type: the bytes are sniffed later, never trusted by header), or
+JSON ``{"url": ...}`` / ``{"image_base64": ...}`` (``{"images": [...]}`` of those for the batch route).
+Options come from the query string and from the body's fields; the body wins.
+
+The body is streamed against ``max_body_bytes``: a declared Content-Length over the limit is refused
+before reading, and a chunked body is cut off as soon as it passes the limit, so an oversized upload
+never sits in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import BodyPartReader, StreamReader, web
+
+from captionfleet.runtime.serving.errors import InvalidRequest, PayloadTooLarge
+
+OPTION_FIELDS = ("suggestions", "style", "prompt", "num_beams", "max_new_tokens")
+SOURCE_FIELDS = ("url", "image_base64")
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
+_MAX_FIELD_BYTES = 4096
+_CHUNK = 256 * 1024
+
+
+@dataclass
+class ImageSource:
+    """One image: its bytes, or a URL to fetch."""
+
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass
+class ParsedRequest:
+    images: list[ImageSource]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_limited(
+    stream: StreamReader | BodyPartReader, limit: int, what: str = "request body"
+) -> bytes:
+    """Read a stream to its end, raising :class:`PayloadTooLarge` as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await (
+            stream.read_chunk(_CHUNK) if isinstance(stream, BodyPartReader) else stream.read(_CHUNK)
+        )
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the {what} is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_declared_size(request: web.BaseRequest, limit: int) -> None:
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit} bytes")
+
+
+def _query_fields(request: web.BaseRequest) -> dict[str, Any]:
+    return {name: request.query[name] for name in OPTION_FIELDS if name in request.query}
+
+
+async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch: bool) -> ParsedRequest:
+    """The images and option fields of a caption (``batch=False``) or batch request."""
+    _check_declared_size(request, max_body_bytes)
+    fields = _query_fields(request)
+    content_type = request.content_type.lower()
+    if content_type == "multipart/form-data":
+        parsed = await _parse_multipart(request, max_body_bytes, batch)
+    elif content_type == "application/json" or content_type.endswith("+json"):
+        body = await read_limited(request.content, max_body_bytes)
+        parsed = _parse_json(body, batch)
+    elif batch:
+        raise InvalidRequest(
+            "the batch route takes multipart/form-data with one 'images' field per image, "
+            'or JSON {"images": [{"url": ...} | {"image_base64": ...}, ...]}',
+            code="unsupported_body",
+        )
+    else:
+        parsed = ParsedRequest([ImageSource(data=await read_limited(request.content, max_body_bytes))])
+    fields.update(parsed.fields)
+    parsed.fields = fields
+    return parsed
+
+
+async def _parse_multipart(request: web.BaseRequest, limit: int, batch: bool) -> ParsedRequest:
+    image_field = "images" if batch else "image"
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError) as exc:  # no or a bad boundary
+        raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
+    images: list[ImageSource] = []
+    fields: dict[str, Any] = {}
+    seen: list[str] = []
+    budget = limit
+    while True:
+        try:
+            part = await reader.next()
+        except (ValueError, AssertionError, RuntimeError) as exc:
+            raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise InvalidRequest("nested multipart bodies are not supported", code="invalid_multipart")
+        name = part.name or ""
+        seen.append(name)
+        if name == image_field or (batch and name == "image"):
+            data = await read_limited(part, budget)
+            budget -= len(data)
+            images.append(ImageSource(data=data))
+        elif name in OPTION_FIELDS:
+            raw = await read_limited(part, _MAX_FIELD_BYTES, what=f"field {name!r}")
+            try:
+                fields[name] = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidRequest(f"field {name!r} is not UTF-8 text", code="invalid_field") from exc
+        else:
+            budget -= len(await read_limited(part, budget))  # drain it: the next part follows it
+    if not images:
+        got = ", ".join(repr(n) for n in seen) or "none"
+        raise InvalidRequest(
+            f"no image: send it as the multipart field {image_field!r} (fields received: {got})",
+            code="missing_image",
+        )
+    if not batch and len(images) > 1:
+        raise InvalidRequest(
+            "one image per request here; use POST /v1/caption/batch for several", code="too_many_images"
+        )
+    return ParsedRequest(images, fields)
+
+
+def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(document, dict):
+        raise InvalidRequest("the JSON body must be an object", code="invalid_json")
+    allowed = {*OPTION_FIELDS, *(("images",) if batch else SOURCE_FIELDS)}
+    unknown = sorted(set(document) - allowed)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}",
+            code="unknown_field",
+        )
+    fields = {name: document[name] for name in OPTION_FIELDS if document.get(name) is not None}
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise InvalidRequest(f"field {name!r} must be a string or an integer", code="invalid_field")
+    if batch:
+        entries = document.get("images")
+        if not isinstance(entries, list) or not entries:
+            raise InvalidRequest(
+                '"images" must be a non-empty list of {"url"} or {"image_base64"} objects',
+                code="missing_image",
+            )
+        return ParsedRequest([_json_source(entry, f"images[{i}]") for i, entry in enumerate(entries)], fields)
+    return ParsedRequest([_json_source(document, "body")], fields)
+
+
+def _json_source(entry: object, where: str) -> ImageSource:
+    if not isinstance(entry, dict):
+        raise InvalidRequest(f"{where} must be an object with 'url' or 'image_base64'", code="invalid_field")
+    given = [name for name in SOURCE_FIELDS if entry.get(name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest(f"{where} needs exactly one of 'url' or 'image_base64'", code="missing_image")
+    value = entry[given[0]]
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where}.{given[0]} must be a string", code="invalid_field")
+    if given[0] == "url":
+        return ImageSource(url=value)
+    return ImageSource(data=decode_base64(value, where))
+
+
+def decode_base64(text: str, where: str = "body") -> bytes:
+    """Standard or URL-safe base64, with or without padding or a ``data:...;base64,`` prefix."""
+    text = _DATA_URL.sub("", text.strip(), count=1)
+    compact = "".join(text.split())
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(
+            f"{where}: image_base64 is not valid base64: {exc}", code="invalid_base64"
+        ) from exc

@@ -1,0 +1,329 @@
+"""The dynamic batcher: many concurrent requests in, few model calls out, one result per request.
+
+The shape is Ray Serve's ``@serve.batch``: one record per request holding its asyncio future, one
+consumer task that forms batches and runs them, and the rule that every future is resolved on every
+path (results, the model's exception, a wrong result count, a deadline, a shutdown). What it adds:
+
+- batches hold requests of one *group* only (equal generation options share one ``generate`` call);
+- a batch goes when it is full, or ``max_queue_delay`` after its oldest request arrived, or at once
+  while closing; a full batch of another group may go before the oldest group's delay ends;
+- ``max_queue_size`` bounds the waiting requests (:class:`QueueFull` beyond, with a retry hint);
+- a deadline per request counts its queue time: an expired request is answered with
+  :class:`DeadlineExceeded` when the deadline passes, and is never sent to the model;
+- requests whose caller went away (the awaiting task was cancelled) are skipped;
+- the model runs in one worker thread, so the event loop, and the preprocessing of the next requests
+  in their own pool, go on while a batch runs.
+
+Why not a ``processing`` flag: a second batch that finds the flag set returns early and strands the
+queue until the next arrival. Here one consumer owns the queue for its whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+
+log = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+GroupT = TypeVar("GroupT", bound=Hashable)
+ResultT = TypeVar("ResultT")
+
+
+class BatchObserver(Protocol):
+    """Receives the batcher's figures (the server's metrics implement it)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], inference_s: float) -> None: ...
+
+
+class _NoObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], inference_s: float) -> None:
+        pass
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class _Request(Generic[ItemT, GroupT, ResultT]):
+    item: ItemT
+    group: GroupT
+    future: asyncio.Future[ResultT]
+    enqueued: float
+    deadline: float | None
+    state: _State = field(default=_State.QUEUED)
+
+
+class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
+    """Batches ``submit(item, group)`` calls into ``run_batch(items, group)`` calls in a worker thread.
+
+    ``run_batch`` must return one result per item, in order; anything else fails that whole batch
+    with :class:`InferenceFailed`. Times are ``time.monotonic()`` seconds.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[ItemT], GroupT], Sequence[ResultT]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+        name: str = "inference",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._observer: BatchObserver = observer or _NoObserver()
+        self._name = name
+        self._queue: deque[_Request[ItemT, GroupT, ResultT]] = deque()
+        self._running: list[_Request[ItemT, GroupT, ResultT]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._flushing = False
+        self._consumer: asyncio.Task[None] | None = None
+        # One thread: the model serves one batch at a time; a second would only contend for it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._last_batch_s = 0.0
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The model's worker thread (warm-up runs there too, so it is the thread that runs the model)."""
+        return self._executor
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch (not counting the batch on the model)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + len(self._running)
+
+    def start(self) -> None:
+        if self._consumer is None:
+            self._consumer = asyncio.get_running_loop().create_task(
+                self._consume(), name=f"{self._name}-batcher"
+            )
+
+    async def submit(self, item: ItemT, group: GroupT, *, deadline: float | None = None) -> ResultT:
+        """Queue one item and wait for its result (or its error)."""
+        if self._closing or self._consumer is None:
+            raise Draining("the server is shutting down", retry_after=1.0)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("the request's deadline passed before it reached the queue")
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(
+                f"the queue holds {self.max_queue_size} requests already", retry_after=self._retry_hint()
+            )
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        request = _Request(item, group, future, now, deadline)
+        self._queue.append(request)
+        self._observer.queue_depth(len(self._queue))
+        self._wakeup.set()
+        try:
+            if deadline is not None:
+                await asyncio.wait((future,), timeout=max(0.0, deadline - time.monotonic()))
+                if not future.done() and request.state is _State.QUEUED:
+                    self._remove(request)
+                    future.set_exception(DeadlineExceeded(_expired_message(request)))
+            # Once on the model, a request finishes: its result comes within one batch's time.
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: forget the request if it still waits; a running one is ignored.
+            if request.state is _State.QUEUED:
+                self._remove(request)
+            future.cancel()
+            raise
+
+    def flush(self) -> None:
+        """From now on run batches as soon as the model is free, without waiting for companions.
+
+        For a drain: requests accepted before it still get in, and nothing waits for arrivals that
+        will not come."""
+        self._flushing = True
+        self._wakeup.set()
+
+    async def close(self, grace_s: float) -> int:
+        """Stop taking requests, run what is queued (no more waiting for companions) and stop.
+
+        Returns how many requests were still unanswered after ``grace_s``; they get :class:`Draining`.
+        """
+        self._closing = True
+        self._wakeup.set()
+        left = 0
+        if self._consumer is not None:
+            done, _ = await asyncio.wait((self._consumer,), timeout=grace_s)
+            if done and not self._consumer.cancelled() and self._consumer.exception() is not None:
+                log.error("the batcher's consumer had failed: %r", self._consumer.exception())
+            if not done:
+                stranded = [*self._running, *self._queue]
+                left = sum(1 for r in stranded if not r.future.done())
+                log.warning("drain grace period over: %d requests unanswered, failing them", left)
+                for request in stranded:
+                    _fail(request, Draining("the server shut down before this request finished"))
+                self._queue.clear()
+                self._consumer.cancel()
+                await asyncio.wait((self._consumer,))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        return left
+
+    def _retry_hint(self) -> float:
+        """Seconds until the queue has likely moved on: batches ahead times the last batch's time."""
+        batches_ahead = len(self._queue) / self.max_batch_size
+        return max(1.0, batches_ahead * max(self._last_batch_s, self.max_queue_delay_s))
+
+    def _remove(self, request: _Request[ItemT, GroupT, ResultT]) -> None:
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return
+        request.state = _State.FINISHED
+        self._observer.queue_depth(len(self._queue))
+
+    async def _consume(self) -> None:
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                await self._run(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # a bug here must not strand requests silently
+            log.exception("the batcher's consumer failed; failing every waiting request")
+            for request in [*self._running, *self._queue]:
+                _fail(request, InferenceFailed("the batcher failed"))
+            self._queue.clear()
+            self._closing = True
+            raise
+
+    async def _next_batch(self) -> list[_Request[ItemT, GroupT, ResultT]] | None:
+        """Wait for the next batch to be due; ``None`` once closing with nothing left."""
+        while True:
+            self._drop_unwanted()
+            if not self._queue:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            now = time.monotonic()
+            oldest = self._queue[0]
+            members = self._members(oldest.group)
+            due = oldest.enqueued + self.max_queue_delay_s
+            if not (len(members) >= self.max_batch_size or self._closing or self._flushing or now >= due):
+                members = self._full_group() or []
+            if members:
+                for request in members:
+                    request.state = _State.RUNNING
+                taken = set(map(id, members))
+                self._queue = deque(r for r in self._queue if id(r) not in taken)
+                self._observer.queue_depth(len(self._queue))
+                return members
+            self._wakeup.clear()
+            wait_s = due - now
+            next_deadline = min((r.deadline for r in self._queue if r.deadline is not None), default=None)
+            if next_deadline is not None:
+                wait_s = min(wait_s, max(0.0, next_deadline - now))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
+
+    def _members(self, group: GroupT) -> list[_Request[ItemT, GroupT, ResultT]]:
+        members = []
+        for request in self._queue:
+            if request.group == group:
+                members.append(request)
+                if len(members) == self.max_batch_size:
+                    break
+        return members
+
+    def _full_group(self) -> list[_Request[ItemT, GroupT, ResultT]] | None:
+        counts: dict[GroupT, int] = {}
+        for request in self._queue:
+            counts[request.group] = counts.get(request.group, 0) + 1
+            if counts[request.group] >= self.max_batch_size:
+                return self._members(request.group)
+        return None
+
+    def _drop_unwanted(self) -> None:
+        """Answer expired requests and forget cancelled ones, so neither reaches the model."""
+        now = time.monotonic()
+        kept: deque[_Request[ItemT, GroupT, ResultT]] = deque()
+        for request in self._queue:
+            if request.future.done():  # cancelled by its caller, or expired by its own waiter
+                request.state = _State.FINISHED
+            elif request.deadline is not None and request.deadline <= now:
+                request.state = _State.FINISHED
+                request.future.set_exception(DeadlineExceeded(_expired_message(request)))
+            else:
+                kept.append(request)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._observer.queue_depth(len(kept))
+
+    async def _run(self, batch: list[_Request[ItemT, GroupT, ResultT]]) -> None:
+        started = time.monotonic()
+        items = [request.item for request in batch]
+        self._running = batch
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, items, batch[0].group
+            )
+        except asyncio.CancelledError:
+            for request in batch:
+                _fail(request, Draining("the server shut down while this request ran"))
+            raise
+        except Exception as exc:
+            log.warning("a batch of %d failed: %r", len(batch), exc)
+            for request in batch:
+                _fail(request, exc)
+        else:
+            if len(results) != len(batch):
+                error = InferenceFailed(f"the model returned {len(results)} results for {len(batch)} images")
+                log.error("%s", error.message)
+                for request in batch:
+                    _fail(request, error)
+            else:
+                for request, result in zip(batch, results, strict=True):
+                    if not request.future.done():
+                        request.future.set_result(result)
+                    request.state = _State.FINISHED
+        finally:
+            self._running = []
+        elapsed = time.monotonic() - started
+        self._last_batch_s = elapsed
+        self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
+
+
+def _fail(request: _Request[ItemT, GroupT, ResultT], error: BaseException) -> None:
+    request.state = _State.FINISHED
+    if not request.future.done():
+        request.future.set_exception(error)
+
+
+def _expired_message(request: _Request[ItemT, GroupT, ResultT]) -> str:
+    waited_ms = (time.monotonic() - request.enqueued) * 1000
+    return f"the request's deadline passed after {waited_ms:.0f} ms in the queue"

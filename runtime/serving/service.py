@@ -1,0 +1,196 @@
+"""Orchestration of one caption request: decode -> cache -> preprocess -> batch -> cache, off the loop.
+
+:class:`CaptionService` owns the model, the preprocessing pool, the batcher and the cache; the HTTP
+server owns none of them. CPU work (decoding, the cache key, preprocessing) runs in a thread pool
+sized by ``preprocess_workers``, so one huge image never stalls the event loop or other requests, and
+goes on while the model runs a batch in the batcher's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from captionfleet.runtime.engine.captioner import Captioner
+from captionfleet.runtime.engine.images import decode_image
+from captionfleet.runtime.engine.options import resolve_options
+from captionfleet.runtime.engine.types import Caption, GenerationOptions
+from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
+from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
+from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
+from captionfleet.runtime.serving.image_key import ImageKey, image_key
+from captionfleet.runtime.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceObserver(BatchObserver, Protocol):
+    """The figures the service reports besides the batcher's (the server's metrics implement it)."""
+
+    def preprocessed(self, seconds: float) -> None: ...
+
+    def cache_lookup(self, hit: bool) -> None: ...
+
+    def captioned(self, caption: Caption) -> None: ...
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    caption: Caption
+    model_version: str
+    cached: bool
+
+
+class CaptionService:
+    """The data plane for one loaded model version."""
+
+    def __init__(
+        self,
+        captioner: Captioner,
+        settings: ServeSettings,
+        observer: ServiceObserver,
+        cache: ResultCache | None = None,
+    ) -> None:
+        self.captioner = captioner
+        self.settings = settings
+        self.model_version = settings.model_version or captioner.version
+        self.defaults = GenerationOptions(
+            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens
+        )
+        self.cache = cache
+        self._observer = observer
+        self._pool = ThreadPoolExecutor(
+            settings.resolved_preprocess_workers(), thread_name_prefix="preprocess"
+        )
+        self.batcher: DynamicBatcher[torch.Tensor, GenerationOptions, Caption] = DynamicBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            observer=observer,
+        )
+        self.ready = False
+        self.draining = False
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about the model and how it is served."""
+        info = self.captioner.info()
+        info["version"] = self.model_version
+        info["batching"] = {
+            "max_batch_size": self.settings.max_batch_size,
+            "max_queue_delay_ms": self.settings.max_queue_delay_ms,
+            "max_queue_size": self.settings.max_queue_size,
+        }
+        info["defaults"] = {
+            "num_beams": self.defaults.num_beams,
+            "max_new_tokens": self.defaults.max_new_tokens,
+        }
+        info["cache"] = self.cache.kind if self.cache is not None else "off"
+        info["ready"] = self.ready
+        return info
+
+    async def start(self) -> None:
+        """Start the batcher and run a warm-up batch on the model's thread; then the service is ready."""
+        if isinstance(self.cache, RedisCache):
+            try:
+                await self.cache.ping()
+            except Exception as exc:  # the cache is optional: serve without hits rather than not at all
+                log.warning(
+                    "redis at %s does not answer yet (%r); lookups miss until it does", self.cache.url, exc
+                )
+        self.batcher.start()
+        started = time.monotonic()
+        blank = Image.new("RGB", self.captioner.preprocessor.size, (127, 127, 127))
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, blank)
+        warm = replace(self.defaults, suggestions=1)
+        # On the model's own thread, but not through the queue: no waiting for companions, no metrics.
+        await loop.run_in_executor(self.batcher.executor, self._run_batch, [pixels], warm)
+        self.ready = True
+        log.info("model %s warmed up in %.2f s", self.model_version, time.monotonic() - started)
+
+    def resolve_options(self, fields: dict[str, Any]) -> GenerationOptions:
+        """Request fields (query or body; strings or numbers) -> validated options over the defaults."""
+        return resolve_options(
+            num_beams=fields.get("num_beams"),
+            max_new_tokens=fields.get("max_new_tokens"),
+            suggestions=fields.get("suggestions"),
+            style=fields.get("style") or self.settings.style or None,
+            prompt=fields.get("prompt"),
+            defaults=self.defaults,
+        )
+
+    def deadline(self, arrived: float, client_timeout_ms: float | None = None) -> float | None:
+        """The monotonic deadline of a request that arrived at ``arrived``: the configured timeout, or the
+        client's own when that is shorter; ``None`` when neither sets one."""
+        timeouts = [
+            t for t in (self.settings.request_timeout_ms, client_timeout_ms) if t is not None and t > 0
+        ]
+        return arrived + min(timeouts) / 1000 if timeouts else None
+
+    async def caption(self, data: bytes, options: GenerationOptions, deadline: float | None) -> CaptionResult:
+        """Caption one image given as bytes; raises engine and serving errors."""
+        if self.draining:
+            raise Draining("the server is shutting down", retry_after=1.0)
+        if not self.ready:
+            raise NotReady("the model is still loading", retry_after=5.0)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        image, key = await loop.run_in_executor(self._pool, self._decode, data)
+        decoding_s = time.monotonic() - started
+        lookup = None
+        if self.cache is not None and key is not None:
+            lookup = CacheLookup.of(self.model_version, options, key)
+            cached = await self.cache.get(lookup)
+            self._observer.cache_lookup(cached is not None)
+            if cached is not None:
+                self._observer.preprocessed(decoding_s)
+                return CaptionResult(cached, self.model_version, cached=True)
+        started = time.monotonic()
+        pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
+        self._observer.preprocessed(decoding_s + time.monotonic() - started)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
+        caption = await self.batcher.submit(pixels, options, deadline=deadline)
+        self._observer.captioned(caption)
+        if lookup is not None and self.cache is not None:
+            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
+        return CaptionResult(caption, self.model_version, cached=False)
+
+    def flush(self) -> None:
+        """Draining: queued requests run as soon as the model is free."""
+        self.batcher.flush()
+
+    async def close(self, grace_s: float) -> int:
+        """Finish queued work within ``grace_s``; returns how many requests were failed instead."""
+        self.draining = True
+        self.ready = False
+        left = await self.batcher.close(grace_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.cache is not None:
+            await self.cache.close()
+        return left
+
+    def _decode(self, data: bytes) -> tuple[Image.Image, ImageKey | None]:
+        size = self.captioner.preprocessor.size
+        image = decode_image(data, max_pixels=self.settings.max_pixels, draft_size=size)
+        return image, image_key(image) if self.cache is not None else None
+
+    def _run_batch(self, items: list[torch.Tensor], options: GenerationOptions) -> list[Caption]:
+        return self.captioner.caption_pixels(torch.stack(items), options)
+
+
+def build_cache(settings: ServeSettings) -> ResultCache | None:
+    """Redis when ``redis_url`` is set, else an in-memory LRU; ``None`` when ``cache_size`` is 0."""
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, settings.cache_ttl_s)
+    if settings.cache_size <= 0:
+        return None
+    return MemoryCache(settings.cache_size, settings.cache_ttl_s)

@@ -1,0 +1,117 @@
+"""``captionfleet serve``'s settings: one frozen dataclass, one documented default per field.
+
+Every field is also a command-line option (``--max-batch-size``) and an environment variable
+(``CAPTIONFLEET_MAX_BATCH_SIZE``); the operator sets these variables in the Deployments it builds, so
+the names are part of the contract.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from captionfleet.runtime.engine.options import STYLES
+from captionfleet.settings import setting
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = setting("0.0.0.0", "Address to listen on (0.0.0.0: all interfaces, as in a container).")
+    port: int = setting(8080, "TCP port to listen on (0: any free port, logged).")
+    model: str = setting(
+        "",
+        "Model: a save_pretrained directory, a file:// URL or a Hugging Face id; empty: the bundled model.",
+    )
+    model_version: str = setting(
+        "", "Version reported in responses, metrics and cache keys; empty: derived from the model's files."
+    )
+    device: str = setting("auto", "Torch device (cpu, cuda, cuda:1); auto: CUDA when available, else CPU.")
+    precision: str = setting(
+        "auto",
+        "Weights dtype (fp32, bf16, fp16 or long names); auto: bf16 on CUDA (else fp16), fp32 on CPU.",
+        choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+    )
+    torch_threads: int = setting(0, "Intra-op threads for inference on the CPU; 0: torch's default.")
+    max_batch_size: int = setting(8, "Most images in one model call.")
+    max_queue_delay_ms: float = setting(
+        10.0, "Longest a request waits for companions, counted from the oldest waiting request."
+    )
+    max_queue_size: int = setting(
+        256, "Requests waiting for the model before new ones get 503 + Retry-After."
+    )
+    request_timeout_ms: float = setting(
+        30000.0,
+        "Deadline per request, counting queue time; expired requests get 504 before inference. 0: none.",
+    )
+    max_body_bytes: int = setting(
+        20 * MB, "Largest request body; larger gets 413 without being read into memory."
+    )
+    max_pixels: int = setting(
+        40_000_000, "Largest width*height, checked before decoding (decompression bombs -> 400)."
+    )
+    max_batch_images: int = setting(32, "Most images in one POST /v1/caption/batch.")
+    preprocess_workers: int = setting(
+        0, "Threads that decode and preprocess images off the event loop; 0: min(4, CPU count)."
+    )
+    redis_url: str = setting(
+        "", "redis://host:port/db for a result cache shared by replicas; empty: an in-memory LRU per process."
+    )
+    cache_size: int = setting(10000, "Entries in the in-memory result cache; 0 turns caching off.")
+    cache_ttl_s: float = setting(3600.0, "Seconds a cached caption stays valid (memory and Redis).")
+    api_keys_file: str = setting(
+        "", "File with one API key per line (or sha256:<hex> of one); # starts a comment. Empty: none."
+    )
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "API keys, comma-separated (prefer the environment variable to the option); none: open.",
+    )
+    rate_limit_rps: float = setting(
+        0.0, "Requests per second allowed per API key (token bucket); 0: no limit."
+    )
+    rate_limit_burst: int = setting(0, "Token bucket size per API key; 0: max(1, rate_limit_rps).")
+    allow_private_urls: bool = setting(
+        False,
+        "Let {'url': ...} fetch loopback, private, link-local and multicast addresses (SSRF guard off).",
+    )
+    url_timeout_s: float = setting(10.0, "Total time allowed to fetch an image URL, redirects included.")
+    url_max_bytes: int = setting(20 * MB, "Largest image fetched from a URL (413 beyond).")
+    url_max_redirects: int = setting(5, "Redirects followed when fetching an image URL, each re-checked.")
+    drain_grace_s: float = setting(
+        30.0, "On SIGTERM: how long queued and in-flight requests may take to finish before exit."
+    )
+    num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
+    max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
+    style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
+    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
+
+    def resolved_preprocess_workers(self) -> int:
+        return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
+
+    def resolved_rate_limit_burst(self) -> int:
+        return self.rate_limit_burst if self.rate_limit_burst > 0 else max(1, round(self.rate_limit_rps))
+
+    def check(self) -> list[str]:
+        """Problems that make these settings unusable, as messages (empty: fine)."""
+        problems = []
+        positive = ("max_batch_size", "max_queue_size", "max_body_bytes", "max_pixels", "max_batch_images")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in (
+            "max_queue_delay_ms",
+            "request_timeout_ms",
+            "cache_ttl_s",
+            "rate_limit_rps",
+            "drain_grace_s",
+        ):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
+            problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
+        if self.style and self.style.strip().lower() not in STYLES:
+            problems.append(f"style {self.style!r} is not one of {', '.join(sorted(STYLES))}")
+        if not 0 <= self.port < 65536:
+            problems.append("port must be in 0..65535 (0: any free port)")
+        return problems

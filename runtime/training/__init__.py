@@ -1,0 +1,1 @@
+"""The bundled model's provenance: synthetic scenes, training, saving and scoring any BLIP directory."""

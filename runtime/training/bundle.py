@@ -1,0 +1,263 @@
+"""Saving a trained model as a self-contained folder: weights, tokenizer, image processor, manifest, card.
+
+The folder is Hugging Face ``save_pretrained`` format, so ``BlipForConditionalGeneration`` and
+``BlipProcessor.from_pretrained(folder)`` load it offline, plus two files of ours:
+
+- ``captionfleet.json``: name, version (``<name>-<first 12 hex of the engine's content hash>``, what
+  the engine would derive anyway), the training settings and timings, and the held-out scores;
+- ``README.md``: the model card, generated from the same facts.
+
+A run writes into a fresh sibling folder and swaps it in at the end, so an interrupted run leaves the
+previous model intact, and no stale file from an earlier run survives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captionfleet.runtime.engine.loading import MANIFEST, content_hash
+from captionfleet.runtime.training.model import parameter_count
+from captionfleet.runtime.training.scenes import (
+    BACKGROUND_COLOURS,
+    OBJECT_COLOURS,
+    PROMPTS,
+    RELATIONS,
+    SCENE_SIZE,
+    SHAPES,
+    SIZES,
+)
+
+if TYPE_CHECKING:
+    from captionfleet.runtime.training.evaluate import EvalReport
+    from captionfleet.runtime.training.settings import TrainSettings
+    from captionfleet.runtime.training.train import TrainResult
+
+
+class OutputDirError(ValueError):
+    """The output folder exists and is not a model this command wrote: it is never overwritten."""
+
+
+def check_output_dir(directory: Path) -> None:
+    """Refuse a non-empty folder that holds no ``captionfleet.json`` (someone else's files)."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputDirError(f"output {directory} exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise OutputDirError(
+            f"output folder {directory} is not empty and holds no {MANIFEST}: "
+            "refusing to replace files `captionfleet train` did not write"
+        )
+
+
+def staging_dir(directory: Path) -> Path:
+    """A fresh hidden folder next to ``directory`` to save into before the swap."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+
+
+def save_weights(result: TrainResult, directory: Path) -> None:
+    """Model (safetensors), generation config, tokenizer files and ``preprocessor_config.json``."""
+    result.model.save_pretrained(directory)
+    result.tokenizer.save_pretrained(directory)
+    result.image_processor.save_pretrained(directory)
+
+
+def version_of(name: str, directory: Path) -> str:
+    return f"{name}-{content_hash(directory)[:12]}"
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    settings: TrainSettings,
+    result: TrainResult,
+    command: str,
+    total_seconds: float,
+    report: EvalReport | None,
+) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    manifest: dict[str, Any] = {
+        "name": settings.name,
+        "version": version_of(settings.name, directory),
+        "parameters": parameter_count(result.model),
+        "training": {
+            "command": command,
+            "settings": dataclasses.asdict(settings),
+            "final_loss": sum(result.losses[-20:]) / max(1, len(result.losses[-20:])),
+            "render_seconds": round(result.render_seconds, 1),
+            "train_seconds": round(result.train_seconds, 1),
+            "total_seconds": round(total_seconds, 1),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "evaluation": _evaluation(report),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def swap_into_place(staged: Path, directory: Path) -> None:
+    """Replace ``directory`` (a model we wrote, or nothing) by ``staged``."""
+    # mkdtemp and some writers create private modes; give the folder the modes the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    staged.chmod(0o777 & ~umask)
+    for path in staged.iterdir():
+        path.chmod(0o666 & ~umask)
+    check_output_dir(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    staged.rename(directory)
+
+
+def folder_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def command_line(settings: TrainSettings) -> str:
+    """``captionfleet train`` with the output folder and every option that differs from its default."""
+    from captionfleet.runtime.training.settings import TrainSettings
+
+    defaults = TrainSettings()
+    parts = ["captionfleet", "train", "--output-dir", settings.output_dir]
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in ("output_dir", "progress") or value == getattr(defaults, f.name):
+            continue
+        parts += [
+            f"--{f.name.replace('_', '-')}",
+            str(value).lower() if isinstance(value, bool) else str(value),
+        ]
+    return shlex.join(parts)
+
+
+def _evaluation(report: EvalReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keys = ("dataset", "n", "exact_match", "bleu1", "bleu4", "cider", "num_beams", "max_new_tokens")
+    return {key: getattr(report, key) for key in keys}
+
+
+def write_model_card(
+    directory: Path, manifest: dict[str, Any], report: EvalReport | None, *, eval_seed: int
+) -> None:
+    """``README.md``: what the model is, how it was made, how well it does, how to reproduce it."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    vision, text = config["vision_config"], config["text_config"]
+    training = manifest["training"]
+    settings = training["settings"]
+    size = folder_bytes(directory)
+    weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    lines = [
+        f"# {manifest['name']}",
+        "",
+        "A tiny BLIP (`BlipForConditionalGeneration`) trained from scratch by `captionfleet train` on the",
+        "project's synthetic scenes: one or two coloured shapes on a plain background. It is the model",
+        "`captionfleet serve` loads by default, so the project serves real captions offline. It knows",
+        "nothing else: on a photo it still answers with shapes and colours.",
+        "",
+        f"Version `{manifest['version']}`.",
+        "",
+        "## Data",
+        "",
+        f"Scenes from `captionfleet.runtime.training.scenes`, drawn per (seed, index) and rendered at "
+        f"{SCENE_SIZE} px:",
+        f"shapes {', '.join(SHAPES)}; colours {', '.join(OBJECT_COLOURS)}; sizes {', '.join(SIZES)};",
+        f"backgrounds {', '.join(BACKGROUND_COLOURS)}; two shapes are related by "
+        f"{' / '.join(repr(words) for words in RELATIONS.values())}, the upper or left one named first.",
+        "Example captions: *a large red circle above a small blue square on a white background*, *a small",
+        "green star on a black background*.",
+        "",
+        f"Training: {settings['train_scenes']} scenes of seed {settings['seed']}; "
+        f"{settings['prompt_fraction']:.0%} of them",
+        f"behind a prompt ({', '.join(repr(p) for p in PROMPTS)}) that is context, not a target, so",
+        "prompted captioning (the `photo` and `picture` styles) continues sensibly.",
+        f"Held-out evaluation: seed {settings['eval_seed']} (no scene in common with training).",
+        "",
+        "## Architecture",
+        "",
+        "| part | size |",
+        "| --- | --- |",
+        f"| vision (ViT) | {vision['image_size']} px input, {vision['patch_size']} px patches, "
+        f"{vision['num_hidden_layers']} layers, width {vision['hidden_size']}, "
+        f"{vision['num_attention_heads']} heads, MLP {vision['intermediate_size']} |",
+        f"| text decoder (BERT + cross-attention) | {text['num_hidden_layers']} layers, width "
+        f"{text['hidden_size']}, {text['num_attention_heads']} heads, MLP {text['intermediate_size']}, "
+        f"{text['max_position_embeddings']} positions |",
+        f"| vocabulary | {text['vocab_size']} word-level tokens (BERT specials, `[DEC]` as BOS, "
+        "`[SEP]` ends a caption) |",
+        f"| parameters | {manifest['parameters']:,} |",
+        f"| on disk | {size / 1e6:.2f} MB in all, weights {weights / 1e6:.2f} MB (safetensors, fp32) |",
+        "",
+        "Image processing: BLIP's own (`preprocessor_config.json`): bicubic resize to "
+        f"{vision['image_size']} px, rescale 1/255, CLIP mean and std.",
+        "",
+        "## Training",
+        "",
+        "```bash",
+        training["command"],
+        "```",
+        "",
+        f"Seed {settings['seed']}, {settings['steps']} AdamW steps of {settings['batch_size']} scenes, "
+        f"peak learning rate {settings['learning_rate']:g}",
+        f"({settings['warmup_steps']} warm-up steps, cosine decay), "
+        f"weight decay {settings['weight_decay']:g}, "
+        f"{settings['threads']} torch threads.",
+        f"Wall time {training['total_seconds']:.0f} s in all: rendering {training['render_seconds']:.0f} s, "
+        f"training {training['train_seconds']:.0f} s, then saving and the held-out evaluation",
+        f"(torch {training['torch']}, transformers {training['transformers']}, Python {training['python']}). "
+        f"Final training loss {training['final_loss']:.4f}.",
+        "The same settings, thread count and torch build give the same weights.",
+        "",
+    ]
+    if settings["patch_loss_weight"]:
+        weight = settings["patch_loss_weight"]
+        lines += [
+            f"Besides the caption loss, an auxiliary loss (weight {weight:g}) teaches every",
+            "image patch which shape covers it, that shape's colour, size and place in the caption (or the",
+            "background's colour): a linear head on the vision encoder, dropped after training, so the saved",
+            "model is a plain BLIP. It makes the small vision transformer learn shapes several times faster.",
+            "",
+        ]
+    lines += _card_evaluation(report, eval_seed)
+    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _card_evaluation(report: EvalReport | None, eval_seed: int) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if report is None:
+        return [*lines, "Not evaluated (`--eval-scenes 0`). Run `captionfleet eval --model <folder>`.", ""]
+    lines += [
+        f"{report.dataset}, through the serving engine with the default generation settings "
+        f"({report.num_beams} beams, at most {report.max_new_tokens} new tokens):",
+        "",
+        "| images | exact match | BLEU-1 | BLEU-4 | CIDEr |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {report.n} | {report.exact_match:.4f} | {report.bleu1:.4f} | {report.bleu4:.4f} | "
+        f"{report.cider:.4f} |",
+        "",
+        "Captions are lower-cased and stripped of punctuation before scoring; BLEU and CIDEr are",
+        "pycocoevalcap's scorers. Reproduce with:",
+        "",
+        "```bash",
+        f"captionfleet eval --model <this folder> --scenes {report.n} --seed {eval_seed} --json",
+        "```",
+        "",
+        "Sample captions (held-out scenes):",
+        "",
+    ]
+    lines += [f"- `{example['caption']}`" for example in report.examples]
+    if report.mistakes:
+        lines += ["", "Mistakes (caption / expected):", ""]
+        lines += [f"- `{m['caption']}` / `{m['references'][0]}`" for m in report.mistakes[:10]]
+    return [*lines, ""]

@@ -1,0 +1,282 @@
+"""Scoring a caption model on held-out synthetic scenes or on a COCO-style captioned image folder.
+
+The model is scored through the serving engine (:class:`Captioner`: its preprocessing, its beam
+search, its caption text), so the numbers describe what ``captionfleet serve`` returns. Image files
+go through the engine's byte decoding too, exactly as uploads do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captionfleet.runtime.engine.images import DEFAULT_MAX_PIXELS
+from captionfleet.runtime.engine.types import GenerationOptions
+from captionfleet.runtime.training.metrics import normalise_text, score_captions
+from captionfleet.runtime.training.scenes import SCENE_SIZE, scene_at
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from captionfleet.runtime.engine.captioner import Captioner
+    from captionfleet.runtime.training.settings import EvalSettings
+
+
+class DatasetError(ValueError):
+    """The image folder or the captions file cannot be used; the message says why and where."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    key: str
+    references: tuple[str, ...]
+    image: Image.Image | None = None
+    """A ready image (synthetic scenes)..."""
+    path: Path | None = None
+    """...or a file, decoded by the engine like an upload."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    description: str
+    items: list[EvalItem]
+    skipped: int = 0
+    """Listed images left out: file missing from the folder, or no caption."""
+
+
+@dataclass
+class EvalReport:
+    model: str
+    version: str
+    dataset: str
+    n: int
+    exact_match: float
+    bleu1: float
+    bleu2: float
+    bleu3: float
+    bleu4: float
+    cider: float
+    seconds: float
+    """Wall time of decoding, preprocessing and generation (not model loading or scene rendering)."""
+    images_per_second: float
+    num_beams: int
+    max_new_tokens: int
+    batch_size: int
+    device: str
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """The first few images: id, caption, references."""
+    mistakes: list[dict[str, Any]] = field(default_factory=list)
+    """Up to 20 images whose caption matched no reference."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+def synthetic_set(seed: int, count: int) -> EvalSet:
+    """Scenes ``0 .. count-1`` of ``seed``, rendered at the standard scene size."""
+    items = []
+    for index in range(count):
+        scene = scene_at(seed, index)
+        items.append(EvalItem(key=str(index), references=(scene.caption,), image=scene.render(SCENE_SIZE)))
+    return EvalSet(f"synthetic scenes, seed {seed}, scenes 0-{count - 1}", items)
+
+
+def coco_set(images_dir: Path, captions_file: Path, limit: int = 0) -> EvalSet:
+    """The images of a COCO captions file (``images[{id, file_name}]``, ``annotations[{image_id, caption}]``)
+    found in ``images_dir``, in the file's order; ``limit`` > 0 keeps the first ``limit`` of them.
+
+    Listed images missing from the folder, or without a caption, are skipped and counted (a folder may
+    hold a subset of a big captions file); malformed JSON or entries are errors.
+    """
+    if not images_dir.is_dir():
+        raise DatasetError(f"image folder {images_dir} does not exist")
+    try:
+        data = json.loads(captions_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"captions file {captions_file} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DatasetError(f"captions file {captions_file} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{captions_file}: expected a JSON object with an 'images' list")
+    if not isinstance(data.get("annotations"), list):
+        raise DatasetError(f"{captions_file}: expected a JSON object with an 'annotations' list")
+    captions: dict[str, list[str]] = {}
+    for position, annotation in enumerate(data["annotations"]):
+        if (
+            not isinstance(annotation, dict)
+            or not isinstance(annotation.get("image_id"), (int, str))
+            or not isinstance(annotation.get("caption"), str)
+        ):
+            raise DatasetError(
+                f"{captions_file}: annotations[{position}] needs an 'image_id' (int or string) "
+                "and a 'caption' (string)"
+            )
+        captions.setdefault(str(annotation["image_id"]), []).append(annotation["caption"])
+    items: list[EvalItem] = []
+    skipped = 0
+    seen: set[str] = set()
+    for position, image in enumerate(data["images"]):
+        if (
+            not isinstance(image, dict)
+            or not isinstance(image.get("id"), (int, str))
+            or not isinstance(image.get("file_name"), str)
+            or not image["file_name"]
+        ):
+            raise DatasetError(f"{captions_file}: images[{position}] needs an 'id' and a 'file_name'")
+        key = str(image["id"])
+        if key in seen:
+            raise DatasetError(f"{captions_file}: image id {key} is listed twice")
+        seen.add(key)
+        path = images_dir / image["file_name"]
+        references = [text for text in captions.get(key, []) if normalise_text(text)]
+        if not path.is_file() or not references:
+            skipped += 1
+            continue
+        items.append(EvalItem(key=key, references=tuple(references), path=path))
+    if limit > 0:
+        items = items[:limit]
+    if not items:
+        raise DatasetError(
+            f"none of the {len(data['images'])} images listed in {captions_file} "
+            f"is both in {images_dir} and captioned"
+        )
+    return EvalSet(f"{captions_file.name} with images from {images_dir}", items, skipped)
+
+
+def evaluate(
+    captioner: Captioner,
+    dataset: EvalSet,
+    options: GenerationOptions = GenerationOptions(),  # noqa: B008 - frozen, so sharing it is safe
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> EvalReport:
+    """Caption every item through the engine and score the captions."""
+    from tqdm import tqdm
+
+    candidates: dict[str, str] = {}
+    seconds = 0.0
+    batches = range(0, len(dataset.items), batch_size)
+    for start in tqdm(batches, desc="captioning", unit="batch", disable=not progress, dynamic_ncols=True):
+        batch = dataset.items[start : start + batch_size]
+        began = time.perf_counter()
+        pixels = _pixels(captioner, batch, max_pixels)
+        captions = captioner.caption_pixels(pixels, options)
+        seconds += time.perf_counter() - began
+        for item, caption in zip(batch, captions, strict=True):
+            candidates[item.key] = caption.text
+    references = {item.key: list(item.references) for item in dataset.items}
+    scores = score_captions(candidates, references)
+    examples = [
+        {"id": item.key, "caption": candidates[item.key], "references": list(item.references)}
+        for item in dataset.items[:5]
+    ]
+    mistakes = [
+        {"id": item.key, "caption": candidates[item.key], "references": list(item.references)}
+        for item in dataset.items
+        if normalise_text(candidates[item.key]) not in {normalise_text(r) for r in item.references}
+    ][:20]
+    return EvalReport(
+        model=captioner.model_name,
+        version=captioner.version,
+        dataset=dataset.description,
+        n=scores.n,
+        exact_match=scores.exact_match,
+        bleu1=scores.bleu1,
+        bleu2=scores.bleu2,
+        bleu3=scores.bleu3,
+        bleu4=scores.bleu4,
+        cider=scores.cider,
+        seconds=seconds,
+        images_per_second=scores.n / seconds if seconds > 0 else 0.0,
+        num_beams=options.num_beams,
+        max_new_tokens=options.max_new_tokens,
+        batch_size=batch_size,
+        device=str(captioner.device),
+        skipped=dataset.skipped,
+        examples=examples,
+        mistakes=mistakes,
+    )
+
+
+def _pixels(captioner: Captioner, batch: Sequence[EvalItem], max_pixels: int) -> torch.Tensor:
+    import torch
+
+    from captionfleet.runtime.engine.errors import EngineError
+
+    tensors = []
+    for item in batch:
+        if item.image is not None:
+            tensors.append(captioner.preprocessor(item.image))
+            continue
+        assert item.path is not None
+        try:
+            data = item.path.read_bytes()
+            tensors.append(captioner.preprocessor.decode_and_preprocess(data, max_pixels=max_pixels))
+        except (OSError, EngineError) as exc:
+            raise DatasetError(f"image {item.path} (id {item.key}) cannot be used: {exc}") from exc
+    return torch.stack(tensors)
+
+
+def format_table(report: EvalReport) -> str:
+    """The report for a terminal: scores, speed, a few examples and mistakes."""
+    rows = [
+        ("model", f"{report.model} ({report.version})"),
+        (
+            "dataset",
+            report.dataset + (f" ({report.skipped} listed images skipped)" if report.skipped else ""),
+        ),
+        ("images", str(report.n)),
+        ("exact match", f"{report.exact_match:.4f}"),
+        ("BLEU-1", f"{report.bleu1:.4f}"),
+        ("BLEU-4", f"{report.bleu4:.4f}"),
+        ("CIDEr", f"{report.cider:.4f}"),
+        (
+            "speed",
+            f"{report.images_per_second:.1f} images/s ({report.seconds:.2f} s on {report.device}, "
+            f"batch {report.batch_size}, beams {report.num_beams})",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    for title, entries in (("examples", report.examples), ("mistakes", report.mistakes[:5])):
+        if entries:
+            lines.append(f"{title}:")
+            for entry in entries:
+                lines.append(f"  [{entry['id']}] {entry['caption']!r}")
+                lines.append(f"  {'':>{len(str(entry['id'])) + 2}} expected {entry['references'][0]!r}")
+    lines.extend(f"warning: {warning}" for warning in report.warnings)
+    return "\n".join(lines)
+
+
+def score_model(settings: EvalSettings) -> EvalReport:
+    """``captionfleet eval``: load the model through the engine, build the set, score it."""
+    import torch
+
+    from captionfleet.runtime.engine.loading import bundled_model_dir, load_captioner, read_manifest
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    source = settings.model or str(bundled_model_dir())
+    captioner = load_captioner(source, device=settings.device, dtype=settings.precision)
+    if settings.images:
+        dataset = coco_set(Path(settings.images), Path(settings.captions), settings.limit)
+    else:
+        dataset = synthetic_set(settings.seed, settings.scenes)
+    options = GenerationOptions(num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens)
+    report = evaluate(captioner, dataset, options, batch_size=settings.batch_size, progress=settings.progress)
+    if not settings.images:
+        trained_on = read_manifest(Path(source)).get("training", {}) if Path(source).is_dir() else {}
+        if trained_on.get("settings", {}).get("seed") == settings.seed:
+            report.warnings.append(
+                f"seed {settings.seed} is this model's training seed: these scenes are not held out"
+            )
+    return report

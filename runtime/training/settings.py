@@ -1,0 +1,149 @@
+"""Settings of ``captionfleet train`` and ``captionfleet eval``: frozen dataclasses, one default per field.
+
+Each field is also an option (``--train-scenes``) and an environment variable
+(``CAPTIONFLEET_TRAIN_SCENES``). The training defaults are the ones that built the bundled model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from captionfleet.runtime.engine.types import GenerationOptions
+from captionfleet.runtime.training.model import Architecture
+from captionfleet.settings import setting
+
+TRAIN_SEED = 0
+"""The bundled model's training seed: scenes, initial weights and batch order all follow from it."""
+HELD_OUT_SEED = 1_000_003
+"""The evaluation scenes' seed. Scenes are drawn per (seed, index), so other seeds share no scene."""
+BUNDLED_NAME = "scenes-blip-tiny"
+
+_ARCH = Architecture()
+_GENERATION = GenerationOptions()
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    output_dir: str = setting(
+        f"out/{BUNDLED_NAME}", "Where to save the model (save_pretrained format); created if missing."
+    )
+    name: str = setting(BUNDLED_NAME, "Model name recorded in captionfleet.json and the model card.")
+    seed: int = setting(TRAIN_SEED, "Seed of the training scenes, the initial weights and the batch order.")
+    train_scenes: int = setting(100_000, "Distinct training scenes, rendered once before training.")
+    steps: int = setting(3_000, "Optimiser steps.")
+    batch_size: int = setting(64, "Scenes per step.")
+    learning_rate: float = setting(1e-3, "Peak AdamW learning rate (linear warm-up, then cosine decay to 0).")
+    warmup_steps: int = setting(150, "Steps of linear learning-rate warm-up.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not applied to biases and norms).")
+    prompt_fraction: float = setting(
+        0.15, "Share of training captions behind a prompt such as 'a picture of' (prompt not scored)."
+    )
+    patch_loss_weight: float = setting(
+        1.0,
+        "Weight of the auxiliary loss that teaches every image patch which shape covers it (its shape, "
+        "colour, size, and whether it is named first); the head is dropped after training. 0: off.",
+    )
+    threads: int = setting(
+        2, "Torch intra-op threads for training (also scene-rendering processes); 0: torch's default."
+    )
+    eval_scenes: int = setting(
+        500, "Held-out scenes scored after training (recorded in the model card); 0: skip."
+    )
+    eval_seed: int = setting(HELD_OUT_SEED, "Seed of the held-out scenes scored after training.")
+    progress: bool = setting(True, "Show a progress bar on stderr.")
+    image_size: int = setting(_ARCH.image_size, "Model input size in pixels (square).")
+    patch_size: int = setting(_ARCH.patch_size, "Vision transformer patch size in pixels.")
+    vision_hidden: int = setting(_ARCH.vision_hidden, "Vision transformer width.")
+    vision_layers: int = setting(_ARCH.vision_layers, "Vision transformer layers.")
+    vision_heads: int = setting(_ARCH.vision_heads, "Vision transformer attention heads.")
+    text_hidden: int = setting(_ARCH.text_hidden, "Text decoder width.")
+    text_layers: int = setting(_ARCH.text_layers, "Text decoder layers.")
+    text_heads: int = setting(_ARCH.text_heads, "Text decoder attention heads.")
+    mlp_ratio: int = setting(_ARCH.mlp_ratio, "Feed-forward width as a multiple of the hidden size.")
+
+    def architecture(self) -> Architecture:
+        return Architecture(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_hidden=self.vision_hidden,
+            vision_layers=self.vision_layers,
+            vision_heads=self.vision_heads,
+            text_hidden=self.text_hidden,
+            text_layers=self.text_layers,
+            text_heads=self.text_heads,
+            mlp_ratio=self.mlp_ratio,
+        )
+
+    def check(self) -> list[str]:
+        """What is wrong with these settings, as messages naming the option; empty when fine."""
+        problems = []
+        positive = (
+            *("train_scenes", "steps", "batch_size", "image_size", "patch_size", "vision_hidden"),
+            *("vision_layers", "vision_heads", "text_hidden", "text_layers", "text_heads", "mlp_ratio"),
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("warmup_steps", "threads", "eval_scenes"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must not be negative")
+        if not self.learning_rate > 0:
+            problems.append("--learning-rate must be positive")
+        if self.patch_loss_weight < 0:
+            problems.append("--patch-loss-weight must not be negative")
+        if not 0 <= self.prompt_fraction < 1:
+            problems.append("--prompt-fraction must be in [0, 1)")
+        if self.patch_size >= 1 and self.image_size % self.patch_size:
+            problems.append("--image-size must be a multiple of --patch-size")
+        for hidden, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
+            if getattr(self, heads) >= 1 and getattr(self, hidden) % getattr(self, heads):
+                problems.append(
+                    f"--{hidden.replace('_', '-')} must be a multiple of --{heads.replace('_', '-')}"
+                )
+        if self.eval_scenes and self.eval_seed == self.seed:
+            problems.append("--eval-seed must differ from --seed (held-out scenes)")
+        if not self.output_dir.strip():
+            problems.append("--output-dir must not be empty")
+        return problems
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    model: str = setting(
+        "", "Model to score: a save_pretrained directory or a Hugging Face id; empty: the bundled model."
+    )
+    images: str = setting("", "Folder of images to score instead of synthetic scenes (needs --captions).")
+    captions: str = setting(
+        "",
+        "COCO-style captions JSON for --images: images[{id, file_name}], annotations[{image_id, caption}].",
+    )
+    limit: int = setting(0, "With --images: score only the first LIMIT captioned images found; 0: all.")
+    scenes: int = setting(500, "Held-out synthetic scenes to score (without --images).")
+    seed: int = setting(HELD_OUT_SEED, "Seed of the held-out synthetic scenes (differs from training's).")
+    batch_size: int = setting(32, "Images per generate call.")
+    num_beams: int = setting(_GENERATION.num_beams, "Beam width (default: the serving default).")
+    max_new_tokens: int = setting(
+        _GENERATION.max_new_tokens, "Most generated tokens per caption (default: the serving default)."
+    )
+    device: str = setting("auto", "Torch device (cpu, cuda, cuda:1); auto: CUDA when available, else CPU.")
+    precision: str = setting(
+        "auto",
+        "Weights dtype; auto: bf16 on CUDA (else fp16), fp32 on CPU.",
+        choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+    )
+    threads: int = setting(0, "Torch intra-op threads; 0: torch's default.")
+    progress: bool = setting(True, "Show a progress bar on stderr.")
+
+    def check(self) -> list[str]:
+        problems = []
+        if bool(self.images) != bool(self.captions):
+            problems.append("--images and --captions go together")
+        if not self.images and self.scenes < 1:
+            problems.append("--scenes must be at least 1")
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("threads", "limit"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must not be negative")
+        return problems

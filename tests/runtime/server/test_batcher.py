@@ -1,0 +1,207 @@
+"""The dynamic batcher on its own, with a plain function as the model.
+
+The "model" is a real function run in the batcher's worker thread; a gate (threading.Event) holds it
+inside a batch, so queue states are produced deterministically instead of by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from captionfleet.runtime.server.testing import eventually
+from captionfleet.runtime.serving.batcher import DynamicBatcher
+from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
+
+
+class GatedModel:
+    """Multiplies by 10; records every call; waits at ``gate`` while ``hold`` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[int], str]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.gate.set()
+        self.fail_with: Exception | None = None
+        self.drop_one = False
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.entered.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def __call__(self, items: list[int], group: str) -> Sequence[int]:
+        self.calls.append((list(items), group))
+        self.entered.set()
+        assert self.gate.wait(30), "the test never released the model"
+        if self.fail_with is not None:
+            raise self.fail_with
+        results = [item * 10 for item in items]
+        return results[:-1] if self.drop_one else results
+
+    def seen(self) -> list[int]:
+        return [item for items, _ in self.calls for item in items]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "the model was never called"
+
+
+@pytest.fixture
+async def model() -> GatedModel:
+    return GatedModel()
+
+
+def make(model: GatedModel, **kwargs: float) -> DynamicBatcher[int, str, int]:
+    options = {"max_batch_size": 4, "max_queue_delay_s": 0.005, "max_queue_size": 64} | kwargs
+    batcher: DynamicBatcher[int, str, int] = DynamicBatcher(
+        model,
+        max_batch_size=int(options["max_batch_size"]),
+        max_queue_delay_s=float(options["max_queue_delay_s"]),
+        max_queue_size=int(options["max_queue_size"]),
+    )
+    batcher.start()
+    return batcher
+
+
+async def test_every_request_gets_its_own_result_in_batches_of_at_most_max(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()  # the model is busy with [0]: the rest piles up in the queue
+    rest = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(1, 23)]
+    await eventually(lambda: batcher.depth == 22, 10, "22 queued requests")
+    model.release()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+    assert results == [i * 10 for i in range(23)]
+    assert sorted(model.seen()) == list(range(23))  # each exactly once
+    sizes = [len(items) for items, _ in model.calls]
+    assert max(sizes) == 4 and all(size <= 4 for size in sizes)
+    assert await batcher.close(5) == 0
+
+
+async def test_a_request_arriving_during_a_batch_is_not_stranded(model: GatedModel) -> None:
+    # The seed's bug: a `processing` flag made the second arrival return early and strand the queue.
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=0.001)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(1, "a"))
+    await model.wait_entered()
+    second = asyncio.ensure_future(batcher.submit(2, "a"))
+    model.release()
+    assert await asyncio.wait_for(first, 10) == 10
+    assert await asyncio.wait_for(second, 10) == 20  # no further arrival is needed to run it
+    await batcher.close(5)
+
+
+async def test_groups_never_share_a_model_call(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(100, "x"))
+    await model.wait_entered()
+    futures = [asyncio.ensure_future(batcher.submit(i, "ab"[i % 2])) for i in range(12)]
+    model.release()
+    assert await asyncio.wait_for(asyncio.gather(*futures), 30) == [i * 10 for i in range(12)]
+    await blocker
+    for items, group in model.calls:
+        assert all("ab"[i % 2] == group for i in items if i != 100)
+    await batcher.close(5)
+
+
+async def test_a_lone_request_runs_after_the_queue_delay_without_companions(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=64, max_queue_delay_s=0.02)
+    assert await asyncio.wait_for(batcher.submit(7, "a"), 10) == 70
+    await batcher.close(5)
+
+
+async def test_a_full_queue_refuses_with_a_retry_hint(model: GatedModel) -> None:
+    batcher = make(model, max_queue_size=3, max_batch_size=1)
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    queued = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
+    await eventually(lambda: batcher.depth == 3, 10, "3 queued requests")
+    with pytest.raises(QueueFull) as refused:
+        await batcher.submit(4, "a")
+    assert refused.value.retry_after is not None and refused.value.retry_after >= 1
+    model.release()
+    assert await asyncio.gather(running, *queued) == [0, 10, 20, 30]
+    await batcher.close(5)
+
+
+async def test_an_expired_request_gets_deadline_exceeded_and_never_reaches_the_model(
+    model: GatedModel,
+) -> None:
+    batcher = make(model, max_batch_size=1)
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(5, "a", deadline=loop.time() + 0.05)  # loop.time() is time.monotonic()
+    patient = asyncio.ensure_future(batcher.submit(6, "a", deadline=loop.time() + 60))
+    model.release()
+    assert await running == 0
+    assert await patient == 60
+    assert 5 not in model.seen()
+    await batcher.close(5)
+
+
+async def test_a_request_whose_caller_went_away_is_skipped(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=1)
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    abandoned = asyncio.ensure_future(batcher.submit(9, "a"))
+    kept = asyncio.ensure_future(batcher.submit(8, "a"))
+    await eventually(lambda: batcher.depth == 2, 10, "2 queued requests")
+    abandoned.cancel()
+    model.release()
+    assert await kept == 80 and await running == 0
+    assert abandoned.cancelled()
+    assert 9 not in model.seen()
+    assert batcher.depth == 0
+    await batcher.close(5)
+
+
+async def test_a_failing_model_fails_its_batch_only(model: GatedModel) -> None:
+    batcher = make(model)
+    model.fail_with = RuntimeError("out of memory")
+    results = await asyncio.gather(*(batcher.submit(i, "a") for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    model.fail_with = None
+    assert await batcher.submit(4, "a") == 40  # the consumer survived
+    await batcher.close(5)
+
+
+async def test_a_wrong_number_of_results_fails_the_whole_batch(model: GatedModel) -> None:
+    batcher = make(model)
+    model.drop_one = True
+    results = await asyncio.gather(*(batcher.submit(i, "a") for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) for r in results)
+    await batcher.close(5)
+
+
+async def test_close_runs_what_is_queued_then_refuses(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=30)  # only closing can make these due
+    futures = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(5)]
+    await eventually(lambda: batcher.depth == 5, 10, "5 queued requests")
+    assert await batcher.close(10) == 0
+    assert [f.result() for f in futures] == [0, 10, 20, 30, 40]
+    with pytest.raises(Draining):
+        await batcher.submit(1, "a")
+
+
+async def test_close_fails_what_the_grace_period_cannot_finish(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=1)
+    model.hold()
+    futures = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(3)]
+    await model.wait_entered()
+    left = await batcher.close(0.05)
+    assert left == 3
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(r, Draining) for r in results)
+    model.release()  # let the worker thread finish its (abandoned) call

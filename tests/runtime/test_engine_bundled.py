@@ -1,0 +1,177 @@
+"""The bundled model (runtime/models/<name>/), loaded through the real loading code, on real images."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from transformers import BlipImageProcessorPil
+
+from captionfleet.runtime.engine.captioner import (
+    Captioner,
+    bundled_model_dir,
+    load_captioner,
+    normalise_caption,
+)
+from captionfleet.runtime.engine.options import resolve_options
+from captionfleet.runtime.engine.preprocess import ImagePreprocessor
+from captionfleet.runtime.engine.types import Caption, GenerationOptions
+from captionfleet.runtime.training.scenes import SCENE_SIZE, Scene, scene_at
+from captionfleet.runtime.training.settings import HELD_OUT_SEED
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Small models on shared CPUs: torch's thread pool only adds spin-waiting (50x slower when the
+    cores are busy), so these tests run single-threaded and put the setting back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Captioner:
+    return load_captioner(str(bundled_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def reference(bundled: Captioner) -> BlipImageProcessorPil:
+    return BlipImageProcessorPil.from_pretrained(bundled_model_dir())
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[Scene]:
+    """Held-out scenes with pairwise different true captions."""
+    chosen: dict[str, Scene] = {}
+    index = 0
+    while len(chosen) < 12:
+        scene = scene_at(HELD_OUT_SEED, index)
+        chosen.setdefault(scene.caption, scene)
+        index += 1
+    return list(chosen.values())
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def jpeg(image: Image.Image, scale: int) -> bytes:
+    big = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def check_caption(caption: Caption, wanted: int = 1) -> None:
+    assert caption.text.strip()
+    assert 0 < caption.confidence <= 1
+    assert caption.suggestions[0].text == caption.text
+    assert 1 <= len(caption.suggestions) <= wanted
+    confidences = [s.confidence for s in caption.suggestions]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(0 < c <= 1 for c in confidences)
+    keys = [normalise_caption(s.text) for s in caption.suggestions]
+    assert len(set(keys)) == len(keys)
+
+
+def test_the_bundled_model_loads_with_its_own_preprocessing(
+    bundled: Captioner, reference: BlipImageProcessorPil
+) -> None:
+    assert bundled.model_name
+    assert bundled.version
+    assert bundled.preprocessor == ImagePreprocessor.from_pretrained(reference)
+    assert bundled.device.type in ("cpu", "cuda")
+
+
+def test_real_photos_are_captioned(bundled: Captioner, photos: list[Image.Image]) -> None:
+    captions = bundled.caption_images(photos, GenerationOptions())
+    assert len(captions) == len(photos)
+    for caption in captions:
+        check_caption(caption)
+
+
+def test_real_photos_from_bytes_get_the_same_captions_as_with_blip_image_processor(
+    bundled: Captioner, photos: list[Image.Image], reference: BlipImageProcessorPil
+) -> None:
+    # 4x upscaled JPEGs, so our path decodes them in draft mode while the reference decodes fully.
+    payloads = [jpeg(photo, 4) for photo in photos]
+    ours = torch.stack(
+        [bundled.preprocessor.decode_and_preprocess(data, max_pixels=50_000_000) for data in payloads]
+    )
+    theirs = torch.from_numpy(
+        reference([Image.open(io.BytesIO(data)).convert("RGB") for data in payloads], return_tensors="np")[
+            "pixel_values"
+        ]
+    )
+    options = GenerationOptions()
+    assert [c.text for c in bundled.caption_pixels(ours, options)] == [
+        c.text for c in bundled.caption_pixels(theirs, options)
+    ]
+
+
+def test_suggestions_are_distinct_and_sorted(bundled: Captioner, photos: list[Image.Image]) -> None:
+    options = resolve_options(suggestions=3)
+    for caption in bundled.caption_images(photos, options):
+        check_caption(caption, wanted=3)
+
+
+def test_a_prompt_starts_the_caption(bundled: Captioner, photos: list[Image.Image]) -> None:
+    options = resolve_options(prompt="a picture of", suggestions=2)
+    for caption in bundled.caption_images(photos, options):
+        check_caption(caption, wanted=2)
+        assert all(s.text.startswith("a picture of") for s in caption.suggestions)
+        assert len(caption.text) > len("a picture of")
+
+
+def test_distinct_scenes_in_one_batch_each_get_their_own_caption(
+    bundled: Captioner, scenes: list[Scene]
+) -> None:
+    images = [scene.render(SCENE_SIZE) for scene in scenes]
+    options = GenerationOptions()
+    together = bundled.caption_images(images, options)
+    alone = [bundled.caption_images([image], options)[0] for image in images]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.text for c in bundled.caption_images(images[::-1], options)] == [c.text for c in alone[::-1]]
+    # Different pictures, different captions: a mix-up inside the batch could not pass this.
+    assert len({c.text for c in together}) == len(scenes), [c.text for c in together]
+    # Each caption describes its own picture: the background, the relation and every colour in it
+    # (what even a half-trained model gets right; exact-match accuracy is the eval's business).
+    for caption, scene in zip(together, scenes, strict=True):
+        text = caption.text
+        assert text.endswith(f"on a {scene.background} background"), (text, scene.caption)
+        assert (" above " in text) == (scene.relation == "above"), (text, scene.caption)
+        assert (" to the left of " in text) == (scene.relation == "left"), (text, scene.caption)
+        assert all(obj.colour in text for obj in scene.objects), (text, scene.caption)
+
+
+@pytest.mark.parametrize(("fmt", "scale"), [("PNG", 1), ("JPEG", 1), ("JPEG", 8), ("WEBP", 4)])
+def test_scenes_from_bytes_get_the_same_captions_as_with_blip_image_processor(
+    bundled: Captioner, scenes: list[Scene], reference: BlipImageProcessorPil, fmt: str, scale: int
+) -> None:
+    # Rendered 8x larger, the JPEGs decode in draft mode on our side and fully on the reference's.
+    payloads = [encode(scene.render(SCENE_SIZE * scale), fmt, quality=90) for scene in scenes]
+    ours = torch.stack(
+        [bundled.preprocessor.decode_and_preprocess(data, max_pixels=50_000_000) for data in payloads]
+    )
+    full = [Image.open(io.BytesIO(data)).convert("RGB") for data in payloads]
+    theirs = torch.from_numpy(reference(full, return_tensors="np")["pixel_values"])
+    options = resolve_options(suggestions=2)
+    ours_captions = bundled.caption_pixels(ours, options)
+    theirs_captions = bundled.caption_pixels(theirs, options)
+    assert [c.text for c in ours_captions] == [c.text for c in theirs_captions]
+    for mine, other in zip(ours_captions, theirs_captions, strict=True):
+        assert mine.confidence == pytest.approx(other.confidence, abs=0.02)
