@@ -119,6 +119,12 @@ def render_scenes(
     return pixels, patches, captions
 
 
+def _render_chunk(
+    arguments: tuple[int, int, int, ImagePreprocessor, int],
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    return render_scenes(*arguments)
+
+
 def prepare_data(
     seed: int,
     count: int,
@@ -127,18 +133,27 @@ def prepare_data(
     prompt_fraction: float,
     patch_size: int = 16,
     workers: int = 1,
+    progress: bool = False,
 ) -> TrainingData:
     """Render and tokenise scenes ``0 .. count-1`` of ``seed`` (in ``workers`` processes)."""
+    from tqdm import tqdm
+
     chunk = 500
     ranges = [
         (seed, start, min(count, start + chunk), preprocessor, patch_size) for start in range(0, count, chunk)
     ]
-    if workers > 1 and len(ranges) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        # Forked workers only draw with PIL and numpy; the results come back in order.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.starmap(render_scenes, ranges)
-    else:
-        parts = [render_scenes(*arguments) for arguments in ranges]
+    parts = []
+    with tqdm(total=count, desc="rendering", unit="scene", disable=not progress, dynamic_ncols=True) as bar:
+        if workers > 1 and len(ranges) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # Forked workers only draw with PIL and numpy; imap hands the chunks back in order.
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for part in pool.imap(_render_chunk, ranges):
+                    parts.append(part)
+                    bar.update(len(part[2]))
+        else:
+            for arguments in ranges:
+                parts.append(render_scenes(*arguments))
+                bar.update(len(parts[-1][2]))
     pixels = torch.from_numpy(np.concatenate([part[0] for part in parts]))
     patches = torch.from_numpy(np.concatenate([part[1] for part in parts]))
     captions = [caption for part in parts for caption in part[2]]
@@ -224,6 +239,7 @@ def train(
         prompt_fraction,
         patch_size=architecture.patch_size,
         workers=max(1, torch.get_num_threads()),
+        progress=progress,
     )
     render_seconds = time.perf_counter() - started
     table = normalisation_table(preprocessor)

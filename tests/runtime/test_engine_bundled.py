@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 from transformers import BlipImageProcessorPil
@@ -23,27 +21,12 @@ from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.training.scenes import SCENE_SIZE, Scene, scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small models on shared CPUs: torch's thread pool only adds spin-waiting (50x slower when the
-    cores are busy), so these tests run single-threaded and put the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def bundled() -> Captioner:
     return load_captioner(str(bundled_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    return [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
 
 
 @pytest.fixture(scope="module")

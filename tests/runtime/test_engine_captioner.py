@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 
@@ -26,17 +24,7 @@ from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.testing import save_tiny_blip
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Small models on shared CPUs: torch's thread pool only adds spin-waiting (50x slower when the
-    cores are busy), so these tests run single-threaded and put the setting back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +35,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def captioner(tiny_dir: Path) -> Captioner:
     return load_captioner(str(tiny_dir))
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    return [Image.fromarray(getattr(skimage.data, name)()) for name in PHOTOS]
 
 
 def test_loads_on_cpu_in_fp32_and_eval_mode(captioner: Captioner, tiny_dir: Path) -> None:
