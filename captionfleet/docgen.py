@@ -40,6 +40,9 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("operator", "captionfleet.operator.settings:OperatorSettings"),
     ("serve", "captionfleet.runtime.serving.settings:ServeSettings"),
     ("router", "captionfleet.runtime.router.settings:RouterSettings"),
+    ("train", "captionfleet.runtime.training.settings:TrainSettings"),
+    ("eval", "captionfleet.runtime.training.settings:EvalSettings"),
+    ("bench", "captionfleet.bench.settings:BenchSettings"),
 )
 
 # Named templates of _rbac-rules.tpl -> the rule tuples of operator/permissions.py they hold.

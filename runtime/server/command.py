@@ -26,10 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from captionfleet.runtime.web.logs import configure_logging
 
     configure_logging(settings.log_level)
-    if settings.torch_threads > 0:
-        import torch
+    import torch
 
-        torch.set_num_threads(settings.torch_threads)
+    from captionfleet.runtime.engine.cpus import usable_cpus
+
+    torch.set_num_threads(settings.torch_threads or usable_cpus())
     logging.getLogger("captionfleet.runtime.server").info(
         "starting captionfleet serve", extra={"settings": _public(settings)}
     )

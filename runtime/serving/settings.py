@@ -33,7 +33,12 @@ class ServeSettings:
         "Weights dtype (fp32, bf16, fp16 or long names); auto: bf16 on CUDA (else fp16), fp32 on CPU.",
         choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
     )
-    torch_threads: int = setting(0, "Intra-op threads for inference on the CPU; 0: torch's default.")
+    torch_threads: int = setting(
+        0,
+        "Intra-op threads for inference on the CPU; 0: the CPUs this process may use (affinity, capped by "
+        "the cgroup quota, i.e. the pod's CPU limit). On CPUs shared with other busy processes, "
+        "OMP_WAIT_POLICY=PASSIVE in the environment stops torch's threads spin-waiting.",
+    )
     max_batch_size: int = setting(8, "Most images in one model call.")
     max_queue_delay_ms: float = setting(
         10.0, "Longest a request waits for companions, counted from the oldest waiting request."

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from captionfleet.runtime.training.scenes import caption_vocabulary
-
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 BOS_TOKEN = "[DEC]"
 
@@ -46,6 +44,8 @@ class Architecture:
 def build_tokenizer(max_positions: int) -> Any:
     """A lower-casing BERT tokenizer whose vocabulary is exactly the scene words plus BERT's specials."""
     from transformers import BertTokenizer
+
+    from captionfleet.runtime.training.scenes import caption_vocabulary
 
     words = list(SPECIAL_TOKENS) + caption_vocabulary()
     return BertTokenizer(

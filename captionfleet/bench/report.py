@@ -1,0 +1,125 @@
+"""The benchmark's outputs: one JSON object for machines, a table for people.
+
+The headline keys (always present; ``null`` when that part was not measured):
+- ``preprocess_ratio_12mp``: ours / ``BlipImageProcessor`` images per second on 12 MP JPEGs, at the
+  served model's input size (``preprocess_ratio_12mp_384``: at BLIP-base's 384 px);
+- ``serve_ratio_c32``, ``serve_p99_ms_c32``: our throughput over the naive server's, and our p99, at
+  32 concurrent clients on the served model (the first model);
+- ``cache_hit_rps`` (and ``cache_hit_p50_ms``): the cache-hit path;
+- ``router_overhead_ms_p50``: the median latency the router hop adds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from captionfleet.bench.preprocess import BLIP_BASE_SIDE
+from captionfleet.bench.suite import BenchResults
+
+
+def _number(value: float | None, digits: int = 2) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+def headline(results: BenchResults) -> dict[str, float | None]:
+    served = results.serving[0].model if results.serving else None
+    preprocess = {(row.megapixels, row.side): row.ratio for row in results.preprocess}
+    sides = sorted({row.side for row in results.preprocess if row.side != BLIP_BASE_SIDE})
+    model_side = sides[0] if sides else BLIP_BASE_SIDE
+    at_32 = next((row for row in results.serving if row.model == served and row.concurrency == 32), None)
+    return {
+        "preprocess_ratio_12mp": _number(preprocess.get((12.0, model_side))),
+        "preprocess_ratio_12mp_384": _number(preprocess.get((12.0, BLIP_BASE_SIDE))),
+        "serve_ratio_c32": _number(at_32.ratio if at_32 else None),
+        "serve_p99_ms_c32": _number(at_32.ours.percentile_ms(99) if at_32 else None, 1),
+        "serve_naive_p99_ms_c32": _number(at_32.naive.percentile_ms(99) if at_32 else None, 1),
+        "cache_hit_rps": _number(results.cache.throughput if results.cache else None, 1),
+        "cache_hit_p50_ms": _number(results.cache.percentile_ms(50) if results.cache else None),
+        "router_overhead_ms_p50": _number(results.router.overhead_ms_p50 if results.router else None, 3),
+    }
+
+
+def to_json(results: BenchResults) -> dict[str, Any]:
+    return {
+        **headline(results),
+        "quick": results.quick,
+        "elapsed_s": round(results.elapsed_s, 1),
+        "machine": results.machine,
+        "models": results.models,
+        "preprocess": [row.summary() for row in results.preprocess],
+        "serving": [row.summary() for row in results.serving],
+        "cache": results.cache.summary() if results.cache else None,
+        "router": results.router.summary() if results.router else None,
+        "settings": dataclasses.asdict(results.settings),
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def to_table(results: BenchResults) -> str:
+    machine = results.machine
+    lines = [
+        f"captionfleet bench{' --quick' if results.quick else ''}: {machine.get('cpus')} CPUs, "
+        f"torch {machine.get('torch')}, transformers {machine.get('transformers')}, "
+        f"load average {machine.get('load_average_at_start')} at start, "
+        f"{machine.get('load_average_at_end')} at the end; {results.elapsed_s:.0f} s",
+        "All pairs measured side by side in this run; ratios are ours / the alternative.",
+        "",
+        "Preprocessing: JPEG bytes -> pixel tensor, one core (ours vs BlipImageProcessor)",
+        f"  {'MP':>5} {'input':>6} {'ours img/s':>11} {'HF img/s':>9} {'ratio':>7} {'max |diff|':>11}",
+    ]
+    for row in results.preprocess:
+        lines.append(
+            f"  {row.megapixels:>5g} {row.side:>6} {row.ours_ips:>11.1f} {row.reference_ips:>9.1f} "
+            f"{row.ratio:>6.1f}x {row.max_abs_diff:>11.3f}"
+        )
+    for name, description in results.models.items():
+        serving_rows = [row for row in results.serving if row.model == name]
+        if not serving_rows:
+            continue
+        lines += [
+            "",
+            "Serving: captionfleet serve vs naive server (one at a time, BlipProcessor + generate)",
+            f"  model {description}",
+            f"  {'clients':>7} | {'ours req/s':>10} {'p50':>7} {'p95':>7} {'p99 ms':>7} | "
+            f"{'naive req/s':>11} {'p50':>7} {'p95':>7} {'p99 ms':>7} | {'ratio':>6}",
+        ]
+        for serving in serving_rows:
+            ours, naive = serving.ours, serving.naive
+            lines.append(
+                f"  {serving.concurrency:>7} | {ours.throughput:>10.2f} {_fmt(ours.percentile_ms(50)):>7} "
+                f"{_fmt(ours.percentile_ms(95)):>7} {_fmt(ours.percentile_ms(99)):>7} | "
+                f"{naive.throughput:>11.2f} {_fmt(naive.percentile_ms(50)):>7} "
+                f"{_fmt(naive.percentile_ms(95)):>7} {_fmt(naive.percentile_ms(99)):>7} | "
+                f"{_fmt(serving.ratio, 2):>5}x"
+            )
+            for label, result in (("ours", ours), ("naive", naive)):
+                if result.ok != result.sent:
+                    lines.append(
+                        f"  {'':>7}   {label}: {result.sent - result.ok} of {result.sent} not 200: "
+                        f"{dict(result.statuses)} {dict(result.failures)}"
+                    )
+    if results.cache is not None:
+        cache = results.cache
+        lines += [
+            "",
+            f"Cache hits: {cache.throughput:.0f} req/s, p50 {_fmt(cache.percentile_ms(50), 2)} ms, "
+            f"p99 {_fmt(cache.percentile_ms(99), 2)} ms ({cache.concurrency} clients; "
+            f"{cache.cached} of {cache.sent} answered from the cache)",
+        ]
+    if results.router is not None:
+        router = results.router
+        lines.append(
+            f"Router hop: p50 {_fmt(router.direct.percentile_ms(50), 2)} ms direct, "
+            f"{_fmt(router.routed.percentile_ms(50), 2)} ms routed: {router.overhead_ms_p50:+.2f} ms "
+            f"({router.direct.sent} requests each way, one at a time)"
+        )
+    lines += ["", "Headline:"]
+    lines += [f"  {key} = {_fmt(value, 2)}" for key, value in headline(results).items()]
+    return "\n".join(lines)

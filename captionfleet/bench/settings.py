@@ -1,0 +1,120 @@
+"""``captionfleet bench``'s settings: one frozen dataclass, one documented default per field.
+
+``--quick`` and ``--json`` are flags of the command (see ``command.py``); ``--quick`` replaces the sizes
+below with :data:`QUICK`'s so that a quick run stays under 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from captionfleet.settings import setting
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str = setting(
+        "", "Model directory (save_pretrained format) for the serving runs; empty: the bundled model."
+    )
+    larger_model: bool = setting(
+        True,
+        "Also run the serving comparison on a larger randomly initialised BLIP (see bench/models.py); "
+        "never with --quick.",
+    )
+    concurrency: tuple[str, ...] = setting(
+        ("1", "8", "32", "128"), "Concurrent clients of the serving runs, comma-separated."
+    )
+    requests: int = setting(
+        128, "Requests per serving run (per server and concurrency); at least twice the concurrency."
+    )
+    run_seconds: float = setting(
+        30.0, "A serving run stops sending new requests after this many seconds (slow baselines)."
+    )
+    warmup_requests: int = setting(8, "Requests sent to each server before its first measured run.")
+    num_beams: int = setting(3, "Beam width for both servers (captionfleet serve's default).")
+    max_new_tokens: int = setting(
+        30, "Most tokens per caption for the given model; the larger random model uses exactly 20."
+    )
+    max_batch_size: int = setting(32, "captionfleet serve's --max-batch-size in the serving runs.")
+    torch_threads: int = setting(0, "Intra-op threads of both servers; 0: torch's default.")
+    server_env: tuple[str, ...] = setting(
+        (), "Extra environment of both servers, NAME=VALUE comma-separated (e.g. OMP_WAIT_POLICY=PASSIVE)."
+    )
+    image_side: int = setting(640, "Longer side of the JPEG photos sent in the serving runs, in pixels.")
+    preprocess_megapixels: tuple[str, ...] = setting(
+        ("1", "3", "12"), "Photo sizes of the preprocessing comparison, in megapixels."
+    )
+    preprocess_rounds: int = setting(3, "Times each photo is preprocessed per size and preprocessor.")
+    cache_requests: int = setting(2000, "Requests of the cache-hit run (one image, cached).")
+    cache_concurrency: int = setting(32, "Concurrent clients of the cache-hit run.")
+    router_requests: int = setting(
+        400, "Requests through the router and directly (each), one at a time, alternating in blocks."
+    )
+    workdir: str = setting("", "Folder for generated models, photos and server logs; empty: a temp dir.")
+
+    def concurrency_levels(self) -> list[int]:
+        return [int(level) for level in self.concurrency]
+
+    def environment(self) -> dict[str, str]:
+        return dict(entry.split("=", 1) for entry in self.server_env)
+
+    def megapixels(self) -> list[float]:
+        return [float(size) for size in self.preprocess_megapixels]
+
+    def check(self) -> list[str]:
+        """Problems that make these settings unusable, as messages (empty: fine)."""
+        problems = []
+        try:
+            if not self.concurrency or min(self.concurrency_levels()) < 1:
+                problems.append("concurrency must list integers >= 1")
+        except ValueError:
+            problems.append(f"concurrency must list integers, got {','.join(self.concurrency)!r}")
+        try:
+            if not self.preprocess_megapixels or min(self.megapixels()) <= 0:
+                problems.append("preprocess_megapixels must list numbers > 0")
+        except ValueError:
+            problems.append(f"preprocess_megapixels must list numbers, got {self.preprocess_megapixels!r}")
+        for name in (
+            "requests",
+            "num_beams",
+            "max_new_tokens",
+            "max_batch_size",
+            "image_side",
+            "preprocess_rounds",
+            "cache_requests",
+            "cache_concurrency",
+            "router_requests",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if any("=" not in entry or not entry.split("=", 1)[0] for entry in self.server_env):
+            problems.append(f"server_env must list NAME=VALUE entries, got {','.join(self.server_env)!r}")
+        if self.run_seconds <= 0:
+            problems.append("run_seconds must be > 0")
+        if self.warmup_requests < 0 or self.torch_threads < 0:
+            problems.append("warmup_requests and torch_threads must be >= 0")
+        return problems
+
+    def quick(self) -> BenchSettings:
+        """These settings with :data:`QUICK`'s sizes where they were left at their defaults (so that
+        ``--quick --requests 10`` still sends 10)."""
+        defaults = BenchSettings()
+        changes = {
+            name: value for name, value in QUICK.items() if getattr(self, name) == getattr(defaults, name)
+        }
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+QUICK: dict[str, object] = {
+    "larger_model": False,
+    "concurrency": ("1", "32"),
+    "requests": 48,
+    "run_seconds": 20.0,
+    "warmup_requests": 4,
+    "preprocess_megapixels": ("12",),
+    "preprocess_rounds": 2,
+    "cache_requests": 600,
+    "router_requests": 150,
+}
+"""What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only."""

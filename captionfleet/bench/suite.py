@@ -1,0 +1,172 @@
+"""The whole benchmark run: inputs, servers, each comparison in turn, and everything stopped at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from captionfleet.bench import processes
+from captionfleet.bench.cache import measure_cache_hits
+from captionfleet.bench.loadgen import LoadResult, Payload
+from captionfleet.bench.models import BLIP_MINI, save_random_blip
+from captionfleet.bench.photos import request_photos
+from captionfleet.bench.preprocess import PreprocessResult, measure_preprocessing
+from captionfleet.bench.router import RouterResult, measure_router_overhead
+from captionfleet.bench.serving import ServingRow, compare_serving, progress
+from captionfleet.bench.settings import BenchSettings
+
+LARGER_MODEL_TOKENS = 20
+
+
+@dataclass
+class BenchResults:
+    settings: BenchSettings
+    quick: bool
+    models: dict[str, str] = field(default_factory=dict)
+    """Name -> description of each model served."""
+    preprocess: list[PreprocessResult] = field(default_factory=list)
+    serving: list[ServingRow] = field(default_factory=list)
+    cache: LoadResult | None = None
+    router: RouterResult | None = None
+    elapsed_s: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+@contextlib.contextmanager
+def working_directory(setting: str) -> Iterator[Path]:
+    if setting:
+        path = Path(setting)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="captionfleet-bench-") as name:
+        yield Path(name)
+
+
+def resolve_model(setting: str) -> Path:
+    """The model directory to serve; raises ``ModelLoadError`` with the reason otherwise."""
+    from captionfleet.runtime.engine.errors import ModelLoadError
+    from captionfleet.runtime.engine.loading import bundled_model_dir, resolve_source
+
+    if not setting:
+        return bundled_model_dir()
+    location = resolve_source(setting)
+    if not isinstance(location, Path):  # the baseline loads files; a hub id would need the network
+        raise ModelLoadError(f"--model must be a local directory in save_pretrained format, got {setting!r}")
+    return location
+
+
+async def run_suite(settings: BenchSettings, quick: bool) -> BenchResults:
+    started = time.monotonic()
+    results = BenchResults(settings=settings, quick=quick, machine=machine_info())
+    model_dir = resolve_model(settings.model)
+    results.models[model_dir.name] = (
+        f"{model_dir.name} ({model_dir}); beams {settings.num_beams}, "
+        f"at most {settings.max_new_tokens} tokens"
+    )
+    with working_directory(settings.workdir) as workdir:
+        progress("preprocessing")
+        results.preprocess = measure_preprocessing(
+            settings.megapixels(), settings.preprocess_rounds, [model_dir, None]
+        )
+        payloads = [Payload(photo.jpeg) for photo in request_photos(settings.image_side)]
+        await _main_model(results, model_dir, workdir, payloads)
+        if settings.larger_model and not quick:
+            progress(f"writing the random {BLIP_MINI.name}")
+            larger = save_random_blip(workdir / BLIP_MINI.name, BLIP_MINI, LARGER_MODEL_TOKENS)
+            results.models[BLIP_MINI.name] = BLIP_MINI.describe() + (
+                f"; random weights, beams {settings.num_beams}, exactly {LARGER_MODEL_TOKENS} tokens"
+            )
+            larger_settings = replace(settings, max_new_tokens=LARGER_MODEL_TOKENS)
+            with _servers(larger, workdir, larger_settings, extras=False) as (ours, naive, _, _):
+                results.serving += await compare_serving(
+                    BLIP_MINI.name, ours.url, naive.url, payloads, larger_settings
+                )
+    results.elapsed_s = time.monotonic() - started
+    results.machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+async def _main_model(results: BenchResults, model_dir: Path, workdir: Path, payloads: list[Payload]) -> None:
+    settings = results.settings
+    with _servers(model_dir, workdir, settings, extras=True) as (ours, naive, cached, router):
+        assert cached is not None and router is not None
+        results.serving += await compare_serving(model_dir.name, ours.url, naive.url, payloads, settings)
+        progress("cache hits")
+        results.cache = await measure_cache_hits(
+            cached.url, payloads[0], requests=settings.cache_requests, concurrency=settings.cache_concurrency
+        )
+        progress("router overhead")
+        results.router = await measure_router_overhead(
+            cached.url, router.url, payloads[1 % len(payloads)], requests=settings.router_requests
+        )
+
+
+@contextlib.contextmanager
+def _servers(
+    model_dir: Path, workdir: Path, settings: BenchSettings, *, extras: bool
+) -> Iterator[tuple[processes.Server, processes.Server, processes.Server | None, processes.Server | None]]:
+    """Ours (cache off) and the baseline; with ``extras`` also ours with its cache and a router in front
+    of that one. They start in parallel; all are stopped on the way out."""
+    from captionfleet.runtime.serving.settings import ServeSettings
+
+    base = ServeSettings(
+        host="127.0.0.1",
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        max_batch_size=settings.max_batch_size,
+        torch_threads=settings.torch_threads,
+        request_timeout_ms=0.0,  # the baseline has no deadline either; slow runs must not turn into 504s
+    )
+    env = settings.environment()
+    started: list[processes.Server] = []
+    try:
+        progress(f"starting servers for {model_dir.name}")
+        ours = processes.start_ours(
+            model_dir, workdir, cache=False, base=base, name=f"ours-{model_dir.name}", env=env
+        )
+        started.append(ours)
+        naive = processes.start_baseline(
+            model_dir,
+            workdir,
+            num_beams=settings.num_beams,
+            max_new_tokens=settings.max_new_tokens,
+            torch_threads=settings.torch_threads,
+            name=f"naive-{model_dir.name}",
+            env=env,
+        )
+        started.append(naive)
+        cached = router = None
+        if extras:
+            cached = processes.start_ours(
+                model_dir, workdir, cache=True, base=base, name="ours-cached", env=env
+            )
+            started.append(cached)
+            router = processes.start_router(cached.url, workdir)
+            started.append(router)
+        processes.wait_all_ready(started)
+        yield ours, naive, cached, router
+    finally:
+        for server in reversed(started):
+            server.stop()

@@ -1,0 +1,97 @@
+"""``captionfleet bench`` end to end with tiny sizes against the tiny random model, and the GPU script's
+CPU smoke path. No timing assertions: only that every figure is measured and every request counted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from captionfleet.bench.settings import BenchSettings
+
+HEADLINE_KEYS = (
+    "preprocess_ratio_12mp",
+    "serve_ratio_c32",
+    "serve_p99_ms_c32",
+    "cache_hit_rps",
+    "router_overhead_ms_p50",
+)
+
+
+def _run(argv: list[str], cwd: Path, timeout_s: float = 240) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    document = json.loads(done.stdout)
+    assert isinstance(document, dict)
+    return document
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Path) -> None:
+    argv = [
+        "captionfleet", "bench", "--json", "--model", str(tiny_model_dir), "--workdir", str(tmp_path),
+        "--larger-model", "false", "--concurrency", "32", "--requests", "1", "--warmup-requests", "2",
+        "--preprocess-megapixels", "12", "--preprocess-rounds", "1",
+        "--cache-requests", "40", "--cache-concurrency", "8", "--router-requests", "10",
+    ]  # fmt: skip
+    document = _run(argv, cwd=tmp_path)
+
+    for key in HEADLINE_KEYS:
+        assert _is_number(document[key]), (key, document[key])
+    assert document["serve_p99_ms_c32"] > 0 and document["cache_hit_rps"] > 0
+    [row] = document["serving"]
+    assert row["concurrency"] == 32 and _is_number(row["ratio"])
+    for server in ("ours", "naive"):
+        run = row[server]
+        assert run["sent"] == 64, run  # at least twice the concurrency
+        answered = sum(run["statuses"].values()) + sum(run["failures"].values())
+        assert answered == run["sent"] and run["ok"] == run["sent"], run
+    cache = document["cache"]
+    assert cache["sent"] == 40 and cache["cached"] == cache["ok"] == 40, cache
+    router = document["router"]
+    assert router["direct"]["ok"] == router["routed"]["ok"] == 10, router
+    sides = {entry["side"] for entry in document["preprocess"]}
+    assert sides == {32, 384}  # the tiny model's input size and BLIP-base's
+    assert all(_is_number(entry["ratio"]) for entry in document["preprocess"])
+
+
+def test_gpu_script_runs_its_cpu_smoke_path(tmp_path: Path) -> None:
+    argv = ["captionfleet.bench.gpu", "--tiny", "--json", "--naive-images", "4", "--batches", "2"]
+    document = _run(argv, cwd=tmp_path, timeout_s=120)
+
+    assert document["batched_path"] == "captionfleet Captioner.caption_pixels"
+    cells = document["cells"]
+    assert {(c["mode"], c["path"], c["batch"]) for c in cells} == {
+        (mode, "naive", 1) for mode in ("greedy", "beam3")
+    } | {(mode, "batched", size) for mode in ("greedy", "beam3") for size in (1, 4)}
+    for cell in cells:
+        assert cell["status"] == "ok" and cell["images"] > 0, cell
+        assert _is_number(cell["images_per_s"]) and _is_number(cell["p99_ms"]), cell
+    assert set(document["best"]) == {"greedy", "beam3"}
+    assert all(_is_number(best["ratio"]) for best in document["best"].values())
+
+
+def test_quick_changes_only_what_was_left_at_its_default() -> None:
+    quick = BenchSettings(requests=10).quick()
+    assert quick.requests == 10
+    assert quick.concurrency == ("1", "32") and quick.larger_model is False
+    assert quick.preprocess_megapixels == ("12",)
+
+
+def test_bad_settings_exit_2_with_a_message(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "captionfleet", "bench", "--concurrency", "0,x", "--requests", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "concurrency must list integers" in done.stderr and "requests must be >= 1" in done.stderr
