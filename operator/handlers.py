@@ -12,9 +12,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
+import aiohttp
 import kopf
 
-from captionfleet.operator import kube, reconcile
+from captionfleet.operator import analysis, figures, kube, metrics, reconcile
 from captionfleet.operator import spec as s
 from captionfleet.operator.builders.common import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL, ClusterConfig
 from captionfleet.operator.settings import OperatorSettings
@@ -56,6 +57,15 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         settings.posting.level = logging.INFO
         configuration = kube.load_configuration(operator_settings.kubeconfig, operator_settings.context)
         memo.kube = kube.Kube(configuration)
+        memo.metrics = metrics.OperatorMetrics()
+        memo.metrics_server = None
+        if operator_settings.metrics:
+            memo.metrics_server = await metrics.serve(memo.metrics, operator_settings.metrics)
+        memo.http = aiohttp.ClientSession()
+        if operator_settings.analysis_prometheus_url:
+            memo.figures = figures.Prometheus(memo.http, operator_settings.analysis_prometheus_url)
+        else:
+            memo.figures = figures.RouterStats(memo.http, memo.kube.router_endpoints)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -66,6 +76,10 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
     async def close(memo: kopf.Memo, **_: Any) -> None:
         if "kube" in memo:
             memo.kube.close()
+        if "http" in memo:
+            await memo.http.close()
+        if memo.get("metrics_server") is not None:
+            await memo.metrics_server.cleanup()
 
     async def run(body: Mapping[str, Any], memo: kopf.Memo, *, resync: bool = False) -> None:
         async with locks.setdefault(body["metadata"]["uid"], asyncio.Lock()):
@@ -97,6 +111,26 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
             fresh = await memo.kube.get(kube.CAPTION_MODEL, namespace, name)  # not the timer's old view
             if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
                 await run(fresh, memo, resync=True)
+
+    @kopf.daemon(s.GROUP, s.VERSION, s.PLURAL, cancellation_timeout=10.0, registry=registry)
+    async def analyse_rollout(
+        stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: Any, **_: Any
+    ) -> None:
+        """Every rollout.analysis.interval, one check of the canary (when one is in rollout)."""
+        assert namespace is not None  # CaptionModels are namespaced
+        while not stopped:
+            interval = analysis.IDLE_INTERVAL_S
+            try:
+                async with locks.setdefault(uid, asyncio.Lock()):
+                    outcome = await analysis.check_once(
+                        memo.kube, namespace, name, config, memo.figures, memo.metrics
+                    )
+                interval = outcome.interval_s
+                if outcome.model is not None:
+                    _post(outcome.model, outcome.events)
+            except kube.KubeError as e:  # the API refused or was away: try again next interval
+                logging.getLogger(__name__).warning("rollout check of %s/%s failed: %s", namespace, name, e)
+            await stopped.wait(interval)
 
     @kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
     async def delete_fleet(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

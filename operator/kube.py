@@ -9,6 +9,7 @@ The ``kubernetes`` client is synchronous; its calls run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import os
 from collections.abc import Mapping
@@ -53,6 +54,8 @@ SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
 SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
+ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
 CHILD_KINDS = (HPA, SCALED_OBJECT, SERVICE, DEPLOYMENT, ROLE_BINDING, ROLE, SERVICE_ACCOUNT)
@@ -130,6 +133,24 @@ def credentials(configuration: kubernetes.client.Configuration) -> Credentials:
         certificate_path=configuration.cert_file,
         private_key_path=configuration.key_file,
     )
+
+
+def ready_addresses(slices: list[dict[str, Any]], port_name: str) -> list[str]:
+    """``http://host:port`` of every ready endpoint in these EndpointSlices, on the named port."""
+    urls = set()
+    for slice_ in slices:
+        ports = [p for p in slice_.get("ports") or [] if p.get("port")]
+        port = next((p for p in ports if p.get("name") == port_name), ports[0] if len(ports) == 1 else None)
+        if port is None:
+            continue
+        for endpoint in slice_.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            addresses = endpoint.get("addresses") or []
+            if conditions.get("ready") is False or conditions.get("terminating") is True or not addresses:
+                continue
+            host = str(addresses[0])  # every address of one endpoint is the same pod
+            urls.add(f"http://[{host}]:{port['port']}" if ":" in host else f"http://{host}:{port['port']}")
+    return sorted(urls)
 
 
 def _message(e: ApiException) -> str:
@@ -219,6 +240,26 @@ class Kube:
                 return False
             raise
         return True
+
+    async def ready_endpoints(self, namespace: str, service: str, port_name: str) -> builtins.list[str]:
+        """Base URLs of the ready pods behind a Service, from its EndpointSlices."""
+        slices = await self.list(ENDPOINT_SLICE, namespace, {SERVICE_NAME_LABEL: service})
+        return ready_addresses(slices, port_name)
+
+    async def router_endpoints(self, namespace: str, model: str) -> builtins.list[str]:
+        """The router pods of a CaptionModel: its public Service carries the model's name."""
+        return await self.ready_endpoints(namespace, model, "http")
+
+    async def remove_annotation(self, kind: Kind, namespace: str, name: str, key: str) -> None:
+        """Drop one annotation (a handled one-shot request); nothing if the object is gone."""
+        body = {"metadata": {"annotations": {key: None}}}
+        try:
+            await self._request(
+                "PATCH", kind.path(namespace, name), body=body, content_type="application/merge-patch+json"
+            )
+        except KubeError as e:
+            if e.status != 404:
+                raise
 
     async def patch_status(
         self,

@@ -81,7 +81,8 @@ OPERATOR_NAMESPACED_RULES: tuple[PolicyRule, ...] = (
         ("captionfleet.io",),
         ("captionmodels",),
         ("get", "list", "watch", "patch"),
-        "the CaptionModels themselves; patch only for kopf's finalizer and progress annotations",
+        "the CaptionModels themselves; patch only for kopf's finalizer and progress annotations and "
+        "to remove a handled captionfleet.io/rollout-action annotation",
     ),
     PolicyRule(
         ("captionfleet.io",),
@@ -125,7 +126,12 @@ OPERATOR_NAMESPACED_RULES: tuple[PolicyRule, ...] = (
     ),
     # Held only so that the operator may grant them to the router (see the module's docstring).
     PolicyRule(("",), ("endpoints",), READ, "granted on to the router"),
-    PolicyRule(("discovery.k8s.io",), ("endpointslices",), READ, "granted on to the router"),
+    PolicyRule(
+        ("discovery.k8s.io",),
+        ("endpointslices",),
+        READ,
+        "the router pods whose stats the rollout analysis reads; also granted on to the router",
+    ),
 )
 
 ROUTER_RULES: tuple[PolicyRule, ...] = (

@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from captionfleet.operator import builders, kube, validation
+from captionfleet.operator import builders, kube, rollout, validation
 from captionfleet.operator.builders import common as c
+from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.status import CaptionModelStatus, fleet_status, invalid_status
 
 EventType = Literal["Normal", "Warning"]
@@ -89,6 +90,7 @@ def _status_of(
         endpoint=c.endpoint(ctx),
         previous=previous,
         now=now(),
+        rollout=ctx.rollout,
     )
     if not errors:
         return result
@@ -108,12 +110,46 @@ def _patch(status: CaptionModelStatus, previous: Mapping[str, Any]) -> dict[str,
     return {**{key: None for key in previous if key not in new}, **new}
 
 
-async def reconcile(api: kube.Kube, body: Mapping[str, Any], config: c.ClusterConfig) -> Outcome:
-    """Bring the children in line with the spec of ``body`` (a CaptionModel) and write its status."""
+async def _manual_action(
+    api: kube.Kube, body: Mapping[str, Any], spec: Any, state: CanaryState | None
+) -> tuple[CanaryState | None, list[Event]]:
+    """Apply the rollout-action annotation, if any, once: it is removed after being acted on."""
+    meta = body["metadata"]
+    action = (meta.get("annotations") or {}).get(rollout.ACTION_ANNOTATION)
+    if action is None:
+        return state, []
+    await api.remove_annotation(
+        kube.CAPTION_MODEL, meta["namespace"], meta["name"], rollout.ACTION_ANNOTATION
+    )
+    if state is None:
+        return state, [Event("Warning", "RolloutAction", f"{action}: there is no canary in rollout")]
+    decision = rollout.act(str(action).strip().lower(), state, total=rollout.pool(spec))
+    if decision.kind == "promote":
+        return decision.state, [Event("Normal", "Promoted", decision.message)]
+    if decision.kind == "rollback":
+        return decision.state, [Event("Warning", "RolledBack", decision.message)]
+    return state, [Event("Warning", "RolloutAction", decision.message)]
+
+
+async def reconcile(
+    api: kube.Kube,
+    body: Mapping[str, Any],
+    config: c.ClusterConfig,
+    *,
+    rollout_state: CanaryState | None = None,
+) -> Outcome:
+    """Bring the children in line with the spec of ``body`` (a CaptionModel) and write its status.
+
+    The rollout state is the stored one (read afresh: the loop may have moved it since ``body`` was
+    taken) unless ``rollout_state`` gives the one an analysis check just decided.
+    """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = int(meta.get("generation") or 0)
     previous = dict(body.get("status") or {})
+    stored = await api.get(kube.CAPTION_MODEL, namespace, name)
+    if stored is not None and stored["metadata"].get("uid") == uid:
+        previous = dict(stored.get("status") or {})
     spec, problems = validation.check(name, body.get("spec"), config)
     if problems or spec is None:
         message = "; ".join(problems)
@@ -124,7 +160,12 @@ async def reconcile(api: kube.Kube, body: Mapping[str, Any], config: c.ClusterCo
     outcome = Outcome()
     if previous.get("phase") == "Invalid":
         outcome.events.append(Event("Normal", "Recovered", "the spec is valid again"))
-    ctx = c.FleetContext.create(name=name, namespace=namespace, uid=uid, spec=spec, config=config)
+    state = rollout_state or rollout.current(spec, previous.get("rollout"))
+    state, manual = await _manual_action(api, stored or body, spec, state)
+    outcome.events += manual
+    ctx = c.FleetContext.create(
+        name=name, namespace=namespace, uid=uid, spec=spec, config=config, rollout=state
+    )
     desired = builders.fleet(ctx)
     existing = {_key(obj): obj for obj in await owned_children(api, namespace, name, uid)}
 
@@ -182,7 +223,14 @@ async def refresh_status(api: kube.Kube, namespace: str, name: str, config: c.Cl
     spec, problems = validation.check(name, body.get("spec"), config)
     if problems or spec is None:
         return Outcome()
-    ctx = c.FleetContext.create(name=name, namespace=namespace, uid=meta["uid"], spec=spec, config=config)
+    ctx = c.FleetContext.create(
+        name=name,
+        namespace=namespace,
+        uid=meta["uid"],
+        spec=spec,
+        config=config,
+        rollout=rollout.current(spec, previous.get("rollout")),
+    )
     deployments = await api.list(kube.DEPLOYMENT, namespace, {c.MODEL_LABEL: name})
     owned = [obj for obj in deployments if _owned_by(obj, meta["uid"])]
     # What the API refused at the last reconciliation still stands until one succeeds.

@@ -39,6 +39,11 @@ class OperatorSettings:
         "Metrics source: the per-pod queue-depth metric the runtime exports; the HPA reads it through "
         "the custom metrics API (e.g. prometheus-adapter), KEDA straight from Prometheus.",
     )
+    analysis_prometheus_url: str = setting(
+        "",
+        "Figures source of the rollout analysis: a Prometheus server holding the routers' metrics "
+        "(scraped by the chart's ServiceMonitor). Empty: ask every router pod (GET /v1/router/stats).",
+    )
     peering: str = setting(
         "captionfleet",
         "Name of the KopfPeering (or ClusterKopfPeering when watching the whole cluster) used for "
@@ -50,6 +55,10 @@ class OperatorSettings:
     liveness: str = setting(
         "http://0.0.0.0:8081/healthz",
         "URL the operator serves its liveness probe on (kopf's health endpoint). Empty: none.",
+    )
+    metrics: str = setting(
+        "http://0.0.0.0:8082/metrics",
+        "URL the operator serves its Prometheus metrics on (captionfleet_rollbacks_total). Empty: none.",
     )
     resync_seconds: float = setting(
         300.0,

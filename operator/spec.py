@@ -139,7 +139,7 @@ class Autoscaling(SpecModel):
 
 
 class Analysis(SpecModel):
-    """Canary analysis, as in Flagger (the analysis loop itself is a later issue)."""
+    """Canary analysis, as in Flagger: every ``interval`` the canary's figures over ``window`` decide."""
 
     interval: Duration = Field(default="1m", description="Time between checks.")
     error_rate_threshold: float = Field(
@@ -150,10 +150,22 @@ class Analysis(SpecModel):
     step_weight: int = Field(default=10, ge=1, le=100, description="Weight added to the canary per check.")
     max_weight: int = Field(default=50, ge=1, le=100, description="Canary weight at which it is promoted.")
     threshold: int = Field(default=5, ge=1, le=100, description="Failed checks before a rollback.")
+    latency_p99_ms: float | None = Field(
+        default=None,
+        ge=1,
+        description="Highest acceptable p99 latency of the canary (ms, as the router sees it); unset: "
+        "latency is not checked.",
+    )
 
 
 class Rollout(SpecModel):
+    """Progressive delivery of the version marked ``canary``."""
+
     analysis: Analysis = Field(default_factory=Analysis)
+    paused: bool = Field(
+        default=False,
+        description="Freeze the rollout where it is: no steps, no promotion, no automatic rollback.",
+    )
 
 
 class Cache(SpecModel):

@@ -1,22 +1,24 @@
 """The CaptionModel status: its schema (pydantic, for the CRD) and pure functions that compute it.
 
-Status is computed from the spec, the effective traffic shares and the observed Deployments; it is
-never read back as input except for the times of condition transitions, the RolledBack condition
-(owned by the rollout loop) and the last known versions while the spec is invalid.
+Status is computed from the spec, the effective traffic shares, the rollout state and the observed
+Deployments; it is never read back as input except for the times of condition transitions, the
+rollout state (``status.rollout``, owned by the rollout loop) and the last known versions while the
+spec is invalid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.traffic import Role, Share
 
-Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid", "RolledBack"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
 CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "Progressing", "Degraded", "RolledBack")
 
@@ -56,6 +58,9 @@ class CaptionModelStatus(_StatusModel):
     ready_replicas: int = Field(default=0, description="Ready runtime pods over all versions.")
     versions: list[VersionStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
+    rollout: CanaryState | None = Field(
+        default=None, description="Progress of the canary's rollout: weight, failed checks, last figures."
+    )
 
     def manifest(self) -> dict[str, Any]:
         """The status as written into the CR."""
@@ -149,9 +154,10 @@ def fleet_status(
     endpoint: str,
     previous: Mapping[str, Any],
     now: str,
+    rollout: CanaryState | None = None,
 ) -> CaptionModelStatus:
-    """The status of a valid spec, from the version Deployments and Service names (by version name)
-    and the router's Deployment."""
+    """The status of a valid spec, from the version Deployments and Service names (by version name),
+    the router's Deployment and the rollout state."""
     before = list(previous.get("conditions") or [])
     versions, waiting, failures = [], [], []
     for share in shares:
@@ -195,8 +201,13 @@ def fleet_status(
         ready = cond("Ready", True, "AllReplicasReady", f"serving on {endpoint}")
     else:
         ready = cond("Ready", False, phase, "; ".join(failures + waiting))
+    rolled_back = rollout is not None and rollout.phase == "RolledBack"
+    if rolled_back and phase in ("Ready", "Progressing"):
+        phase = "RolledBack"  # serving on the stable version; the canary is out
     if waiting:
         progressing = cond("Progressing", True, "RollingOut", "; ".join(waiting))
+    elif rollout is not None and rollout.phase != "Progressing":
+        progressing = cond("Progressing", False, rollout.phase, rollout.message or rollout.phase)
     elif canary is not None:
         progressing = cond(
             "Progressing", True, "CanaryInRollout", f"canary {canary.name} receives {canary.weight} %"
@@ -218,8 +229,15 @@ def fleet_status(
         replicas=sum(v.replicas for v in versions),
         ready_replicas=sum(v.ready_replicas for v in versions),
         versions=versions,
-        conditions=[ready, progressing, degraded, _kept_rolled_back(before, generation, now)],
+        conditions=[ready, progressing, degraded, _rolled_back(rollout, cond)],
+        rollout=rollout,
     )
+
+
+def _rolled_back(rollout: CanaryState | None, cond: Callable[..., Condition]) -> Condition:
+    if rollout is not None and rollout.phase == "RolledBack":
+        return cond("RolledBack", True, rollout.reason or "RolledBack", rollout.message)
+    return cond("RolledBack", False, "NoRollback", "no canary is rolled back")
 
 
 def invalid_status(

@@ -1,10 +1,12 @@
 """Which version is stable, which is the canary, and how much traffic each receives now.
 
 The spec's ``weight`` is the desired split. The *effective* weights are what the router applies and
-``status.versions[].weight`` reports. Until the progressive-rollout loop lands (a later issue), the
-effective weights are the desired ones; that loop will make them step from the current status toward
-the spec, and everything downstream (router config, replica bounds, status) already reads them from
-here.
+``status.versions[].weight`` reports. Without a canary they are the desired ones. With one, the
+rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
+weight and the stable version the rest of their pool; once rolled back the canary gets 0 and is
+retired (scaled to zero); once promoted it becomes the stable version with the whole pool and the
+old stable is retired. A/B variants always keep their spec weights. Everything downstream (router
+table, replica bounds, status) reads the weights from here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from captionfleet.operator.rollout import CanaryState, pool
 from captionfleet.operator.spec import CaptionModelSpec
 
 Role = Literal["stable", "canary", "variant"]
@@ -19,11 +22,12 @@ Role = Literal["stable", "canary", "variant"]
 
 @dataclass(frozen=True)
 class Share:
-    """One version's role and effective weight (percent of traffic)."""
+    """One version's role and effective weight (percent of traffic); retired: scaled to zero."""
 
     name: str
     role: Role
     weight: int
+    retired: bool = False
 
 
 def stable_version(spec: CaptionModelSpec) -> str | None:
@@ -34,11 +38,22 @@ def stable_version(spec: CaptionModelSpec) -> str | None:
     return max(candidates, key=lambda v: v.weight).name  # max keeps the first of equals
 
 
-def shares(spec: CaptionModelSpec) -> list[Share]:
+def shares(spec: CaptionModelSpec, rollout: CanaryState | None = None) -> list[Share]:
     """Every version, in spec order, with its role and effective weight."""
     stable = stable_version(spec)
     result = []
+    total = pool(spec)
     for version in spec.versions:
         role: Role = "canary" if version.canary else "stable" if version.name == stable else "variant"
-        result.append(Share(version.name, role, version.weight))
+        weight, retired = version.weight, False
+        if rollout is not None and role in ("canary", "stable"):
+            if rollout.phase == "Promoted":
+                role, weight = ("stable", total) if role == "canary" else ("variant", 0)
+                retired = weight == 0
+            elif rollout.phase == "RolledBack":
+                weight = total if role == "stable" else 0
+                retired = role == "canary"
+            else:
+                weight = rollout.weight if role == "canary" else total - rollout.weight
+        result.append(Share(version.name, role, weight, retired))
     return result

@@ -102,7 +102,10 @@ def scaled_object(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any
 
 
 def autoscaler(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any] | None:
+    """The version's autoscaler; none for a retired version (scaled to zero by its Deployment)."""
     provider = ctx.spec.autoscaling.provider
+    if ctx.share(version.name).retired:
+        return None
     if provider == "hpa":
         return hpa(ctx, version)
     if provider == "keda":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from captionfleet.operator import spec as s
+from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.settings import OperatorSettings
 from captionfleet.operator.traffic import Share, shares
 
@@ -55,12 +56,20 @@ class FleetContext:
     spec: s.CaptionModelSpec
     shares: tuple[Share, ...]
     config: ClusterConfig
+    rollout: CanaryState | None = None
 
     @classmethod
     def create(
-        cls, *, name: str, namespace: str, uid: str, spec: s.CaptionModelSpec, config: ClusterConfig
+        cls,
+        *,
+        name: str,
+        namespace: str,
+        uid: str,
+        spec: s.CaptionModelSpec,
+        config: ClusterConfig,
+        rollout: CanaryState | None = None,
     ) -> FleetContext:
-        return cls(name, namespace, uid, spec, tuple(shares(spec)), config)
+        return cls(name, namespace, uid, spec, tuple(shares(spec, rollout)), config, rollout)
 
     def share(self, version: str) -> Share:
         return next(share for share in self.shares if share.name == version)

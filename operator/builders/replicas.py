@@ -3,7 +3,8 @@
 ``autoscaling.minReplicas``/``maxReplicas`` size the fleet at 100 % of the traffic; each version gets
 its share of them, rounded up, so a 10 % canary runs on a tenth of the stable version's pods (and
 GPUs), not on as many. A version keeps at least one pod (zero only when the fleet's floor is zero,
-which needs KEDA), and its own ``minReplicas``/``maxReplicas`` override what is derived.
+which needs KEDA), and its own ``minReplicas``/``maxReplicas`` override what is derived. A retired
+version (a rolled-back canary, or the stable version a promoted canary replaced) gets no pods at all.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from captionfleet.operator.traffic import Share
 
 
 def replica_bounds(spec: CaptionModelSpec, share: Share) -> tuple[int, int]:
+    if share.retired:
+        return 0, 0
     fleet = spec.autoscaling
     version = spec.version(share.name)
     floor = 0 if fleet.min_replicas == 0 else 1

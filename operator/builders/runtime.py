@@ -119,8 +119,9 @@ def deployment(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any]:
             "spec": pod_spec,
         },
     }
-    if spec.autoscaling.provider == "none":
-        # With an autoscaler the replica count is its to set; the operator leaves it alone.
+    if spec.autoscaling.provider == "none" or ctx.share(version.name).retired:
+        # With an autoscaler the replica count is its to set; the operator leaves it alone. A retired
+        # version has no autoscaler (an HPA cannot go below one pod): it is scaled to zero here.
         deployment_spec["replicas"] = replica_bounds(spec, ctx.share(version.name))[0]
     return {
         "apiVersion": "apps/v1",

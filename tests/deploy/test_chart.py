@@ -188,7 +188,7 @@ def test_probes_hit_the_liveness_endpoint_the_operator_serves(
     container = _operator_container(render({"operator": {"healthPort": 9443}}))
     settings = _settings_from_env(container, monkeypatch)
     assert settings.liveness == "http://0.0.0.0:9443/healthz"
-    (port,) = container["ports"]
+    port = next(p for p in container["ports"] if p["name"] == "health")
     assert port["containerPort"] == 9443
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}

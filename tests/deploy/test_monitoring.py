@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from captionfleet.operator import spec as s
 from captionfleet.operator.builders import common, router, runtime
+from captionfleet.operator.metrics import OperatorMetrics
 from captionfleet.operator.settings import OperatorSettings
 from captionfleet.runtime.router.metrics import RouterMetrics
 from captionfleet.runtime.server.metrics import ServerMetrics
@@ -30,8 +31,6 @@ MONITORING_ON = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRul
 # Labels every scraped series gets: Prometheus' own, the ServiceMonitor's defaults, our relabelings.
 SCRAPE_LABELS = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
 RELABELED = {"captionmodel", "version", "component"}
-# Exported by the operator once rollouts land (a later issue); the alert and panel wait for it.
-OPERATOR_SERIES = {"captionfleet_rollbacks_total": {"namespace", "captionmodel", "version"}}
 ALERTS = {
     "CaptionFleetHighLatency",
     "CaptionFleetHighErrorRate",
@@ -60,6 +59,8 @@ def _exported(metrics: object) -> dict[str, set[str]]:
 RUNTIME_SERIES = _exported(ServerMetrics("v1", max_batch_size=8))
 # The router's Service has no version label: its series carry their own `version`.
 ROUTER_SERIES = _exported(RouterMetrics())
+# Exported by the operator itself; its PodMonitor keeps the series' own labels (honorLabels).
+OPERATOR_SERIES = _exported(OperatorMetrics())
 
 _SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(\{([^}]*)\})?")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"[^"]*"\s*,?')
@@ -308,3 +309,23 @@ def test_the_dashboard_panels_do_not_overlap() -> None:
         }
         assert not cells & taken, panel["title"]
         taken |= cells
+
+
+def test_the_operator_exports_the_rollback_series_and_is_scraped_with_its_labels(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert set(OPERATOR_SERIES) == {"captionfleet_rollbacks_total"}
+    assert OPERATOR_SERIES["captionfleet_rollbacks_total"] == {"namespace", "captionmodel", "version"}
+    rendered = render(MONITORING_ON | {"operator": {"metricsPort": 9100}})
+    monitor = rendered.one("PodMonitor", "-operator")["spec"]
+    pod = rendered.one("Deployment")["spec"]["template"]
+    assert _selects(monitor["selector"], pod["metadata"]["labels"])
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    # The series' namespace is the CaptionModel's; without honorLabels it would become exported_namespace.
+    assert endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
+    (container,) = pod["spec"]["containers"]
+    port = next(p for p in container["ports"] if p["name"] == endpoint["port"])
+    assert port["containerPort"] == 9100
+    env = {v["name"]: v.get("value") for v in container["env"]}
+    assert env["CAPTIONFLEET_METRICS"] == "http://0.0.0.0:9100/metrics"
+    assert not render(None).of_kind("PodMonitor")

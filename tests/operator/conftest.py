@@ -63,6 +63,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "namespaced": True,
         "subresources": ["status"],
     },
+    "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
     "v1/serviceaccounts": {"kind": "ServiceAccount", "namespaced": True},
     "rbac.authorization.k8s.io/v1/roles": {"kind": "Role", "namespaced": True},
     "rbac.authorization.k8s.io/v1/rolebindings": {"kind": "RoleBinding", "namespaced": True},

@@ -71,6 +71,7 @@ CAPTIONFLEET_PROMETHEUS_URL: {{ .Values.operator.prometheusUrl | quote }}
 CAPTIONFLEET_PEERING: {{ .Values.operator.peering.name | quote }}
 CAPTIONFLEET_STANDALONE: {{ not .Values.operator.peering.enabled | quote }}
 CAPTIONFLEET_LIVENESS: {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) | quote }}
+CAPTIONFLEET_METRICS: {{ printf "http://0.0.0.0:%d/metrics" (int .Values.operator.metricsPort) | quote }}
 CAPTIONFLEET_RESYNC_SECONDS: {{ .Values.operator.resyncSeconds | quote }}
 CAPTIONFLEET_VERBOSE: {{ .Values.operator.verbose | quote }}
 {{- end }}

@@ -17,7 +17,7 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- define "captionfleet.rules.operatorNamespaced" -}}
-# the CaptionModels themselves; patch only for kopf's finalizer and progress annotations
+# the CaptionModels themselves; patch only for kopf's finalizer and progress annotations and to remove a handled captionfleet.io/rollout-action annotation
 - apiGroups: ["captionfleet.io"]
   resources: ["captionmodels"]
   verbs: ["get", "list", "watch", "patch"]
@@ -61,7 +61,7 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: [""]
   resources: ["endpoints"]
   verbs: ["get", "list", "watch"]
-# granted on to the router
+# the router pods whose stats the rollout analysis reads; also granted on to the router
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["get", "list", "watch"]

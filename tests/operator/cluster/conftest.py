@@ -184,6 +184,7 @@ def settings(cluster: Cluster) -> OperatorSettings:
     return OperatorSettings(
         kubeconfig=str(cluster.kubeconfig),
         liveness="",
+        metrics="",
         resync_seconds=0,
         prometheus_url="http://prometheus.monitoring.svc:9090",
         default_runtime_image="registry.test/captionfleet/runtime:1.2.3",

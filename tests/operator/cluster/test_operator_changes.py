@@ -47,18 +47,20 @@ async def test_weights_added_and_removed_versions_update_and_prune_children(
     await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=1))
     stable_uid = cluster.get(DEPLOYMENTS, "captions-ab-base")["metadata"]["uid"]
 
-    # Change the weights: the replica bounds follow the new shares, nothing is recreated.
+    # Change the weights: the replica bounds follow the new shares, nothing is recreated. The
+    # canary's weight is the rollout's (stepWeight 10), not its spec weight.
     spec = copy.deepcopy(EXAMPLES_AB["spec"])
-    spec["versions"][0]["weight"], spec["versions"][2]["weight"] = 40, 30
+    spec["versions"][0]["weight"], spec["versions"][1]["weight"] = 40, 50
     await cluster.patch_spec("captions-ab", spec)
     await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=2))
-    assert bounds(cluster, "captions-ab-base") == (1, 8)
-    assert bounds(cluster, "captions-ab-base-next") == (1, 6)
-    assert cluster.status("captions-ab")["canaryWeight"] == 30
+    assert bounds(cluster, "captions-ab-base") == (1, 8)  # the pool of 50 less the canary's 10
+    assert bounds(cluster, "captions-ab-large") == (1, 10)
+    assert bounds(cluster, "captions-ab-base-next") == (1, 2)
+    assert cluster.status("captions-ab")["canaryWeight"] == 10
     assert cluster.get(DEPLOYMENTS, "captions-ab-base")["metadata"]["uid"] == stable_uid
 
     # Add a version: its Deployment, Service and HPA appear.
-    spec["versions"][1]["weight"] = 20
+    spec["versions"][1]["weight"] = 40
     spec["versions"].append({"name": "tiny", "model": "file:///opt/models/tiny", "weight": 10})
     await cluster.patch_spec("captions-ab", spec)
     await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=3))

@@ -1,0 +1,272 @@
+"""Progressive rollout as pure decisions: the canary's state, and what one analysis check does to it.
+
+The state lives in ``status.rollout`` (never in the spec) and names the canary it is about by version
+name and a hash of that version's spec, so a rolled-back or promoted version stays so until its spec
+changes, and then a fresh rollout starts. One check reads the canary's figures over the window:
+
+- fewer than ``minRequests`` (or no figures at all): hold, neither pass nor fail;
+- error rate above ``errorRateThreshold`` percent, or p99 above ``latencyP99Ms`` when set: a failed
+  check; ``threshold`` failed checks in a row roll the canary back (weight 0, scaled down);
+- otherwise a pass, which resets the failed count: weight += ``stepWeight`` up to ``maxWeight``, and
+  a pass at ``maxWeight`` promotes the canary (it becomes stable, the old stable scales to zero).
+
+Traffic moves only between the canary and the stable version: their two spec weights form the
+``pool`` the canary grows into; A/B variants keep their weights. The canary's own spec weight is not
+used while a rollout drives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from captionfleet.operator.spec import GROUP, Analysis, CaptionModelSpec, ModelVersion
+
+ACTION_ANNOTATION = f"{GROUP}/rollout-action"
+ACTIONS = ("abort", "promote")
+
+RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
+Verdict = Literal["pass", "fail", "hold"]
+DecisionKind = Literal["hold", "step", "promote", "fail", "rollback", "idle"]
+# Fields of a version that do not make it another version: how much traffic and how many pods it gets.
+_NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Check(_Model):
+    """The figures of the canary over the window at one check, and what they meant."""
+
+    time: str = Field(json_schema_extra={"format": "date-time"})
+    requests: int = 0
+    errors: int = 0
+    error_rate: float | None = Field(default=None, description="Percent of the requests that failed.")
+    p99_ms: float | None = None
+    verdict: Verdict
+
+
+class CanaryState(_Model):
+    """The canary's progress (``status.rollout``)."""
+
+    version: str = Field(description="The canary this rollout is about.")
+    spec_hash: str = Field(description="Hash of that version's spec; a change starts a new rollout.")
+    phase: RolloutPhase
+    weight: int = Field(description="The canary's effective weight in percent.")
+    step: int = Field(default=1, description="Weight increases so far, the first one included.")
+    failed_checks: int = Field(default=0, description="Failed checks in a row.")
+    reason: str = ""
+    message: str = ""
+    last_check: Check | None = None
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One version's figures over the analysis window, summed over every router."""
+
+    requests: int
+    errors: int
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        """Percent of the requests that failed; None without requests."""
+        return 100.0 * self.errors / self.requests if self.requests else None
+
+    def describe(self) -> str:
+        rate = self.error_rate
+        text = f"{self.errors}/{self.requests} requests failed"
+        text += f" ({rate:.2f} %)" if rate is not None else ""
+        return text + (f", p99 {self.p99_ms:.0f} ms" if self.p99_ms is not None else "")
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: DecisionKind
+    state: CanaryState
+    message: str
+
+
+def spec_hash(version: ModelVersion) -> str:
+    """What identifies a version's content: everything in its spec but its traffic and pod counts."""
+    content = version.model_dump(mode="json", exclude=_NOT_HASHED)
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def canary_of(spec: CaptionModelSpec) -> ModelVersion | None:
+    return next((v for v in spec.versions if v.canary), None)
+
+
+def stable_of(spec: CaptionModelSpec) -> ModelVersion | None:
+    """The non-canary version with the most traffic (the first of equals): the one the canary replaces."""
+    candidates = [v for v in spec.versions if not v.canary]
+    return max(candidates, key=lambda v: v.weight) if candidates else None
+
+
+def pool(spec: CaptionModelSpec) -> int:
+    """The weight the canary and the stable version share (their spec weights together)."""
+    canary, stable = canary_of(spec), stable_of(spec)
+    return (canary.weight if canary else 0) + (stable.weight if stable else 0)
+
+
+def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
+    weight = min(spec.rollout.analysis.step_weight, pool(spec))
+    return CanaryState(
+        version=canary.name,
+        spec_hash=spec_hash(canary),
+        phase="Progressing",
+        weight=weight,
+        reason="Started",
+        message=f"canary {canary.name} starts at {weight} %",
+    )
+
+
+def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> CanaryState | None:
+    """The rollout state for this spec: the stored one while it is about the same canary (same name
+    and spec hash), else a fresh one; None without a canary. ``rollout.paused`` applies here."""
+    canary = canary_of(spec)
+    if canary is None or stable_of(spec) is None:
+        return None
+    state: CanaryState | None = None
+    if previous:
+        stored = CanaryState.model_validate(dict(previous))
+        if stored.version == canary.name and stored.spec_hash == spec_hash(canary):
+            state = stored
+    if state is None:
+        state = _fresh(spec, canary)
+    state = state.model_copy(update={"weight": min(state.weight, pool(spec))})
+    if spec.rollout.paused and state.phase == "Progressing":
+        return state.model_copy(update={"phase": "Paused", "reason": "Paused", "message": "rollout.paused"})
+    if not spec.rollout.paused and state.phase == "Paused":
+        return state.model_copy(update={"phase": "Progressing", "reason": "Resumed", "message": "resumed"})
+    return state
+
+
+def _limit(analysis: Analysis, total: int) -> int:
+    return min(analysis.max_weight, total)
+
+
+def check(
+    analysis: Analysis, state: CanaryState, figures: Figures | None, *, total: int, now: str
+) -> Decision:
+    """One analysis check of a Progressing rollout; ``total`` is the pool (see :func:`pool`)."""
+    if state.phase != "Progressing":
+        return Decision("idle", state, f"rollout is {state.phase}: nothing to check")
+    name = state.version
+    if figures is None:
+        message = f"canary {name}: no figures (no router answered); the check neither passes nor fails"
+        return Decision("hold", state.model_copy(update={"message": message}), message)
+    if figures.requests == 0 or figures.requests < analysis.min_requests:
+        message = (
+            f"canary {name}: {figures.requests} requests in the window, below minRequests "
+            f"{analysis.min_requests}; the check neither passes nor fails"
+        )
+        held = state.model_copy(update={"last_check": _check(figures, "hold", now), "message": message})
+        return Decision("hold", held, message)
+
+    problems = []
+    rate = figures.error_rate or 0.0
+    if rate > analysis.error_rate_threshold:
+        problems.append(("ErrorRate", f"error rate {rate:.2f} % > {analysis.error_rate_threshold:g} %"))
+    limit = analysis.latency_p99_ms
+    if limit is not None and figures.p99_ms is not None and figures.p99_ms > limit:
+        problems.append(("Latency", f"p99 {figures.p99_ms:.0f} ms > {limit:g} ms"))
+    if problems:
+        failed = state.failed_checks + 1
+        why = "; ".join(text for _, text in problems)
+        if failed >= analysis.threshold:
+            message = (
+                f"canary {name} rolled back after {failed} failed checks in a row: {why} "
+                f"({figures.describe()})"
+            )
+            rolled_back = state.model_copy(
+                update={
+                    "phase": "RolledBack",
+                    "weight": 0,
+                    "failed_checks": failed,
+                    "reason": problems[0][0],
+                    "message": message,
+                    "last_check": _check(figures, "fail", now),
+                }
+            )
+            return Decision("rollback", rolled_back, message)
+        message = f"canary {name}: check failed ({failed}/{analysis.threshold}): {why}"
+        failing = state.model_copy(
+            update={
+                "failed_checks": failed,
+                "reason": "CheckFailed",
+                "message": message,
+                "last_check": _check(figures, "fail", now),
+            }
+        )
+        return Decision("fail", failing, message)
+
+    passed = _check(figures, "pass", now)
+    if state.weight >= _limit(analysis, total):
+        return _promoted(
+            state,
+            total,
+            f"canary {name} promoted: healthy at {state.weight} % ({figures.describe()})",
+            passed,
+        )
+    weight = min(state.weight + analysis.step_weight, _limit(analysis, total))
+    message = f"canary {name}: {state.weight} % -> {weight} % ({figures.describe()})"
+    stepped = state.model_copy(
+        update={
+            "weight": weight,
+            "step": state.step + 1,
+            "failed_checks": 0,
+            "reason": "Healthy",
+            "message": message,
+            "last_check": passed,
+        }
+    )
+    return Decision("step", stepped, message)
+
+
+def _promoted(state: CanaryState, total: int, message: str, last_check: Check | None) -> Decision:
+    update: dict[str, Any] = {
+        "phase": "Promoted",
+        "weight": total,
+        "failed_checks": 0,
+        "reason": "Promoted",
+        "message": message,
+    }
+    if last_check is not None:
+        update["last_check"] = last_check
+    return Decision("promote", state.model_copy(update=update), message)
+
+
+def act(action: str, state: CanaryState, *, total: int) -> Decision:
+    """A manual action (the ``captionfleet.io/rollout-action`` annotation): abort or promote now."""
+    name = state.version
+    if action not in ACTIONS:
+        return Decision("idle", state, f"unknown rollout action {action!r}; use one of {', '.join(ACTIONS)}")
+    if state.phase in ("Promoted", "RolledBack"):
+        return Decision("idle", state, f"canary {name} is already {state.phase}; {action} ignored")
+    if action == "promote":
+        return _promoted(state, total, f"canary {name} promoted by hand ({ACTION_ANNOTATION}=promote)", None)
+    message = f"canary {name} rolled back by hand ({ACTION_ANNOTATION}=abort)"
+    aborted = state.model_copy(
+        update={"phase": "RolledBack", "weight": 0, "reason": "Aborted", "message": message}
+    )
+    return Decision("rollback", aborted, message)
+
+
+def _check(figures: Figures, verdict: Verdict, now: str) -> Check:
+    rate = figures.error_rate
+    return Check(
+        time=now,
+        requests=figures.requests,
+        errors=figures.errors,
+        error_rate=None if rate is None else round(rate, 4),
+        p99_ms=figures.p99_ms,
+        verdict=verdict,
+    )

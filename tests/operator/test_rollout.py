@@ -1,0 +1,256 @@
+"""The rollout decisions (operator/rollout.py) and the weights they give (traffic.shares), exhaustively."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from captionfleet.operator import rollout as r
+from captionfleet.operator.builders.replicas import replica_bounds
+from captionfleet.operator.spec import CaptionModelSpec, parse_spec
+from captionfleet.operator.traffic import shares
+
+NOW = "2024-01-01T00:00:00Z"
+HEALTHY = r.Figures(requests=200, errors=0, p99_ms=120.0)
+
+
+def spec_of(
+    analysis: dict[str, Any] | None = None, *, paused: bool = False, **canary: Any
+) -> CaptionModelSpec:
+    return parse_spec(
+        {
+            "versions": [
+                {"name": "v1", "model": "org/base", "weight": 60},
+                {"name": "ab", "model": "org/large", "weight": 30},
+                {"name": "v2", "model": "org/next", "weight": 10, "canary": True, **canary},
+            ],
+            "rollout": {
+                "paused": paused,
+                "analysis": {
+                    "minRequests": 100,
+                    "stepWeight": 20,
+                    "maxWeight": 50,
+                    "threshold": 2,
+                    "errorRateThreshold": 1,
+                    **(analysis or {}),
+                },
+            },
+        }
+    )
+
+
+def run(spec: CaptionModelSpec, state: r.CanaryState, figures: r.Figures | None) -> r.Decision:
+    return r.check(spec.rollout.analysis, state, figures, total=r.pool(spec), now=NOW)
+
+
+def weights(spec: CaptionModelSpec, state: r.CanaryState | None) -> dict[str, tuple[str, int, bool]]:
+    return {s.name: (s.role, s.weight, s.retired) for s in shares(spec, state)}
+
+
+def test_a_new_canary_starts_at_step_weight_taking_it_from_the_stable_version_only() -> None:
+    spec = spec_of()
+    state = r.current(spec, None)
+    assert state is not None
+    assert (state.version, state.phase, state.weight, state.failed_checks) == ("v2", "Progressing", 20, 0)
+    assert r.pool(spec) == 70  # v1 + v2; the A/B arm keeps its 30
+    assert weights(spec, state) == {
+        "v1": ("stable", 50, False),
+        "ab": ("variant", 30, False),
+        "v2": ("canary", 20, False),
+    }
+
+
+def test_no_canary_no_rollout_and_the_spec_weights_apply() -> None:
+    spec = parse_spec({"versions": [{"name": "v1", "model": "org/base"}]})
+    assert r.current(spec, None) is None
+    assert weights(spec, None) == {"v1": ("stable", 100, False)}
+
+
+def test_healthy_checks_step_up_to_max_weight_then_promote() -> None:
+    spec = spec_of()
+    state = r.current(spec, None)
+    assert state is not None
+    seen = []
+    for _ in range(10):
+        decision = run(spec, state, HEALTHY)
+        seen.append((decision.kind, decision.state.weight))
+        state = decision.state
+        if decision.kind == "promote":
+            break
+    assert seen == [("step", 40), ("step", 50), ("promote", 70)]
+    assert state.phase == "Promoted" and state.step == 3
+    assert state.last_check is not None and state.last_check.verdict == "pass"
+    # the canary is the stable version now; the old stable is out and scaled to zero
+    assert weights(spec, state) == {
+        "v1": ("variant", 0, True),
+        "ab": ("variant", 30, False),
+        "v2": ("stable", 70, False),
+    }
+    old = next(s for s in shares(spec, state) if s.name == "v1")
+    assert replica_bounds(spec, old) == (0, 0)
+    assert run(spec, state, HEALTHY).kind == "idle"  # nothing moves after promotion
+
+
+def test_max_weight_is_capped_by_the_pool() -> None:
+    spec = spec_of({"maxWeight": 100, "stepWeight": 50})
+    state = r.current(spec, None)
+    assert state is not None and state.weight == 50
+    decision = run(spec, state, HEALTHY)
+    assert (decision.kind, decision.state.weight) == ("step", 70)
+    assert run(spec, decision.state, HEALTHY).kind == "promote"
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [None, r.Figures(0, 0), r.Figures(99, 99, 90000.0)],
+    ids=["no-figures", "no-requests", "below-min-requests-all-failing"],
+)
+def test_below_min_requests_a_check_neither_passes_nor_fails(figures: r.Figures | None) -> None:
+    spec = spec_of({"latencyP99Ms": 500})
+    state = r.current(spec, None)
+    assert state is not None
+    state = state.model_copy(update={"failed_checks": 1})
+    for _ in range(5):
+        decision = run(spec, state, figures)
+        assert decision.kind == "hold"
+        assert (decision.state.weight, decision.state.failed_checks, decision.state.phase) == (
+            20,
+            1,
+            "Progressing",
+        )
+        state = decision.state
+    if figures is not None:
+        assert state.last_check is not None and state.last_check.verdict == "hold"
+        assert "below minRequests 100" in state.message
+
+
+def test_threshold_consecutive_failures_roll_back_with_the_figures_and_reason() -> None:
+    spec = spec_of({"threshold": 3})
+    state = r.current(spec, None)
+    assert state is not None
+    failing = r.Figures(requests=400, errors=40, p99_ms=100.0)
+    first = run(spec, state, failing)
+    assert (first.kind, first.state.failed_checks, first.state.weight) == ("fail", 1, 20)
+    second = run(spec, first.state, failing)
+    assert (second.kind, second.state.failed_checks) == ("fail", 2)
+    third = run(spec, second.state, failing)
+    assert third.kind == "rollback"
+    rolled = third.state
+    assert (rolled.phase, rolled.weight, rolled.reason, rolled.failed_checks) == (
+        "RolledBack",
+        0,
+        "ErrorRate",
+        3,
+    )
+    assert "error rate 10.00 % > 1 %" in rolled.message and "40/400" in rolled.message
+    assert rolled.last_check is not None
+    assert (rolled.last_check.error_rate, rolled.last_check.verdict) == (10.0, "fail")
+    assert weights(spec, rolled) == {
+        "v1": ("stable", 70, False),
+        "ab": ("variant", 30, False),
+        "v2": ("canary", 0, True),
+    }
+    canary = next(s for s in shares(spec, rolled) if s.name == "v2")
+    assert replica_bounds(spec, canary) == (0, 0)
+
+
+def test_a_pass_resets_the_failed_count_so_only_consecutive_failures_count() -> None:
+    spec = spec_of({"threshold": 2})
+    state = r.current(spec, None)
+    assert state is not None
+    failing = r.Figures(requests=200, errors=10)
+    state = run(spec, state, failing).state
+    assert state.failed_checks == 1
+    state = run(spec, state, HEALTHY).state
+    assert (state.failed_checks, state.weight) == (0, 40)
+    decision = run(spec, state, failing)
+    assert decision.kind == "fail"  # 1 of 2 again, not a rollback
+
+
+def test_an_error_rate_at_the_threshold_passes() -> None:
+    spec = spec_of({"errorRateThreshold": 5})
+    state = r.current(spec, None)
+    assert state is not None
+    assert run(spec, state, r.Figures(requests=100, errors=5)).kind == "step"
+    assert run(spec, state, r.Figures(requests=100, errors=6)).kind == "fail"
+
+
+def test_latency_fails_a_check_only_when_latency_p99_ms_is_set() -> None:
+    slow = r.Figures(requests=500, errors=0, p99_ms=2500.0)
+    unchecked = spec_of({"threshold": 1})
+    state = r.current(unchecked, None)
+    assert state is not None
+    assert run(unchecked, state, slow).kind == "step"
+    checked = spec_of({"threshold": 1, "latencyP99Ms": 1000})
+    decision = run(checked, state, slow)
+    assert (decision.kind, decision.state.reason) == ("rollback", "Latency")
+    assert "p99 2500 ms > 1000 ms" in decision.state.message
+
+
+def test_a_rolled_back_version_stays_out_until_its_spec_changes() -> None:
+    spec = spec_of({"threshold": 1})
+    state = r.current(spec, None)
+    assert state is not None
+    rolled = run(spec, state, r.Figures(requests=200, errors=200)).state
+    stored = rolled.model_dump(by_alias=True, mode="json")
+    assert "specHash" in stored and "failedChecks" in stored and "lastCheck" in stored
+
+    again = r.current(spec, stored)
+    assert again is not None and (again.phase, again.weight) == ("RolledBack", 0)
+    # weight or replica changes do not make it another version
+    assert r.current(spec_of({"threshold": 1}, minReplicas=2), stored) == again
+    # a new model does: a fresh rollout at stepWeight
+    fresh = r.current(spec_of({"threshold": 1}, model="org/next@fixed"), stored)
+    assert fresh is not None and (fresh.phase, fresh.weight, fresh.failed_checks) == ("Progressing", 20, 0)
+
+
+def test_paused_freezes_the_rollout_and_resuming_continues_where_it_was() -> None:
+    running = r.current(spec_of(), None)
+    assert running is not None
+    stepped = run(spec_of(), running, HEALTHY).state
+    stored = stepped.model_dump(by_alias=True, mode="json")
+
+    paused_spec = spec_of(paused=True)
+    paused = r.current(paused_spec, stored)
+    assert paused is not None and (paused.phase, paused.weight) == ("Paused", 40)
+    failing = r.Figures(requests=1000, errors=1000)
+    assert run(paused_spec, paused, failing).kind == "idle"  # no rollback either
+    assert weights(paused_spec, paused)["v2"] == ("canary", 40, False)
+
+    resumed = r.current(spec_of(), paused.model_dump(by_alias=True, mode="json"))
+    assert resumed is not None and (resumed.phase, resumed.weight) == ("Progressing", 40)
+
+
+def test_the_abort_and_promote_actions() -> None:
+    spec = spec_of()
+    state = r.current(spec, None)
+    assert state is not None
+    aborted = r.act("abort", state, total=r.pool(spec))
+    assert (aborted.kind, aborted.state.phase, aborted.state.weight, aborted.state.reason) == (
+        "rollback",
+        "RolledBack",
+        0,
+        "Aborted",
+    )
+    promoted = r.act("promote", state, total=r.pool(spec))
+    assert (promoted.kind, promoted.state.phase, promoted.state.weight) == ("promote", "Promoted", 70)
+    # works while paused too, and does nothing once the rollout is over
+    paused = r.current(spec_of(paused=True), None)
+    assert paused is not None
+    assert r.act("promote", paused, total=70).kind == "promote"
+    assert r.act("abort", promoted.state, total=70).kind == "idle"
+    assert r.act("restart", state, total=70).kind == "idle"
+    assert "unknown rollout action" in r.act("restart", state, total=70).message
+
+
+def test_the_spec_hash_ignores_traffic_and_replicas_only() -> None:
+    base = spec_of().version("v2")
+    assert r.spec_hash(base) == r.spec_hash(spec_of(weight=10, minReplicas=3).version("v2"))
+    assert r.spec_hash(base) != r.spec_hash(spec_of(precision="bf16").version("v2"))
+    assert r.spec_hash(base) != r.spec_hash(spec_of(image="registry/x:2").version("v2"))
+
+
+def test_figures_describe_themselves() -> None:
+    assert r.Figures(200, 3, 812.4).describe() == "3/200 requests failed (1.50 %), p99 812 ms"
+    assert r.Figures(0, 0).error_rate is None
