@@ -40,6 +40,15 @@ Quantity = Annotated[
     Field(json_schema_extra={"pattern": QUANTITY_PATTERN, "x-kubernetes-int-or-string": True}),
 ]
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def seconds(duration: str) -> float:
+    """A duration such as ``1m30s`` in seconds."""
+    return sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+
+
 Precision = Literal["fp32", "fp16", "bf16"]
 
 

@@ -18,12 +18,7 @@ from captionfleet.operator import spec as s
 from captionfleet.operator.builders.common import ClusterConfig
 
 MAX_NAME = 63  # Services and labels: a DNS-1035 label
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-
-
-def seconds(duration: str) -> float:
-    return sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+seconds = s.seconds  # kept here too: the analysis loop reads durations through validation
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -8,6 +8,7 @@ checks that the builders set nothing else.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from captionfleet.operator import spec as s
@@ -47,6 +48,8 @@ ROUTER_ENV: dict[str, str] = {
     "CAPTIONFLEET_CAPTION_MODEL": "metadata.name of the CaptionModel; the router reads its status.versions[] "
     "(name, weight, service) and the EndpointSlices of those Services",
     "CAPTIONFLEET_NAMESPACE": "the pod's namespace (downward API)",
+    "CAPTIONFLEET_STATS_WINDOW_S": "the longer of 900 s and rollout.analysis.window, so every check's window "
+    "is covered by the router's figures",
     "CAPTIONFLEET_API_KEYS_FILE": "/etc/captionfleet/auth/<auth.key> (only with auth)",
     "HOME": "/tmp",
 }
@@ -89,12 +92,22 @@ def runtime_env(ctx: FleetContext, version: s.ModelVersion) -> list[dict[str, An
     return env
 
 
+ROUTER_STATS_WINDOW_S = 900
+"""The router's own default history of per-second figures (``--stats-window-s``)."""
+
+
+def stats_window_s(spec: s.CaptionModelSpec) -> int:
+    """Seconds of figures the router must keep: the analysis window, at least the router's default."""
+    return max(ROUTER_STATS_WINDOW_S, math.ceil(s.seconds(spec.rollout.analysis.window)))
+
+
 def router_env(ctx: FleetContext) -> list[dict[str, Any]]:
     env = [
         _var("CAPTIONFLEET_HOST", "0.0.0.0"),
         _var("CAPTIONFLEET_PORT", RUNTIME_PORT),
         _var("CAPTIONFLEET_CAPTION_MODEL", ctx.name),
         {"name": "CAPTIONFLEET_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        _var("CAPTIONFLEET_STATS_WINDOW_S", stats_window_s(ctx.spec)),
     ]
     if ctx.spec.auth is not None:
         env.append(_var("CAPTIONFLEET_API_KEYS_FILE", f"{AUTH_MOUNT}/{ctx.spec.auth.key}"))

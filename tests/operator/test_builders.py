@@ -148,6 +148,16 @@ def test_the_containers_set_only_the_documented_environment() -> None:
                 assert {e["name"] for e in c["env"]} <= set(documented), c["name"]
 
 
+@pytest.mark.parametrize(("window", "kept"), [("5m", "900"), ("30m", "1800"), ("1h30s", "3630")])
+def test_the_router_keeps_figures_for_the_whole_analysis_window(window: str, kept: str) -> None:
+    raw = example("ab-canary.yaml")
+    raw["rollout"] = {"analysis": {"window": window}}
+    (router,) = [m for m in builders.fleet(context(raw)) if m["metadata"]["name"] == "fleet-router"
+                 and m["kind"] == "Deployment"]  # fmt: skip
+    env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CAPTIONFLEET_STATS_WINDOW_S"] == kept
+
+
 def test_gpus_are_limits_only_when_asked_for() -> None:
     gpu = context(example("gpu-pvc.yaml"))
     cpu = context(example("minimal.yaml"))
