@@ -20,7 +20,10 @@ re-encoded scene would miss. Instead, lookups go through *buckets* that tolerate
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -96,3 +99,38 @@ def signature_distance(first: bytes, second: bytes) -> int:
 
 def same_image(first: bytes, second: bytes) -> bool:
     return signature_distance(first, second) <= TOLERANCE
+
+
+class KeyMemo:
+    """The image keys of recently seen request bodies, by a digest of their bytes.
+
+    A body seen before gets its key without being decoded again: decoding (to compute the perceptual
+    key) is most of the cost of a cache hit. The key is a pure function of the bytes, so this changes no
+    answer, only skips work. Thread-safe: the preprocessing pool's threads share it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = max(1, size)
+        self._keys: OrderedDict[bytes, ImageKey] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    def get(self, digest: bytes) -> ImageKey | None:
+        with self._lock:
+            key = self._keys.get(digest)
+            if key is not None:
+                self._keys.move_to_end(digest)
+            return key
+
+    def put(self, digest: bytes, key: ImageKey) -> None:
+        with self._lock:
+            self._keys[digest] = key
+            self._keys.move_to_end(digest)
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._keys)

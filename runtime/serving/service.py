@@ -25,7 +25,7 @@ from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
-from captionfleet.runtime.serving.image_key import ImageKey, image_key
+from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
 from captionfleet.runtime.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class CaptionService:
             num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens
         )
         self.cache = cache
+        self._key_memo = KeyMemo(settings.cache_size) if cache is not None else None
         self._observer = observer
         self._pool = ThreadPoolExecutor(
             settings.resolved_preprocess_workers(), thread_name_prefix="preprocess"
@@ -143,7 +144,7 @@ class CaptionService:
             raise NotReady("the model is still loading", retry_after=5.0)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        image, key = await loop.run_in_executor(self._pool, self._decode, data)
+        image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
         decoding_s = time.monotonic() - started
         lookup = None
         if self.cache is not None and key is not None:
@@ -154,6 +155,8 @@ class CaptionService:
                 self._observer.preprocessed(decoding_s)
                 return CaptionResult(cached, self.model_version, cached=True)
         started = time.monotonic()
+        if image is None:  # a body seen before: its key came from the memo, the image is needed now
+            image = await loop.run_in_executor(self._pool, self._decode_only, data)
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
         if deadline is not None and time.monotonic() >= deadline:
@@ -178,10 +181,22 @@ class CaptionService:
             await self.cache.close()
         return left
 
-    def _decode(self, data: bytes) -> tuple[Image.Image, ImageKey | None]:
+    def _decode_only(self, data: bytes) -> Image.Image:
         size = self.captioner.preprocessor.size
-        image = decode_image(data, max_pixels=self.settings.max_pixels, draft_size=size)
-        return image, image_key(image) if self.cache is not None else None
+        return decode_image(data, max_pixels=self.settings.max_pixels, draft_size=size)
+
+    def _key_and_image(self, data: bytes) -> tuple[Image.Image | None, ImageKey | None]:
+        """The cache key, and the decoded image unless the key came from the memo of bodies seen before."""
+        if self._key_memo is None:
+            return self._decode_only(data), None
+        digest = KeyMemo.digest(data)
+        known = self._key_memo.get(digest)
+        if known is not None:
+            return None, known
+        image = self._decode_only(data)
+        key = image_key(image)
+        self._key_memo.put(digest, key)
+        return image, key
 
     def _run_batch(self, items: list[torch.Tensor], options: GenerationOptions) -> list[Caption]:
         return self.captioner.caption_pixels(torch.stack(items), options)

@@ -194,6 +194,35 @@ async def test_over_http_reencoded_images_hit_and_distinct_ones_miss(start_serve
     assert (await _caption(http, server.url, encode(original), "?suggestions=2"))["cached"] is False
 
 
+async def test_a_body_seen_before_is_not_decoded_again(start_server, http, monkeypatch) -> None:
+    from captionfleet.runtime.serving import service
+
+    decoded: list[int] = []
+    real_decode = service.decode_image
+
+    def counting_decode(data: bytes, **kwargs: object) -> Image.Image:
+        decoded.append(len(data))
+        return real_decode(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "decode_image", counting_decode)
+    server = await start_server()
+    body = encode(shapes_image(24, size=192))
+    first = await _caption(http, server.url, body)
+    assert (first["cached"], len(decoded)) == (False, 1)
+    for _ in range(3):
+        again = await _caption(http, server.url, body)
+        assert (again["cached"], again["caption"]) == (True, first["caption"])
+    assert len(decoded) == 1  # the same bytes: the key came from the memo, nothing was decoded
+    # Other options miss the cache; the image is decoded then (once) to be captioned.
+    other = await _caption(http, server.url, body, "?suggestions=2")
+    assert (other["cached"], other["caption"], len(decoded)) == (False, first["caption"], 2)
+    # A re-encoding is new bytes: decoded, and still a perceptual hit.
+    assert (await _caption(http, server.url, encode(shapes_image(24, size=192), "JPEG", quality=90)))[
+        "cached"
+    ]
+    assert len(decoded) == 3
+
+
 async def test_over_http_replicas_share_hits_through_redis(start_server, http, redis_url: str) -> None:
     one = await start_server(redis_url=redis_url, model_version="shared-v1")
     two = await start_server(redis_url=redis_url, model_version="shared-v1")
