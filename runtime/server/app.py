@@ -118,7 +118,7 @@ async def request_context(
         response.headers["X-Request-Id"] = request_id
         metrics.requests.labels(route, str(response.status)).inc()
         access_log.log(
-            logging.WARNING if response.status >= 500 else logging.INFO,
+            _access_level(route, response.status),
             "%s %s %d",
             request.method,
             request.path,
@@ -128,6 +128,16 @@ async def request_context(
         return response
     finally:
         request_id_var.reset(token)
+
+
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Polled every few seconds by kubelet and Prometheus: their lines go to DEBUG, not to every log."""
+
+
+def _access_level(route: str, status: int) -> int:
+    if route in PROBE_ROUTES:
+        return logging.DEBUG
+    return logging.WARNING if status >= 500 else logging.INFO
 
 
 def _elapsed_ms(request: web.Request) -> float:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from captionfleet.runtime.server.testing import encode, shapes_image
@@ -180,6 +182,20 @@ async def test_probes_models_openapi_and_unknown_routes(start_server, http) -> N
         assert response.status == 404 and body["error"]["code"] == "not_found" and body["request_id"]
     async with http.get(server.url + "/v1/caption") as response:
         assert response.status == 405 and (await _json(response))["error"]["code"] == "method_not_allowed"
+
+
+async def test_probe_and_scrape_lines_stay_out_of_the_info_log(
+    start_server, http, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server()
+    with caplog.at_level(logging.INFO, logger="captionfleet.runtime.server.access"):
+        for path in ("/healthz", "/readyz", "/metrics"):
+            async with http.get(server.url + path) as response:
+                assert response.status == 200
+        async with http.post(server.url + "/v1/caption", data=encode(shapes_image(3))) as response:
+            assert response.status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "captionfleet.runtime.server.access"]
+    assert lines == ["POST /v1/caption 200"]
 
 
 async def test_metrics_count_requests_stages_and_model_info(start_server, http) -> None:
