@@ -50,7 +50,11 @@ def source_context(
             )
             log.info(
                 "watching the CaptionModel",
-                extra={"namespace": namespace, "name": settings.caption_model, "server": access.server},
+                extra={
+                    "namespace": namespace,
+                    "captionmodel": settings.caption_model,
+                    "server": access.server,
+                },
             )
             tasks.append(asyncio.create_task(watcher.run(), name="captionmodel-watch"))
         try:

@@ -1,0 +1,279 @@
+"""The whole rollout loop, end to end: the real operator (a process) against the emulated API server,
+real ``captionfleet serve`` and ``captionfleet router`` processes started by the test's kubelet, and
+real HTTP traffic from many user ids through the router.
+
+Each test writes a CaptionModel with two versions of the bundled model (the canary marked), waits
+until the router routes both, sends traffic and watches what the operator decides and what the clients
+see. Fault injection is the test's proxy in front of the canary's runtime (``harness.FaultProxy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any
+
+import pytest
+
+harness = sys.modules["captionfleet_e2e_harness"]
+
+pytestmark = pytest.mark.e2e
+
+NAME = "captions"
+INTERVAL_S = 0.5
+USERS = [f"user-{index}" for index in range(60)]  # at 60 requests/s: each user about once a second
+
+
+def model(**analysis: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "captionfleet.io/v1alpha1",
+        "kind": "CaptionModel",
+        "metadata": {"name": NAME},
+        "spec": {
+            "versions": [
+                {"name": "v1", "model": "file:///opt/captionfleet/models/scenes-blip-tiny", "weight": 90},
+                {
+                    "name": "v2",
+                    "model": "file:///opt/captionfleet/models/scenes-blip-tiny",
+                    "weight": 10,
+                    "canary": True,
+                },
+            ],
+            "autoscaling": {"provider": "none", "minReplicas": 1, "maxReplicas": 1},
+            "router": {"replicas": 1},
+            "generation": {"numBeams": 1, "maxNewTokens": 8},
+            "rollout": {
+                "analysis": {
+                    "interval": f"{int(INTERVAL_S * 1000)}ms",
+                    "window": "2s",
+                    "minRequests": 10,
+                    "stepWeight": 25,
+                    "maxWeight": 75,
+                    "errorRateThreshold": 5,
+                    "threshold": 2,
+                    **analysis,
+                }
+            },
+        },
+    }
+
+
+async def serving(fleet: Any, manifest: dict[str, Any], faults: dict[str, float] | None = None) -> str:
+    """Create the CaptionModel, run its fleet, and return a router URL once both versions are routed."""
+    fleet.start_kubelet(faults)
+    fleet.operator.start()
+    await fleet.create(manifest)
+    router = await fleet.router_url(NAME)
+
+    async def both_routed() -> None:
+        table = await fleet.routes(router)
+        routable = {v["version"] for v in table.get("models", []) if v.get("ready")}
+        assert routable == {"v1", "v2"}, table
+
+    deadline = time.monotonic() + 120
+    while True:
+        fleet.check()
+        try:
+            await both_routed()
+            return str(router)
+        except (AssertionError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
+def rollout(fleet: Any) -> dict[str, Any]:
+    return dict(fleet.status(NAME).get("rollout") or {})
+
+
+def weight_history(log: Any) -> list[int]:
+    """The canary's weights in status.rollout, in order, repeats removed."""
+    found: list[int] = []
+    for _, state in log.rollouts():
+        if "weight" in state and (not found or found[-1] != state["weight"]):
+            found.append(state["weight"])
+    return found
+
+
+def versions_by_user(answers: list[Any]) -> dict[str, list[str]]:
+    by_user: dict[str, list[str]] = {}
+    for answer in sorted(answers, key=lambda a: a.sent):
+        if answer.status == 200:
+            by_user.setdefault(answer.user, []).append(answer.version)
+    return by_user
+
+
+async def test_a_healthy_canary_is_promoted_step_by_step_and_users_stay_sticky(
+    fleet: Any, images: list[bytes]
+) -> None:
+    router = await serving(fleet, model(interval="1s"))  # steps long enough to see every user
+    async with (
+        harness.StatusLog(fleet.api, "ml", NAME) as log,
+        harness.Traffic(router, USERS, images, 60) as traffic,
+    ):
+        await fleet.eventually(lambda: rollout(fleet).get("phase") == "Promoted", 60, "the promotion")
+        promoted_at = time.monotonic()
+        # Every user gets answers after the routers have the promotion: all on v2.
+        await fleet.eventually(
+            lambda: {a.user for a in traffic.since(promoted_at + 1.0) if a.status == 200} >= set(USERS),
+            30,
+            "an answer for every user after the promotion",
+        )
+    fleet.check()
+
+    assert weight_history(log) == [25, 50, 75, 100]
+    steps = [message for _, _, message in fleet.events(NAME, "CanaryStep")]
+    assert [m.split(": ", 1)[1].split(" (")[0] for m in steps] == ["25 % -> 50 %", "50 % -> 75 %"], steps
+    promoted = fleet.events(NAME, "Promoted")
+    assert len(promoted) == 1 and "healthy at 75 %" in promoted[0][2], promoted
+    status = fleet.status(NAME)
+    assert (status["stableVersion"], status.get("canaryVersion")) == ("v2", None)
+
+    # Clients never failed, and answers say who answered.
+    assert traffic.answers and all(a.status == 200 for a in traffic.answers), [
+        a for a in traffic.answers if a.status != 200
+    ][:5]
+    # Sticky: a user moves at most once, from v1 to v2; nobody moves back while the canary grows.
+    by_user = versions_by_user(traffic.answers)
+    moved_back = {u: vs for u, vs in by_user.items() if "v1" in vs[vs.index("v2") :] if "v2" in vs}
+    assert not moved_back, list(moved_back.items())[:3]
+    moved = [u for u, vs in by_user.items() if vs[0] == "v1" and vs[-1] == "v2"]
+    late = {u: vs[-1] for u, vs in versions_by_user(traffic.since(promoted_at + 1.0)).items()}
+    assert set(late.values()) == {"v2"}
+    assert len(moved) >= len(USERS) // 2, f"most users start on v1 and move once: {len(moved)} did"
+    # While the canary held 25 %, about a quarter of the users were on it.
+    left_25 = log.first(lambda s: (s.get("rollout") or {}).get("weight", 25) > 25)
+    first_steps = versions_by_user([a for a in traffic.answers if a.done < left_25])
+    assert len(first_steps) >= len(USERS) // 2, len(first_steps)
+    share = sum(1 for vs in first_steps.values() if vs[0] == "v2") / max(1, len(first_steps))
+    assert 0.12 < share < 0.40, share
+
+    # The old stable scaled to zero: its process is gone, its endpoints unpublished.
+    await fleet.eventually(lambda: not fleet.kubelet.pods.get(f"{NAME}-v1"), 30, "v1's pods stopped")
+    assert not [
+        n for n in fleet.api.names("discovery.k8s.io/v1/endpointslices", "ml") if n.startswith(f"{NAME}-v1-")
+    ]
+
+
+async def test_an_erroring_canary_is_rolled_back_within_two_intervals(
+    fleet: Any, images: list[bytes]
+) -> None:
+    router = await serving(fleet, model(), faults={f"{NAME}-v2": 0.5})
+    async with (
+        harness.StatusLog(fleet.api, "ml", NAME) as log,
+        harness.Traffic(router, USERS, images, 60) as traffic,
+    ):
+        await fleet.eventually(lambda: rollout(fleet).get("phase") == "RolledBack", 60, "the rollback")
+        decided = await fleet.eventually(
+            lambda: log.first(lambda s: (s.get("rollout") or {}).get("phase") == "RolledBack"), 5, "the log"
+        )
+        quiet_from = decided + 2 * INTERVAL_S
+        # Enough traffic after that moment to see whether the canary still gets any.
+        await fleet.eventually(
+            lambda: len(traffic.since(quiet_from)) >= 100, 30, "traffic after the rollback"
+        )
+    fleet.check()
+    proxy = fleet.kubelet.proxies[0]
+
+    state = rollout(fleet)
+    assert (state["weight"], state["reason"], state["lastCheck"]["verdict"]) == (0, "ErrorRate", "fail")
+    assert 30 <= state["lastCheck"]["errorRate"] <= 70, state
+    conditions = {c["type"]: c for c in fleet.status(NAME)["conditions"]}
+    assert (
+        conditions["RolledBack"]["status"] == "True" and "error rate" in conditions["RolledBack"]["message"]
+    )
+    assert fleet.status(NAME)["phase"] == "RolledBack"
+    rolled_back = fleet.events(NAME, "RolledBack")
+    assert [kind for kind, _, _ in rolled_back] == ["Warning"], rolled_back
+
+    # Within two analysis intervals of the decision the canary got no new traffic.
+    assert proxy.arrivals, "the canary got traffic before the rollback"
+    late = [t - decided for t in proxy.arrivals if t > quiet_from]
+    assert not late, f"{len(late)} requests reached the canary later than 2 intervals after the rollback"
+    # The clients saw exactly the injected failures: nothing else failed, none after the rollback.
+    failed = [a for a in traffic.answers if a.status != 200]
+    assert all(a.status == 500 and a.version == "v2" for a in failed), failed[:5]
+    assert len(failed) == len(proxy.injected) <= len(proxy.arrivals) // 2 + 1
+    assert not [a for a in failed if a.sent > quiet_from]
+    fault_to_quiet = proxy.arrivals[-1] - proxy.arrivals[0]
+    print(
+        f"\nE2E rollback: fault start -> last canary request {fault_to_quiet:.2f} s; decision -> last canary "
+        f"request {proxy.arrivals[-1] - decided:+.2f} s; {len(failed)} of {len(traffic.answers)} client "
+        f"requests failed ({len(proxy.arrivals)} reached the canary)"
+    )
+    # The rolled-back canary's pods are stopped.
+    await fleet.eventually(lambda: not fleet.kubelet.pods.get(f"{NAME}-v2"), 30, "v2's pods stopped")
+
+
+async def test_traffic_below_min_requests_never_rolls_back(fleet: Any, images: list[bytes]) -> None:
+    # Every canary request fails and one failed check would roll back, but the traffic stays far
+    # below minRequests: every check holds.
+    manifest = model(minRequests=1000, threshold=1)
+    router = await serving(fleet, manifest, faults={f"{NAME}-v2": 1.0})
+    async with (
+        harness.StatusLog(fleet.api, "ml", NAME) as log,
+        harness.Traffic(router, USERS, images, 20) as traffic,
+    ):
+
+        def checks_with_canary_traffic() -> int:
+            fleet.check()
+            times = {
+                s["lastCheck"]["time"]
+                for _, s in log.rollouts()
+                if s.get("lastCheck", {}).get("requests", 0) > 0
+            }
+            return len(times) >= 4
+
+        await fleet.eventually(checks_with_canary_traffic, 60, "four checks that saw canary traffic")
+    proxy = fleet.kubelet.proxies[0]
+    assert proxy.injected, "the canary's requests failed"
+    assert any(a.status == 500 for a in traffic.answers)
+    for _, state in log.rollouts():
+        assert (state.get("phase"), state.get("weight"), state.get("failedChecks")) == (
+            "Progressing",
+            25,
+            0,
+        ), state
+    state = rollout(fleet)
+    assert state["lastCheck"]["verdict"] == "hold" and "below minRequests 1000" in state["message"], state
+    assert not fleet.events(NAME, "CheckFailed") and not fleet.events(NAME, "RolledBack")
+
+
+async def test_the_operator_killed_mid_rollout_resumes_at_the_same_step(
+    fleet: Any, images: list[bytes]
+) -> None:
+    router = await serving(fleet, model(stepWeight=20, maxWeight=80, interval="1s"))
+    async with (
+        harness.StatusLog(fleet.api, "ml", NAME) as log,
+        harness.Traffic(router, USERS, images, 60) as traffic,
+    ):
+        await fleet.eventually(lambda: rollout(fleet).get("weight", 0) >= 40, 60, "the canary at 40 %")
+        fleet.operator.kill()
+        killed_at = time.monotonic()
+        held = rollout(fleet)
+        assert held["phase"] == "Progressing" and held["weight"] < 80, held
+        steps_before = len(fleet.events(NAME, "CanaryStep"))
+        # Without the operator, nothing moves and the routers keep serving the same split.
+        await fleet.eventually(
+            lambda: len(traffic.since(killed_at)) >= 150, 30, "traffic while the operator is away"
+        )
+        assert rollout(fleet) == held
+        away = {a.version for a in traffic.since(killed_at) if a.status == 200}
+        assert away == {"v1", "v2"}, away
+
+        fleet.operator.start()
+        await fleet.eventually(
+            lambda: rollout(fleet).get("phase") == "Promoted", 60, "the promotion after the restart"
+        )
+    fleet.check()
+
+    # After the restart the weight only grows from where it was: never back to an earlier step.
+    after = [state["weight"] for t, state in log.rollouts() if t > killed_at and "weight" in state]
+    assert after == sorted(after) and after[0] == held["weight"] + 20, (held["weight"], after)
+    steps = [m.split(": ", 1)[1].split(" (")[0] for _, _, m in fleet.events(NAME, "CanaryStep")][
+        steps_before:
+    ]
+    expected = [f"{w} % -> {w + 20} %" for w in range(held["weight"], 80, 20)]
+    assert steps == expected, steps
+    assert all(a.status == 200 for a in traffic.answers)
