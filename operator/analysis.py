@@ -18,6 +18,7 @@ from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.figures import Source
 from captionfleet.operator.metrics import OperatorMetrics
 from captionfleet.operator.reconcile import Event
+from captionfleet.operator.spec import seconds
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ async def check_once(
     if problems or spec is None:
         return CheckOutcome()
     analysis = spec.rollout.analysis
-    outcome = CheckOutcome(interval_s=validation.seconds(analysis.interval), model=body)
+    outcome = CheckOutcome(interval_s=seconds(analysis.interval), model=body)
     status = body.get("status") or {}
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return outcome  # the handlers have not reconciled this spec yet
@@ -57,7 +58,7 @@ async def check_once(
     if state is None or state.phase != "Progressing":
         return outcome
 
-    window_s = max(1, round(validation.seconds(analysis.window)))
+    window_s = max(1, round(seconds(analysis.window)))
     reading = await source.read(namespace, name, state.version, window_s)
     for problem in reading.problems:
         log.warning(

@@ -18,7 +18,6 @@ from captionfleet.operator import spec as s
 from captionfleet.operator.builders.common import ClusterConfig
 
 MAX_NAME = 63  # Services and labels: a DNS-1035 label
-seconds = s.seconds  # kept here too: the analysis loop reads durations through validation
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -104,9 +103,9 @@ def _autoscaling(spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
             f"spec.rollout.analysis: maxWeight {analysis.max_weight} is below "
             f"stepWeight {analysis.step_weight}"
         )
-    if seconds(analysis.interval) <= 0:
+    if s.seconds(analysis.interval) <= 0:
         problems.append("spec.rollout.analysis.interval: must be longer than 0")
-    if seconds(analysis.window) < seconds(analysis.interval):
+    if s.seconds(analysis.window) < s.seconds(analysis.interval):
         problems.append(
             f"spec.rollout.analysis: window {analysis.window} is shorter than interval {analysis.interval}"
         )
