@@ -135,7 +135,7 @@ class ImagePreprocessor:
         if self.do_resize and rgb.size != self.size:
             rgb = rgb.resize(self.size, resample=self.resample, reducing_gap=self.reducing_gap)
         pixels = np.asarray(rgb, dtype=np.uint8)
-        lut = self._lookup_table()
+        lut = self.lookup_table()
         out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
         for channel in range(3):
             np.take(lut[channel], pixels[:, :, channel], out=out[channel])
@@ -172,7 +172,7 @@ class ImagePreprocessor:
         """:meth:`decode` then preprocess: the (3, H, W) tensor for untrusted image bytes."""
         return self(self.decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats))
 
-    def _lookup_table(self) -> np.ndarray:
+    def lookup_table(self) -> np.ndarray:
         """(3, 256) float32: the normalised value of each 8-bit level, per channel.
 
         Computed exactly as transformers does it (uint8 -> float64 * factor -> float32, then

@@ -180,16 +180,9 @@ def prepare_data(
 
 
 def normalisation_table(preprocessor: ImagePreprocessor) -> torch.Tensor:
-    """(3, 256) float32: each 8-bit level after rescale and normalise, in the image processor's arithmetic."""
-    levels = np.arange(256, dtype=np.float64)
-    if preprocessor.do_rescale:
-        levels = levels * preprocessor.rescale_factor
-    table = np.repeat(levels.astype(np.float32)[None, :], 3, axis=0)
-    if preprocessor.do_normalize:
-        mean = np.asarray(preprocessor.image_mean, dtype=np.float32)[:, None]
-        std = np.asarray(preprocessor.image_std, dtype=np.float32)[:, None]
-        table = (table - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+    """(3, 256) float32: each 8-bit level after rescale and normalise, the serving preprocessor's own table
+    (so training sees exactly the pixel values serving will)."""
+    return torch.from_numpy(preprocessor.lookup_table())
 
 
 def normalise(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
