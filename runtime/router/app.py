@@ -34,7 +34,6 @@ from captionfleet.runtime.router.errors import (
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import CONTENT_TYPE, NO_VERSION, RouterMetrics
 from captionfleet.runtime.router.proxy import (
-    DEADLINE_HEADER,
     REQUEST_ID_HEADER,
     Balancer,
     Forwarder,
@@ -49,6 +48,7 @@ from captionfleet.runtime.router.table import RoutingTable
 from captionfleet.runtime.serving.errors import InvalidRequest, ServingError
 from captionfleet.runtime.serving.keys import ApiKeys
 from captionfleet.runtime.web.logs import request_id_var
+from captionfleet.runtime.web.timeouts import client_timeout_ms
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,9 @@ class Router:
 
     def budget_s(self, request: web.Request) -> float:
         """The request's time budget: the router's, shortened by the client's X-Request-Timeout-Ms."""
+        client_ms = client_timeout_ms(request.headers)
         budget_ms = self.settings.request_timeout_ms
-        given = request.headers.get(DEADLINE_HEADER)
-        if given is not None:
-            try:
-                client_ms = float(given)
-            except ValueError:
-                client_ms = -1.0
-            if not client_ms > 0 or client_ms != client_ms or client_ms == float("inf"):
-                raise InvalidRequest(
-                    f"{DEADLINE_HEADER} must be a positive number of milliseconds", code="invalid_timeout"
-                )
-            budget_ms = min(budget_ms, client_ms)
-        return budget_ms / 1000
+        return (budget_ms if client_ms is None else min(budget_ms, client_ms)) / 1000
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrived = request[ARRIVED]

@@ -28,10 +28,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from captionfleet.runtime.router.table import Version
 from captionfleet.runtime.serving.errors import PayloadTooLarge
+from captionfleet.runtime.web.timeouts import TIMEOUT_HEADER
 
 log = logging.getLogger(__name__)
 
-DEADLINE_HEADER = "X-Request-Timeout-Ms"
 REQUEST_ID_HEADER = "X-Request-Id"
 CHUNK = 64 * 1024
 
@@ -40,7 +40,7 @@ _NOT_FORWARDED = frozenset(
     h.lower()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect", DEADLINE_HEADER,
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect", TIMEOUT_HEADER,
         REQUEST_ID_HEADER,
     )
 )  # fmt: skip
@@ -222,7 +222,7 @@ class Forwarder:
             raise UpstreamTimeout("the request's deadline passed before a runtime answered")
         sent = CIMultiDict(headers)
         sent[REQUEST_ID_HEADER] = request_id
-        sent[DEADLINE_HEADER] = str(max(1, int(remaining * 1000)))
+        sent[TIMEOUT_HEADER] = str(max(1, int(remaining * 1000)))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.connect_timeout_s, remaining))
         try:
             async with asyncio.timeout(remaining) as budget:

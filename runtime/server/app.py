@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 import time
 import uuid
@@ -29,14 +28,13 @@ from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
 from captionfleet.runtime.serving.settings import ServeSettings
 from captionfleet.runtime.web.logs import request_id_var
+from captionfleet.runtime.web.timeouts import client_timeout_ms
 
 log = logging.getLogger("captionfleet.runtime.server")
 access_log = logging.getLogger("captionfleet.runtime.server.access")
 
 _REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
 ARRIVED = web.RequestKey("arrived", float)
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"
-"""A client's own deadline in milliseconds; it may only shorten the server's ``request_timeout_ms``."""
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
@@ -157,20 +155,8 @@ def _admit(request: web.Request, state: ServerState) -> CaptionService:
 
 
 def _deadline(request: web.Request, service: CaptionService) -> float | None:
-    """The request's deadline: the server's timeout, shortened by the client's ``X-Request-Timeout-Ms``
-    (the router forwards what is left of its own budget there, so queue time here counts against it)."""
-    given = request.headers.get(TIMEOUT_HEADER)
-    if given is None:
-        return service.deadline(request[ARRIVED])
-    try:
-        client_ms = float(given)
-    except ValueError:
-        client_ms = math.nan
-    if not 0 < client_ms < math.inf:
-        raise InvalidRequest(
-            f"{TIMEOUT_HEADER} must be a positive number of milliseconds", code="invalid_timeout"
-        )
-    return service.deadline(request[ARRIVED], client_ms)
+    """The request's deadline: the server's timeout, shortened by the client's ``X-Request-Timeout-Ms``."""
+    return service.deadline(request[ARRIVED], client_timeout_ms(request.headers))
 
 
 async def _image_bytes(state: ServerState, source: ImageSource) -> bytes:

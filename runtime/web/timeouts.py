@@ -1,0 +1,30 @@
+"""The client's own deadline, ``X-Request-Timeout-Ms``: read the same way by the router and the server.
+
+The router forwards what is left of its budget in this header, so a runtime's queue time counts against
+the client's deadline; a client may send it too. It can only shorten a process's own timeout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from captionfleet.runtime.serving.errors import InvalidRequest
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+
+
+def client_timeout_ms(headers: Mapping[str, str]) -> float | None:
+    """The header's milliseconds, or None when absent; anything but a positive finite number -> 400."""
+    given = headers.get(TIMEOUT_HEADER)
+    if given is None:
+        return None
+    try:
+        client_ms = float(given)
+    except ValueError:
+        client_ms = math.nan
+    if not 0 < client_ms < math.inf:
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} must be a positive number of milliseconds", code="invalid_timeout"
+        )
+    return client_ms
