@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from captionfleet.runtime.engine.images import DEFAULT_MAX_PIXELS
 from captionfleet.runtime.engine.types import GenerationOptions
-from captionfleet.runtime.training.metrics import normalise_text, score_captions
+from captionfleet.runtime.training.metrics import Scores, normalise_text, score_captions
 from captionfleet.runtime.training.scenes import SCENE_SIZE, scene_at
 
 if TYPE_CHECKING:
@@ -49,18 +49,13 @@ class EvalSet:
     """Listed images left out: file missing from the folder, or no caption."""
 
 
-@dataclass
-class EvalReport:
+@dataclass(frozen=True)
+class EvalReport(Scores):
+    """The scores, and what was scored how."""
+
     model: str
     version: str
     dataset: str
-    n: int
-    exact_match: float
-    bleu1: float
-    bleu2: float
-    bleu3: float
-    bleu4: float
-    cider: float
     seconds: float
     """Wall time of decoding, preprocessing and generation (not model loading or scene rendering)."""
     images_per_second: float
@@ -185,16 +180,10 @@ def evaluate(
         if normalise_text(candidates[item.key]) not in {normalise_text(r) for r in item.references}
     ][:20]
     return EvalReport(
+        **asdict(scores),
         model=captioner.model_name,
         version=captioner.version,
         dataset=dataset.description,
-        n=scores.n,
-        exact_match=scores.exact_match,
-        bleu1=scores.bleu1,
-        bleu2=scores.bleu2,
-        bleu3=scores.bleu3,
-        bleu4=scores.bleu4,
-        cider=scores.cider,
         seconds=seconds,
         images_per_second=scores.n / seconds if seconds > 0 else 0.0,
         num_beams=options.num_beams,
