@@ -28,16 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
+def captioner(tiny_model_dir: Path) -> Captioner:
+    return load_captioner(str(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def captioner(tiny_dir: Path) -> Captioner:
-    return load_captioner(str(tiny_dir))
-
-
-def test_loads_on_cpu_in_fp32_and_eval_mode(captioner: Captioner, tiny_dir: Path) -> None:
+def test_loads_on_cpu_in_fp32_and_eval_mode(captioner: Captioner, tiny_model_dir: Path) -> None:
     assert captioner.device == torch.device("cpu")
     assert captioner.dtype == torch.float32
     assert not captioner.model.training
@@ -50,27 +45,27 @@ def test_loads_on_cpu_in_fp32_and_eval_mode(captioner: Captioner, tiny_dir: Path
 
 
 def test_version_is_the_dir_name_and_a_content_hash_that_follows_the_weights(
-    tiny_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    first = load_captioner(str(tiny_dir)).version
+    first = load_captioner(str(tiny_model_dir)).version
     assert first.startswith("tiny-blip-")
     assert len(first) == len("tiny-blip-") + 12
-    assert load_captioner(f"file://{tiny_dir}").version == first  # same weights, same version
+    assert load_captioner(f"file://{tiny_model_dir}").version == first  # same weights, same version
     retrained = save_tiny_blip(tmp_path / "tiny-blip", seed=1)
     assert load_captioner(str(retrained)).version not in (first, "")
 
 
-def test_manifest_and_argument_set_the_version(tiny_dir: Path, tmp_path: Path) -> None:
+def test_manifest_and_argument_set_the_version(tiny_model_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(tiny_dir, copy)
+    shutil.copytree(tiny_model_dir, copy)
     (copy / "captionfleet.json").write_text(json.dumps({"name": "scenes", "version": "scenes-v3"}))
     loaded = load_captioner(str(copy))
     assert (loaded.model_name, loaded.version) == ("scenes", "scenes-v3")
     assert load_captioner(str(copy), version="canary-7").version == "canary-7"
 
 
-def test_explicit_dtype_is_honoured(tiny_dir: Path) -> None:
-    loaded = load_captioner(str(tiny_dir), device="cpu", dtype="bf16")
+def test_explicit_dtype_is_honoured(tiny_model_dir: Path) -> None:
+    loaded = load_captioner(str(tiny_model_dir), device="cpu", dtype="bf16")
     assert loaded.dtype == torch.bfloat16
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     caption = loaded.caption_pixels(torch.zeros(1, 3, 32, 32), GenerationOptions(max_new_tokens=3))[0]
@@ -97,12 +92,12 @@ def test_a_directory_without_a_model_is_a_load_error(tmp_path: Path) -> None:
         load_captioner(str(tmp_path))
 
 
-def test_bad_device_and_dtype_are_load_errors(tiny_dir: Path) -> None:
+def test_bad_device_and_dtype_are_load_errors(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="dtype"):
-        load_captioner(str(tiny_dir), dtype="int3")
+        load_captioner(str(tiny_model_dir), dtype="int3")
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA"):
-            load_captioner(str(tiny_dir), device="cuda")
+            load_captioner(str(tiny_model_dir), device="cuda")
 
 
 def test_a_hub_id_without_a_reachable_hub_says_so(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,18 +20,12 @@ import pytest
 
 from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.engine.loading import load_captioner
-from captionfleet.runtime.engine.testing import save_tiny_blip
 from captionfleet.runtime.server.lifecycle import Server
 from captionfleet.runtime.server.testing import RedisProcess, ServeProcess
 from captionfleet.runtime.serving.settings import ServeSettings
 
 StartServer = Callable[..., Awaitable[Server]]
 StartProcess = Callable[..., ServeProcess]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
 
 
 @pytest.fixture(scope="session")
