@@ -55,6 +55,10 @@ async def check_once(
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return outcome  # the handlers have not reconciled this spec yet
     state = rollout.current(spec, status.get("rollout"))
+    if state is not None and state.phase in ("Promoted", "RolledBack") and not state.drained:
+        outcome.decision = rollout.drain(state)
+        await reconcile.reconcile(api, body, config, rollout_state=outcome.decision.state)
+        return outcome
     if state is None or state.phase != "Progressing":
         return outcome
 

@@ -33,7 +33,7 @@ ACTIONS = ("abort", "promote")
 
 RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
 Verdict = Literal["pass", "fail", "hold"]
-DecisionKind = Literal["hold", "step", "promote", "fail", "rollback", "idle"]
+DecisionKind = Literal["hold", "step", "promote", "fail", "rollback", "drain", "idle"]
 # Fields of a version that do not make it another version: how much traffic and how many pods it gets.
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
 
@@ -65,6 +65,11 @@ class CanaryState(_Model):
     reason: str = ""
     message: str = ""
     last_check: Check | None = None
+    drained: bool = Field(
+        default=False,
+        description="After promotion or rollback: the retiring version's pods are scaled to zero. Set one "
+        "check after the decision, so every router has applied the new weights before those pods go.",
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,15 @@ def _promoted(state: CanaryState, total: int, message: str, last_check: Check | 
     if last_check is not None:
         update["last_check"] = last_check
     return Decision("promote", state.model_copy(update=update), message)
+
+
+def drain(state: CanaryState) -> Decision:
+    """The check after a promotion or rollback: the routers have moved the traffic, so the retiring
+    version (the old stable, or the rolled-back canary) may now be scaled to zero."""
+    if state.phase not in ("Promoted", "RolledBack") or state.drained:
+        return Decision("idle", state, f"rollout is {state.phase}: nothing to drain")
+    message = f"{state.phase.lower()} rollout of {state.version}: the retiring version is scaled to zero"
+    return Decision("drain", state.model_copy(update={"drained": True}), message)
 
 
 def act(action: str, state: CanaryState, *, total: int) -> Decision:

@@ -5,8 +5,10 @@ The spec's ``weight`` is the desired split. The *effective* weights are what the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
 weight and the stable version the rest of their pool; once rolled back the canary gets 0 and is
 retired (scaled to zero); once promoted it becomes the stable version with the whole pool and the
-old stable is retired. A/B variants always keep their spec weights. Everything downstream (router
-table, replica bounds, status) reads the weights from here.
+old stable is retired. Retiring waits for ``drained`` (one check after the decision): the weight goes to
+0 at once, the pods only after every router has stopped sending them requests. A/B variants always keep
+their spec weights. Everything downstream (router table, replica bounds, status) reads the weights
+from here.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def shares(spec: CaptionModelSpec, rollout: CanaryState | None = None) -> list[S
         if rollout is not None and role in ("canary", "stable"):
             if rollout.phase == "Promoted":
                 role, weight = ("stable", total) if role == "canary" else ("variant", 0)
-                retired = weight == 0
+                retired = weight == 0 and rollout.drained
             elif rollout.phase == "RolledBack":
                 weight = total if role == "stable" else 0
-                retired = role == "canary"
+                retired = role == "canary" and rollout.drained
             else:
                 weight = rollout.weight if role == "canary" else total - rollout.weight
         result.append(Share(version.name, role, weight, retired))

@@ -81,7 +81,16 @@ def test_healthy_checks_step_up_to_max_weight_then_promote() -> None:
     assert seen == [("step", 40), ("step", 50), ("promote", 70)]
     assert state.phase == "Promoted" and state.step == 3
     assert state.last_check is not None and state.last_check.verdict == "pass"
-    # the canary is the stable version now; the old stable is out and scaled to zero
+    # the canary is the stable version now; the old stable gets no traffic but keeps its pods until the
+    # next check, so that every router has moved its requests first; then it is scaled to zero
+    assert weights(spec, state) == {
+        "v1": ("variant", 0, False),
+        "ab": ("variant", 30, False),
+        "v2": ("stable", 70, False),
+    }
+    drained = r.drain(state)
+    assert drained.kind == "drain" and r.drain(drained.state).kind == "idle"
+    state = drained.state
     assert weights(spec, state) == {
         "v1": ("variant", 0, True),
         "ab": ("variant", 30, False),
@@ -146,6 +155,12 @@ def test_threshold_consecutive_failures_roll_back_with_the_figures_and_reason() 
     assert "error rate 10.00 % > 1 %" in rolled.message and "40/400" in rolled.message
     assert rolled.last_check is not None
     assert (rolled.last_check.error_rate, rolled.last_check.verdict) == (10.0, "fail")
+    assert weights(spec, rolled) == {
+        "v1": ("stable", 70, False),
+        "ab": ("variant", 30, False),
+        "v2": ("canary", 0, False),  # no traffic at once; its pods go one check later
+    }
+    rolled = r.drain(rolled).state
     assert weights(spec, rolled) == {
         "v1": ("stable", 70, False),
         "ab": ("variant", 30, False),

@@ -171,9 +171,11 @@ async def test_a_healthy_canary_steps_up_and_is_promoted(cluster: Any) -> None:
         assert promoted[0] == "Normal" and "healthy at 60 %" in promoted[1]
         steps = [message.split(": ")[1].split(" (")[0] for _, message in events(cluster, "CanaryStep")]
         assert steps == ["20 % -> 40 %", "40 % -> 60 %"]
-        # the old stable version leaves: scaled to zero, no autoscaler to bring it back
+        # the old stable version leaves one check later (the routers move its traffic first): scaled to
+        # zero, no autoscaler to bring it back
+        await cluster.eventually(lambda: rollout(cluster, "Promoted", drained=True), within=15)
         await cluster.eventually(lambda: _replicas(cluster, f"{NAME}-v1", 0))
-        assert f"{NAME}-v1" not in cluster.names(HPAS)
+        await cluster.eventually(lambda: _no_autoscaler(cluster, f"{NAME}-v1"))
         assert f"{NAME}-v2" in cluster.names(HPAS)
         assert {w for r in routers for w in r.windows} == {"2"}  # the analysis window, in seconds
 
@@ -206,8 +208,9 @@ async def test_an_erroring_canary_is_rolled_back_and_stays_out_until_its_spec_ch
         rolled_back = await cluster.eventually(lambda: one_event(cluster, "RolledBack"))
         assert rolled_back[0] == "Warning" and "30/100 requests failed" in rolled_back[1]
         assert [kind for kind, _ in events(cluster, "CheckFailed")] == ["Warning"]
+        await cluster.eventually(lambda: rollout(cluster, "RolledBack", drained=True), within=15)
         await cluster.eventually(lambda: _replicas(cluster, f"{NAME}-v2", 0))
-        assert f"{NAME}-v2" not in cluster.names(HPAS)
+        await cluster.eventually(lambda: _no_autoscaler(cluster, f"{NAME}-v2"))
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         async with aiohttp.ClientSession() as http, http.get(url) as response:
             text = await response.text()
@@ -269,6 +272,10 @@ def one_event(cluster: Any, reason: str) -> tuple[str, str]:
 
 def _replicas(cluster: Any, name: str, expected: int) -> None:
     assert cluster.get(DEPLOYMENTS, name)["spec"].get("replicas") == expected
+
+
+def _no_autoscaler(cluster: Any, name: str) -> None:
+    assert name not in cluster.names(HPAS)
 
 
 def _phase(cluster: Any, expected: str) -> None:
