@@ -161,12 +161,14 @@ def decode_image(
     max_pixels: int,
     allowed_formats: Collection[str] = ALLOWED_FORMATS,
     draft_size: tuple[int, int] | None = None,
+    max_draft_reduction: int = 8,
 ) -> Image.Image:
     """Decode ``data`` into an RGB image: first frame, EXIF orientation applied.
 
     ``draft_size`` (width, height), when given, lets JPEGs decode at the smallest DCT scale whose
-    *displayed* size (after EXIF rotation) is still at least that size in both dimensions; other
-    formats decode fully. Leave it ``None`` for the full-resolution image.
+    *displayed* size (after EXIF rotation) is still at least that size in both dimensions, reducing
+    by at most ``max_draft_reduction`` (1, 2, 4 or 8); other formats decode fully. Leave it ``None``
+    for the full-resolution image.
     """
     image = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
     try:
@@ -176,7 +178,10 @@ def decode_image(
             width, height = draft_size
             if orientation in _SWAPPING_ORIENTATIONS:
                 width, height = height, width
-            # draft() picks the largest reduction that keeps both sides >= the requested size.
+            # draft() picks the largest reduction (8, 4, 2, 1) that keeps both sides >= the requested
+            # size; asking for at least 1/max of each side keeps it from reducing further than that.
+            width = max(width, image.width // max_draft_reduction, 1)
+            height = max(height, image.height // max_draft_reduction, 1)
             image.draft("RGB", (width, height))
         image.load()
     except Exception as exc:  # truncated data surfaces here as OSError("image file is truncated ...")

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from captionfleet.runtime.engine.captioner import Captioner
-from captionfleet.runtime.engine.images import decode_image
 from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
@@ -182,8 +181,8 @@ class CaptionService:
         return left
 
     def _decode_only(self, data: bytes) -> Image.Image:
-        size = self.captioner.preprocessor.size
-        return decode_image(data, max_pixels=self.settings.max_pixels, draft_size=size)
+        # The preprocessor's own draft rule: the tensors then stay within its documented tolerance.
+        return self.captioner.preprocessor.decode(data, max_pixels=self.settings.max_pixels)
 
     def _key_and_image(self, data: bytes) -> tuple[Image.Image | None, ImageKey | None]:
         """The cache key, and the decoded image unless the key came from the memo of bodies seen before."""

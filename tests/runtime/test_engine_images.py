@@ -343,3 +343,19 @@ def test_concurrent_decoding_leaves_the_warning_filters_as_they_were() -> None:
         results = list(pool.map(decode, payloads))
     assert results == ["too large", "RGB", "RGB", "RGB"] * 25
     assert warnings.filters == before
+
+
+def test_draft_decoding_reduces_no_more_than_asked() -> None:
+    data = with_orientation(two_tone((3200, 800)), 6)  # displayed as 800 x 3200
+    assert decode_image(data, max_pixels=LIMIT, draft_size=(100, 400), max_draft_reduction=4).size == (
+        200,
+        800,
+    )
+    assert decode_image(data, max_pixels=LIMIT, draft_size=(10, 10), max_draft_reduction=2).size == (
+        400,
+        1600,
+    )
+    assert decode_image(data, max_pixels=LIMIT, draft_size=(10, 10), max_draft_reduction=1).size == (
+        800,
+        3200,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,8 @@ from captionfleet.runtime.engine.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     DRAFT_TOLERANCE,
+    FAST_RESIZE_TOLERANCE,
+    SMALL_INPUT_DRAFT_TOLERANCE,
     ImagePreprocessor,
     Tolerance,
 )
@@ -55,22 +58,63 @@ def ours(reference: BlipImageProcessorPil) -> ImagePreprocessor:
     return ImagePreprocessor.from_pretrained(reference)
 
 
+@pytest.fixture(scope="module")
+def exact(ours: ImagePreprocessor) -> ImagePreprocessor:
+    return dataclasses.replace(ours, fast_resize=False)
+
+
 @pytest.mark.parametrize("name", [*PHOTOS, "camera"])
-def test_same_image_gives_bit_identical_tensors(
-    name: str, reference: BlipImageProcessorPil, ours: ImagePreprocessor
+def test_same_image_gives_bit_identical_tensors_with_pil_resize(
+    name: str, reference: BlipImageProcessorPil, exact: ImagePreprocessor
 ) -> None:
     image = photo(name)  # camera is greyscale (mode L): both convert it to RGB first
-    tensor = ours(image)
+    tensor = exact(image)
     assert tensor.shape == (3, 384, 384)
     assert torch.equal(tensor, reference_tensor(reference, image))
 
 
-def test_transparent_images_match_the_reference_too(
+@pytest.mark.parametrize("scale", [1, 2, 6])
+@pytest.mark.parametrize("name", [*PHOTOS, "camera"])
+def test_fast_resize_stays_within_two_grey_levels_of_the_reference(
+    name: str, scale: int, reference: BlipImageProcessorPil, ours: ImagePreprocessor
+) -> None:
+    image = photo(name)
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    within(ours(image), reference_tensor(reference, image), FAST_RESIZE_TOLERANCE)
+
+
+def test_fast_resize_is_what_shrinks_by_default(
     reference: BlipImageProcessorPil, ours: ImagePreprocessor
+) -> None:
+    # The fast path really runs: a silent fallback to PIL would be bit-identical here.
+    image = photo("camera").resize((1024, 1024), Image.Resampling.BICUBIC)
+    assert ours.fast_resize
+    assert not torch.equal(ours(image), reference_tensor(reference, image))
+
+
+@pytest.mark.parametrize(
+    ("size", "resample"),
+    [
+        ((200, 150), Image.Resampling.BICUBIC),  # enlarging both sides
+        ((300, 1000), Image.Resampling.BICUBIC),  # enlarging one side, shrinking the other
+        ((1024, 1024), Image.Resampling.NEAREST),  # a filter torch does not reproduce
+    ],
+)
+def test_pil_resizes_what_the_fast_path_would_get_wrong(
+    size: tuple[int, int], resample: Image.Resampling, ours: ImagePreprocessor
+) -> None:
+    image = photo("astronaut").resize(size, Image.Resampling.BICUBIC)
+    configured = dataclasses.replace(ours, resample=resample)
+    reference = BlipImageProcessorPil(resample=resample)
+    assert torch.equal(configured(image), reference_tensor(reference, image))
+
+
+def test_transparent_images_match_the_reference_too(
+    reference: BlipImageProcessorPil, exact: ImagePreprocessor
 ) -> None:
     rgba = photo("astronaut").convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
-    assert torch.equal(ours(rgba), reference_tensor(reference, rgba))
+    assert torch.equal(exact(rgba), reference_tensor(reference, rgba))
 
 
 def test_the_model_uses_clip_statistics_not_imagenet(ours: ImagePreprocessor) -> None:
@@ -110,14 +154,16 @@ def test_jpegs_decode_at_the_smallest_scale_of_at_least_twice_the_input(ours: Im
     assert decoded.size == (866, 866)  # 1/4 scale; 1/8 (433) would be under 768
 
 
-def test_decode_and_preprocess_of_a_small_png_is_exact(
-    reference: BlipImageProcessorPil, ours: ImagePreprocessor
+def test_decode_and_preprocess_of_a_small_png_is_exact_with_pil_resize(
+    reference: BlipImageProcessorPil, ours: ImagePreprocessor, exact: ImagePreprocessor
 ) -> None:
     image = photo("coffee")
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
-    tensor = ours.decode_and_preprocess(buffer.getvalue(), max_pixels=1_000_000)
-    assert torch.equal(tensor, reference_tensor(reference, image))
+    expected = reference_tensor(reference, image)
+    assert torch.equal(exact.decode_and_preprocess(buffer.getvalue(), max_pixels=1_000_000), expected)
+    fast = ours.decode_and_preprocess(buffer.getvalue(), max_pixels=1_000_000)
+    within(fast, expected, FAST_RESIZE_TOLERANCE)
 
 
 def test_decode_and_preprocess_enforces_the_pixel_limit(ours: ImagePreprocessor) -> None:
@@ -143,7 +189,9 @@ def test_a_non_square_config_matches_the_reference() -> None:
     reference = BlipImageProcessorPil(size={"height": 200, "width": 120})
     ours = ImagePreprocessor.from_pretrained(reference)
     image = photo("rocket")
-    assert torch.equal(ours(image), reference_tensor(reference, image))
+    expected = reference_tensor(reference, image)
+    assert torch.equal(dataclasses.replace(ours, fast_resize=False)(image), expected)
+    within(ours(image), expected, FAST_RESIZE_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -172,3 +220,29 @@ def test_batch_stacks_in_order(ours: ImagePreprocessor) -> None:
         assert torch.equal(batch[index], ours(image))
     assert ours.batch([]).shape == (0, 3, 384, 384)
     assert np.isfinite(batch.numpy()).all()
+
+
+@pytest.fixture(scope="module")
+def small_model_reference() -> BlipImageProcessorPil:
+    return BlipImageProcessorPil(size={"height": 96, "width": 96})  # the bundled model's input
+
+
+@pytest.mark.parametrize("megapixels", [3_000_000, TWELVE_MP])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_small_inputs_stay_within_their_draft_tolerance(
+    name: str, megapixels: int, small_model_reference: BlipImageProcessorPil
+) -> None:
+    # At 96 px, 1/8 scale would be reachable: libjpeg keeps only block averages there (p99 0.38).
+    ours = ImagePreprocessor.from_pretrained(small_model_reference)
+    data = big_jpeg(photo(name), megapixels)
+    with Image.open(io.BytesIO(data)) as full:
+        expected = reference_tensor(small_model_reference, full.convert("RGB"))
+    measured = ours.decode_and_preprocess(data, max_pixels=50_000_000)
+    within(measured, expected, SMALL_INPUT_DRAFT_TOLERANCE)
+
+
+def test_jpegs_never_decode_below_a_quarter_of_their_size() -> None:
+    ours = ImagePreprocessor(height=96, width=96)
+    assert ours.max_draft_reduction == 4
+    decoded = ours.decode(big_jpeg(photo("astronaut")), max_pixels=50_000_000)  # 3464 px square
+    assert decoded.size == (866, 866)  # 1/8 (433) would be >= 192 px, but is block averages only

@@ -194,17 +194,23 @@ async def test_over_http_reencoded_images_hit_and_distinct_ones_miss(start_serve
     assert (await _caption(http, server.url, encode(original), "?suggestions=2"))["cached"] is False
 
 
-async def test_a_body_seen_before_is_not_decoded_again(start_server, http, monkeypatch) -> None:
-    from captionfleet.runtime.serving import service
+async def test_a_body_seen_before_is_not_decoded_again(
+    start_server, http, monkeypatch, tiny_captioner
+) -> None:
+    from captionfleet.runtime.engine import preprocess
+
+    rule = tiny_captioner.preprocessor
 
     decoded: list[int] = []
-    real_decode = service.decode_image
+    real_decode = preprocess.decode_image
 
     def counting_decode(data: bytes, **kwargs: object) -> Image.Image:
         decoded.append(len(data))
+        # The server decodes by the preprocessor's draft rule, the one its tolerance was measured for.
+        assert (kwargs["draft_size"], kwargs["max_draft_reduction"]) == (rule.draft_size, 4)
         return real_decode(data, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service, "decode_image", counting_decode)
+    monkeypatch.setattr(preprocess, "decode_image", counting_decode)
     server = await start_server()
     body = encode(shapes_image(24, size=192))
     first = await _caption(http, server.url, body)
