@@ -50,7 +50,8 @@ class Tolerance:
 
 
 DRAFT_TOLERANCE = Tolerance(max_abs=0.3, mean_abs=0.01, p99_abs=0.06)
-"""Draft-mode JPEG decoding (``draft_factor=2``) vs a full decode through ``BlipImageProcessor``.
+"""Draft-mode JPEG decoding (``draft_factor=2``) vs a full decode through ``BlipImageProcessor``, at
+BLIP-base's 384 px input (smaller inputs: :data:`SMALL_INPUT_DRAFT_TOLERANCE`).
 
 Measured on the scikit-image photos (astronaut, coffee, chelsea, rocket) upscaled to ~12 MP and saved
 as JPEG quality 90: max 0.06-0.23, mean 0.004-0.0064, 99th percentile 0.015-0.045 (a normalised unit
@@ -60,9 +61,10 @@ where the DCT's own downscaling differs from a bicubic filter over the full imag
 
 SMALL_INPUT_DRAFT_TOLERANCE = Tolerance(max_abs=0.45, mean_abs=0.025, p99_abs=0.2)
 """Draft-mode decoding for a 96 px input (the bundled model's) vs a full decode, same photos at 3 and
-12 MP: max 0.03-0.38, mean 0.003-0.018, p99 0.015-0.16. Larger than at 384 px because the draft
-scale is lower (1/4): a 3 MP photo decodes to 531 px and block-truncated DCT detail is left for
-bicubic to average. Without the 1/4 cap (``max_draft_reduction``), 1/8 scale measured p99 0.38."""
+12 MP: max 0.03-0.38, mean 0.003-0.018, p99 0.015-0.16. Larger than at 384 px because the DCT does
+more of the shrinking: a 3 MP photo decodes at 1/4 to 531 px, where libjpeg's reduced inverse DCT
+(2x2 of each 8x8 block) has dropped detail that bicubic would have weighed in. Without the 1/4 cap
+(``max_draft_reduction``), 1/8 scale measured p99 0.38."""
 
 EXACT_TOLERANCE = Tolerance(max_abs=0.0, mean_abs=0.0, p99_abs=0.0)
 """The same RGB image through both preprocessors with ``fast_resize=False``: bit-identical tensors."""

@@ -5,9 +5,10 @@ initial weights and the batch order. With the same settings, thread count and to
 the same weights; other thread counts change the order of float sums, so the weights (not the
 quality) differ slightly.
 
-The images are rendered once, resized to the model's input size exactly as serving does (the
-engine's :class:`ImagePreprocessor` settings, PIL bicubic), and kept as uint8; each batch is
-normalised through a lookup table with the image processor's own arithmetic.
+The images are rendered once, resized to the model's input size with the reference's filter (the
+engine's :class:`ImagePreprocessor` settings, PIL bicubic; serving shrinks with torch's port of that
+filter, within two grey levels), and kept as uint8; each batch is normalised through a lookup table
+with the image processor's own arithmetic.
 """
 
 from __future__ import annotations
