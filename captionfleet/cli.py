@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from captionfleet import __version__
+from captionfleet.version import __version__
 
 SUBCOMMANDS: dict[str, str] = {
     "serve": "captionfleet.runtime.server.command",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,55 @@ def test_every_subcommand_has_help() -> None:
         assert done.returncode == 0, done.stderr
         assert "CAPTIONFLEET_" in done.stdout or name == "bench", done.stdout
     assert set(available) <= set(SUBCOMMANDS)
+
+
+def test_no_tracked_symlink() -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    links = [line.split("\t", 1)[1] for line in listed.splitlines() if line.startswith("120000")]
+    assert not links
+
+
+def _packages_of(pyproject: Path) -> tuple[list[str], dict[str, str]]:
+    setuptools = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
+    return setuptools["packages"], setuptools.get("package-dir", {})
+
+
+def _folder_of(package: str, package_dir: dict[str, str]) -> Path:
+    """The source folder of ``package`` by the build's mapping (the longest mapped prefix wins)."""
+    parts = package.split(".")
+    for cut in range(len(parts), 0, -1):
+        mapped = package_dir.get(".".join(parts[:cut]))
+        if mapped is not None:
+            return REPO.joinpath(mapped, *parts[cut:])
+    return REPO.joinpath(*parts)
+
+
+def test_the_build_lists_every_package_folder_and_maps_the_top_level_folders() -> None:
+    packages, package_dir = _packages_of(REPO / "pyproject.toml")
+    assert package_dir == {"captionfleet.operator": "operator", "captionfleet.runtime": "runtime"}
+    folders = {_folder_of(p, package_dir) for p in packages}
+    assert all(f.is_dir() for f in folders), sorted(str(f) for f in folders if not f.is_dir())
+    with_code = {
+        path.parent
+        for top in ("captionfleet", "operator", "runtime")
+        for path in (REPO / top).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert with_code == folders, sorted(str(f.relative_to(REPO)) for f in with_code ^ folders)
+
+
+def test_nothing_at_the_root_can_shadow_a_standard_library_module() -> None:
+    # A folder without __init__.py is only a namespace portion: a regular module found later wins.
+    for name in sys.stdlib_module_names:
+        assert not (REPO / f"{name}.py").exists(), name
+        assert not (REPO / name / "__init__.py").exists(), name
+
+
+def test_the_operator_distribution_is_a_subset_mapped_the_same_way() -> None:
+    packages, package_dir = _packages_of(REPO / "pyproject.toml")
+    operator_packages, operator_dir = _packages_of(REPO / "packaging/operator/pyproject.toml")
+    assert set(operator_packages) <= set(packages)
+    assert not [p for p in operator_packages if p.startswith(("captionfleet.runtime", "captionfleet.bench"))]
+    assert operator_dir.items() <= package_dir.items()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from captionfleet import __version__
 from captionfleet.runtime.engine.options import MAX_BEAMS, MAX_NEW_TOKENS, MAX_SUGGESTIONS, STYLES
+from captionfleet.version import __version__
 
 _ERROR_CODES = {
     "400": "Bad input: undecodable image, too many pixels, bad options, malformed JSON/base64/multipart, "

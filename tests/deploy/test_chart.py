@@ -240,7 +240,7 @@ def test_notes_tell_how_to_get_from_install_to_a_caption(render: Render) -> None
 
 
 def test_versions_agree_across_package_chart_and_images(render: Render) -> None:
-    import captionfleet
+    from captionfleet import version as captionfleet
     from captionfleet.operator.settings import DEFAULT_RUNTIME_IMAGE
 
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())

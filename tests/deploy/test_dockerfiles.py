@@ -7,6 +7,7 @@ wheel is inspected; the commands the images run are parsed by the real `captionf
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib.util
 import json
@@ -99,13 +100,15 @@ def copies(stage: Stage) -> list[Copy]:
     return out
 
 
+def _dockerignore_lines() -> list[str]:
+    lines = (raw.strip() for raw in (REPO / ".dockerignore").read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
     """(exclude?, regex) per .dockerignore line, in order: the last match wins, as in Docker."""
     patterns = []
-    for raw in (REPO / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for line in _dockerignore_lines():
         exclude = not line.startswith("!")
         pattern = line.lstrip("!").strip("/")
         regex = ""
@@ -127,9 +130,20 @@ def build_context(destination: Path) -> Path:
     """The build context Docker sends: the repository less what .dockerignore excludes."""
     patterns = dockerignore_patterns()
 
+    # Like Docker, descend into an excluded folder when a later `!` line may take back something in it.
+    exceptions = [line.lstrip("!").strip("/") for line in _dockerignore_lines() if line.startswith("!")]
+
     def skip(directory: str, names: list[str]) -> set[str]:
         relative = Path(directory).relative_to(REPO)
-        return {n for n in names if ignored(str(relative / n).removeprefix("./"), patterns)}
+        skipped = set()
+        for name in names:
+            path = str(relative / name).removeprefix("./")
+            if not ignored(path, patterns):
+                continue
+            if (Path(directory) / name).is_dir() and any(e.startswith(path + "/") for e in exceptions):
+                continue
+            skipped.add(name)
+        return skipped
 
     shutil.copytree(REPO, destination, symlinks=True, ignore=skip)
     return destination
@@ -282,7 +296,7 @@ def _build_wheel(dockerfile: str, tmp_path: Path) -> Path:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    (wheel,) = out.glob("captionfleet-*.whl")
+    (wheel,) = out.glob("captionfleet*.whl")
     return wheel
 
 
@@ -295,24 +309,66 @@ def _python_files(folder: str) -> set[str]:
     }
 
 
-def _requires(wheel: zipfile.ZipFile, extra: str) -> set[str]:
+def _metadata(wheel: zipfile.ZipFile) -> list[str]:
     metadata = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+    return wheel.read(metadata).decode().splitlines()
+
+
+def _requires(wheel: zipfile.ZipFile, extra: str | None) -> set[str]:
+    """The names a wheel requires, with ``extra`` (or with no extra at all: None)."""
     found = set()
-    for line in wheel.read(metadata).decode().splitlines():
-        if line.startswith("Requires-Dist:") and f'extra == "{extra}"' in line:
-            found.add(re.split(r"[<>=;\s\[]", line.removeprefix("Requires-Dist:").strip())[0].lower())
+    for line in _metadata(wheel):
+        if not line.startswith("Requires-Dist:"):
+            continue
+        if (extra is None) == ("extra ==" in line) or (extra and f'extra == "{extra}"' not in line):
+            continue
+        found.add(re.split(r"[<>=;\s\[]", line.removeprefix("Requires-Dist:").strip())[0].lower())
+    return found
+
+
+HEAVY = ("torch", "transformers", "PIL", "numpy", "imagehash", "captionfleet.runtime", "captionfleet.bench")
+
+
+def _imports(source: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
     return found
 
 
 def test_the_operator_image_gets_the_operator_and_nothing_of_the_runtime(tmp_path: Path) -> None:
+    # The rule is a distribution of its own (packaging/operator/pyproject.toml), not a folder left out.
     with zipfile.ZipFile(_build_wheel("Dockerfile.operator", tmp_path)) as wheel:
+        assert Path(wheel.filename or "").name.startswith("captionfleet_operator-")
         names = set(wheel.namelist())
         missing = _python_files("operator") - names
-        assert not missing, f"not in the operator's wheel (a package without __init__.py?): {sorted(missing)}"
-        assert not [n for n in names if n.startswith("captionfleet/runtime/")]
-        extra = _requires(wheel, "operator")
-    assert {"kopf", "kubernetes"} <= extra
-    assert not extra & {"torch", "transformers", "pillow", "numpy"}
+        assert not missing, f"not in the operator's wheel: {sorted(missing)}"
+        assert not [n for n in names if n.startswith(("captionfleet/runtime/", "captionfleet/bench/"))]
+        heavy = {
+            name: sorted(
+                m
+                for m in _imports(wheel.read(name).decode())
+                if m.split(".")[0] in HEAVY[:5] or m.startswith(HEAVY[5:])
+            )
+            for name in names
+            if name.endswith(".py")
+        }
+        assert not {name: found for name, found in heavy.items() if found}
+        requires = _requires(wheel, None)
+        assert _requires(wheel, "operator") == set()
+        version = _version(wheel)
+    with zipfile.ZipFile(_build_wheel("Dockerfile.runtime", tmp_path / "full")) as full:
+        assert requires == _requires(full, None) | _requires(full, "operator")
+        assert _version(full) == version
+    assert {"kopf", "kubernetes"} <= requires
+    assert not requires & {"torch", "transformers", "pillow", "numpy"}
+
+
+def _version(wheel: zipfile.ZipFile) -> str:
+    return next(line.split(":", 1)[1].strip() for line in _metadata(wheel) if line.startswith("Version:"))
 
 
 def test_the_runtime_image_gets_the_runtime_and_the_bundled_model(tmp_path: Path) -> None:

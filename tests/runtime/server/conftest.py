@@ -5,8 +5,7 @@
 - ``start_server``: an in-process server (the same :class:`Server` that ``captionfleet serve`` runs)
   on a free loopback port; drained at the end of the test.
 - ``serve_process``: ``captionfleet serve`` as a subprocess, for signals and exit codes.
-- ``redis_url``: a ``redis-server`` subprocess on a free port (Debian's package; ``make test``
-  installs it).
+- ``redis_url`` (``tests/runtime/conftest.py``): a ``redis-server`` subprocess.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.engine.loading import load_captioner
 from captionfleet.runtime.server.lifecycle import Server
-from captionfleet.runtime.server.testing import RedisProcess, ServeProcess
+from captionfleet.runtime.server.testing import ServeProcess
 from captionfleet.runtime.serving.settings import ServeSettings
 
 StartServer = Callable[..., Awaitable[Server]]
@@ -89,11 +88,3 @@ def serve_process(tmp_path: Path) -> Iterator[StartProcess]:
     yield start
     for process in processes:
         process.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server for this test session."""
-    redis = RedisProcess(tmp_path_factory.mktemp("redis"))
-    yield redis.url
-    redis.stop()
