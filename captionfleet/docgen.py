@@ -38,8 +38,8 @@ CHART_CRDS = CHART / "crds"
 # (command, "module:Class") of every settings dataclass documented, in this order.
 SETTINGS: tuple[tuple[str, str], ...] = (
     ("operator", "captionfleet.operator.settings:OperatorSettings"),
-    ("serve", "captionfleet.runtime.serving.settings:ServeSettings"),
-    ("router", "captionfleet.runtime.router.settings:RouterSettings"),
+    ("serve", "captionfleet.settings.serve:ServeSettings"),
+    ("router", "captionfleet.settings.router:RouterSettings"),
     ("train", "captionfleet.runtime.training.settings:TrainSettings"),
     ("eval", "captionfleet.runtime.training.settings:EvalSettings"),
     ("bench", "captionfleet.bench.settings:BenchSettings"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from captionfleet.runtime.server.testing import STARTUP_DEADLINE_S, ServeProcess, free_port
-from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings.serve import ServeSettings
 
 
 class Server(Protocol):
@@ -106,7 +106,7 @@ def start_router(upstream_url: str, workdir: Path) -> Subprocess:
     port = free_port()
     argv = [
         "captionfleet", "router", "--host", "127.0.0.1", "--port", str(port),
-        "--routes", f"bench={upstream_url}", "--drain-delay-s", "0",
+        "--routes", f"bench={upstream_url}", "--drain-grace-s", "0",
     ]  # fmt: skip
     return Subprocess("router", argv, port, workdir / "router.log")
 

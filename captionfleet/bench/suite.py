@@ -129,7 +129,7 @@ def _servers(
 ) -> Iterator[tuple[processes.Server, processes.Server, processes.Server | None, processes.Server | None]]:
     """Ours (cache off) and the baseline; with ``extras`` also ours with its cache and a router in front
     of that one. They start in parallel; all are stopped on the way out."""
-    from captionfleet.runtime.serving.settings import ServeSettings
+    from captionfleet.settings.serve import ServeSettings
 
     base = ServeSettings(
         host="127.0.0.1",

@@ -40,7 +40,6 @@ from captionfleet.runtime.router.proxy import (
     forwarded_headers,
     read_body,
 )
-from captionfleet.runtime.router.settings import RouterSettings
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
@@ -49,6 +48,7 @@ from captionfleet.runtime.serving.errors import InvalidRequest, ServingError
 from captionfleet.runtime.serving.keys import ApiKeys
 from captionfleet.runtime.web.logs import request_id_var
 from captionfleet.runtime.web.timeouts import client_timeout_ms
+from captionfleet.settings.router import RouterSettings
 
 log = logging.getLogger(__name__)
 

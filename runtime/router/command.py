@@ -12,8 +12,8 @@ import logging
 import signal
 import sys
 
-from captionfleet.runtime.router.settings import RouterSettings
 from captionfleet.settings import add_options, from_args
+from captionfleet.settings.router import RouterSettings
 
 HELP = "Route caption requests to model versions by weight, sticky per X-User-Id (the fleet's endpoint)."
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: RouterSettings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain: /readyz turns 503 for ``drain_delay_s`` while requests
+    """Serve until SIGTERM or SIGINT, then drain: /readyz turns 503 for ``drain_grace_s`` while requests
     are still served (so endpoints move away), then in-flight requests finish and the process exits."""
     from aiohttp import web
 
@@ -75,11 +75,11 @@ async def serve(settings: RouterSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        log.info("draining", extra={"delay_s": settings.drain_delay_s})
+        log.info("draining", extra={"delay_s": settings.drain_grace_s})
         app[ROUTER].start_draining()
-        if settings.drain_delay_s > 0:
+        if settings.drain_grace_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_second_signal(loop), timeout=settings.drain_delay_s)
+                await asyncio.wait_for(_second_signal(loop), timeout=settings.drain_grace_s)
     finally:
         await runner.cleanup()
     log.info("stopped")

@@ -12,9 +12,9 @@ import aiohttp
 from aiohttp import web
 
 from captionfleet.runtime.router.kube import KubeAccess, KubeApi, load_access
-from captionfleet.runtime.router.settings import RouterSettings
 from captionfleet.runtime.router.sources import RoutesFile, TableHolder, static_table
 from captionfleet.runtime.router.watch import CaptionModelSource
+from captionfleet.settings.router import RouterSettings
 
 log = logging.getLogger(__name__)
 

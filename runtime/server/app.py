@@ -26,9 +26,9 @@ from captionfleet.runtime.server.parsing import ImageSource, parse_request
 from captionfleet.runtime.serving.errors import Draining, InvalidRequest, NotReady
 from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
-from captionfleet.runtime.serving.settings import ServeSettings
 from captionfleet.runtime.web.logs import request_id_var
 from captionfleet.runtime.web.timeouts import client_timeout_ms
+from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger("captionfleet.runtime.server")
 access_log = logging.getLogger("captionfleet.runtime.server.access")

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import logging
 
-from captionfleet.runtime.serving.settings import ServeSettings
 from captionfleet.settings import add_options, from_args
+from captionfleet.settings.serve import ServeSettings
 
 HELP = "Serve a BLIP caption model over HTTP with dynamic batching, a result cache, API keys and metrics."
 
@@ -18,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(ServeSettings, args)
+    from captionfleet.runtime.engine.options import STYLES
+
     problems = settings.check()
+    if settings.style and settings.style.strip().lower() not in STYLES:
+        problems.append(f"style {settings.style!r} is not one of {', '.join(sorted(STYLES))}")
     if problems:
         raise SystemExit("captionfleet serve: " + "; ".join(problems))
 

@@ -25,7 +25,7 @@ from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
 from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
 from captionfleet.runtime.serving.service import CaptionService, build_cache
-from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger("captionfleet.runtime.server")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings.serve import ServeSettings
 
 STARTUP_DEADLINE_S = 180.0
 

@@ -25,7 +25,7 @@ from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
-from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger(__name__)
 

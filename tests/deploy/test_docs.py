@@ -27,9 +27,9 @@ from captionfleet import cli, docgen
 from captionfleet.operator import builders, validation
 from captionfleet.operator.builders import common
 from captionfleet.operator.settings import OperatorSettings
-from captionfleet.runtime.router.settings import RouterSettings
-from captionfleet.runtime.serving.settings import ServeSettings
 from captionfleet.settings import from_args
+from captionfleet.settings.router import RouterSettings
+from captionfleet.settings.serve import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "docs" / "install.md"

@@ -1,19 +1,32 @@
-"""Fixtures shared by the runtime's tests: torch threads, real photos, a real Redis.
+"""Fixtures shared by the runtime's tests: torch threads, real photos, real servers, a real Redis.
 
+- ``one_torch_thread``, ``photos``: for the engine, training and evaluation tests.
+- ``tiny_captioner``: a tiny random BLIP saved with save_pretrained and loaded for real (session-wide);
+  its captions are gibberish but depend on the image.
+- ``start_server``: an in-process server (the same :class:`Server` that ``captionfleet serve`` runs)
+  on a free loopback port; drained at the end of the test.
+- ``serve_process``: ``captionfleet serve`` as a subprocess, for signals and exit codes.
 - ``redis_url``: a ``redis-server`` subprocess on a free port (Debian's package; ``make test``
-  installs it), for the cache tests of the data plane and the server.
+  installs it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import skimage.data
 import torch
 from PIL import Image
 
-from captionfleet.runtime.server.testing import RedisProcess
+from captionfleet.runtime.engine.captioner import Captioner
+from captionfleet.runtime.engine.loading import load_captioner
+from captionfleet.runtime.server.lifecycle import Server
+from captionfleet.runtime.server.testing import RedisProcess, ServeProcess
+from captionfleet.settings.serve import ServeSettings
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 """Real photos that ship with scikit-image (no download)."""
@@ -40,3 +53,70 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     redis = RedisProcess(tmp_path_factory.mktemp("redis"))
     yield redis.url
     redis.stop()
+
+
+StartServer = Callable[..., Awaitable[Server]]
+StartProcess = Callable[..., ServeProcess]
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tiny_model_dir: Path) -> Captioner:
+    return load_captioner(str(tiny_model_dir))
+
+
+def tiny_settings(model_dir: Path | str, **overrides: Any) -> ServeSettings:
+    """Settings for test servers: loopback, any free port, short generation so CPU runs stay short."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "model": str(model_dir),
+        "num_beams": 1,
+        "max_new_tokens": 8,
+        "preprocess_workers": 2,
+        "drain_grace_s": 20.0,
+    }
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+@pytest.fixture
+async def start_server(tiny_model_dir: Path, tiny_captioner: Captioner) -> AsyncIterator[StartServer]:
+    """``await start_server(**settings)``: a started in-process server (the tiny model by default).
+
+    Pass ``captioner=`` to serve another loaded model; every server is drained when the test ends.
+    """
+    started: list[Server] = []
+
+    async def start(captioner: Captioner | None = None, **overrides: Any) -> Server:
+        server = Server(tiny_settings(tiny_model_dir, **overrides), captioner=captioner or tiny_captioner)
+        started.append(server)
+        await server.start()
+        return server
+
+    yield start
+    for server in started:
+        if not server.state.draining:
+            await server.drain()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        yield session
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[StartProcess]:
+    """``serve_process(settings, env=None)``: ``captionfleet serve`` as a subprocess; killed at the end."""
+    processes: list[ServeProcess] = []
+
+    def start(settings: ServeSettings, env: dict[str, str] | None = None) -> ServeProcess:
+        process = ServeProcess(settings, tmp_path / f"serve-{len(processes)}.log", env)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from captionfleet.runtime.router.app import build_app
-from captionfleet.runtime.router.settings import RouterSettings
 from captionfleet.runtime.router.sources import TableHolder
+from captionfleet.settings.router import RouterSettings
 
 
 @dataclass
@@ -129,7 +129,7 @@ class RouterUnderTest:
 StartRouter = Callable[..., Awaitable[RouterUnderTest]]
 
 BASE = RouterSettings(
-    host="127.0.0.1", port=0, request_timeout_ms=5000, connect_timeout_ms=500, drain_delay_s=0
+    host="127.0.0.1", port=0, request_timeout_ms=5000, connect_timeout_ms=500, drain_grace_s=0
 )
 
 

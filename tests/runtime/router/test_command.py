@@ -28,7 +28,7 @@ async def test_serves_then_drains_on_sigterm(start_runtime: Any, eventually: Any
     runtime = await start_runtime("v1")
     process = await asyncio.create_subprocess_exec(
         *ROUTER,
-        "--host", "127.0.0.1", "--port", "0", "--routes", f"v1={runtime.url}", "--drain-delay-s", "30",
+        "--host", "127.0.0.1", "--port", "0", "--routes", f"v1={runtime.url}", "--drain-grace-s", "30",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stderr is not None

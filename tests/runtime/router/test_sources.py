@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from captionfleet.runtime.router.app import build_app
-from captionfleet.runtime.router.settings import RouterSettings
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.table import TableError
+from captionfleet.settings.router import RouterSettings
 
 
 def routes(v1: str, v2: str, canary_weight: int) -> str:

@@ -19,9 +19,9 @@ from PIL import Image
 from captionfleet.runtime.engine.captioner import Captioner, bundled_model_dir, load_captioner
 from captionfleet.runtime.engine.types import GenerationOptions
 from captionfleet.runtime.server.testing import encode
-from captionfleet.runtime.serving.settings import ServeSettings
 from captionfleet.runtime.training.scenes import Scene, scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED
+from captionfleet.settings.serve import ServeSettings
 
 CONCURRENT = 64
 SERVING_DEFAULTS = {"num_beams": 3, "max_new_tokens": 30}

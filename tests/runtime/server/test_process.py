@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from captionfleet.runtime.server.testing import encode, shapes_image
-from captionfleet.runtime.serving.settings import ServeSettings
+from captionfleet.settings.serve import ServeSettings
 
 REQUESTS = 32
 

@@ -1,8 +1,9 @@
 """``captionfleet router``'s settings: one frozen dataclass, one documented default per field.
 
 Every field is also a command-line option (``--caption-model``) and an environment variable
-(``CAPTIONFLEET_CAPTION_MODEL``); the operator sets some of these in the router's Deployment
-(``operator/builders/env.py``), so those names are part of the contract.
+(``CAPTIONFLEET_CAPTION_MODEL``); the operator sets some of these in the router's Deployment,
+deriving each name from the field (``captionfleet.settings.env_entries``). The edge's fields come
+from :class:`EdgeSettings`.
 
 The routing table comes from exactly one source: the CaptionModel named by ``caption_model`` (watched
 through the Kubernetes API), a ``routes_file``, or the ``routes``/``weights`` options.
@@ -13,14 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from captionfleet.settings import setting
-
-MB = 1024 * 1024
+from captionfleet.settings.edge import MB, EdgeSettings
 
 
 @dataclass(frozen=True)
-class RouterSettings:
-    host: str = setting("0.0.0.0", "Address to listen on (0.0.0.0: all interfaces, as in a container).")
-    port: int = setting(8080, "TCP port to listen on (0: any free port, logged).")
+class RouterSettings(EdgeSettings):
     caption_model: str = setting(
         "", "Name of the CaptionModel whose status.versions[] is the routing table (watched, read-only)."
     )
@@ -59,19 +57,15 @@ class RouterSettings:
         1000.0, "Longest wait for a connection to a runtime before trying elsewhere."
     )
     retry: bool = setting(True, "Retry once on another endpoint after a connection failure or a 503.")
-    max_body_bytes: int = setting(20 * MB, "Largest request body; larger gets 413 without being read.")
     max_response_bytes: int = setting(32 * MB, "Largest runtime answer relayed; larger gets 502.")
+    drain_grace_s: float = setting(
+        5.0,
+        "On SIGTERM: /readyz turns 503 at once and requests are still routed for this long (a second "
+        "signal cuts it short), so endpoints move away first; then requests in flight finish.",
+    )
     stats_window_s: int = setting(
         900, "Seconds of per-second figures kept per version for GET /v1/router/stats (the longest window)."
     )
-    api_keys_file: str = setting(
-        "", "File with one API key per line (or sha256:<hex> of one); checked at the edge. Empty: none."
-    )
-    api_keys: tuple[str, ...] = setting((), "API keys, comma-separated (prefer the environment variable).")
-    drain_delay_s: float = setting(
-        5.0, "On SIGTERM: seconds to keep serving while /readyz says 503, so endpoints move away first."
-    )
-    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
 
     def source(self) -> str:
         """Which table source these settings choose: ``captionmodel``, ``file`` or ``static``."""
@@ -83,7 +77,7 @@ class RouterSettings:
 
     def check(self) -> list[str]:
         """Problems that make these settings unusable, as messages (empty: fine)."""
-        problems = []
+        problems = super().check()
         chosen = [
             name
             for name, value in (
@@ -105,13 +99,9 @@ class RouterSettings:
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("max_body_bytes", "max_response_bytes", "stats_window_s"):
+        for name in ("max_response_bytes", "stats_window_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        if self.drain_delay_s < 0:
-            problems.append("drain_delay_s must be >= 0")
-        if not 0 <= self.port < 65536:
-            problems.append("port must be in 0..65535 (0: any free port)")
         if not 0 < self.service_port < 65536:
             problems.append("service_port must be in 1..65535")
         return problems

@@ -1,8 +1,10 @@
 """``captionfleet serve``'s settings: one frozen dataclass, one documented default per field.
 
 Every field is also a command-line option (``--max-batch-size``) and an environment variable
-(``CAPTIONFLEET_MAX_BATCH_SIZE``); the operator sets these variables in the Deployments it builds, so
-the names are part of the contract.
+(``CAPTIONFLEET_MAX_BATCH_SIZE``). The operator sets these variables in the Deployments it builds,
+deriving each name from the field (``captionfleet.settings.env_entries``), so the class lives here,
+below both, with no dependency on the runtime. The edge's fields (listening, API keys, body and
+header limits, deadline, drain) come from :class:`EdgeSettings`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from captionfleet.runtime.engine.options import STYLES
 from captionfleet.settings import setting
-
-MB = 1024 * 1024
+from captionfleet.settings.edge import MB, EdgeSettings
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    host: str = setting("0.0.0.0", "Address to listen on (0.0.0.0: all interfaces, as in a container).")
-    port: int = setting(8080, "TCP port to listen on (0: any free port, logged).")
+class ServeSettings(EdgeSettings):
     model: str = setting(
         "",
         "Model: a save_pretrained directory, a file:// URL or a Hugging Face id; empty: the bundled model.",
@@ -46,13 +44,6 @@ class ServeSettings:
     max_queue_size: int = setting(
         256, "Requests waiting for the model before new ones get 503 + Retry-After."
     )
-    request_timeout_ms: float = setting(
-        30000.0,
-        "Deadline per request, counting queue time; expired requests get 504 before inference. 0: none.",
-    )
-    max_body_bytes: int = setting(
-        20 * MB, "Largest request body; larger gets 413 without being read into memory."
-    )
     max_pixels: int = setting(
         40_000_000, "Largest width*height, checked before decoding (decompression bombs -> 400)."
     )
@@ -65,13 +56,6 @@ class ServeSettings:
     )
     cache_size: int = setting(10000, "Entries in the in-memory result cache; 0 turns caching off.")
     cache_ttl_s: float = setting(3600.0, "Seconds a cached caption stays valid (memory and Redis).")
-    api_keys_file: str = setting(
-        "", "File with one API key per line (or sha256:<hex> of one); # starts a comment. Empty: none."
-    )
-    api_keys: tuple[str, ...] = setting(
-        (),
-        "API keys, comma-separated (prefer the environment variable to the option); none: open.",
-    )
     rate_limit_rps: float = setting(
         0.0, "Requests per second allowed per API key (token bucket); 0: no limit."
     )
@@ -83,13 +67,9 @@ class ServeSettings:
     url_timeout_s: float = setting(10.0, "Total time allowed to fetch an image URL, redirects included.")
     url_max_bytes: int = setting(20 * MB, "Largest image fetched from a URL (413 beyond).")
     url_max_redirects: int = setting(5, "Redirects followed when fetching an image URL, each re-checked.")
-    drain_grace_s: float = setting(
-        30.0, "On SIGTERM: how long queued and in-flight requests may take to finish before exit."
-    )
     num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
     max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
-    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
@@ -99,24 +79,18 @@ class ServeSettings:
 
     def check(self) -> list[str]:
         """Problems that make these settings unusable, as messages (empty: fine)."""
-        problems = []
-        positive = ("max_batch_size", "max_queue_size", "max_body_bytes", "max_pixels", "max_batch_images")
+        problems = super().check()
+        positive = ("max_batch_size", "max_queue_size", "max_pixels", "max_batch_images")
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         for name in (
             "max_queue_delay_ms",
-            "request_timeout_ms",
             "cache_ttl_s",
             "rate_limit_rps",
-            "drain_grace_s",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
-        if self.style and self.style.strip().lower() not in STYLES:
-            problems.append(f"style {self.style!r} is not one of {', '.join(sorted(STYLES))}")
-        if not 0 <= self.port < 65536:
-            problems.append("port must be in 0..65535 (0: any free port)")
         return problems

@@ -109,3 +109,25 @@ def from_args(cls: type[S], args: argparse.Namespace) -> S:
     """Build the settings dataclass from parsed options (fields not in ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return cls(**values)
+
+
+def env_value(value: object) -> str:
+    """A value as the option parser reads it back from ``CAPTIONFLEET_<OPTION>``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def env_entries(cls: type[Any], **values: object) -> list[dict[str, str]]:
+    """Container environment entries (``{"name", "value"}``) that give ``cls``'s command these values.
+
+    The variable names are derived from the fields, so a field renamed or misspelt here is an error
+    (``TypeError``), not a variable the command silently ignores.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no setting {', '.join(unknown)}")
+    return [{"name": env_name(name), "value": env_value(value)} for name, value in values.items()]
