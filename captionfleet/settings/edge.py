@@ -23,15 +23,41 @@ class EdgeSettings:
     )
     api_keys: tuple[str, ...] = setting(
         (),
-        "API keys, comma-separated (prefer the environment variable to the option); none: open.",
+        "API keys, comma-separated, taken whole (no comments; prefer the environment variable to the "
+        "option); none: open.",
     )
+    auth_failure_rps: float = setting(
+        1.0,
+        "Failed API-key attempts per second allowed per client address (token bucket) before 429; "
+        "0: no limit.",
+    )
+    auth_failure_burst: int = setting(20, "Failed API-key attempts a client address may make in a row.")
     max_body_bytes: int = setting(
         20 * MB, "Largest request body; larger gets 413 without being read into memory."
     )
+    max_body_bytes_in_flight: int = setting(
+        256 * MB,
+        "Request-body bytes held in memory at once over all requests; a body that does not fit waits "
+        "(within its deadline, at most body_wait_ms), then gets 503 + Retry-After. Bounds peak memory "
+        "whatever the concurrency; at least max_body_bytes.",
+    )
+    body_wait_ms: float = setting(
+        2000.0, "Longest a request body waits for room under max_body_bytes_in_flight before 503."
+    )
     request_timeout_ms: float = setting(
         30000.0,
-        "Deadline per request, counting queue time; expired requests get 504 before inference. 0: none.",
+        "Deadline per request, from its arrival to its answer (queue and body reading included); a "
+        "client's X-Request-Timeout-Ms may only shorten it; past it the answer is 504. 0: none.",
     )
+    header_timeout_ms: float = setting(
+        10000.0,
+        "Longest a client may take to send a request's line and headers, from its first byte (slow "
+        "clients hold a connection: slowloris); then 408 and the connection is closed.",
+    )
+    max_header_bytes: int = setting(
+        8190, "Longest request line, header name or header value in bytes; longer gets 400."
+    )
+    max_headers: int = setting(128, "Most header lines in one request; more gets 400.")
     drain_grace_s: float = setting(
         30.0, "On SIGTERM: /readyz turns 503 at once; how long the process may take to finish before exit."
     )
@@ -40,11 +66,18 @@ class EdgeSettings:
     def check(self) -> list[str]:
         """Problems that make these settings unusable, as messages (empty: fine)."""
         problems = []
-        if self.max_body_bytes <= 0:
-            problems.append("max_body_bytes must be > 0")
-        for name in ("request_timeout_ms", "drain_grace_s"):
+        for name in ("max_body_bytes", "max_body_bytes_in_flight", "max_header_bytes", "max_headers"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("request_timeout_ms", "drain_grace_s", "auth_failure_rps", "body_wait_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
+        if self.header_timeout_ms <= 0:
+            problems.append("header_timeout_ms must be > 0")
+        if self.auth_failure_burst < 1:
+            problems.append("auth_failure_burst must be >= 1")
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            problems.append("max_body_bytes_in_flight must be >= max_body_bytes")
         if not 0 <= self.port < 65536:
             problems.append("port must be in 0..65535 (0: any free port)")
         return problems

@@ -10,6 +10,7 @@ smaller, it is an error.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,14 +114,27 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
         raise InvalidOptions(f"{name} must be an integer, got {value!r}")
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdecimal():
-            raise InvalidOptions(f"{name} must be an integer, got {value!r}")
+        # ASCII digits only (str.isdecimal and int() also take "３" and other scripts' digits), and few of
+        # them: int() refuses over 4300 digits, and no option is anywhere near 10 digits.
+        if not _DIGITS.fullmatch(text):
+            raise InvalidOptions(f"{name} must be an integer, got {_shown(value)}")
         value = int(text)
     if not isinstance(value, int):
         raise InvalidOptions(f"{name} must be an integer, got {value!r}")
     if not low <= value <= high:
-        raise InvalidOptions(f"{name} must be between {low} and {high}, got {value}")
+        raise InvalidOptions(f"{name} must be between {low} and {high}, got {_shown(value)}")
     return value
+
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+def _shown(value: object, most: int = 40) -> str:
+    """A value for an error message, cut short (a client may send megabytes of digits)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a number too large to show"  # str() refuses ints of over 4300 digits
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _prompt(value: object) -> str:

@@ -12,51 +12,39 @@ use the contract's JSON error body (``errors.py``); a runtime's answers are rela
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from captionfleet.runtime.router.errors import (
-    BadUpstreamResponse,
-    NoRoute,
-    error_kind,
-    error_response,
-    status_of,
-)
+from captionfleet.names import API_KEY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
+from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.kube import KubeAccess
-from captionfleet.runtime.router.metrics import CONTENT_TYPE, NO_VERSION, RouterMetrics
-from captionfleet.runtime.router.proxy import (
-    REQUEST_ID_HEADER,
-    Balancer,
-    Forwarder,
-    forwarded_headers,
-    read_body,
-)
+from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
+from captionfleet.runtime.router.proxy import Balancer, Forwarder, forwarded_headers
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable
-from captionfleet.runtime.serving.errors import InvalidRequest, ServingError
-from captionfleet.runtime.serving.keys import ApiKeys
-from captionfleet.runtime.web.logs import request_id_var
-from captionfleet.runtime.web.timeouts import client_timeout_ms
+from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
+from captionfleet.runtime.web.keys import ApiKeys, KeyGuard, RateLimiter
+from captionfleet.runtime.web.middleware import (
+    ARRIVED,
+    BODY,
+    DEADLINE,
+    REQUEST_ID,
+    EdgePolicy,
+    edge_middleware,
+)
+from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.router import RouterSettings
 
 log = logging.getLogger(__name__)
-
-USER_ID_HEADER = "X-User-Id"
-ROUTED_VERSION_HEADER = "X-Routed-Version"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Router:
@@ -75,7 +63,11 @@ class Router:
         self.rng = rng or random.Random()
         self.stats = RouterStats(settings.stats_window_s, clock)
         self.metrics = RouterMetrics()
-        self.keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+        self.guard = KeyGuard(
+            ApiKeys.load(settings.api_keys, settings.api_keys_file),
+            RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst),
+        )
+        self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer()
         self.draining = False
         self._forwarder: Forwarder | None = None
@@ -88,6 +80,19 @@ class Router:
     @property
     def ready(self) -> bool:
         return self.holder.table.routable and not self.draining
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """The runtime's shape: ready with the versions that take traffic, or why not."""
+        table = self.holder.table
+        if self.draining:
+            return False, {"reason": "draining"}
+        if not table.routable:
+            reason = self.holder.last_error or f"no version of {table.source or 'the table'} can take traffic"
+            return False, {"reason": reason}
+        return True, {"versions": [v.name for v in table.versions if v.routable]}
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def start_draining(self) -> None:
         self.draining = True
@@ -108,26 +113,18 @@ class Router:
             max_response_bytes=self.settings.max_response_bytes,
         )
 
-    def budget_s(self, request: web.Request) -> float:
-        """The request's time budget: the router's, shortened by the client's X-Request-Timeout-Ms."""
-        client_ms = client_timeout_ms(request.headers)
-        budget_ms = self.settings.request_timeout_ms
-        return (budget_ms if client_ms is None else min(budget_ms, client_ms)) / 1000
-
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         arrived = request[ARRIVED]
-        request_id = request[REQUEST_ID]
         try:
-            self.keys.authenticate(request.headers.get("X-API-Key"))
-            deadline = arrived + self.budget_s(request)
-            body = await read_body(request.content, request.content_length, self.settings.max_body_bytes)
+            self.guard.authenticate(request.headers.get(API_KEY_HEADER), request.remote)
+            body = await self._body(request)
             pick = self.holder.table.pick(request.headers.get(USER_ID_HEADER, "").strip() or None, self.rng)
             if pick is None:
                 raise NoRoute("no model version can take traffic now", retry_after=1.0)
-        except ServingError as exc:
+        except EdgeError as exc:
             if isinstance(exc, NoRoute):
                 self.stats.record_unrouted(_ms_since(arrived))
-            self.metrics.requests.labels(version=NO_VERSION, code=str(status_of(exc))).inc()
+            self.metrics.requests.labels(version=NO_VERSION, code=str(exc.status)).inc()
             raise
         version = pick.version
         if pick.meant_for is not None:
@@ -148,13 +145,14 @@ class Router:
                 path_qs=request.rel_url.raw_path_qs,
                 headers=forwarded_headers(request.headers, request.remote),
                 body=body,
-                request_id=request_id,
-                deadline=deadline,
+                request_id=request[REQUEST_ID],
+                deadline=request[DEADLINE],
                 on_retry=on_retry,
             )
-        except ServingError as exc:
-            self._count(version.name, status_of(exc), error_kind(exc), arrived, retries)
-            return error_response(exc, request_id, {ROUTED_VERSION_HEADER: version.name})
+        except EdgeError as exc:
+            self._count(version.name, exc.status, error_kind(exc), arrived, retries)
+            reply = reply_for(exc, DOMAIN_STATUSES)
+            return reply.response(request[REQUEST_ID], {ROUTED_VERSION_HEADER: version.name})
         finally:
             self.metrics.in_flight.dec()
         self._count(
@@ -163,6 +161,14 @@ class Router:
         response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
         response.headers[ROUTED_VERSION_HEADER] = version.name
         return response
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole body, read once through the edge's budget (it may be sent twice)."""
+        limit = self.settings.max_body_bytes
+        check_declared_size(request.content_length, limit)
+        if request.content_length is not None:
+            await request[BODY].reserve(request.content_length)
+        return await read_all(request.content, request[BODY], limit)
 
     def _count(self, version: str, status: int, error: str | None, arrived: float, retries: int) -> None:
         latency_ms = _ms_since(arrived)
@@ -178,49 +184,6 @@ def _ms_since(start: float) -> float:
 
 
 ROUTER = web.AppKey("router", Router)
-REQUEST_ID = web.RequestKey("request_id", str)
-ARRIVED = web.RequestKey("arrived", float)
-
-
-def request_id_of(header: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    if header and _REQUEST_ID.match(header):
-        return header
-    return uuid.uuid4().hex
-
-
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[ARRIVED] = time.monotonic()
-    request_id = request[REQUEST_ID] = request_id_of(request.headers.get(REQUEST_ID_HEADER))
-    token = request_id_var.set(request_id)
-    try:
-        try:
-            response = await handler(request)
-        except (ServingError, web.HTTPException) as exc:
-            if isinstance(exc, web.HTTPException) and exc.status < 400:
-                raise
-            response = error_response(exc, request_id)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unexpected error", extra={"path": request.path})
-            response = error_response(RuntimeError(), request_id)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        if response.status >= 500 or request.path.startswith("/v1/caption"):
-            log.info(
-                "request",
-                extra={
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "version": response.headers.get(ROUTED_VERSION_HEADER),
-                    "ms": round(_ms_since(request[ARRIVED]), 2),
-                },
-            )
-        return response
-    finally:
-        request_id_var.reset(token)
 
 
 def build_app(
@@ -236,16 +199,21 @@ def build_app(
     app (static routes are applied at once; a bad routes option or file raises TableError here)."""
     holder = holder or TableHolder()
     router = Router(settings, holder, rng=rng, clock=clock)
-    app = web.Application(middlewares=[request_middleware], client_max_size=settings.max_body_bytes)
+    policy = EdgePolicy(
+        domain_statuses=DOMAIN_STATUSES,
+        timeout_ms=settings.request_timeout_ms,
+        budget=router.budget,
+        body_wait_s=settings.body_wait_ms / 1000,
+        access_log=logging.getLogger("captionfleet.runtime.router.access"),
+    )
+    app = web.Application(middlewares=[edge_middleware(policy)], client_max_size=settings.max_body_bytes)
     app[ROUTER] = router
     app.cleanup_ctx.append(_client_session)
     if start_source:
         app.cleanup_ctx.append(source_context(settings, holder, access))
     app.router.add_post("/v1/caption", router.proxy)
     app.router.add_post("/v1/caption/batch", router.proxy)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_probe_routes(app, router)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/router/stats", stats)
     app.router.add_get("/openapi.json", openapi)
@@ -261,27 +229,6 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         app[ROUTER].attach(session)
         log.info("router started", extra={"source": settings.source()})
         yield
-
-
-async def healthz(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.StreamResponse:
-    """The runtime's shape: ``{"ready": true, ...}``, or 503 with ``{"ready": false, "reason": ...}``."""
-    router = request.app[ROUTER]
-    table = router.holder.table
-    if router.draining:
-        return web.json_response({"ready": False, "reason": "draining"}, status=503)
-    if not table.routable:
-        reason = router.holder.last_error or f"no version of {table.source or 'the table'} can take traffic"
-        return web.json_response({"ready": False, "reason": reason}, status=503)
-    return web.json_response({"ready": True, "versions": [v.name for v in table.versions if v.routable]})
-
-
-async def metrics(request: web.Request) -> web.StreamResponse:
-    body = request.app[ROUTER].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def models(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
 from captionfleet.settings import add_options, from_args
@@ -48,47 +47,27 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(settings: RouterSettings) -> int:
     """Serve until SIGTERM or SIGINT, then drain: /readyz turns 503 for ``drain_grace_s`` while requests
-    are still served (so endpoints move away), then in-flight requests finish and the process exits."""
-    from aiohttp import web
-
+    are still routed (so endpoints move away; a second signal cuts it short), then in-flight requests
+    finish within their budget and the process exits."""
     from captionfleet.runtime.router.app import ROUTER, build_app
     from captionfleet.runtime.router.kube import KubeConfigError
     from captionfleet.runtime.router.table import TableError
+    from captionfleet.runtime.web.listener import Listener, serve_until_signalled
 
     try:
         app = build_app(settings)
     except (TableError, KubeConfigError, ValueError, OSError) as exc:
         print(f"captionfleet router: {exc}", file=sys.stderr)
         return 2
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.request_timeout_ms / 1000 + 1
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    addresses = [f"{host}:{port}" for host, port, *_ in runner.addresses]
-    log.info("listening", extra={"addresses": addresses, "port": runner.addresses[0][1]})
+    listener = Listener(app, settings, close_timeout_s=settings.request_timeout_ms / 1000 + 1)
+    await listener.start()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("draining", extra={"delay_s": settings.drain_grace_s})
+    async def drain(cut_short: asyncio.Event) -> None:
         app[ROUTER].start_draining()
-        if settings.drain_grace_s > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_second_signal(loop), timeout=settings.drain_grace_s)
-    finally:
-        await runner.cleanup()
+        log.info("draining", extra={"grace_s": settings.drain_grace_s})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut_short.wait(), timeout=settings.drain_grace_s)
+
+    await serve_until_signalled(listener, drain=drain)
     log.info("stopped")
     return 0
-
-
-async def _second_signal(loop: asyncio.AbstractEventLoop) -> None:
-    """Resolves on another SIGTERM/SIGINT: cut the drain delay short."""
-    again = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, again.set)
-    await again.wait()

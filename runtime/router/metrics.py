@@ -7,15 +7,11 @@ counts. ``version`` is ``none`` for requests answered before a version was chose
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from captionfleet.names import LATENCY_BUCKETS_S
 from captionfleet.runtime.router.table import RoutingTable
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_VERSION = "none"
-
-# Seconds, the runtime's buckets: a cache hit takes ~1 ms, a CPU batch of large BLIP several seconds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class RouterMetrics:
@@ -51,7 +47,7 @@ class RouterMetrics:
             "captionfleet_router_request_duration_seconds",
             "Latency of routed requests as the router sees it, from arrival to answer (retries included)",
             ["version"],
-            buckets=LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.in_flight = Gauge(

@@ -9,9 +9,9 @@
   ``request_timeout_ms``) covers both attempts; each attempt tells the runtime what is left of it in
   ``X-Request-Timeout-Ms``, in whole milliseconds. When it is spent the answer is 504 and there is no
   retry.
-- The body is read once, up to ``max_body_bytes`` (bounded, so it can be sent twice), and the answer
-  up to ``max_response_bytes``; the runtime's status, headers and body are relayed unchanged, so its
-  ``model_version`` says who answered.
+- The body is read once by the edge, up to ``max_body_bytes`` (bounded, so it can be sent twice),
+  and the answer up to ``max_response_bytes``; the runtime's status, headers and body are relayed
+  unchanged, so its ``model_version`` says who answered.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ from dataclasses import dataclass
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from captionfleet.names import REQUEST_ID_HEADER, TIMEOUT_HEADER
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from captionfleet.runtime.router.table import Version
-from captionfleet.runtime.serving.errors import PayloadTooLarge
-from captionfleet.runtime.web.timeouts import TIMEOUT_HEADER
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-Id"
 CHUNK = 64 * 1024
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP client or server computes itself.
@@ -42,6 +40,8 @@ _NOT_FORWARDED = frozenset(
         "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization", "TE",
         "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect", TIMEOUT_HEADER,
         REQUEST_ID_HEADER,
+        # The router's server has decoded a gzip/deflate/br body already: it is sent on as it is.
+        "Content-Encoding",
     )
 )  # fmt: skip
 _NOT_RELAYED = frozenset(
@@ -106,20 +106,6 @@ class UpstreamAnswer:
 
 class _ConnectFailed(Exception):
     """One attempt could not reach its endpoint (the caller decides about the retry)."""
-
-
-async def read_body(content: aiohttp.StreamReader, declared: int | None, limit: int) -> bytes:
-    """The whole request body, or PayloadTooLarge as soon as it is known to exceed ``limit``."""
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
-    chunks = []
-    size = 0
-    async for chunk in content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body has more than {limit} bytes, the limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def forwarded_headers(

@@ -70,7 +70,7 @@ class Pick:
 
 def bucket_of(user_id: str) -> int:
     """The user's bucket in 0..BUCKETS-1: the same on every replica and every Python run."""
-    digest = hashlib.blake2b(user_id.encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(user_id.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % BUCKETS
 
 

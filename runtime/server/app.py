@@ -1,7 +1,8 @@
-"""The aiohttp application: routes, the request-context middleware and thin handlers.
+"""The runtime's aiohttp application: routes and thin handlers over the data plane.
 
-Handlers admit (draining, readiness, API key, rate limit), parse, and call the data plane; every
-exception becomes the contract's JSON error in the middleware, through ``server.errors``.
+Handlers admit (draining, readiness, API key, rate limit), parse, and call the data plane. Request
+ids, deadlines, the body budget, JSON errors and the access log are the shared edge's
+(``captionfleet.runtime.web``); which domain error is which status is ``server.errors``.
 """
 
 from __future__ import annotations
@@ -9,33 +10,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from captionfleet.runtime.server.errors import error_response, reply_for
+from captionfleet.names import API_KEY_HEADER
+from captionfleet.runtime.server.errors import DOMAIN_STATUSES
 from captionfleet.runtime.server.fetch import UrlFetcher
-from captionfleet.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from captionfleet.runtime.server.metrics import ServerMetrics
 from captionfleet.runtime.server.openapi import openapi_document
 from captionfleet.runtime.server.parsing import ImageSource, parse_request
-from captionfleet.runtime.serving.errors import Draining, InvalidRequest, NotReady
-from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
+from captionfleet.runtime.serving.errors import Draining, NotReady
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
-from captionfleet.runtime.web.logs import request_id_var
-from captionfleet.runtime.web.timeouts import client_timeout_ms
+from captionfleet.runtime.web.body import BodyBudget
+from captionfleet.runtime.web.errors import InvalidRequest, reply_for
+from captionfleet.runtime.web.keys import KeyGuard, RateLimiter
+from captionfleet.runtime.web.middleware import (
+    ARRIVED,
+    BODY,
+    DEADLINE,
+    REQUEST_ID,
+    EdgePolicy,
+    edge_middleware,
+    ms_since,
+)
+from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.serve import ServeSettings
-
-log = logging.getLogger("captionfleet.runtime.server")
-access_log = logging.getLogger("captionfleet.runtime.server.access")
-
-_REQUEST_ID = re.compile(r"^[\w.:/+=@-]{1,128}$")
-ARRIVED = web.RequestKey("arrived", float)
-REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @dataclass
@@ -44,9 +46,10 @@ class ServerState:
 
     settings: ServeSettings
     metrics: ServerMetrics
-    keys: ApiKeys
+    guard: KeyGuard
     limiter: RateLimiter
     fetcher: UrlFetcher
+    budget: BodyBudget
     service: CaptionService | None = None
     draining: bool = False
     load_error: str | None = None
@@ -59,6 +62,16 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.service is not None and self.service.ready and not self.draining
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.ready:
+            assert self.service is not None
+            return True, {"model_version": self.service.model_version}
+        return False, {"reason": "draining" if self.draining else (self.load_error or "loading")}
+
+    def render_metrics(self) -> bytes:
+        self.metrics.ready.set(1 if self.ready else 0)
+        return self.metrics.render()
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
@@ -78,70 +91,6 @@ class ServerState:
 STATE = web.AppKey("state", ServerState)
 
 
-def _request_id(header: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    if header and _REQUEST_ID.match(header):
-        return header
-    return uuid.uuid4().hex
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def request_context(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Request id, JSON errors, the requests counter and the access log, for every route."""
-    request_id = _request_id(request.headers.get("X-Request-Id"))
-    token = request_id_var.set(request_id)
-    request[REQUEST_ID] = request_id
-    request[ARRIVED] = time.monotonic()
-    metrics = request.app[STATE].metrics
-    route = _route(request)
-    try:
-        try:
-            response = await handler(request)
-        except asyncio.CancelledError:
-            metrics.requests.labels(route, "499").inc()  # nginx's "client closed request"
-            access_log.info("client went away", extra={"route": route, "status": 499})
-            raise
-        except Exception as exc:
-            reply = reply_for(exc)
-            if reply.status >= 500 and reply.code == "internal_error":
-                log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(exc, request_id)
-        response.headers["X-Request-Id"] = request_id
-        metrics.requests.labels(route, str(response.status)).inc()
-        access_log.log(
-            _access_level(route, response.status),
-            "%s %s %d",
-            request.method,
-            request.path,
-            response.status,
-            extra={"route": route, "status": response.status, "latency_ms": _elapsed_ms(request)},
-        )
-        return response
-    finally:
-        request_id_var.reset(token)
-
-
-PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
-"""Polled every few seconds by kubelet and Prometheus: their lines go to DEBUG, not to every log."""
-
-
-def _access_level(route: str, status: int) -> int:
-    if route in PROBE_ROUTES:
-        return logging.DEBUG
-    return logging.WARNING if status >= 500 else logging.INFO
-
-
-def _elapsed_ms(request: web.Request) -> float:
-    return round((time.monotonic() - request[ARRIVED]) * 1000, 3)
-
-
 def _admit(request: web.Request, state: ServerState) -> CaptionService:
     """Raise unless this request may go on: not draining, model ready, key valid, within its rate."""
     if state.draining:
@@ -149,21 +98,22 @@ def _admit(request: web.Request, state: ServerState) -> CaptionService:
     service = state.service
     if service is None or not service.ready:
         raise NotReady(state.load_error or "the model is still loading", retry_after=5.0)
-    key_id = state.keys.authenticate(request.headers.get("X-API-Key"))
+    key_id = state.guard.authenticate(request.headers.get(API_KEY_HEADER), request.remote)
     state.limiter.acquire(key_id)
     return service
 
 
-def _deadline(request: web.Request, service: CaptionService) -> float | None:
-    """The request's deadline: the server's timeout, shortened by the client's ``X-Request-Timeout-Ms``."""
-    return service.deadline(request[ARRIVED], client_timeout_ms(request.headers))
+def _deadline(request: web.Request) -> float | None:
+    """The request's deadline (the edge's: the server's timeout, shortened by the client's)."""
+    deadline = request[DEADLINE]
+    return None if deadline == float("inf") else deadline
 
 
-async def _image_bytes(state: ServerState, source: ImageSource) -> bytes:
+async def _image_bytes(request: web.Request, source: ImageSource) -> bytes:
     if source.data is not None:
         return source.data
     assert source.url is not None
-    return await state.fetcher.fetch(source.url)
+    return await request.app[STATE].fetcher.fetch(source.url, request[BODY])
 
 
 def _result_body(result: CaptionResult) -> dict[str, Any]:
@@ -183,9 +133,9 @@ async def caption(request: web.Request) -> web.Response:
         service = _admit(request, state)
         parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=False)
         options = service.resolve_options(parsed.fields)
-        data = await _image_bytes(state, parsed.images[0])
-        result = await service.caption(data, options, _deadline(request, service))
-        latency_ms = _elapsed_ms(request)
+        data = await _image_bytes(request, parsed.images[0])
+        result = await service.caption(data, options, _deadline(request))
+        latency_ms = ms_since(request[ARRIVED])
         state.metrics.request_latency.labels(state.metrics.model, "/v1/caption").observe(latency_ms / 1000)
         body = _result_body(result) | {"latency_ms": latency_ms, "request_id": request[REQUEST_ID]}
         return web.json_response(body)
@@ -202,10 +152,10 @@ async def caption_batch(request: web.Request) -> web.Response:
                 code="too_many_images",
             )
         options = service.resolve_options(parsed.fields)
-        deadline = _deadline(request, service)
+        deadline = _deadline(request)
 
         async def one(source: ImageSource) -> CaptionResult:
-            return await service.caption(await _image_bytes(state, source), options, deadline)
+            return await service.caption(await _image_bytes(request, source), options, deadline)
 
         outcomes = await asyncio.gather(*(one(source) for source in parsed.images), return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -217,13 +167,13 @@ async def caption_batch(request: web.Request) -> web.Response:
         results: list[dict[str, Any]] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                reply = reply_for(outcome)
+                reply = reply_for(outcome, DOMAIN_STATUSES)
                 results.append(
                     {"error": {"code": reply.code, "message": reply.message}, "status": reply.status}
                 )
             else:
                 results.append(_result_body(outcome))
-        latency_ms = _elapsed_ms(request)
+        latency_ms = ms_since(request[ARRIVED])
         state.metrics.request_latency.labels(state.metrics.model, "/v1/caption/batch").observe(
             latency_ms / 1000
         )
@@ -245,39 +195,28 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": [service.info()], "ready": state.ready})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.ready:
-        assert state.service is not None
-        return web.json_response({"ready": True, "model_version": state.service.model_version})
-    reason = "draining" if state.draining else (state.load_error or "loading")
-    return web.json_response({"ready": False, "reason": reason}, status=503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    state.metrics.ready.set(1 if state.ready else 0)
-    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
 def build_app(state: ServerState) -> web.Application:
-    """The application; the body limit is enforced by our own streaming reads, not aiohttp's."""
-    app = web.Application(middlewares=[request_context], client_max_size=state.settings.max_body_bytes)
+    """The application; the body limits are enforced by the edge's streaming reads, not aiohttp's."""
+    policy = EdgePolicy(
+        domain_statuses=DOMAIN_STATUSES,
+        timeout_ms=state.settings.request_timeout_ms,
+        budget=state.budget,
+        body_wait_s=state.settings.body_wait_ms / 1000,
+        count=lambda route, status: state.metrics.requests.labels(route, str(status)).inc(),
+        access_log=logging.getLogger("captionfleet.runtime.server.access"),
+    )
+    app = web.Application(
+        middlewares=[edge_middleware(policy)], client_max_size=state.settings.max_body_bytes
+    )
     app[STATE] = state
     app.router.add_post("/v1/caption", caption)
     app.router.add_post("/v1/caption/batch", caption_batch)
     app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_probe_routes(app, state)
     app.router.add_get("/openapi.json", openapi)
 
     async def close_fetcher(_: web.Application) -> None:

@@ -23,8 +23,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from captionfleet.runtime.server.parsing import read_limited
-from captionfleet.runtime.serving.errors import PayloadTooLarge, UrlFetchFailed, UrlRefused
+from captionfleet.runtime.web.body import BodyAllowance, read_all
+from captionfleet.runtime.web.errors import PayloadTooLarge, UrlFetchFailed, UrlRefused
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -123,8 +123,9 @@ class UrlFetcher:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, url_text: str) -> bytes:
-        """The bytes at ``url_text``; raises UrlRefused, UrlFetchFailed or PayloadTooLarge."""
+    async def fetch(self, url_text: str, allowance: BodyAllowance | None = None) -> bytes:
+        """The bytes at ``url_text``; raises UrlRefused, UrlFetchFailed or PayloadTooLarge. With the
+        request's ``allowance``, the fetched bytes count against the process's body budget too."""
         try:
             url = URL(url_text.strip())
         except (ValueError, TypeError) as exc:
@@ -133,11 +134,11 @@ class UrlFetcher:
             raise UrlRefused("the URL must be absolute (http:// or https://)")
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._follow(url)
+                return await self._follow(url, allowance)
         except TimeoutError as exc:
             raise UrlFetchFailed(f"fetching the URL took longer than {self.timeout_s:g} s") from exc
 
-    async def _follow(self, url: URL) -> bytes:
+    async def _follow(self, url: URL, allowance: BodyAllowance | None) -> bytes:
         session = self._client()
         for _ in range(self.max_redirects + 1):
             check_url(url, self.allow_private)
@@ -154,7 +155,7 @@ class UrlFetcher:
                     declared = response.content_length
                     if declared is not None and declared > self.max_bytes:
                         raise PayloadTooLarge(f"the URL's content is {declared} bytes, over {self.max_bytes}")
-                    return await read_limited(response.content, self.max_bytes, what="URL's content")
+                    return await read_all(response.content, allowance, self.max_bytes, what="URL's content")
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, RefusedAddress):
                     raise UrlRefused(str(exc.os_error)) from exc

@@ -14,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
-
-from aiohttp import web
 
 from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.server.app import ServerState, build_app
 from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
-from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
 from captionfleet.runtime.serving.service import CaptionService, build_cache
+from captionfleet.runtime.web.body import BodyBudget
+from captionfleet.runtime.web.keys import ApiKeys, KeyGuard, RateLimiter
+from captionfleet.runtime.web.listener import Listener
+from captionfleet.runtime.web.listener import serve_until_signalled as serve_edge
 from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger("captionfleet.runtime.server")
@@ -51,8 +51,12 @@ class Server:
         self.state = ServerState(
             settings=settings,
             metrics=ServerMetrics(settings.model_version or "loading", settings.max_batch_size),
-            keys=ApiKeys.load(settings.api_keys, settings.api_keys_file),
+            guard=KeyGuard(
+                ApiKeys.load(settings.api_keys, settings.api_keys_file),
+                RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst),
+            ),
             limiter=RateLimiter(settings.rate_limit_rps, settings.resolved_rate_limit_burst()),
+            budget=BodyBudget(settings.max_body_bytes_in_flight),
             fetcher=UrlFetcher(
                 allow_private=settings.allow_private_urls,
                 timeout_s=settings.url_timeout_s,
@@ -60,29 +64,26 @@ class Server:
                 max_redirects=settings.url_max_redirects,
             ),
         )
-        self._runner: web.AppRunner | None = None
+        # Answers written by the end of the grace period still get a second to reach their clients.
+        self.listener = Listener(build_app(self.state), settings, close_timeout_s=1.0)
         self.loading: asyncio.Task[None] | None = None
-        self.port: int | None = None
+
+    @property
+    def port(self) -> int | None:
+        return self.listener.port
 
     @property
     def url(self) -> str:
-        host = self.settings.host if self.settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        return self.listener.url
 
     async def start(self, *, wait_ready: bool = True) -> None:
         """Listen, then load and warm the model (in the background unless ``wait_ready``)."""
-        # handler_cancellation: a client that hangs up cancels its handler, so the batcher skips it.
-        self._runner = web.AppRunner(build_app(self.state), handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
-        log.info("listening on %s:%s", self.settings.host, self.port)
-        if self.state.keys.open:
+        await self.listener.start()
+        keys = self.state.guard.keys
+        if keys.open:
             log.warning("no API keys configured: the caption API is open to anyone who can reach it")
         else:
-            log.info("API keys required (%d configured)", len(self.state.keys))
+            log.info("API keys required (%d configured)", len(keys))
         self.loading = asyncio.get_running_loop().create_task(self._load_and_warm(), name="load-model")
         if wait_ready:
             await self.loading
@@ -137,18 +138,13 @@ class Server:
         # Answers written by now reach their clients before the listener closes.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.state.idle.wait(), timeout=max(1.0, ends - time.monotonic()))
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.listener.stop()
         log.info("drained: %d requests were failed with 503 after the grace period", left)
         return left
 
 
 async def serve_until_signalled(settings: ServeSettings) -> int:
     """Serve until SIGTERM or SIGINT, then drain; 0 after a drain, 1 when the model fails to load."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     server = Server(settings)
     try:
         await server.start(wait_ready=False)
@@ -156,13 +152,16 @@ async def serve_until_signalled(settings: ServeSettings) -> int:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
         return 1
     assert server.loading is not None
-    stopped = loop.create_task(stop.wait())
-    await asyncio.wait((stopped, server.loading), return_when=asyncio.FIRST_COMPLETED)
-    if server.loading.done() and not server.loading.cancelled() and server.loading.exception() is not None:
-        stopped.cancel()
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def loaded(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not failed.done():
+            failed.set_result(None)
+
+    server.loading.add_done_callback(loaded)
+
+    async def drain(cut_short: asyncio.Event) -> None:
         await server.drain()
-        return 1
-    await stopped
-    log.info("signal received, draining")
-    await server.drain()
-    return 0
+
+    signalled = await serve_edge(server.listener, drain=drain, failed=failed)
+    return 0 if signalled else 1

@@ -10,14 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from captionfleet.names import LATENCY_BUCKETS_S
 from captionfleet.runtime.engine.types import Caption
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-# Seconds: a cache hit takes ~1 ms, a CPU batch of large BLIP several seconds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServerMetrics:
@@ -35,28 +30,28 @@ class ServerMetrics:
             "captionfleet_request_duration_seconds",
             "End-to-end latency of captioned requests (status 200), from arrival to response",
             ["model", "route"],
-            buckets=LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.queue_wait = Histogram(
             "captionfleet_queue_wait_seconds",
             "Time a request waited in the batcher's queue before its batch started",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.preprocess = Histogram(
             "captionfleet_preprocess_seconds",
             "Decoding, cache key and preprocessing time per image (in the preprocessing pool)",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         self.inference = Histogram(
             "captionfleet_inference_seconds",
             "Time of one batched model call",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size} & set(range(1, max_batch_size + 1)))

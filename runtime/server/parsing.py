@@ -5,9 +5,11 @@ route), a raw body (any other content type: the bytes are sniffed later, never t
 JSON ``{"url": ...}`` / ``{"image_base64": ...}`` (``{"images": [...]}`` of those for the batch route).
 Options come from the query string and from the body's fields; the body wins.
 
-The body is streamed against ``max_body_bytes``: a declared Content-Length over the limit is refused
-before reading, and a chunked body is cut off as soon as it passes the limit, so an oversized upload
-never sits in memory.
+The body is read through the edge (``captionfleet.runtime.web.body``): a declared Content-Length over
+``max_body_bytes`` is refused before reading, a chunked body is cut off as soon as it passes it, and
+every byte kept counts against the process's ``max_body_bytes_in_flight``. The query string must be
+UTF-8, like a multipart field; JSON nested deeper than any request needs is refused before Python's
+recursion limit is reached.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import base64
 import binascii
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import BodyPartReader, StreamReader, web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from captionfleet.runtime.serving.errors import InvalidRequest, PayloadTooLarge
+from captionfleet.runtime.web.body import BodyAllowance, check_declared_size, read_all
+from captionfleet.runtime.web.errors import InvalidRequest
+from captionfleet.runtime.web.middleware import BODY
 
 OPTION_FIELDS = ("suggestions", "style", "prompt", "num_beams", "max_new_tokens")
 SOURCE_FIELDS = ("url", "image_base64")
@@ -44,44 +50,29 @@ class ParsedRequest:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-async def read_limited(
-    stream: StreamReader | BodyPartReader, limit: int, what: str = "request body"
-) -> bytes:
-    """Read a stream to its end, raising :class:`PayloadTooLarge` as soon as it passes ``limit`` bytes."""
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = await (
-            stream.read_chunk(_CHUNK) if isinstance(stream, BodyPartReader) else stream.read(_CHUNK)
+def query_fields(request: web.BaseRequest) -> dict[str, str]:
+    """The option fields of the query string, decoded as strict UTF-8 (as multipart fields are)."""
+    try:
+        pairs = urllib.parse.parse_qsl(
+            request.rel_url.raw_query_string, keep_blank_values=True, encoding="utf-8", errors="strict"
         )
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"the {what} is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _check_declared_size(request: web.BaseRequest, limit: int) -> None:
-    declared = request.content_length
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit} bytes")
-
-
-def _query_fields(request: web.BaseRequest) -> dict[str, Any]:
-    return {name: request.query[name] for name in OPTION_FIELDS if name in request.query}
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("the query string is not UTF-8 text", code="invalid_field") from exc
+    return {name: value for name, value in pairs if name in OPTION_FIELDS}
 
 
 async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch: bool) -> ParsedRequest:
     """The images and option fields of a caption (``batch=False``) or batch request."""
-    _check_declared_size(request, max_body_bytes)
-    fields = _query_fields(request)
+    check_declared_size(request.content_length, max_body_bytes)
+    allowance = request[BODY]
+    if request.content_length is not None:
+        await allowance.reserve(request.content_length)  # all of it before the first byte
+    fields: dict[str, Any] = dict(query_fields(request))
     content_type = request.content_type.lower()
     if content_type == "multipart/form-data":
-        parsed = await _parse_multipart(request, max_body_bytes, batch)
+        parsed = await _parse_multipart(request, allowance, max_body_bytes, batch)
     elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await read_limited(request.content, max_body_bytes)
+        body = await read_all(request.content, allowance, max_body_bytes)
         parsed = _parse_json(body, batch)
     elif batch:
         raise InvalidRequest(
@@ -90,17 +81,19 @@ async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch:
             code="unsupported_body",
         )
     else:
-        parsed = ParsedRequest([ImageSource(data=await read_limited(request.content, max_body_bytes))])
+        parsed = ParsedRequest([ImageSource(data=await read_all(request.content, allowance, max_body_bytes))])
     fields.update(parsed.fields)
     parsed.fields = fields
     return parsed
 
 
-async def _parse_multipart(request: web.BaseRequest, limit: int, batch: bool) -> ParsedRequest:
+async def _parse_multipart(
+    request: web.BaseRequest, allowance: BodyAllowance, limit: int, batch: bool
+) -> ParsedRequest:
     image_field = "images" if batch else "image"
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:  # no or a bad boundary
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # no or a bad boundary
         raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
     images: list[ImageSource] = []
     fields: dict[str, Any] = {}
@@ -109,7 +102,7 @@ async def _parse_multipart(request: web.BaseRequest, limit: int, batch: bool) ->
     while True:
         try:
             part = await reader.next()
-        except (ValueError, AssertionError, RuntimeError) as exc:
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # bad part headers
             raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
         if part is None:
             break
@@ -118,17 +111,17 @@ async def _parse_multipart(request: web.BaseRequest, limit: int, batch: bool) ->
         name = part.name or ""
         seen.append(name)
         if name == image_field or (batch and name == "image"):
-            data = await read_limited(part, budget)
+            data = await read_all(part, allowance, budget)
             budget -= len(data)
             images.append(ImageSource(data=data))
         elif name in OPTION_FIELDS:
-            raw = await read_limited(part, _MAX_FIELD_BYTES, what=f"field {name!r}")
+            raw = await read_all(part, allowance, _MAX_FIELD_BYTES, what=f"field {name!r}")
             try:
                 fields[name] = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidRequest(f"field {name!r} is not UTF-8 text", code="invalid_field") from exc
         else:
-            budget -= len(await read_limited(part, budget))  # drain it: the next part follows it
+            budget -= len(await read_all(part, allowance, budget))  # drain it: the next part follows it
     if not images:
         got = ", ".join(repr(n) for n in seen) or "none"
         raise InvalidRequest(
@@ -143,10 +136,11 @@ async def _parse_multipart(request: web.BaseRequest, limit: int, batch: bool) ->
 
 
 def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
+    _check_nesting(body)
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {_short(exc)}", code="invalid_json") from exc
     if not isinstance(document, dict):
         raise InvalidRequest("the JSON body must be an object", code="invalid_json")
     allowed = {*OPTION_FIELDS, *(("images",) if batch else SOURCE_FIELDS)}
@@ -169,6 +163,31 @@ def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
             )
         return ParsedRequest([_json_source(entry, f"images[{i}]") for i, entry in enumerate(entries)], fields)
     return ParsedRequest([_json_source(document, "body")], fields)
+
+
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays and objects accepted in a JSON body (requests need 3)."""
+_JSON_BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _check_nesting(body: bytes) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH, before the parser recurses into it."""
+    depth = 0
+    for match in _JSON_BRACKETS.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequest(
+                    f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+                )
+        elif token in (b"]", b"}"):
+            depth -= 1
+
+
+def _short(error: BaseException, most: int = 200) -> str:
+    text = str(error)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _json_source(entry: object, where: str) -> ImageSource:

@@ -1,8 +1,9 @@
 """The data plane's domain errors, each with a stable machine ``code``.
 
-The HTTP layer maps these classes (and the engine's) to statuses in one module
+The server maps these classes (and the engine's) to statuses in one module
 (``captionfleet.runtime.server.errors``); nothing here knows about HTTP. ``retry_after`` (seconds) is
-set where waiting and retrying is the right reaction: a full queue, a drain, a rate limit.
+set where waiting and retrying is the right reaction: a full queue, a drain. The errors of the HTTP
+edge itself (bad requests, keys, body limits) are ``captionfleet.runtime.web.errors``.
 """
 
 from __future__ import annotations
@@ -19,44 +20,6 @@ class ServingError(Exception):
         self.retry_after = retry_after
         if code is not None:
             self.code = code
-
-
-class InvalidRequest(ServingError):
-    """The request is malformed: wrong field name, malformed JSON, bad base64, bad option types.
-
-    ``code`` names the problem more precisely (``invalid_json``, ``missing_image``, ...)."""
-
-    code = "invalid_request"
-
-
-class PayloadTooLarge(ServingError):
-    """The body (or a fetched URL's content) is larger than the configured limit."""
-
-    code = "payload_too_large"
-
-
-class UrlRefused(ServingError):
-    """The image URL is not allowed: scheme, private address, too many redirects (SSRF guard)."""
-
-    code = "url_refused"
-
-
-class UrlFetchFailed(ServingError):
-    """The image URL was allowed but could not be fetched: timeout, connection error, HTTP error."""
-
-    code = "url_fetch_failed"
-
-
-class Unauthorized(ServingError):
-    """The API key is missing or unknown."""
-
-    code = "unauthorized"
-
-
-class RateLimited(ServingError):
-    """The API key's token bucket is empty; ``retry_after`` says when the next token comes."""
-
-    code = "rate_limited"
 
 
 class QueueFull(ServingError):

@@ -1,8 +1,15 @@
-"""The contract's JSON error body, ``{"error": {"code": str, "message": str}, "request_id": str}``.
+"""The edge's errors and the contract's JSON error body, ``{"error": {"code", "message"}, "request_id"}``.
 
-429 and 503 answers carry ``Retry-After`` in whole seconds, rounded up. Which domain error is which
-status is each process's own table (``server/errors.py``, ``router/errors.py``); this module turns a
-status table and an exception into the reply.
+Two kinds of errors reach the edge:
+
+- :class:`EdgeError` and its subclasses, raised by the HTTP layer itself (bad request bytes, keys, body
+  limits, the router's upstream failures): each class carries its HTTP status and code, and an instance
+  may carry ``retry_after`` (seconds).
+- Domain errors of the data plane and the engine, which know nothing of HTTP: each process passes its
+  one table of which domain error is which status (``server/errors.py``) to :func:`reply_for`.
+
+Anything else is a 500 whose message hides the details (they go to the log with the request id).
+Every 502, 503 and 429 answer carries ``Retry-After`` in whole seconds, rounded up.
 """
 
 from __future__ import annotations
@@ -12,6 +19,91 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from captionfleet.runtime.serving.errors import ServingError
+
+StatusTable = Mapping[type[Exception], int]
+"""Domain error class -> HTTP status; a subclass takes the status of its nearest listed class."""
+
+RETRY_STATUSES = frozenset({429, 502, 503})
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class EdgeError(Exception):
+    """Base of every error the HTTP edge raises on purpose: status and code by class."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(EdgeError):
+    """The request is malformed: bad JSON, fields, headers or encoding; ``code`` names the problem."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class UrlRefused(EdgeError):
+    """The image URL is not allowed: scheme, private address, too many redirects (SSRF guard)."""
+
+    status = 400
+    code = "url_refused"
+
+
+class UrlFetchFailed(EdgeError):
+    """The image URL was allowed but could not be fetched: timeout, connection error, HTTP error."""
+
+    status = 400
+    code = "url_fetch_failed"
+
+
+class Unauthorized(EdgeError):
+    """The API key is missing or unknown."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class RequestTimeout(EdgeError):
+    """The client took too long to send its request (line and headers, or body)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class PayloadTooLarge(EdgeError):
+    """The body (or a fetched URL's content) is larger than the configured limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(EdgeError):
+    """The body is in a coding (``Content-Encoding``) the edge cannot decode."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RateLimited(EdgeError):
+    """A token bucket is empty (the key's rate, or a client's failed key attempts)."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class Overloaded(EdgeError):
+    """The process holds as many request bytes as it may (``max_body_bytes_in_flight``)."""
+
+    status = 503
+    code = "overloaded"
 
 
 @dataclass(frozen=True)
@@ -35,23 +127,41 @@ class ErrorReply:
         )
 
 
-def status_in(table: Mapping[type[Exception], int], error: BaseException) -> int:
-    """The status of ``error``'s nearest class in ``table``; 500 when none is listed."""
+INTERNAL = ErrorReply(500, "internal_error", "the server failed to handle this request (see its log)")
+
+
+def status_in(table: StatusTable, error: BaseException) -> int | None:
+    """The status of ``error``'s nearest class in ``table``; None when none is listed."""
     for cls in type(error).__mro__:
         if cls in table:
             return table[cls]
-    return 500
+    return None
 
 
-def domain_reply(status: int, code: str, message: str, retry_after: float | None) -> ErrorReply:
-    """A domain error's reply; every 503 tells the client when to retry (1 s unless the error says)."""
-    if status == 503 and retry_after is None:
-        retry_after = 1.0
-    return ErrorReply(status, code, message, retry_after)
+def reply_for(error: BaseException, domain: StatusTable) -> ErrorReply:
+    """The status, code, message and retry hint for any exception."""
+    if isinstance(error, EdgeError):
+        return _with_retry(ErrorReply(error.status, error.code, error.message, error.retry_after))
+    status = status_in(domain, error)
+    if status is not None:
+        code = getattr(error, "code", "error")
+        message = getattr(error, "message", str(error))
+        retry_after = error.retry_after if isinstance(error, ServingError) else None
+        return _with_retry(ErrorReply(status, str(code), str(message), retry_after))
+    if isinstance(error, web.HTTPException) and error.status >= 400:
+        return aiohttp_reply(error)
+    return INTERNAL
+
+
+def _with_retry(reply: ErrorReply) -> ErrorReply:
+    """Every 429/502/503 tells the client when to retry (1 s unless the error says)."""
+    if reply.status in RETRY_STATUSES and reply.retry_after is None:
+        return ErrorReply(reply.status, reply.code, reply.message, DEFAULT_RETRY_AFTER_S)
+    return reply
 
 
 def aiohttp_reply(error: web.HTTPException) -> ErrorReply:
     """aiohttp's own answers (404 no such route, 405 wrong method, ...), in the contract's shape."""
     code = error.reason.lower().replace(" ", "_") if error.reason else "http_error"
     message = error.text if error.text and error.text != f"{error.status}: {error.reason}" else error.reason
-    return ErrorReply(error.status, code, message or code)
+    return _with_retry(ErrorReply(error.status, code, message or code))

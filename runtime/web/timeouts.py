@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from captionfleet.runtime.serving.errors import InvalidRequest
-
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+from captionfleet.names import TIMEOUT_HEADER
+from captionfleet.runtime.web.errors import InvalidRequest
 
 
 def client_timeout_ms(headers: Mapping[str, str]) -> float | None:

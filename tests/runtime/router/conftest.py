@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from captionfleet.runtime.router.app import build_app
 from captionfleet.runtime.router.sources import TableHolder
+from captionfleet.runtime.web.listener import Listener
 from captionfleet.settings.router import RouterSettings
 
 
@@ -135,22 +136,23 @@ BASE = RouterSettings(
 
 @pytest.fixture
 async def start_router() -> AsyncIterator[StartRouter]:
-    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+    """The real router app behind the real edge listener (the one ``captionfleet router`` runs)."""
+    started: list[tuple[Listener, aiohttp.ClientSession]] = []
 
     async def start(*, seed: int = 7, **overrides: Any) -> RouterUnderTest:
         settings = replace(BASE, **overrides)
         holder = TableHolder()
         app = build_app(settings, holder=holder, rng=random.Random(seed))
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        listener = Listener(app, settings, close_timeout_s=1.0)
+        await listener.start()
         client = aiohttp.ClientSession()
-        started.append((server, client))
-        return RouterUnderTest(client, str(server.make_url("")).rstrip("/"), app, holder)
+        started.append((listener, client))
+        return RouterUnderTest(client, listener.url, app, holder)
 
     yield start
-    for server, client in started:
+    for listener, client in started:
         await client.close()
-        await server.close()
+        await listener.stop()
 
 
 Eventually = Callable[..., Awaitable[None]]

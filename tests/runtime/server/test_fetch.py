@@ -20,7 +20,7 @@ from captionfleet.runtime.server.fetch import (
     address_refusal,
     check_url,
 )
-from captionfleet.runtime.serving.errors import PayloadTooLarge, UrlFetchFailed, UrlRefused
+from captionfleet.runtime.web.errors import PayloadTooLarge, UrlFetchFailed, UrlRefused
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 100
 

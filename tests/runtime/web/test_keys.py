@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from captionfleet.runtime.server.testing import encode, shapes_image
-from captionfleet.runtime.serving.errors import RateLimited, Unauthorized
-from captionfleet.runtime.serving.keys import ApiKeys, RateLimiter
+from captionfleet.runtime.web.errors import RateLimited, Unauthorized
+from captionfleet.runtime.web.keys import ApiKeys, RateLimiter
 
 
 class ManualClock:
