@@ -66,6 +66,12 @@ class RouterSettings(EdgeSettings):
     stats_window_s: int = setting(
         900, "Seconds of per-second figures kept per version for GET /v1/router/stats (the longest window)."
     )
+    stats_max_slots: int = setting(
+        3600,
+        "Most slots of figures kept per version: a window longer than this many seconds gets slots of "
+        "ceil(stats_window_s / stats_max_slots) seconds (memory stays bounded; windows are rounded up "
+        "to whole slots).",
+    )
 
     def source(self) -> str:
         """Which table source these settings choose: ``captionmodel``, ``file`` or ``static``."""
@@ -99,7 +105,7 @@ class RouterSettings(EdgeSettings):
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("max_response_bytes", "stats_window_s"):
+        for name in ("max_response_bytes", "stats_window_s", "stats_max_slots"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         if not 0 < self.service_port < 65536:
