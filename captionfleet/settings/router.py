@@ -66,6 +66,40 @@ class RouterSettings(EdgeSettings):
     stats_window_s: int = setting(
         900, "Seconds of per-second figures kept per version for GET /v1/router/stats (the longest window)."
     )
+    stats_max_slots: int = setting(
+        3600,
+        "Most slots of figures kept per version: a window longer than this many seconds gets slots of "
+        "ceil(stats_window_s / stats_max_slots) seconds (memory stays bounded; windows are rounded up "
+        "to whole slots).",
+    )
+    outlier_connect_failures: int = setting(
+        1,
+        "Connection failures in a row (refused, reset, connect timeout) that take an endpoint out of "
+        "rotation until a probe of its /readyz succeeds; 0: never.",
+    )
+    outlier_timeouts: int = setting(
+        2,
+        "Requests in a row that got no answer from an endpoint within their budget that take it out of "
+        "rotation (one may be a slow batch; two with no answer in between is a hung pod); 0: never.",
+    )
+    outlier_timeout_min_budget_ms: float = setting(
+        1000.0,
+        "A timeout counts against an endpoint only when the attempt had at least this long (a client's "
+        "short X-Request-Timeout-Ms says nothing about the endpoint).",
+    )
+    outlier_base_ejection_s: float = setting(
+        2.0,
+        "How long an ejected endpoint stays out before its /readyz is probed; doubled on each ejection "
+        "in a row (a failed probe included), up to outlier_max_ejection_s.",
+    )
+    outlier_max_ejection_s: float = setting(
+        60.0,
+        "Longest time out of rotation before the next probe; an endpoint that stays in this long "
+        "starts again from outlier_base_ejection_s.",
+    )
+    outlier_probe_timeout_ms: float = setting(
+        1000.0, "Time limit of the GET /readyz probe of an ejected endpoint (a hung one fails it)."
+    )
 
     def source(self) -> str:
         """Which table source these settings choose: ``captionmodel``, ``file`` or ``static``."""
@@ -99,9 +133,17 @@ class RouterSettings(EdgeSettings):
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("max_response_bytes", "stats_window_s"):
+        for name in ("max_response_bytes", "stats_window_s", "stats_max_slots"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
+        for name in ("outlier_base_ejection_s", "outlier_max_ejection_s", "outlier_probe_timeout_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        for name in ("outlier_connect_failures", "outlier_timeouts", "outlier_timeout_min_budget_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
+        if self.outlier_max_ejection_s < self.outlier_base_ejection_s:
+            problems.append("outlier_max_ejection_s must be >= outlier_base_ejection_s")
         if not 0 < self.service_port < 65536:
             problems.append("service_port must be in 1..65535")
         return problems

@@ -22,10 +22,11 @@ import aiohttp
 from aiohttp import web
 
 from captionfleet.names import API_KEY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
+from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
-from captionfleet.runtime.router.proxy import Balancer, Forwarder, forwarded_headers
+from captionfleet.runtime.router.proxy import Forwarder, forwarded_headers
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
@@ -61,17 +62,19 @@ class Router:
         self.settings = settings
         self.holder = holder
         self.rng = rng or random.Random()
-        self.stats = RouterStats(settings.stats_window_s, clock)
+        self.stats = RouterStats(settings.stats_window_s, clock, max_slots=settings.stats_max_slots)
         self.metrics = RouterMetrics()
         self.guard = KeyGuard(
             ApiKeys.load(settings.api_keys, settings.api_keys_file),
             RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst),
         )
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
-        self.balancer = Balancer()
+        self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.draining = False
         self._forwarder: Forwarder | None = None
         holder.on_change(self._table_changed)
+        holder.on_change(self.balancer.table_changed)
+        self.metrics.watch_balancer(self.balancer)
 
     def _table_changed(self, table: RoutingTable) -> None:
         self.metrics.table_changed(table, self.holder.updated_at)
@@ -89,7 +92,10 @@ class Router:
         if not table.routable:
             reason = self.holder.last_error or f"no version of {table.source or 'the table'} can take traffic"
             return False, {"reason": reason}
-        return True, {"versions": [v.name for v in table.versions if v.routable]}
+        live = [v.name for v in table.versions if v.routable and self.balancer.live_endpoints(v)]
+        if not live:
+            return False, {"reason": "every endpoint of every version is ejected (failing or hung)"}
+        return True, {"versions": live}
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()
@@ -229,6 +235,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         app[ROUTER].attach(session)
         log.info("router started", extra={"source": settings.source()})
         yield
+        await app[ROUTER].balancer.close()  # its probes, before the HTTP client they use
 
 
 async def models(request: web.Request) -> web.StreamResponse:

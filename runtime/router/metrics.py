@@ -6,9 +6,14 @@ counts. ``version`` is ``none`` for requests answered before a version was chose
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from captionfleet.names import LATENCY_BUCKETS_S
+from captionfleet.runtime.router.balancer import Balancer
 from captionfleet.runtime.router.table import RoutingTable
 
 NO_VERSION = "none"
@@ -81,6 +86,10 @@ class RouterMetrics:
             registry=r,
         )
 
+    def watch_balancer(self, balancer: Balancer) -> None:
+        """Export the balancer's outlier figures, read at each scrape."""
+        self.registry.register(_OutlierCollector(balancer))
+
     def table_changed(self, table: RoutingTable, timestamp: float) -> None:
         self.weight.clear()
         self.endpoints.clear()
@@ -92,3 +101,37 @@ class RouterMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _OutlierCollector(Collector):
+    """Outlier ejection (``router/balancer.py``): counts since start, and the endpoints out now."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed description: the registry then calls collect() at scrape time only
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.balancer.counts
+        ejections = CounterMetricFamily(
+            "captionfleet_router_endpoint_ejections",
+            "Endpoints taken out of rotation, by cause (connect: refused or reset; timeout: no answer)",
+            labels=["cause"],
+        )
+        for cause, count in counts.ejections.items():
+            ejections.add_metric([cause], count)
+        yield ejections
+        yield CounterMetricFamily(
+            "captionfleet_router_endpoint_probe_failures",
+            "Probes (GET /readyz) of ejected endpoints that failed",
+            value=counts.probe_failures,
+        )
+        yield CounterMetricFamily(
+            "captionfleet_router_endpoint_returns", "Ejected endpoints back in rotation", value=counts.returns
+        )
+        yield GaugeMetricFamily(
+            "captionfleet_router_endpoints_ejected",
+            "Endpoints out of rotation now",
+            value=len(self.balancer.ejected_endpoints()),
+        )

@@ -1,6 +1,8 @@
 """Forwarding one request to a version's runtimes: endpoint choice, the single retry, the deadline.
 
-- Endpoints of a version take turns (round robin, per router process).
+- Endpoints of a version take turns (round robin, per router process); endpoints that refuse
+  connections or hang are taken out of rotation and probed until they are back (``balancer.py``), and
+  when all of a version's are out the answer is 503 at once, not a wait for a hung pod.
 - A connection failure (refused, reset, dropped before the answer, connect timeout) or a 503 answer
   gets one more attempt on another endpoint of the *same* version, with the same ``X-Request-Id``:
   the user's version never changes behind their back. With a single endpoint (a Service address, where
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,12 +29,14 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from captionfleet.names import REQUEST_ID_HEADER, TIMEOUT_HEADER
+from captionfleet.runtime.router.balancer import Balancer as Balancer
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from captionfleet.runtime.router.table import Version
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+UNREACHABLE_RETRY_AFTER_S = 1.0  # a 502 for unreachable runtimes: pods restart or move within seconds
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the HTTP client or server computes itself.
 _NOT_FORWARDED = frozenset(
@@ -51,49 +56,6 @@ _NOT_RELAYED = frozenset(
         "Transfer-Encoding", "Upgrade", "Content-Length", "Date", "Server",
     )
 )  # fmt: skip
-
-
-class Balancer:
-    """Round robin over each version's endpoints, skipping for a while those that refused a connection.
-
-    An endpoint that could not be reached sits out ``eject_s`` seconds (unless every endpoint of its
-    version does), so a pod that died before its EndpointSlice caught up costs one retry, not one per
-    round. A retry takes the endpoint after the failed one without moving the turn on.
-    """
-
-    def __init__(self, eject_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.eject_s = eject_s
-        self._clock = clock
-        self._turn: dict[str, int] = {}
-        self._ejected: dict[str, float] = {}  # endpoint -> until when
-
-    def choose(self, version: Version, avoid: str | None = None) -> str:
-        endpoints = version.endpoints
-        now = self._clock()
-        usable = [e for e in endpoints if self._ejected.get(e, 0.0) <= now and e != avoid]
-        if not usable:
-            usable = [e for e in endpoints if e != avoid] or list(endpoints)
-        if avoid is not None:
-            return usable[0] if avoid not in endpoints else _after(endpoints, avoid, usable)
-        turn = self._turn.get(version.name, 0)
-        self._turn[version.name] = turn + 1
-        return usable[turn % len(usable)]
-
-    def failed(self, endpoint: str) -> None:
-        self._ejected[endpoint] = self._clock() + self.eject_s
-
-    def succeeded(self, endpoint: str) -> None:
-        self._ejected.pop(endpoint, None)
-
-
-def _after(endpoints: tuple[str, ...], failed: str, usable: list[str]) -> str:
-    """The first usable endpoint after ``failed`` in the version's order (wrapping round)."""
-    start = endpoints.index(failed)
-    for offset in range(1, len(endpoints) + 1):
-        candidate = endpoints[(start + offset) % len(endpoints)]
-        if candidate in usable:
-            return candidate
-    return usable[0]
 
 
 @dataclass(frozen=True)
@@ -130,8 +92,20 @@ def relayed_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return headers
 
 
+async def probe_readyz(session: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> bool:
+    """Whether ``endpoint`` answers ``GET /readyz`` with 200 within ``timeout_s``. Raises RuntimeError
+    once ``session`` is closed (the probe's task then ends)."""
+    try:
+        async with session.get(
+            endpoint + "/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
+        ) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+        return False
+
+
 class Forwarder:
-    """Sends requests to runtimes over one pooled HTTP client."""
+    """Sends requests to runtimes over one pooled HTTP client (which the balancer's probes use too)."""
 
     def __init__(
         self,
@@ -147,6 +121,9 @@ class Forwarder:
         self.connect_timeout_s = connect_timeout_s
         self.retry = retry
         self.max_response_bytes = max_response_bytes
+        balancer.use_probe(
+            functools.partial(probe_readyz, session, timeout_s=balancer.policy.probe_timeout_s)
+        )
 
     async def forward(
         self,
@@ -160,7 +137,8 @@ class Forwarder:
         deadline: float,
         on_retry: Callable[[str], None] = lambda reason: None,
     ) -> UpstreamAnswer:
-        """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable or BadUpstreamResponse.
+        """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable, NoLiveEndpoint (every
+        endpoint ejected: 503) or BadUpstreamResponse.
 
         ``on_retry(reason)`` is called before the second attempt, reason ``connect`` or ``status_503``.
         """
@@ -168,21 +146,23 @@ class Forwarder:
         try:
             answer = await self._attempt(first, method, path_qs, headers, body, request_id, deadline)
         except _ConnectFailed as exc:
-            self.balancer.failed(first)
             log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
             if not self.retry:
-                raise UpstreamUnreachable(f"no runtime of version {version.name} could be reached") from exc
+                raise UpstreamUnreachable(
+                    f"no runtime of version {version.name} could be reached",
+                    retry_after=UNREACHABLE_RETRY_AFTER_S,
+                ) from exc
             on_retry("connect")
             second = self.balancer.choose(version, avoid=first)
             try:
                 return await self._attempt(second, method, path_qs, headers, body, request_id, deadline)
             except _ConnectFailed as again:
-                self.balancer.failed(second)
                 log.warning(
                     "runtime unreachable on the retry", extra={"version": version.name, "error": str(again)}
                 )
                 raise UpstreamUnreachable(
-                    f"no runtime of version {version.name} could be reached, on the retry either"
+                    f"no runtime of version {version.name} could be reached, on the retry either",
+                    retry_after=UNREACHABLE_RETRY_AFTER_S,
                 ) from again
         if answer.status == 503 and self.retry and time.monotonic() < deadline:
             on_retry("status_503")
@@ -222,12 +202,17 @@ class Forwarder:
                             response.status, relayed_headers(response.headers.items()), content, url
                         )
                 except aiohttp.ClientConnectionError as exc:
+                    self.balancer.connect_failed(url)
                     raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
                 except aiohttp.ClientPayloadError as exc:
                     log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
                     raise BadUpstreamResponse("the runtime's answer was cut short") from exc
+                except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
+                    log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})
+                    raise BadUpstreamResponse("the version's endpoint address is not usable") from exc
         except TimeoutError as exc:
             if budget.expired():
+                self.balancer.timed_out(url, remaining)
                 raise UpstreamTimeout(
                     f"no answer from the runtime within the request's budget ({remaining * 1000:.0f} ms)"
                 ) from exc

@@ -80,7 +80,10 @@ def static_table(routes: Sequence[str], weights: Sequence[str], canary: str = ""
     """
     endpoints: dict[str, list[str]] = {}
     for name, url in _pairs(routes, "routes"):
-        endpoints.setdefault(name, []).append(check_url(url))
+        try:
+            endpoints.setdefault(name, []).append(check_url(url))
+        except TableError as exc:
+            raise TableError(f"routes: version {name}: {exc}") from None
     if not endpoints:
         raise TableError("routes: give at least one version=URL")
     weight_of: dict[str, int] = {}

@@ -3,8 +3,12 @@
 The operator's rollout analysis reads every router pod's figures over its ``window`` and adds them up,
 so each version keeps:
 
-- a ring of per-second slots covering ``max_window_s`` (a slot is reused when its second comes round
-  again), from which any window up to that length is summed on demand;
+- a ring of slots covering ``max_window_s`` (a slot is reused when its time comes round again), from
+  which any window up to that length is summed on demand. A slot is one second wide while the window
+  needs at most ``max_slots`` of them (``stats_max_slots``), else ``ceil(max_window_s / max_slots)``
+  seconds, so memory does not grow with the window (a ``window: 10000h`` once cost 288 MB per ring).
+  Slots are allocated when first counted into, so an idle version costs nothing. A window is answered
+  in whole slots, rounded up; the answer's ``window_s`` is the effective window and ``slot_s`` the width;
 - cumulative totals since the process started, with the process's ``instance`` id and ``started_at``,
   so a reader may also diff two reads and notice a restart.
 
@@ -19,16 +23,21 @@ several pods add up; percentiles are estimated from it (linear within a bucket, 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Upper bounds in milliseconds; the histogram has one more count for everything above the last.
-LATENCY_BUCKETS_MS: tuple[float, ...] = (
-    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000
-)  # fmt: skip
+from captionfleet.names import LATENCY_BUCKETS_S
+from captionfleet.settings.router import RouterSettings
+
+# Upper bounds in milliseconds, the Prometheus histogram's (so both estimate the same p99); the
+# histogram has one more count for everything above the last. The body names them
+# (``latency_buckets_ms``), so the operator adds up only histograms with equal bounds.
+LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(round(bound * 1000, 6) for bound in LATENCY_BUCKETS_S)
+DEFAULT_MAX_SLOTS = RouterSettings().stats_max_slots
 ERROR_KINDS = ("status_5xx", "timeouts", "connect_failures", "bad_responses")
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
@@ -58,7 +67,7 @@ def quantile(counts: list[int], q: float) -> float | None:
     return float(LATENCY_BUCKETS_MS[-1])
 
 
-@dataclass
+@dataclass(slots=True)  # one per slot per version: no __dict__
 class Figures:
     """Counts of one version over some span of time."""
 
@@ -106,24 +115,27 @@ class Figures:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slot:
-    second: int
+    number: int  # seconds since the epoch // the slot width
     figures: Figures = field(default_factory=Figures)
 
 
 class VersionFigures:
-    """One version's ring of per-second slots and its totals."""
+    """One version's ring of slots (allocated on first use) and its totals."""
 
-    def __init__(self, slots: int) -> None:
-        self._ring: list[_Slot | None] = [None] * slots
+    def __init__(self, slots: int, slot_s: int = 1) -> None:
+        self._size = slots
+        self._slot_s = slot_s
+        self._ring: dict[int, _Slot] = {}  # ring index -> slot; at most ``slots`` entries
         self.total = Figures()
 
     def _slot(self, second: int) -> _Slot:
-        index = second % len(self._ring)
-        slot = self._ring[index]
-        if slot is None or slot.second != second:
-            slot = self._ring[index] = _Slot(second)
+        number = second // self._slot_s
+        index = number % self._size
+        slot = self._ring.get(index)
+        if slot is None or slot.number != number:
+            slot = self._ring[index] = _Slot(number)
         return slot
 
     def record(self, second: int, error: str | None, latency_ms: float, retries: int) -> None:
@@ -135,9 +147,9 @@ class VersionFigures:
         self.total.fallbacks += 1
 
     def slots(self, first: int, last: int) -> Iterable[_Slot]:
-        """Slots of the seconds first..last, oldest first."""
-        found = [s for s in self._ring if s is not None and first <= s.second <= last]
-        return sorted(found, key=lambda s: s.second)
+        """Slots numbered first..last, oldest first."""
+        found = [s for s in self._ring.values() if first <= s.number <= last]
+        return sorted(found, key=lambda s: s.number)
 
     def window(self, first: int, last: int) -> Figures:
         summed = Figures()
@@ -149,18 +161,24 @@ class VersionFigures:
 class RouterStats:
     """Every version's figures; ``clock`` returns Unix seconds (tests pass their own)."""
 
-    def __init__(self, max_window_s: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, max_window_s: int, clock: Callable[[], float] = time.time, max_slots: int = DEFAULT_MAX_SLOTS
+    ) -> None:
+        if max_window_s <= 0 or max_slots <= 0:
+            raise ValueError("max_window_s and max_slots must be > 0")
         self.max_window_s = max_window_s
+        self.slot_s = math.ceil(max_window_s / max_slots)
+        self.slots = math.ceil(max_window_s / self.slot_s)
         self._clock = clock
         self.instance = uuid.uuid4().hex
         self.started_at = clock()
         self._versions: dict[str, VersionFigures] = {}
-        self.unrouted = VersionFigures(max_window_s)
+        self.unrouted = VersionFigures(self.slots, self.slot_s)
 
     def _figures(self, version: str) -> VersionFigures:
         figures = self._versions.get(version)
         if figures is None:
-            figures = self._versions[version] = VersionFigures(self.max_window_s)
+            figures = self._versions[version] = VersionFigures(self.slots, self.slot_s)
         return figures
 
     def record(self, version: str, *, error: str | None, latency_ms: float, retries: int = 0) -> None:
@@ -181,11 +199,13 @@ class RouterStats:
         self, window_s: int, *, versions: Iterable[str] = (), per_second: bool = False
     ) -> dict[str, Any]:
         """The JSON of GET /v1/router/stats: each version's figures over the last ``window_s`` seconds
-        (the current, partial second included) and since start. ``versions`` are listed even when idle."""
-        window_s = max(1, min(window_s, self.max_window_s))
+        (at most ``max_window_s``, rounded up to whole slots; the current, partial slot included) and
+        since start. ``versions`` are listed even when idle. ``per_second`` adds the slots (named so
+        when slots were seconds; ``t`` is each slot's first second, ``slot_s`` its width)."""
+        count = math.ceil(max(1, min(window_s, self.max_window_s)) / self.slot_s)
         now = self._clock()
-        last = int(now)
-        first = last - window_s + 1
+        last = int(now) // self.slot_s
+        first = last - count + 1
         body: dict[str, Any] = {}
         for name in sorted(set(versions) | set(self._versions)):
             figures = self._versions.get(name) or VersionFigures(1)
@@ -196,7 +216,7 @@ class RouterStats:
             if per_second:
                 entry["seconds"] = [
                     {
-                        "t": slot.second,
+                        "t": slot.number * self.slot_s,
                         "requests": slot.figures.requests,
                         "errors": slot.figures.errors,
                         "latency_ms_sum": round(slot.figures.latency_sum_ms, 3),
@@ -208,7 +228,8 @@ class RouterStats:
             "instance": self.instance,
             "started_at": round(self.started_at, 3),
             "now": round(now, 3),
-            "window_s": window_s,
+            "window_s": count * self.slot_s,
+            "slot_s": self.slot_s,
             "max_window_s": self.max_window_s,
             "latency_buckets_ms": list(LATENCY_BUCKETS_MS),
             "versions": body,

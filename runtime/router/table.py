@@ -32,10 +32,13 @@ while the table stays put), and the answer says which version they were meant fo
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 BUCKETS = 10_000
 Role = Literal["stable", "canary", "variant"]
@@ -223,7 +226,7 @@ def from_mapping(
         if not isinstance(endpoints, list) or not all(isinstance(e, str) and e for e in endpoints):
             raise TableError(f"versions[{index}] ({name}).endpoints must be a list of URLs")
         pairs.append((name, weight))
-        versions.append((name, weight, entry.get("role"), tuple(check_url(e) for e in endpoints)))
+        versions.append((name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints)))
     given: dict[str, Role] = {}
     for name, _, role, _ in versions:
         if role is not None and role not in ROLES:
@@ -236,10 +239,47 @@ def from_mapping(
     return RoutingTable(tuple(Version(n, w, roles[n], e) for n, w, _, e in versions), source)
 
 
+def _checked_endpoints(index: int, name: str, endpoints: Sequence[str]) -> tuple[str, ...]:
+    try:
+        return tuple(check_url(e) for e in endpoints)
+    except TableError as exc:
+        raise TableError(f"versions[{index}] ({name}): {exc}") from None
+
+
 def check_url(url: str) -> str:
-    """An upstream base URL: http(s)://host[:port], without a trailing slash."""
+    """An upstream base URL, ``http(s)://host[:port]`` without a trailing slash, or TableError.
+
+    Checked here, when a table is built, because aiohttp only finds a bad port or host when it sends a
+    request: a table with one would be accepted and then answer 500 to every request it routes.
+    """
     text = url.strip().rstrip("/")
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in ("http", "https") or not rest or "/" in rest or "?" in rest:
-        raise TableError(f"endpoint {url!r} must look like http://host:port (no path)")
+    shape = f"endpoint {url!r} must look like http://host:port (no path, query or user)"
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # ValueError for a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise TableError(f"{shape}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TableError(shape)
+    if parts.path or parts.query or parts.fragment or "?" in text or "#" in text:
+        raise TableError(f"{shape}: it has a path, query or fragment")
+    if "@" in parts.netloc:
+        raise TableError(f"{shape}: it has user information")
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise TableError(f"{shape}: the port must be in 1..65535")
+    host = parts.hostname or ""
+    if not _HOST.match(host) and not _is_ip(host):
+        raise TableError(f"{shape}: {host!r} is not a host name or IP address")
     return text
+
+
+# A DNS name (labels of letters, digits and hyphens; underscores as in some cluster names).
+_HOST = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -6,7 +6,8 @@ object and the namespace's EndpointSlices, read-only, and rebuilds its table on 
 rollback the operator writes reaches every router replica as fast as the API server tells them.
 
 Each version's endpoints are the ready addresses of its Service's EndpointSlices (label
-``kubernetes.io/service-name``), port ``http``: the router balances over the pods itself, and a retry
+``kubernetes.io/service-name``), port ``http`` (the parsing is ``captionfleet.names``', shared with the
+operator): the router balances over the pods itself, and a retry
 goes to another pod. While no EndpointSlice of a Service is known (not created yet, or the router may
 not read them) the version is reached through the Service's DNS name, ``http://<service>.<ns>.svc:8080``,
 if its status says it has ready replicas.
@@ -19,60 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from captionfleet.names import captionmodels_path, endpoints_by_service
 from captionfleet.runtime.router.kube import KubeApi, Reflector
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.table import RoutingTable, TableError, from_mapping
 
 log = logging.getLogger(__name__)
 
-GROUP_VERSION = "captionfleet.io/v1alpha1"
-PLURAL = "captionmodels"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-PORT_NAME = "http"
-
-
-def captionmodels_path(namespace: str) -> str:
-    return f"/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}"
-
 
 def endpointslices_path(namespace: str) -> str:
     return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
-
-
-def _url(address: str, port: int) -> str:
-    host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}"
-
-
-def slice_endpoints(slice_: Mapping[str, Any], port_name: str = PORT_NAME) -> list[str]:
-    """Base URLs of the ready endpoints of one EndpointSlice (``ready`` unset counts as ready)."""
-    ports = [p for p in slice_.get("ports") or [] if isinstance(p, Mapping) and p.get("port")]
-    port = next((p for p in ports if p.get("name") == port_name), ports[0] if len(ports) == 1 else None)
-    if port is None:
-        return []
-    urls = []
-    for endpoint in slice_.get("endpoints") or []:
-        conditions = endpoint.get("conditions") or {}
-        addresses = endpoint.get("addresses") or []
-        if conditions.get("ready") is False or conditions.get("terminating") is True or not addresses:
-            continue
-        urls.append(_url(str(addresses[0]), int(port["port"])))  # every address of an endpoint is one pod
-    return urls
-
-
-def endpoints_by_service(
-    slices: Iterable[Mapping[str, Any]], port_name: str = PORT_NAME
-) -> dict[str, list[str]]:
-    """Service name -> sorted ready endpoint URLs; a Service with slices but none ready maps to []."""
-    found: dict[str, set[str]] = {}
-    for slice_ in slices:
-        service = ((slice_.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if service:
-            found.setdefault(str(service), set()).update(slice_endpoints(slice_, port_name))
-    return {service: sorted(urls) for service, urls in found.items()}
 
 
 def table_from_status(

@@ -6,8 +6,8 @@
   to is the address checked (no DNS rebinding between a check and the connection). IP-literal hosts,
   which bypass resolvers, are checked before the request.
 - Refused unless ``allow_private``: loopback, private (RFC 1918, ULA), link-local (cloud metadata at
-  169.254.169.254), multicast, unspecified, reserved and anything else not globally routable,
-  IPv4-mapped IPv6 included.
+  169.254.169.254), multicast, unspecified, reserved and anything else not globally routable, and
+  IPv6 addresses that embed such an IPv4 address (mapped, compatible, 6to4, Teredo, NAT64).
 - The whole fetch (redirects included) has one time limit, and the body is streamed against a size
   limit (a declared Content-Length over it is refused before reading). No proxy from the environment.
 """
@@ -30,14 +30,30 @@ ALLOWED_SCHEMES = frozenset({"http", "https"})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-def address_refusal(address: str) -> str | None:
-    """Why ``address`` (an IP literal) may not be fetched from, or ``None`` when it is public."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0].strip("[]"))
-    except ValueError:
-        return "it is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: a network's own translators
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291, deprecated, still routed by some stacks
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """The IPv4 addresses an IPv6 address stands for, by form: a packet to it may reach them (a 6to4
+    relay, a Teredo server or client, a NAT64 translator, a dual stack), so each must be public too."""
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        found.append(("IPv4-mapped", ip.ipv4_mapped))
+    elif ip in IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are IPv6's own unspecified and loopback
+        found.append(("IPv4-compatible", low32))
+    if ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    if ip.teredo is not None:  # (server, client); Python inverts the client's bits as RFC 4380 says
+        found.extend((("Teredo server", ip.teredo[0]), ("Teredo client", ip.teredo[1])))
+    if ip in NAT64_WELL_KNOWN:
+        found.append(("NAT64", low32))
+    return found
+
+
+def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     for kind, flag in (
         ("loopback", ip.is_loopback),
         ("unspecified", ip.is_unspecified),
@@ -50,6 +66,31 @@ def address_refusal(address: str) -> str | None:
         if flag:
             return f"{ip} is a {kind} address"
     return None
+
+
+def address_refusal(address: str) -> str | None:
+    """Why ``address`` (an IP literal) may not be fetched from, or ``None`` when it is public.
+
+    An IPv6 address that embeds an IPv4 one (mapped, compatible, 6to4, Teredo, NAT64) is refused when
+    the embedded address is not public (``http://[2002:7f00:1::]/`` is 127.0.0.1 through 6to4). A
+    mapped or well-known-prefix NAT64 address is then judged as the IPv4 address it stands for; the
+    local-use NAT64 prefix is refused whole, since where the IPv4 address sits in it is the network's
+    choice (RFC 6052 allows six prefix lengths).
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0].strip("[]"))
+    except ValueError:
+        return "it is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL_USE:
+            return f"{ip} is a local-use NAT64 address (64:ff9b:1::/48), not globally routable"
+        for form, inner in embedded_ipv4(ip):
+            reason = _refusal(inner)
+            if reason is not None:
+                return f"{ip} embeds {inner} ({form}): {reason}"
+        if ip.ipv4_mapped is not None or ip in NAT64_WELL_KNOWN:
+            return None  # the embedded address, checked above, is where the packets go
+    return _refusal(ip)
 
 
 class RefusedAddress(OSError):

@@ -43,6 +43,8 @@ class FakeRuntime:
     statuses: list[int] = field(default_factory=list)  # answered in turn, then 200s
     hang: bool = False  # answer only when `release` is set
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = True  # what GET /readyz says (200 or 503)
+    probes: int = 0  # GET /readyz received
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -69,6 +71,12 @@ class FakeRuntime:
             headers={"X-Fake-Runtime": self.url},
         )
 
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        self.probes += 1
+        if self.ready:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": "scripted"}, status=503)
+
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         document = {"openapi": "3.1.0", "info": {"title": "runtime"}, "paths": {"/v1/caption": {}}}
         return web.json_response(document)
@@ -87,6 +95,7 @@ async def start_runtime() -> AsyncIterator[StartRuntime]:
         app.router.add_post("/v1/caption", runtime.handle)
         app.router.add_post("/v1/caption/batch", runtime.handle)
         app.router.add_get("/openapi.json", runtime.openapi)
+        app.router.add_get("/readyz", runtime.readyz)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         runtime.url = str(server.make_url("")).rstrip("/")
@@ -97,6 +106,23 @@ async def start_runtime() -> AsyncIterator[StartRuntime]:
     for runtime, server in servers:
         runtime.release.set()
         await server.close()
+
+
+@pytest.fixture
+async def hung_url() -> AsyncIterator[str]:
+    """A loopback URL that accepts connections and never answers (nor reads): a hung pod."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.close()
+    for writer in held:
+        writer.close()
+    await server.wait_closed()
 
 
 @pytest.fixture

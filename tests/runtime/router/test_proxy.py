@@ -130,6 +130,7 @@ async def test_unreachable_after_the_retry_is_a_502(start_router: Any, dead_url:
     router = await start_router(routes=(f"v1={dead_url}",))
     response = await router.caption(headers={"X-Request-Id": "abc", "Content-Type": "image/png"})
     assert response.status == 502 and response.headers["X-Routed-Version"] == "v1"
+    assert response.headers["Retry-After"] == "1"  # every 502/503 says when to come back
     body = await response.json()
     assert_error(body, "upstream_unreachable")
     assert body["request_id"] == "abc" and "127.0.0.1" not in body["error"]["message"]  # no internals

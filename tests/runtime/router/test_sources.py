@@ -64,6 +64,39 @@ async def test_the_routes_file_is_reloaded_on_change(
     await eventually(error_cleared, what="the error to clear")
 
 
+async def test_a_routes_file_with_a_bad_endpoint_keeps_the_last_good_table(
+    tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
+) -> None:
+    v1, v2 = await start_runtime("v1"), await start_runtime("v2")
+    path = tmp_path / "routes.json"
+    path.write_text(routes(v1.url, v2.url, 0))
+    router = await start_router(routes_file=str(path), routes_file_poll_ms=20)
+    assert (await router.caption()).status == 200
+    holder = router.holder
+    errors_before = holder.source_errors
+    # A port that is not a number: accepted by the old check, then every request was a 500.
+    path.write_text(routes(v1.url, "http://127.0.0.1:abc", 100))
+
+    await eventually(lambda: _last_error_has(router, "http://127.0.0.1:abc"), what="the bad endpoint's error")
+    _, models = await router.get_json("/v1/models")
+    assert "(v2)" in models["router"]["last_error"]  # names the version, then the endpoint
+    assert holder.source_errors > errors_before
+    assert [m["weight"] for m in models["models"]] == [100, 0]  # the last good table still routes
+    for _ in range(3):
+        response = await router.caption()
+        assert response.status == 200 and (await response.json())["model_version"] == "v1"
+    assert (await router.get_json("/readyz"))[0] == 200
+
+    path.write_text(routes(v1.url, "http://127.0.0.1:99999", 100))
+    await eventually(lambda: _last_error_has(router, "out of range"), what="the port out of range")
+    assert (await (await router.caption()).json())["model_version"] == "v1"
+
+
+async def _last_error_has(router: Any, text: str) -> bool:
+    _, models = await router.get_json("/v1/models")
+    return text in (models["router"]["last_error"] or "")
+
+
 def test_a_bad_source_is_refused_at_start(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text("versions: {}")
@@ -73,6 +106,11 @@ def test_a_bad_source_is_refused_at_start(tmp_path: Path) -> None:
         build_app(RouterSettings(routes_file=str(tmp_path / "missing.yaml")), holder=TableHolder())
     with pytest.raises(TableError, match="sum to 100"):
         build_app(RouterSettings(routes=("v1=http://a:1", "v2=http://b:1"), weights=("v1=50",)))
+    with pytest.raises(TableError, match=r"version v2: endpoint 'http://b:99999'"):
+        build_app(RouterSettings(routes=("v1=http://a:1", "v2=http://b:99999")), holder=TableHolder())
+    path.write_text('versions: [{name: v1, weight: 100, endpoints: ["http://127.0.0.1:abc"]}]')
+    with pytest.raises(TableError, match=r"\(v1\): endpoint 'http://127.0.0.1:abc'"):
+        build_app(RouterSettings(routes_file=str(path)), holder=TableHolder())
 
 
 def test_settings_check() -> None:

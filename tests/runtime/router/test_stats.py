@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
+from captionfleet.names import LATENCY_BUCKETS_S
 from captionfleet.runtime.router.stats import LATENCY_BUCKETS_MS, RouterStats, quantile
 
 
@@ -64,7 +67,7 @@ def test_latency_histogram_and_quantiles() -> None:
     counts = window["latency_ms"]["counts"]
     assert len(counts) == len(LATENCY_BUCKETS_MS) + 1 and sum(counts) == 100
     assert counts[0] == 50 and counts[-1] == 1
-    assert window["latency_ms"]["p50"] == pytest.approx(5.0)  # the top of the first bucket
+    assert window["latency_ms"]["p50"] == pytest.approx(1.0)  # the top of the first bucket
     assert 25 < window["latency_ms"]["p90"] <= 50
     assert 500 < window["latency_ms"]["p99"] <= 1000
     assert window["latency_ms"]["sum"] == pytest.approx(50 + 1200 + 6300 + 90_000)
@@ -77,3 +80,59 @@ def test_unrouted_and_bad_kinds() -> None:
     assert stats.snapshot(60)["unrouted"] == {"window": 1, "total": 1}
     with pytest.raises(ValueError, match="unknown error kind"):
         stats.record("v1", error="oops", latency_ms=1.0)
+
+
+def test_the_bounds_are_the_prometheus_histograms() -> None:
+    assert tuple(bound * 1000 for bound in LATENCY_BUCKETS_S) == LATENCY_BUCKETS_MS
+    assert RouterStats(60, clock=Clock(0.0)).snapshot(60)["latency_buckets_ms"] == list(LATENCY_BUCKETS_MS)
+
+
+def test_memory_does_not_grow_with_the_window() -> None:
+    """window: 10000h once allocated a 36-million-slot ring per version (288 MB at start)."""
+    clock = Clock(1_700_000_000.0)
+    tracemalloc.start()
+    try:
+        stats = RouterStats(max_window_s=36_000_000, clock=clock, max_slots=3600)
+        for second in range(0, 200_000, 7):  # a request every 7 s for 55 hours: 20 slots touched
+            clock.now = 1_700_000_000.0 + second
+            stats.record("v1", error=None, latency_ms=3.0)
+            stats.record_unrouted(1.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak
+    assert stats.slot_s == 10_000 and stats.slots == 3600
+    snap = stats.snapshot(36_000_000)
+    assert snap["window_s"] == snap["max_window_s"] == 36_000_000
+    assert snap["versions"]["v1"]["window"]["requests"] == snap["versions"]["v1"]["total"]["requests"]
+
+
+def test_windows_are_answered_in_whole_slots_rounded_up() -> None:
+    clock = Clock(1_000.5)
+    stats = RouterStats(max_window_s=7200, clock=clock, max_slots=3600)  # 2-second slots
+    assert stats.slot_s == 2
+    stats.record("v1", error=None, latency_ms=1.0)  # slot 500 (seconds 1000-1001)
+    clock.now = 1_003.4
+    stats.record("v1", error="timeouts", latency_ms=1.0)  # slot 501 (seconds 1002-1003)
+    one = stats.snapshot(1, per_second=True)
+    assert one["window_s"] == 2 and one["slot_s"] == 2  # 1 s rounded up to one slot
+    assert one["versions"]["v1"]["window"]["requests"] == 1
+    assert [s["t"] for s in one["versions"]["v1"]["seconds"]] == [1002]
+    three = stats.snapshot(3, per_second=True)
+    assert three["window_s"] == 4 and three["versions"]["v1"]["window"]["requests"] == 2
+    assert [s["t"] for s in three["versions"]["v1"]["seconds"]] == [1000, 1002]
+    assert stats.snapshot(10**9)["window_s"] == 7200
+    # Short windows keep one-second slots (the default: up to 3600 s of them).
+    assert RouterStats(max_window_s=900, clock=clock).slot_s == 1
+
+
+def test_the_ring_reuses_wide_slots_without_leaking_old_counts() -> None:
+    clock = Clock(0.0)
+    stats = RouterStats(max_window_s=100, clock=clock, max_slots=10)  # 10 slots of 10 s
+    for second in range(0, 350, 5):
+        clock.now = float(second)
+        stats.record("v1", error=None, latency_ms=1.0)
+    snap = stats.snapshot(100, per_second=True)
+    assert [s["t"] for s in snap["versions"]["v1"]["seconds"]] == list(range(250, 350, 10))
+    assert snap["versions"]["v1"]["window"]["requests"] == 20
+    assert snap["versions"]["v1"]["total"]["requests"] == 70

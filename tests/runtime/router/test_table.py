@@ -15,6 +15,7 @@ from captionfleet.runtime.router.table import (
     Version,
     assign_roles,
     bucket_of,
+    check_url,
     from_mapping,
 )
 
@@ -185,6 +186,47 @@ def test_from_mapping_checks_entries() -> None:
     ]:
         with pytest.raises(TableError, match=message):
             from_mapping(entries, source="t")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:abc", "integer"),
+        ("http://127.0.0.1:99999", "out of range"),
+        ("http://127.0.0.1:0", "1..65535"),
+        ("http://127.0.0.1:", "1..65535"),
+        ("http://127.0.0.1:-1", "integer"),
+        ("http://10.0.0.1:8080/v1", "path"),
+        ("http://10.0.0.1:8080?x=1", "query"),
+        ("http://10.0.0.1:8080#top", "fragment"),
+        ("http://user:pass@10.0.0.1:8080", "user information"),
+        ("http://:8080", "not a host name"),
+        ("http://bad host:8080", "not a host name"),
+        ("http://[::1:8080", "Invalid IPv6"),
+        ("ftp://10.0.0.1:21", "must look like http"),
+        ("10.0.0.1:8080", "must look like http"),
+    ],
+)
+def test_bad_endpoint_urls_are_refused_with_the_version_and_the_url(url: str, reason: str) -> None:
+    with pytest.raises(TableError, match=reason) as caught:
+        from_mapping([{"name": "v7", "weight": 100, "endpoints": [url]}], source="t")
+    assert "(v7)" in str(caught.value) and repr(url) in str(caught.value)
+    with pytest.raises(TableError, match=reason) as caught:
+        static_table([f"v7={url}"], [])
+    assert "version v7" in str(caught.value) and repr(url) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1:8080",
+        "https://captions-v1.fleet.svc:8443/",
+        "http://[fd00::7]:8080",
+        "http://runtime",
+    ],
+)
+def test_good_endpoint_urls_are_kept_without_the_trailing_slash(url: str) -> None:
+    assert check_url(url) == url.rstrip("/")
 
 
 def test_static_options() -> None:

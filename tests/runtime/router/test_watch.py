@@ -15,6 +15,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from captionfleet.names import captionmodels_path, endpoints_by_service, slice_endpoints
 from captionfleet.runtime.router.kube import (
     KubeAccess,
     KubeApi,
@@ -23,13 +24,7 @@ from captionfleet.runtime.router.kube import (
     in_cluster_access,
     kubeconfig_access,
 )
-from captionfleet.runtime.router.watch import (
-    captionmodels_path,
-    endpoints_by_service,
-    endpointslices_path,
-    slice_endpoints,
-    table_from_status,
-)
+from captionfleet.runtime.router.watch import endpointslices_path, table_from_status
 
 NS = "fleet"
 NAME = "captions"

@@ -41,9 +41,43 @@ def test_public_addresses_are_allowed(address: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("address", "embedded"),
+    [
+        ("2002:7f00:1::", "127.0.0.1"),  # 6to4
+        ("2002:a00:1:1::1", "10.0.0.1"),
+        ("2002:a9fe:a9fe::", "169.254.169.254"),
+        ("2001:0:808:808:0:0:80ff:fffe", "127.0.0.1"),  # Teredo: public server, client inverted
+        ("2001:0:a00:1:0:0:f7f7:f7f7", "10.0.0.1"),  # Teredo: private server, public client
+        ("64:ff9b::7f00:1", "127.0.0.1"),  # NAT64, well-known prefix
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("64:ff9b::c0a8:101", "192.168.1.1"),
+        ("::ffff:7f00:1", "127.0.0.1"),  # IPv4-mapped
+        ("::ffff:a9fe:a9fe", "169.254.169.254"),
+        ("::7f00:1", "127.0.0.1"),  # IPv4-compatible
+        ("::a00:1", "10.0.0.1"),
+    ],
+)
+def test_ipv6_forms_of_non_public_ipv4_addresses_are_refused(address: str, embedded: str) -> None:
+    reason = address_refusal(address)
+    assert reason is not None and f"embeds {embedded}" in reason, reason
+    with pytest.raises(UrlRefused, match=f"embeds {embedded}"):
+        check_url(URL(f"http://[{address}]/image.png"), allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b:1::7f00:1", "64:ff9b:1::808:808", "64:ff9b:1:7f00:1::"])
+def test_the_local_use_nat64_prefix_is_refused_whole(address: str) -> None:
+    assert "local-use NAT64" in (address_refusal(address) or "")
+
+
+@pytest.mark.parametrize("address", ["::ffff:8.8.8.8", "64:ff9b::808:808", "64:ff9b::5db8:d70e"])
+def test_ipv6_forms_of_public_ipv4_addresses_are_judged_by_the_ipv4_address(address: str) -> None:
+    assert address_refusal(address) is None
+
+
+@pytest.mark.parametrize(
     "url",
     ["file:///etc/passwd", "ftp://example.com/x.png", "gopher://example.com/", "http://127.0.0.1/x",
-     "http://[::1]:8080/x", "http://localhost/x", "http://api.localhost/x", "http://169.254.169.254/latest"],
+     "http://[::1]:8080/x", "http://[2002:7f00:1::]/", "http://localhost/x", "http://api.localhost/x", "http://169.254.169.254/latest"],
 )  # fmt: skip
 def test_urls_refused_before_any_connection(url: str) -> None:
     with pytest.raises(UrlRefused):
