@@ -26,22 +26,16 @@ from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
-from captionfleet.runtime.router.proxy import Forwarder, forwarded_headers
+from captionfleet.runtime.router.proxy import Forwarder, Outgoing, forwarded_headers
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable
 from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
-from captionfleet.runtime.web.keys import ApiKeys, KeyGuard, RateLimiter
-from captionfleet.runtime.web.middleware import (
-    ARRIVED,
-    BODY,
-    DEADLINE,
-    REQUEST_ID,
-    EdgePolicy,
-    edge_middleware,
-)
+from captionfleet.runtime.web.keys import KeyGuard
+from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
 from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.router import RouterSettings
 
@@ -64,10 +58,7 @@ class Router:
         self.rng = rng or random.Random()
         self.stats = RouterStats(settings.stats_window_s, clock, max_slots=settings.stats_max_slots)
         self.metrics = RouterMetrics()
-        self.guard = KeyGuard(
-            ApiKeys.load(settings.api_keys, settings.api_keys_file),
-            RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst),
-        )
+        self.guard = KeyGuard.from_settings(settings)
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.draining = False
@@ -145,16 +136,15 @@ class Router:
 
         self.metrics.in_flight.inc()
         try:
-            answer = await self.forwarder.forward(
-                version,
-                method=request.method,
-                path_qs=request.rel_url.raw_path_qs,
-                headers=forwarded_headers(request.headers, request.remote),
-                body=body,
-                request_id=request[REQUEST_ID],
-                deadline=request[DEADLINE],
-                on_retry=on_retry,
+            outgoing = Outgoing(
+                request.method,
+                request.rel_url.raw_path_qs,
+                forwarded_headers(request.headers, request.remote),
+                body,
+                request[REQUEST_ID],
+                request[DEADLINE],
             )
+            answer = await self.forwarder.forward(version, outgoing, on_retry)
         except EdgeError as exc:
             self._count(version.name, exc.status, error_kind(exc), arrived, retries)
             reply = reply_for(exc, DOMAIN_STATUSES)
@@ -205,11 +195,10 @@ def build_app(
     app (static routes are applied at once; a bad routes option or file raises TableError here)."""
     holder = holder or TableHolder()
     router = Router(settings, holder, rng=rng, clock=clock)
-    policy = EdgePolicy(
+    policy = EdgePolicy.of(
+        settings,
+        router.budget,
         domain_statuses=DOMAIN_STATUSES,
-        timeout_ms=settings.request_timeout_ms,
-        budget=router.budget,
-        body_wait_s=settings.body_wait_ms / 1000,
         access_log=logging.getLogger("captionfleet.runtime.router.access"),
     )
     app = web.Application(middlewares=[edge_middleware(policy)], client_max_size=settings.max_body_bytes)

@@ -8,82 +8,69 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from captionfleet.names import LATENCY_BUCKETS_S
 from captionfleet.runtime.router.balancer import Balancer
 from captionfleet.runtime.router.table import RoutingTable
+from captionfleet.runtime.web.metrics import ProcessMetrics
 
 NO_VERSION = "none"
 
 
-class RouterMetrics:
+class RouterMetrics(ProcessMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        super().__init__()
+        self.requests = self.counter(
             "captionfleet_router_requests",
             "Requests answered by the router, by the version routed to and the status code returned",
             ["version", "code"],
-            registry=r,
         )
-        self.errors = Counter(
+        self.errors = self.counter(
             "captionfleet_router_upstream_errors",
             "Requests of a version that ended in an error, by kind: status_5xx, timeouts, connect_failures, "
             "bad_responses",
             ["version", "kind"],
-            registry=r,
         )
-        self.retries = Counter(
+        self.retries = self.counter(
             "captionfleet_router_retries",
             "Second attempts on another endpoint, by version and reason (connect, status_503)",
             ["version", "reason"],
-            registry=r,
         )
-        self.fallbacks = Counter(
+        self.fallbacks = self.counter(
             "captionfleet_router_fallbacks",
             "Requests meant for a version without ready endpoints, sent to another version",
             ["version"],
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = self.histogram(
             "captionfleet_router_request_duration_seconds",
             "Latency of routed requests as the router sees it, from arrival to answer (retries included)",
             ["version"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
-        self.in_flight = Gauge(
-            "captionfleet_router_requests_in_flight", "Requests being proxied right now", registry=r
+        self.in_flight = self.gauge(
+            "captionfleet_router_requests_in_flight", "Requests being proxied right now"
         )
-        self.weight = Gauge(
+        self.weight = self.gauge(
             "captionfleet_router_version_weight",
             "Effective weight (percent) of each version in the routing table",
             ["version", "role"],
-            registry=r,
         )
-        self.endpoints = Gauge(
+        self.endpoints = self.gauge(
             "captionfleet_router_version_endpoints",
             "Endpoints (ready runtime pods, or the Service) the router knows per version",
             ["version"],
-            registry=r,
         )
-        self.table_updates = Counter(
+        self.table_updates = self.counter(
             "captionfleet_router_table_updates",
             "Routing tables applied (from the CaptionModel or a file)",
-            registry=r,
         )
-        self.table_timestamp = Gauge(
+        self.table_timestamp = self.gauge(
             "captionfleet_router_table_updated_timestamp_seconds",
             "Unix time the current routing table was applied",
-            registry=r,
         )
-        self.ready = Gauge(
+        self.ready = self.gauge(
             "captionfleet_router_ready",
             "1 when a version can take traffic and the router is not draining",
-            registry=r,
         )
 
     def watch_balancer(self, balancer: Balancer) -> None:
@@ -98,9 +85,6 @@ class RouterMetrics:
             self.endpoints.labels(version=version.name).set(len(version.endpoints))
         self.table_updates.inc()
         self.table_timestamp.set(timestamp)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class _OutlierCollector(Collector):

@@ -59,6 +59,18 @@ _NOT_RELAYED = frozenset(
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """One request as the router sends it on (the same for the retry)."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    request_id: str
+    deadline: float  # monotonic seconds: the budget of both attempts
+
+
+@dataclass(frozen=True)
 class UpstreamAnswer:
     status: int
     headers: CIMultiDict[str]
@@ -126,16 +138,7 @@ class Forwarder:
         )
 
     async def forward(
-        self,
-        version: Version,
-        *,
-        method: str,
-        path_qs: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        request_id: str,
-        deadline: float,
-        on_retry: Callable[[str], None] = lambda reason: None,
+        self, version: Version, outgoing: Outgoing, on_retry: Callable[[str], None] = lambda reason: None
     ) -> UpstreamAnswer:
         """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable, NoLiveEndpoint (every
         endpoint ejected: 503) or BadUpstreamResponse.
@@ -144,7 +147,7 @@ class Forwarder:
         """
         first = self.balancer.choose(version)
         try:
-            answer = await self._attempt(first, method, path_qs, headers, body, request_id, deadline)
+            answer = await self._attempt(first, outgoing)
         except _ConnectFailed as exc:
             log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
             if not self.retry:
@@ -153,9 +156,8 @@ class Forwarder:
                     retry_after=UNREACHABLE_RETRY_AFTER_S,
                 ) from exc
             on_retry("connect")
-            second = self.balancer.choose(version, avoid=first)
             try:
-                return await self._attempt(second, method, path_qs, headers, body, request_id, deadline)
+                return await self._attempt(self.balancer.choose(version, avoid=first), outgoing)
             except _ConnectFailed as again:
                 log.warning(
                     "runtime unreachable on the retry", extra={"version": version.name, "error": str(again)}
@@ -164,37 +166,32 @@ class Forwarder:
                     f"no runtime of version {version.name} could be reached, on the retry either",
                     retry_after=UNREACHABLE_RETRY_AFTER_S,
                 ) from again
-        if answer.status == 503 and self.retry and time.monotonic() < deadline:
+        if answer.status == 503 and self.retry and time.monotonic() < outgoing.deadline:
             on_retry("status_503")
-            second = self.balancer.choose(version, avoid=first)
             try:
-                return await self._attempt(second, method, path_qs, headers, body, request_id, deadline)
+                return await self._attempt(self.balancer.choose(version, avoid=first), outgoing)
             except (_ConnectFailed, UpstreamTimeout):
                 return answer  # the first runtime's 503, with its Retry-After
         return answer
 
-    async def _attempt(
-        self,
-        url: str,
-        method: str,
-        path_qs: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-        request_id: str,
-        deadline: float,
-    ) -> UpstreamAnswer:
-        remaining = deadline - time.monotonic()
+    async def _attempt(self, url: str, outgoing: Outgoing) -> UpstreamAnswer:
+        remaining = outgoing.deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("the request's deadline passed before a runtime answered")
-        sent = CIMultiDict(headers)
-        sent[REQUEST_ID_HEADER] = request_id
+        sent = CIMultiDict(outgoing.headers)
+        sent[REQUEST_ID_HEADER] = outgoing.request_id
         sent[TIMEOUT_HEADER] = str(max(1, int(remaining * 1000)))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.connect_timeout_s, remaining))
         try:
             async with asyncio.timeout(remaining) as budget:
                 try:
                     async with self.session.request(
-                        method, url + path_qs, headers=sent, data=body, timeout=timeout, allow_redirects=False
+                        outgoing.method,
+                        url + outgoing.path_qs,
+                        headers=sent,
+                        data=outgoing.body,
+                        timeout=timeout,
+                        allow_redirects=False,
                     ) as response:
                         self.balancer.succeeded(url)
                         content = await self._read_answer(response, url)

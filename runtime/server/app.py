@@ -25,17 +25,10 @@ from captionfleet.runtime.server.parsing import ImageSource, parse_request
 from captionfleet.runtime.serving.errors import Draining, NotReady
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
 from captionfleet.runtime.web.body import BodyBudget
+from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard, RateLimiter
-from captionfleet.runtime.web.middleware import (
-    ARRIVED,
-    BODY,
-    DEADLINE,
-    REQUEST_ID,
-    EdgePolicy,
-    edge_middleware,
-    ms_since,
-)
+from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
 from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.serve import ServeSettings
 
@@ -201,11 +194,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(state: ServerState) -> web.Application:
     """The application; the body limits are enforced by the edge's streaming reads, not aiohttp's."""
-    policy = EdgePolicy(
+    policy = EdgePolicy.of(
+        state.settings,
+        state.budget,
         domain_statuses=DOMAIN_STATUSES,
-        timeout_ms=state.settings.request_timeout_ms,
-        budget=state.budget,
-        body_wait_s=state.settings.body_wait_ms / 1000,
         count=lambda route, status: state.metrics.requests.labels(route, str(status)).inc(),
         access_log=logging.getLogger("captionfleet.runtime.server.access"),
     )

@@ -22,7 +22,7 @@ from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
 from captionfleet.runtime.serving.service import CaptionService, build_cache
 from captionfleet.runtime.web.body import BodyBudget
-from captionfleet.runtime.web.keys import ApiKeys, KeyGuard, RateLimiter
+from captionfleet.runtime.web.keys import KeyGuard, RateLimiter
 from captionfleet.runtime.web.listener import Listener
 from captionfleet.runtime.web.listener import serve_until_signalled as serve_edge
 from captionfleet.settings.serve import ServeSettings
@@ -51,10 +51,7 @@ class Server:
         self.state = ServerState(
             settings=settings,
             metrics=ServerMetrics(settings.model_version or "loading", settings.max_batch_size),
-            guard=KeyGuard(
-                ApiKeys.load(settings.api_keys, settings.api_keys_file),
-                RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst),
-            ),
+            guard=KeyGuard.from_settings(settings),
             limiter=RateLimiter(settings.rate_limit_rps, settings.resolved_rate_limit_burst()),
             budget=BodyBudget(settings.max_body_bytes_in_flight),
             fetcher=UrlFetcher(

@@ -9,99 +9,77 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from captionfleet.names import LATENCY_BUCKETS_S
 from captionfleet.runtime.engine.types import Caption
+from captionfleet.runtime.web.metrics import ProcessMetrics
 
 
-class ServerMetrics:
+class ServerMetrics(ProcessMetrics):
     def __init__(self, model_version: str, max_batch_size: int) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.model = model_version
-        r = self.registry
-        self.requests = Counter(
+        self.requests = self.counter(
             "captionfleet_requests",
             "HTTP requests answered, by route and status code",
             ["route", "code"],
-            registry=r,
         )
-        self.request_latency = Histogram(
+        self.request_latency = self.histogram(
             "captionfleet_request_duration_seconds",
             "End-to-end latency of captioned requests (status 200), from arrival to response",
             ["model", "route"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = self.histogram(
             "captionfleet_queue_wait_seconds",
             "Time a request waited in the batcher's queue before its batch started",
             ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
-        self.preprocess = Histogram(
+        self.preprocess = self.histogram(
             "captionfleet_preprocess_seconds",
             "Decoding, cache key and preprocessing time per image (in the preprocessing pool)",
             ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
-        self.inference = Histogram(
+        self.inference = self.histogram(
             "captionfleet_inference_seconds",
             "Time of one batched model call",
             ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size} & set(range(1, max_batch_size + 1)))
-        self.batch_size = Histogram(
+        self.batch_size = self.histogram(
             "captionfleet_batch_size",
             "Images per model call",
             ["model"],
             buckets=[float(b) for b in batch_buckets],
-            registry=r,
         )
-        self.queue_depth_gauge = Gauge(
-            "captionfleet_queue_depth", "Requests waiting for a batch", ["model"], registry=r
+        self.queue_depth_gauge = self.gauge(
+            "captionfleet_queue_depth", "Requests waiting for a batch", ["model"]
         )
-        self.in_flight = Gauge(
+        self.in_flight = self.gauge(
             "captionfleet_requests_in_flight",
             "Caption requests being handled right now",
             ["model"],
-            registry=r,
         )
-        self.cache_hits = Counter("captionfleet_cache_hits", "Result cache hits", ["model"], registry=r)
-        self.cache_misses = Counter("captionfleet_cache_misses", "Result cache misses", ["model"], registry=r)
-        self.confidence = Histogram(
+        self.cache_hits = self.counter("captionfleet_cache_hits", "Result cache hits", ["model"])
+        self.cache_misses = self.counter("captionfleet_cache_misses", "Result cache misses", ["model"])
+        self.confidence = self.histogram(
             "captionfleet_caption_confidence",
             "Confidence of the captions generated",
             ["model"],
             buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
-            registry=r,
         )
-        self.caption_words = Histogram(
+        self.caption_words = self.histogram(
             "captionfleet_caption_length_words",
             "Words per generated caption",
             ["model"],
             buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50),
-            registry=r,
         )
-        self.model_info = Gauge(
+        self.model_info = self.gauge(
             "captionfleet_model_info",
             "The model served (value 1), with its version, name, device and dtype",
             ["model", "name", "device", "dtype"],
-            registry=r,
         )
-        self.ready = Gauge(
-            "captionfleet_ready", "1 when the model is warm and the server not draining", registry=r
-        )
+        self.ready = self.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
 
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
     # The data plane's observer protocol (BatchObserver, ServiceObserver).
     def queue_depth(self, depth: int) -> None:

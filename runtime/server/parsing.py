@@ -26,8 +26,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from captionfleet.runtime.web.body import BodyAllowance, check_declared_size, read_all
+from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
-from captionfleet.runtime.web.middleware import BODY
 
 OPTION_FIELDS = ("suggestions", "style", "prompt", "num_beams", "max_new_tokens")
 SOURCE_FIELDS = ("url", "image_base64")

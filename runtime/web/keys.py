@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captionfleet.runtime.web.errors import RateLimited, Unauthorized
+from captionfleet.settings.edge import EdgeSettings
 
 HASHED_PREFIX = "sha256:"
 
@@ -162,6 +163,11 @@ class KeyGuard:
     def __init__(self, keys: ApiKeys, failures: RateLimiter) -> None:
         self.keys = keys
         self.failures = failures
+
+    @classmethod
+    def from_settings(cls, settings: EdgeSettings) -> KeyGuard:
+        keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+        return cls(keys, RateLimiter(settings.auth_failure_rps, settings.auth_failure_burst))
 
     def authenticate(self, presented: str | None, client: str | None) -> str:
         """The key's id, or raise :class:`Unauthorized`, or :class:`RateLimited` for a client whose failed

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -37,18 +38,15 @@ from aiohttp.typedefs import Middleware
 from captionfleet.names import REQUEST_ID_HEADER, ROUTED_VERSION_HEADER
 from captionfleet.runtime.serving.errors import DeadlineExceeded
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget
+from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import StatusTable, UnsupportedMediaType, reply_for
 from captionfleet.runtime.web.logs import request_id_var
 from captionfleet.runtime.web.protocol import EdgeProtocol
 from captionfleet.runtime.web.timeouts import client_timeout_ms
+from captionfleet.settings.edge import EdgeSettings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-REQUEST_ID = web.RequestKey("request_id", str)
-ARRIVED = web.RequestKey("arrived", float)
-DEADLINE = web.RequestKey("deadline", float)
-"""Monotonic seconds (``time.monotonic()``) by which the request must be answered; inf: none."""
-BODY = web.RequestKey("body", BodyAllowance)
 
 REQUEST_ID_RULE = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -73,6 +71,16 @@ class EdgePolicy:
     access_log: logging.Logger = ACCESS_LOG
     """The process's access logger (``captionfleet.runtime.server.access``, ``...router.access``)."""
 
+    @classmethod
+    def of(cls, settings: EdgeSettings, budget: BodyBudget, **process: Any) -> EdgePolicy:
+        """The policy of a process with these edge settings; ``process``: the other fields."""
+        return cls(
+            timeout_ms=settings.request_timeout_ms,
+            budget=budget,
+            body_wait_s=settings.body_wait_ms / 1000,
+            **process,
+        )
+
 
 def request_id_of(header: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a fresh one."""
@@ -84,10 +92,6 @@ def request_id_of(header: str | None) -> str:
 def route_of(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
-
-
-def ms_since(start: float) -> float:
-    return round((time.monotonic() - start) * 1000, 3)
 
 
 def edge_middleware(policy: EdgePolicy) -> Middleware:
