@@ -26,7 +26,8 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def _available() -> dict[str, str]:
-    """The subcommands whose module exists in this build (components land one by one)."""
+    """The subcommands whose module is installed: the operator image's distribution
+    (``captionfleet-operator``) has no runtime and no benchmarks, so it offers ``operator`` alone."""
     found = {}
     for name, module in SUBCOMMANDS.items():
         try:

@@ -1,2 +1,2 @@
-"""The HTTP layer of the runtime: aiohttp app, request parsing, URL fetching, error mapping, metrics,
-OpenAPI, drain, and the ``captionfleet serve`` command."""
+"""The runtime's HTTP layer on the shared edge (``runtime/web``): routes and handlers, request parsing,
+URL fetching, the table of domain errors, metrics, OpenAPI, start and drain, and ``captionfleet serve``."""
