@@ -14,9 +14,10 @@ import yaml
 from captionfleet.operator import builders, spec
 from captionfleet.operator.builders import autoscaling, runtime
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext
-from captionfleet.operator.builders.env import ROUTER_ENV, RUNTIME_ENV
+from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_ENV
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.traffic import Share
+from captionfleet.settings import env_name
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -144,8 +145,9 @@ def test_the_containers_set_only_the_documented_environment() -> None:
             if manifest["kind"] != "Deployment":
                 continue
             for c in manifest["spec"]["template"]["spec"]["containers"]:
-                documented = RUNTIME_ENV if c["name"] == "runtime" else ROUTER_ENV
-                assert {e["name"] for e in c["env"]} <= set(documented), c["name"]
+                fields = RUNTIME_ENV if c["name"] == "runtime" else ROUTER_ENV
+                documented = {env_name(field) for field in fields} | set(FOREIGN_ENV)
+                assert {e["name"] for e in c["env"]} <= documented, c["name"]
 
 
 @pytest.mark.parametrize(("window", "kept"), [("5m", "900"), ("30m", "1800"), ("1h30s", "3630")])
