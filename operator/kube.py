@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from captionfleet import names
 
 FIELD_MANAGER = names.MANAGER
+JsonView = Mapping[str, Any]
 TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 
 
@@ -56,8 +57,6 @@ SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
-POD = Kind("v1", "Pod", "pods")
-SECRET = Kind("v1", "Secret", "secrets")
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
 CHILD_KINDS = (HPA, SCALED_OBJECT, SERVICE, DEPLOYMENT, ROLE_BINDING, ROLE, SERVICE_ACCOUNT)
@@ -178,13 +177,7 @@ class Api(Protocol):
     async def installed(self, kind: Kind, namespace: str) -> bool: ...
     async def remove_annotation(self, kind: Kind, namespace: str, name: str, key: str) -> None: ...
     async def patch_status(
-        self,
-        kind: Kind,
-        namespace: str,
-        name: str,
-        status: Mapping[str, Any],
-        *,
-        resource_version: str | None = None,
+        self, kind: Kind, namespace: str, name: str, status: JsonView, *, resource_version: str | None = None
     ) -> dict[str, Any]: ...
 
 
@@ -288,13 +281,7 @@ class Kube:
             )
 
     async def patch_status(
-        self,
-        kind: Kind,
-        namespace: str,
-        name: str,
-        status: Mapping[str, Any],
-        *,
-        resource_version: str | None = None,
+        self, kind: Kind, namespace: str, name: str, status: JsonView, *, resource_version: str | None = None
     ) -> dict[str, Any]:
         """JSON-merge-patch the status subresource (``None`` values remove fields).
 

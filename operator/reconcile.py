@@ -167,14 +167,19 @@ def _owner_text(obj: Mapping[str, Any]) -> str:
     return f"{controller.get('kind')} {controller.get('name')} (uid {controller.get('uid')})"
 
 
-async def name_conflicts(
-    api: kube.Api,
-    ctx: FleetContext,
-    desired: Sequence[Mapping[str, Any]],
-    existing: Mapping[Key, dict[str, Any]],
-) -> list[str]:
+@dataclass(frozen=True)
+class Plan:
+    """One reconciliation's view: the fleet, the manifests it wants, and the children it already has."""
+
+    ctx: FleetContext
+    desired: list[dict[str, Any]]
+    existing: dict[Key, dict[str, Any]]
+
+
+async def name_conflicts(api: kube.Api, plan: Plan) -> list[str]:
     """Children whose name is taken by an object this CaptionModel does not control, or that two of
     its own children would share; one sentence each, naming the object and its owner."""
+    ctx, desired, existing = plan.ctx, plan.desired, plan.existing
     counts = Counter(_key(manifest) for manifest in desired)
     problems = [
         f"{kind} {name} is derived twice from this spec" for (_, kind, name), n in counts.items() if n > 1
@@ -189,15 +194,10 @@ async def name_conflicts(
     return problems
 
 
-async def _apply_all(
-    api: kube.Api,
-    desired: Sequence[Mapping[str, Any]],
-    existing: Mapping[Key, dict[str, Any]],
-    outcome: Outcome,
-) -> tuple[list[dict[str, Any]], list[str]]:
+async def _apply_all(api: kube.Api, plan: Plan, outcome: Outcome) -> tuple[list[dict[str, Any]], list[str]]:
     """Apply every manifest; (what was stored, what the API refused)."""
     errors, applied = [], []
-    for manifest in desired:
+    for manifest in plan.desired:
         what = f"{manifest['kind']} {manifest['metadata']['name']}"
         try:
             applied.append(await api.apply(manifest))
@@ -205,23 +205,17 @@ async def _apply_all(
             errors.append(f"{what}: {e.message}")
             outcome.events.append(Event.warning(Reason.APPLY_FAILED, f"{what}: {e.message}"))
             continue
-        if _key(manifest) not in existing:
+        if _key(manifest) not in plan.existing:
             outcome.events.append(Event.normal(Reason.CREATED, what))
     return applied, errors
 
 
-async def _prune(
-    api: kube.Api,
-    namespace: str,
-    desired: Sequence[Mapping[str, Any]],
-    existing: Mapping[Key, dict[str, Any]],
-    outcome: Outcome,
-) -> None:
+async def _prune(api: kube.Api, plan: Plan, outcome: Outcome) -> None:
     """Delete the owned children no longer in the spec."""
-    wanted = {_key(manifest) for manifest in desired}
-    for key, obj in existing.items():
+    wanted = {_key(manifest) for manifest in plan.desired}
+    for key, obj in plan.existing.items():
         if key not in wanted:
-            await api.delete(kube.kind_of(obj), namespace, key[2])
+            await api.delete(kube.kind_of(obj), plan.ctx.namespace, key[2])
             outcome.events.append(Event.normal(Reason.DELETED, f"{key[1]} {key[2]}: no longer in the spec"))
 
 
@@ -303,7 +297,7 @@ async def reconcile(
     existing = {_key(obj): obj for obj in owned}
     ctx = await _context(api, meta, spec, config, state, [o for o in owned if o["kind"] == "Deployment"])
     desired = builders.fleet(ctx)
-    converged = await _converge(api, ctx, desired, existing, outcome)
+    converged = await _converge(api, Plan(ctx, desired, existing), outcome)
     deployments = [obj for obj in converged.objects if obj.get("kind") == "Deployment"]
     outcome.status = _status_of(ctx, deployments, generation, previous, converged.trouble)
     await api.patch_status(kube.CAPTION_MODEL, ctx.namespace, ctx.name, _patch(outcome.status, previous))
@@ -327,26 +321,20 @@ class Converged:
     trouble: Trouble | None
 
 
-async def _converge(
-    api: kube.Api,
-    ctx: FleetContext,
-    desired: Sequence[Mapping[str, Any]],
-    existing: Mapping[Key, dict[str, Any]],
-    outcome: Outcome,
-) -> Converged:
+async def _converge(api: kube.Api, plan: Plan, outcome: Outcome) -> Converged:
     """Apply and prune, unless a child's name is taken (then nothing at all is touched)."""
-    conflicts = await name_conflicts(api, ctx, desired, existing)
+    conflicts = await name_conflicts(api, plan)
     if conflicts:
         message = "; ".join(conflicts) + ": nothing is applied until the name is free (rename or remove it)"
         outcome.events.append(Event.warning(Reason.NAME_CONFLICT, message))
-        return Converged(list(existing.values()), Trouble("NameConflict", message))
-    applied, errors = await _apply_all(api, desired, existing, outcome)
+        return Converged(list(plan.existing.values()), Trouble("NameConflict", message))
+    applied, errors = await _apply_all(api, plan, outcome)
     # Prune only after everything applied: when the API refused something, what runs stays.
     if errors:
         outcome.retry = "; ".join(errors)
         return Converged(applied, Trouble("ApplyFailed", outcome.retry))
-    await _prune(api, ctx.namespace, desired, existing, outcome)
-    trouble = _keda_missing(ctx)
+    await _prune(api, plan, outcome)
+    trouble = _keda_missing(plan.ctx)
     if trouble is not None:
         outcome.events.append(Event.warning(Reason.KEDA_NOT_INSTALLED, trouble.message))
     return Converged(applied, trouble)
