@@ -4,7 +4,8 @@ Read the CaptionModel afresh, and if its canary's rollout is Progressing, read t
 over ``window`` (from the routers or Prometheus, ``figures.py``), let ``rollout.check`` decide, and
 reconcile with the decided state: weights, replica counts and ``status.rollout`` change together.
 A check is skipped while the spec is invalid or not yet reconciled (the status belongs to an older
-generation), and when the rollout is paused, promoted or rolled back.
+generation), and when the rollout is paused, promoted or rolled back. Without a canary in rollout
+nothing is read at all and the next look is ``IDLE_INTERVAL_S`` away (or the next reconciliation).
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from typing import Any
 
 from captionfleet.operator import kube, reconcile, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.events import REPAIRS, Event, Reason
 from captionfleet.operator.figures import Source
 from captionfleet.operator.metrics import OperatorMetrics
-from captionfleet.operator.reconcile import Event
 from captionfleet.operator.spec import seconds
 
 log = logging.getLogger(__name__)
 
-IDLE_INTERVAL_S = 60.0  # how often a CaptionModel that cannot be checked is looked at again
+IDLE_INTERVAL_S = 60.0  # how often a CaptionModel without a canary in rollout is looked at again
 # Reconcile events that a check reports (the rest, e.g. "Reconciled", would repeat every interval).
-REPAIRS = {"Created", "Deleted", "ApplyFailed", "Promoted", "RolledBack", "RolloutAction"}
+CHECK_REPORTS = REPAIRS | {Reason.PROMOTED, Reason.ROLLED_BACK, Reason.ROLLOUT_ACTION}
+DECISION_EVENTS = {
+    "step": (Event.normal, Reason.CANARY_STEP),
+    "promote": (Event.normal, Reason.PROMOTED),
+    "fail": (Event.warning, Reason.CHECK_FAILED),
+    "rollback": (Event.warning, Reason.ROLLED_BACK),
+}
 
 
 @dataclass
@@ -35,35 +42,48 @@ class CheckOutcome:
     decision: rollout.Decision | None = None
 
 
-async def check_once(
-    api: kube.Kube,
-    namespace: str,
-    name: str,
-    config: ClusterConfig,
-    source: Source,
-    metrics: OperatorMetrics,
-) -> CheckOutcome:
-    body = await api.get(kube.CAPTION_MODEL, namespace, name)
+@dataclass(frozen=True)
+class Tools:
+    """What a check reads and reports through."""
+
+    api: kube.Api
+    config: ClusterConfig
+    source: Source
+    metrics: OperatorMetrics
+
+
+async def check_once(tools: Tools, namespace: str, name: str) -> CheckOutcome:
+    body = await tools.api.get(kube.CAPTION_MODEL, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return CheckOutcome()
-    spec, problems = validation.check(name, body.get("spec"), config)
+    spec, problems = validation.check(name, body.get("spec"), tools.config)
     if problems or spec is None:
         return CheckOutcome()
-    analysis = spec.rollout.analysis
-    outcome = CheckOutcome(interval_s=seconds(analysis.interval), model=body)
     status = body.get("status") or {}
+    state = rollout.current(spec, status.get("rollout"))
+    if state is None:
+        return CheckOutcome()  # no canary: nothing to check until the spec changes
+    outcome = CheckOutcome(interval_s=seconds(spec.rollout.analysis.interval), model=body)
     if status.get("observedGeneration") != body["metadata"].get("generation"):
         return outcome  # the handlers have not reconciled this spec yet
-    state = rollout.current(spec, status.get("rollout"))
-    if state is not None and state.phase in ("Promoted", "RolledBack") and not state.drained:
+    if state.phase in ("Promoted", "RolledBack") and not state.drained:
         outcome.decision = rollout.drain(state)
-        await reconcile.reconcile(api, body, config, rollout_state=outcome.decision.state)
+        await reconcile.reconcile(tools.api, body, tools.config, rollout_state=outcome.decision.state)
         return outcome
-    if state is None or state.phase != "Progressing":
+    if state.phase != "Progressing":
+        outcome.interval_s = IDLE_INTERVAL_S
         return outcome
+    return await _check(tools, body, spec, state, outcome)
 
+
+async def _check(
+    tools: Tools, body: dict[str, Any], spec: Any, state: rollout.CanaryState, outcome: CheckOutcome
+) -> CheckOutcome:
+    """Read the figures, decide, and reconcile with the decision."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    analysis = spec.rollout.analysis
     window_s = max(1, round(seconds(analysis.window)))
-    reading = await source.read(namespace, name, state.version, window_s)
+    reading = await tools.source.read(namespace, name, state.version, window_s)
     for problem in reading.problems:
         log.warning(
             "rollout figures incomplete", extra={"captionmodel": f"{namespace}/{name}", "problem": problem}
@@ -72,15 +92,11 @@ async def check_once(
     outcome.decision = decision
     if decision.kind == "hold" and decision.state == state:
         return outcome  # nothing new to write (no figures at all)
-    result = await reconcile.reconcile(api, body, config, rollout_state=decision.state)
-    outcome.events += [e for e in result.events if e.reason in REPAIRS]
-    if decision.kind == "step":
-        outcome.events.append(Event("Normal", "CanaryStep", decision.message))
-    elif decision.kind == "promote":
-        outcome.events.append(Event("Normal", "Promoted", decision.message))
-    elif decision.kind == "fail":
-        outcome.events.append(Event("Warning", "CheckFailed", decision.message))
-    elif decision.kind == "rollback":
-        outcome.events.append(Event("Warning", "RolledBack", decision.message))
-        metrics.rollbacks.labels(namespace=namespace, captionmodel=name, version=state.version).inc()
+    result = await reconcile.reconcile(tools.api, body, tools.config, rollout_state=decision.state)
+    outcome.events += [e for e in result.events if e.reason in CHECK_REPORTS]
+    if decision.kind in DECISION_EVENTS:
+        make, reason = DECISION_EVENTS[decision.kind]
+        outcome.events.append(make(reason, decision.message))
+    if decision.kind == "rollback":
+        tools.metrics.rollbacks.labels(namespace=namespace, captionmodel=name, version=state.version).inc()
     return outcome

@@ -18,10 +18,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from captionfleet.operator import spec as s
+from captionfleet import names
+from captionfleet.operator.spec import CaptionModelSpec
 from captionfleet.operator.status import CaptionModelStatus
 
-CRD_FILE = f"{s.PLURAL}.{s.GROUP}.yaml"
+CRD_FILE = f"{names.PLURAL}.{names.GROUP}.yaml"
+# The Kubernetes release whose core/v1 Affinity schema the CRD embeds (from kubernetes-validate's copy
+# of the upstream OpenAPI schemas, read only when the CRD is generated).
+UPSTREAM_VERSION = "1.33.0"
 PEERING_FILE = "kopfpeerings.kopf.dev.yaml"
 
 # Keywords of the JSON schema that the CRD's openAPIV3Schema keeps as they are.
@@ -40,11 +44,15 @@ _KEPT = (
     "minItems",
     "maxItems",
     "uniqueItems",
+    "minProperties",
+    "maxProperties",
     "required",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-int-or-string",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "x-kubernetes-validations",
 )
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -117,6 +125,44 @@ def structural(node: dict[str, Any], defs: dict[str, Any], *, field: bool = Fals
     return out
 
 
+def _upstream_definitions() -> dict[str, Any]:
+    import json
+
+    import kubernetes_validate
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    path = folder / f"v{UPSTREAM_VERSION}-local-strict" / "_definitions.json"
+    return dict(json.loads(path.read_text())["$defs"])
+
+
+def upstream(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """An upstream JSON schema node (kubernetes-validate's form) as a structural CRD schema node:
+    references inlined, nullable types unwrapped, the strict ``additionalProperties: false`` dropped."""
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    out = {k: node[k] for k in _KEPT if k in node and k != "type"}
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next(t for t in kind if t != "null")
+    if kind is not None:
+        out["type"] = kind
+    if "properties" in node:
+        out["type"] = "object"
+        out["properties"] = {name: upstream(sub, defs) for name, sub in node["properties"].items()}
+    elif isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = upstream(node["additionalProperties"], defs)
+    if "items" in node:
+        out["items"] = upstream(node["items"], defs)
+    return out
+
+
+def upstream_schema(definition: str) -> dict[str, Any]:
+    """The structural schema of an upstream type, e.g. ``io.k8s.api.core.v1.Affinity``."""
+    defs = _upstream_definitions()
+    return upstream(defs[definition], defs)
+
+
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return structural(raw, raw.get("$defs", {}))
@@ -124,31 +170,37 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def captionmodel_crd() -> dict[str, Any]:
     """The whole CustomResourceDefinition of CaptionModel."""
-    spec_schema = openapi_schema(s.CaptionModelSpec)
+    spec_schema = openapi_schema(CaptionModelSpec)
     spec_schema["description"] = "The fleet: model versions, their traffic split and how they run."
+    # The API server checks an affinity as it would in a pod: the upstream schema, not free-form.
+    affinity = spec_schema["properties"]["affinity"]
+    spec_schema["properties"]["affinity"] = {
+        **upstream_schema("io.k8s.api.core.v1.Affinity"),
+        "description": affinity["description"],
+    }
     status_schema = openapi_schema(CaptionModelStatus)
     status_schema["description"] = "Written by the operator only; the spec is never rewritten."
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{s.PLURAL}.{s.GROUP}",
+            "name": f"{names.PLURAL}.{names.GROUP}",
             "labels": {"app.kubernetes.io/part-of": "captionfleet"},
         },
         "spec": {
-            "group": s.GROUP,
+            "group": names.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": s.KIND,
-                "listKind": f"{s.KIND}List",
-                "plural": s.PLURAL,
-                "singular": s.SINGULAR,
-                "shortNames": list(s.SHORT_NAMES),
+                "kind": names.KIND,
+                "listKind": f"{names.KIND}List",
+                "plural": names.PLURAL,
+                "singular": names.SINGULAR,
+                "shortNames": list(names.SHORT_NAMES),
                 "categories": ["captionfleet"],
             },
             "versions": [
                 {
-                    "name": s.VERSION,
+                    "name": names.VERSION,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},

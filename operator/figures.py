@@ -16,10 +16,28 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from captionfleet.operator.rollout import Figures
-
 TIMEOUT_S = 5.0
 Endpoints = Callable[[str, str], Awaitable[list[str]]]  # (namespace, service) -> base URLs
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One version's figures over the analysis window, summed over every router."""
+
+    requests: int
+    errors: int
+    p99_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float | None:
+        """Percent of the requests that failed; None without requests."""
+        return 100.0 * self.errors / self.requests if self.requests else None
+
+    def describe(self) -> str:
+        rate = self.error_rate
+        text = f"{self.errors}/{self.requests} requests failed"
+        text += f" ({rate:.2f} %)" if rate is not None else ""
+        return text + (f", p99 {self.p99_ms:.0f} ms" if self.p99_ms is not None else "")
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,34 @@
-"""The kopf handlers: thin, each one calls a plain function of reconcile.py and posts its Events.
+"""The kopf handlers: thin module-level functions, each calling a plain function and posting its Events.
 
-``build_registry`` returns a fresh registry, so the operator (and each test) runs exactly these
-handlers with exactly its settings, never whatever is in kopf's global default registry.
+``build_registry`` registers exactly these on a fresh registry, so the operator (and each test) runs
+them with its own settings, never whatever is in kopf's global default registry. Every handler gets
+the operator's typed context (``context.OperatorContext``) as kopf's ``memo``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import aiohttp
 import kopf
 
+from captionfleet import names
+from captionfleet.names import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL
 from captionfleet.operator import analysis, figures, kube, metrics, reconcile
-from captionfleet.operator import spec as s
-from captionfleet.operator.builders.common import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL, ClusterConfig
+from captionfleet.operator.context import Clients, OperatorContext
+from captionfleet.operator.events import REPAIRS, Event
+from captionfleet.operator.secrecy import redacted
 from captionfleet.operator.settings import OperatorSettings
 
-FINALIZER = f"{s.GROUP}/cleanup"
+FINALIZER = f"{names.GROUP}/cleanup"
 RETRY_DELAY = 30.0
-REPAIRS = {"Created", "Deleted", "ApplyFailed"}
+CAPTION_MODELS = (names.GROUP, names.VERSION, names.PLURAL)
+log = logging.getLogger(__name__)
 
 
 def connection_info(credentials: kube.Credentials) -> kopf.ConnectionInfo:
@@ -30,128 +36,153 @@ def connection_info(credentials: kube.Credentials) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(**dataclasses.asdict(credentials))
 
 
-def _post(body: Mapping[str, Any], events: list[reconcile.Event]) -> None:
+class RedactedDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled-configuration, with the user-info of URLs blanked: the stored essence and
+    the one compared with it are built alike, so a change is still a change, but no password is kept."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        return cast(kopf.BodyEssence, redacted(dict(essence)))
+
+
+def _post(body: Mapping[str, Any], events: list[Event]) -> None:
     for event in events:
         kopf.event(
             kopf.Body(cast(kopf.RawBody, dict(body))),
             type=event.type,
-            reason=event.reason,
+            reason=str(event.reason),
             message=event.message,
         )
 
 
-def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry:
-    registry = kopf.OperatorRegistry()
-    config = ClusterConfig.from_settings(operator_settings)
-    locks: dict[str, asyncio.Lock] = {}  # one reconciliation at a time per CaptionModel
-
-    @kopf.on.startup(registry=registry)
-    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        # Progress and the last handled spec live in annotations: the status is all ours.
-        settings.persistence.finalizer = FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=s.GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=s.GROUP, key="last-handled-configuration"
-        )
-        settings.posting.reporting_component = MANAGER
-        settings.posting.level = logging.INFO
-        configuration = kube.load_configuration(operator_settings.kubeconfig, operator_settings.context)
-        memo.kube = kube.Kube(configuration)
-        memo.metrics = metrics.OperatorMetrics()
-        memo.metrics_server = None
-        if operator_settings.metrics:
-            memo.metrics_server = await metrics.serve(memo.metrics, operator_settings.metrics)
-        memo.http = aiohttp.ClientSession()
-        if operator_settings.analysis_prometheus_url:
-            memo.figures = figures.Prometheus(memo.http, operator_settings.analysis_prometheus_url)
-        else:
-            memo.figures = figures.RouterStats(memo.http, memo.kube.router_endpoints)
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        configuration = kube.load_configuration(operator_settings.kubeconfig, operator_settings.context)
-        return connection_info(kube.credentials(configuration))
-
-    @kopf.on.cleanup(registry=registry)
-    async def close(memo: kopf.Memo, **_: Any) -> None:
-        if "kube" in memo:
-            memo.kube.close()
-        if "http" in memo:
-            await memo.http.close()
-        if memo.get("metrics_server") is not None:
-            await memo.metrics_server.cleanup()
-
-    async def run(body: Mapping[str, Any], memo: kopf.Memo, *, resync: bool = False) -> None:
-        async with locks.setdefault(body["metadata"]["uid"], asyncio.Lock()):
-            outcome = await reconcile.reconcile(memo.kube, body, config)
-        # A periodic resync reports only what it had to repair, not that all is still well.
-        events = [e for e in outcome.events if not resync or e.reason in REPAIRS]
-        _post(body, events)
-        if outcome.retry:
-            raise kopf.TemporaryError(outcome.retry, delay=RETRY_DELAY)
-
-    @kopf.on.resume(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
-    @kopf.on.create(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
-    @kopf.on.update(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
-    async def reconcile_fleet(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await run(body, memo)
-
-    if operator_settings.resync_seconds > 0:
-
-        @kopf.timer(
-            s.GROUP,
-            s.VERSION,
-            s.PLURAL,
-            interval=operator_settings.resync_seconds,
-            initial_delay=operator_settings.resync_seconds,
-            registry=registry,
-        )
-        async def resync(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-            assert namespace is not None  # CaptionModels are namespaced
-            fresh = await memo.kube.get(kube.CAPTION_MODEL, namespace, name)  # not the timer's old view
-            if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
-                await run(fresh, memo, resync=True)
-
-    @kopf.daemon(s.GROUP, s.VERSION, s.PLURAL, cancellation_timeout=10.0, registry=registry)
-    async def analyse_rollout(
-        stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: Any, **_: Any
-    ) -> None:
-        """Every rollout.analysis.interval, one check of the canary (when one is in rollout)."""
-        assert namespace is not None  # CaptionModels are namespaced
-        while not stopped:
-            interval = analysis.IDLE_INTERVAL_S
-            try:
-                async with locks.setdefault(uid, asyncio.Lock()):
-                    outcome = await analysis.check_once(
-                        memo.kube, namespace, name, config, memo.figures, memo.metrics
-                    )
-                interval = outcome.interval_s
-                if outcome.model is not None:
-                    _post(outcome.model, outcome.events)
-            except kube.KubeError as e:  # the API refused or was away: try again next interval
-                logging.getLogger(__name__).warning("rollout check of %s/%s failed: %s", namespace, name, e)
-            await stopped.wait(interval)
-
-    @kopf.on.delete(s.GROUP, s.VERSION, s.PLURAL, registry=registry)
-    async def delete_fleet(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        async with locks.setdefault(body["metadata"]["uid"], asyncio.Lock()):
-            events = await reconcile.clean_up(memo.kube, body)
-        locks.pop(body["metadata"]["uid"], None)
-        _post(body, events)
-
-    @kopf.on.event(
-        "apps",
-        "v1",
-        "deployments",
-        labels={MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT},
-        registry=registry,
+async def configure(settings: kopf.OperatorSettings, memo: OperatorContext, **_: Any) -> None:
+    """Startup: kopf's storage, and the clients every handler shares."""
+    # Progress and the last handled spec live in annotations: the status is all ours.
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = RedactedDiffBase(
+        prefix=names.GROUP, key="last-handled-configuration"
     )
-    async def deployment_changed(
-        namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
-    ) -> None:
-        assert namespace is not None  # Deployments are namespaced
-        outcome = await reconcile.refresh_status(memo.kube, namespace, labels[MODEL_LABEL], config)
-        if outcome.model is not None:
-            _post(outcome.model, outcome.events)
+    settings.posting.reporting_component = MANAGER
+    settings.posting.level = logging.INFO
+    options = memo.settings
+    api = kube.Kube(kube.load_configuration(options.kubeconfig, options.context))
+    operator_metrics = metrics.OperatorMetrics()
+    http = aiohttp.ClientSession()
+    source: figures.Source
+    if options.analysis_prometheus_url:
+        source = figures.Prometheus(http, options.analysis_prometheus_url)
+    else:
+        source = figures.RouterStats(http, api.router_endpoints)
+    memo.clients = Clients(api, http, source, operator_metrics)
+    if options.metrics:
+        memo.clients.metrics_server = await metrics.serve(operator_metrics, options.metrics)
 
+
+def login(memo: OperatorContext, **_: Any) -> kopf.ConnectionInfo:
+    configuration = kube.load_configuration(memo.settings.kubeconfig, memo.settings.context)
+    return connection_info(kube.credentials(configuration))
+
+
+async def close(memo: OperatorContext, **_: Any) -> None:
+    clients = memo.clients
+    if clients is None:
+        return
+    clients.kube.close()
+    await clients.http.close()
+    if clients.metrics_server is not None:
+        await clients.metrics_server.cleanup()
+
+
+async def _reconcile(body: Mapping[str, Any], memo: OperatorContext, *, resync: bool = False) -> None:
+    uid = body["metadata"]["uid"]
+    async with memo.lock(uid):
+        outcome = await reconcile.reconcile(memo.require().kube, body, memo.config)
+    memo.wakeup(uid).set()  # the analysis daemon looks at the new spec now, not an interval later
+    # A periodic resync reports only what it had to repair, not that all is still well.
+    _post(body, [e for e in outcome.events if not resync or e.reason in REPAIRS])
+    if outcome.retry:
+        raise kopf.TemporaryError(outcome.retry, delay=RETRY_DELAY)
+
+
+async def reconcile_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
+    await _reconcile(body, memo)
+
+
+async def resync(namespace: str | None, name: str, memo: OperatorContext, **_: Any) -> None:
+    assert namespace is not None  # CaptionModels are namespaced
+    fresh = await memo.require().kube.get(kube.CAPTION_MODEL, namespace, name)  # not the timer's old view
+    if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
+        await _reconcile(fresh, memo, resync=True)
+
+
+async def _sleep(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> None:
+    """Until ``seconds`` pass, the daemon is stopped, or a reconciliation wakes it."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await _either(stopped, wakeup)
+    wakeup.clear()
+
+
+async def _either(stopped: kopf.DaemonStopped, wakeup: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(stopped.wait()), asyncio.ensure_future(wakeup.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def analyse_rollout(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
+) -> None:
+    """One check of the canary every rollout.analysis.interval while one is in rollout; idle otherwise."""
+    assert namespace is not None  # CaptionModels are namespaced
+    while not stopped:
+        interval = analysis.IDLE_INTERVAL_S
+        try:
+            async with memo.lock(uid):
+                outcome = await analysis.check_once(memo.tools(), namespace, name)
+            interval = outcome.interval_s
+            if outcome.model is not None:
+                _post(outcome.model, outcome.events)
+        except kube.KubeError as e:  # the API refused or was away: try again next interval
+            log.warning("rollout check of %s/%s failed: %s", namespace, name, e)
+        await _sleep(stopped, memo.wakeup(uid), interval)
+
+
+async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
+    uid = body["metadata"]["uid"]
+    async with memo.lock(uid):
+        events = await reconcile.clean_up(memo.require().kube, body)
+    memo.forget(uid)
+    _post(body, events)
+
+
+async def deployment_changed(
+    namespace: str | None, labels: Mapping[str, str], memo: OperatorContext, **_: Any
+) -> None:
+    assert namespace is not None  # Deployments are namespaced
+    outcome = await reconcile.refresh_status(memo.require().kube, namespace, labels[MODEL_LABEL], memo.config)
+    if outcome.model is not None:
+        _post(outcome.model, outcome.events)
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """A registry of the handlers above; ``settings`` decide the optional resync timer."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.cleanup(registry=registry)(close)
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(*CAPTION_MODELS, registry=registry)(reconcile_fleet)
+    if settings.resync_seconds > 0:
+        every = settings.resync_seconds
+        kopf.timer(*CAPTION_MODELS, interval=every, initial_delay=every, registry=registry)(resync)
+    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
+    kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
+    ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}
+    kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(deployment_changed)
     return registry

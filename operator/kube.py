@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from captionfleet.operator import spec as s
+from captionfleet import names
 
-FIELD_MANAGER = "captionfleet-operator"
+FIELD_MANAGER = names.MANAGER
+JsonView = Mapping[str, Any]
 TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 
 
@@ -46,7 +48,7 @@ class Kind:
         return path
 
 
-CAPTION_MODEL = Kind(s.API_VERSION, s.KIND, s.PLURAL)
+CAPTION_MODEL = Kind(names.API_VERSION, names.KIND, names.PLURAL)
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
@@ -55,7 +57,6 @@ SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
 CHILD_KINDS = (HPA, SCALED_OBJECT, SERVICE, DEPLOYMENT, ROLE_BINDING, ROLE, SERVICE_ACCOUNT)
@@ -73,6 +74,30 @@ class KubeError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Unreachable(KubeError):
+    """The API server was not reached (connection refused, timeout)."""
+
+
+class NotFound(KubeError):
+    """404: the object, or its kind (a CRD such as KEDA's that is not installed), does not exist."""
+
+
+class Conflict(KubeError):
+    """409: the object changed since it was read (a resourceVersion precondition), or already exists."""
+
+
+class Invalid(KubeError):
+    """422: the API server refused the object (its schema or validation rules)."""
+
+
+_ERRORS: dict[int, type[KubeError]] = {0: Unreachable, 404: NotFound, 409: Conflict, 422: Invalid}
+
+
+def api_error(status: int, message: str) -> KubeError:
+    """The one mapping from an HTTP status to a typed error."""
+    return _ERRORS.get(status, KubeError)(status, message)
 
 
 def load_configuration(kubeconfig: str = "", context: str = "") -> kubernetes.client.Configuration:
@@ -97,7 +122,7 @@ def load_configuration(kubeconfig: str = "", context: str = "") -> kubernetes.cl
             persist_config=False,
         )
     except (kubernetes.config.ConfigException, OSError) as e:
-        raise KubeError(0, f"cannot log in: not in a cluster, and kubeconfig {path!r}: {e}") from e
+        raise api_error(0, f"cannot log in: not in a cluster, and kubeconfig {path!r}: {e}") from e
     return configuration
 
 
@@ -135,24 +160,6 @@ def credentials(configuration: kubernetes.client.Configuration) -> Credentials:
     )
 
 
-def ready_addresses(slices: list[dict[str, Any]], port_name: str) -> list[str]:
-    """``http://host:port`` of every ready endpoint in these EndpointSlices, on the named port."""
-    urls = set()
-    for slice_ in slices:
-        ports = [p for p in slice_.get("ports") or [] if p.get("port")]
-        port = next((p for p in ports if p.get("name") == port_name), ports[0] if len(ports) == 1 else None)
-        if port is None:
-            continue
-        for endpoint in slice_.get("endpoints") or []:
-            conditions = endpoint.get("conditions") or {}
-            addresses = endpoint.get("addresses") or []
-            if conditions.get("ready") is False or conditions.get("terminating") is True or not addresses:
-                continue
-            host = str(addresses[0])  # every address of one endpoint is the same pod
-            urls.add(f"http://[{host}]:{port['port']}" if ":" in host else f"http://{host}:{port['port']}")
-    return sorted(urls)
-
-
 def _message(e: ApiException) -> str:
     try:
         return str(json.loads(e.body or "")["message"])
@@ -160,11 +167,24 @@ def _message(e: ApiException) -> str:
         return f"{e.status} {e.reason}"
 
 
+class Api(Protocol):
+    """What reconcile.py and analysis.py use of the API: ``Kube`` in the operator, a fake in unit tests."""
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]: ...
+    async def delete(self, kind: Kind, namespace: str, name: str) -> bool: ...
+    async def installed(self, kind: Kind, namespace: str) -> bool: ...
+    async def remove_annotation(self, kind: Kind, namespace: str, name: str, key: str) -> None: ...
+    async def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: JsonView, *, resource_version: str | None = None
+    ) -> dict[str, Any]: ...
+
+
 class Kube:
     """A handful of typed calls on top of the generic ``ApiClient``."""
 
     def __init__(self, configuration: kubernetes.client.Configuration) -> None:
-        self.configuration = configuration
         self._client = kubernetes.client.ApiClient(configuration)
 
     def close(self) -> None:
@@ -191,11 +211,11 @@ class Kube:
             response = self._client.call_api(*request, _request_timeout=TIMEOUT)
             response.read()  # type: ignore[no-untyped-call]
         except Exception as e:  # urllib3 errors: the server was not reached
-            raise KubeError(0, f"{method} {path}: {e}") from e
+            raise api_error(0, f"{method} {path}: {e}") from e
         if not 200 <= response.status <= 299:
             text = (response.data or b"").decode(errors="replace")
             error = ApiException(status=response.status, reason=response.reason, body=text)
-            raise KubeError(response.status, f"{method} {path}: {_message(error)}")
+            raise api_error(response.status, f"{method} {path}: {_message(error)}")
         return json.loads(response.data) if response.data else None
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -214,20 +234,16 @@ class Kube:
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return dict(await self._request("GET", kind.path(namespace, name)))
-        except KubeError as e:
-            if e.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
 
     async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """Objects with these labels; none when the kind itself is not installed (e.g. KEDA)."""
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         try:
             result = await self._request("GET", kind.path(namespace), query=[("labelSelector", selector)])
-        except KubeError as e:
-            if e.status == 404:
-                return []
-            raise
+        except NotFound:
+            return []
         return [dict(item) for item in result.get("items") or []]
 
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
@@ -235,44 +251,41 @@ class Kube:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         try:
             await self._request("DELETE", kind.path(namespace, name), body=body)
-        except KubeError as e:
-            if e.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
         return True
 
     async def ready_endpoints(self, namespace: str, service: str, port_name: str) -> builtins.list[str]:
         """Base URLs of the ready pods behind a Service, from its EndpointSlices."""
-        slices = await self.list(ENDPOINT_SLICE, namespace, {SERVICE_NAME_LABEL: service})
-        return ready_addresses(slices, port_name)
+        slices = await self.list(ENDPOINT_SLICE, namespace, {names.SERVICE_NAME_LABEL: service})
+        return names.ready_endpoints(slices, port_name)
 
     async def router_endpoints(self, namespace: str, model: str) -> builtins.list[str]:
         """The router pods of a CaptionModel: its public Service carries the model's name."""
-        return await self.ready_endpoints(namespace, model, "http")
+        return await self.ready_endpoints(namespace, model, names.HTTP_PORT_NAME)
+
+    async def installed(self, kind: Kind, namespace: str) -> bool:
+        """Whether the API serves this kind at all (a CRD such as KEDA's ScaledObject may be missing)."""
+        try:
+            await self._request("GET", kind.path(namespace), query=[("limit", "1")])
+        except NotFound:
+            return False
+        return True
 
     async def remove_annotation(self, kind: Kind, namespace: str, name: str, key: str) -> None:
         """Drop one annotation (a handled one-shot request); nothing if the object is gone."""
         body = {"metadata": {"annotations": {key: None}}}
-        try:
+        with contextlib.suppress(NotFound):
             await self._request(
                 "PATCH", kind.path(namespace, name), body=body, content_type="application/merge-patch+json"
             )
-        except KubeError as e:
-            if e.status != 404:
-                raise
 
     async def patch_status(
-        self,
-        kind: Kind,
-        namespace: str,
-        name: str,
-        status: Mapping[str, Any],
-        *,
-        resource_version: str | None = None,
+        self, kind: Kind, namespace: str, name: str, status: JsonView, *, resource_version: str | None = None
     ) -> dict[str, Any]:
         """JSON-merge-patch the status subresource (``None`` values remove fields).
 
-        With ``resource_version`` the write fails with 409 if the object changed since it was read.
+        With ``resource_version`` the write raises Conflict if the object changed since it was read.
         """
         path = kind.path(namespace, name, "status")
         body: dict[str, Any] = {"status": dict(status)}

@@ -27,9 +27,10 @@ Mode = Literal["always", "clusterwide", "namespaced"]
 
 READ = ("get", "list", "watch")
 # Children are found by label (list), written by server-side apply (patch, and create when the object
-# is new) and removed when they leave the spec (delete). Never get or update: the operator does not
-# read children one by one, and every write is a patch.
-MANAGE = ("list", "create", "patch", "delete")
+# is new) and removed when they leave the spec (delete). Before a child is first applied, the object of
+# that name is read (get) to see who owns it: one the CaptionModel does not control is left alone.
+# Never update: every write is a patch.
+MANAGE = ("get", "list", "create", "patch", "delete")
 
 
 @dataclass(frozen=True)

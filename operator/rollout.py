@@ -26,9 +26,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from captionfleet.operator.spec import GROUP, Analysis, CaptionModelSpec, ModelVersion
+from captionfleet.names import ROLLOUT_ACTION_ANNOTATION
+from captionfleet.operator.figures import Figures
+from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion
 
-ACTION_ANNOTATION = f"{GROUP}/rollout-action"
 ACTIONS = ("abort", "promote")
 
 RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
@@ -59,7 +60,9 @@ class CanaryState(_Model):
     version: str = Field(description="The canary this rollout is about.")
     spec_hash: str = Field(description="Hash of that version's spec; a change starts a new rollout.")
     phase: RolloutPhase
-    weight: int = Field(description="The canary's effective weight in percent.")
+    weight: int = Field(
+        description="The canary's weight in percent; it receives it once it has a ready pod (0 before)."
+    )
     step: int = Field(default=1, description="Weight increases so far, the first one included.")
     failed_checks: int = Field(default=0, description="Failed checks in a row.")
     reason: str = ""
@@ -71,25 +74,10 @@ class CanaryState(_Model):
         "check after the decision, so every router has applied the new weights before those pods go.",
     )
 
-
-@dataclass(frozen=True)
-class Figures:
-    """One version's figures over the analysis window, summed over every router."""
-
-    requests: int
-    errors: int
-    p99_ms: float | None = None
-
     @property
-    def error_rate(self) -> float | None:
-        """Percent of the requests that failed; None without requests."""
-        return 100.0 * self.errors / self.requests if self.requests else None
-
-    def describe(self) -> str:
-        rate = self.error_rate
-        text = f"{self.errors}/{self.requests} requests failed"
-        text += f" ({rate:.2f} %)" if rate is not None else ""
-        return text + (f", p99 {self.p99_ms:.0f} ms" if self.p99_ms is not None else "")
+    def checked(self) -> bool:
+        """Whether the canary has passed a check (the stable version keeps its capacity until then)."""
+        return self.step > 1
 
 
 @dataclass(frozen=True)
@@ -105,19 +93,9 @@ def spec_hash(version: ModelVersion) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def canary_of(spec: CaptionModelSpec) -> ModelVersion | None:
-    return next((v for v in spec.versions if v.canary), None)
-
-
-def stable_of(spec: CaptionModelSpec) -> ModelVersion | None:
-    """The non-canary version with the most traffic (the first of equals): the one the canary replaces."""
-    candidates = [v for v in spec.versions if not v.canary]
-    return max(candidates, key=lambda v: v.weight) if candidates else None
-
-
 def pool(spec: CaptionModelSpec) -> int:
     """The weight the canary and the stable version share (their spec weights together)."""
-    canary, stable = canary_of(spec), stable_of(spec)
+    canary, stable = spec.canary(), spec.stable()
     return (canary.weight if canary else 0) + (stable.weight if stable else 0)
 
 
@@ -129,15 +107,15 @@ def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
         phase="Progressing",
         weight=weight,
         reason="Started",
-        message=f"canary {canary.name} starts at {weight} %",
+        message=f"canary {canary.name} starts at {weight} % once it has a ready pod",
     )
 
 
 def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> CanaryState | None:
     """The rollout state for this spec: the stored one while it is about the same canary (same name
     and spec hash), else a fresh one; None without a canary. ``rollout.paused`` applies here."""
-    canary = canary_of(spec)
-    if canary is None or stable_of(spec) is None:
+    canary = spec.canary()
+    if canary is None or spec.stable() is None:
         return None
     state: CanaryState | None = None
     if previous:
@@ -164,18 +142,30 @@ def check(
     """One analysis check of a Progressing rollout; ``total`` is the pool (see :func:`pool`)."""
     if state.phase != "Progressing":
         return Decision("idle", state, f"rollout is {state.phase}: nothing to check")
+    if figures is None or figures.requests == 0 or figures.requests < analysis.min_requests:
+        return _held(analysis, state, figures, now)
+    problems = _problems(analysis, figures)
+    if problems:
+        return _failed(analysis, state, figures, problems, now)
+    return _passed(analysis, state, figures, total, now)
+
+
+def _held(analysis: Analysis, state: CanaryState, figures: Figures | None, now: str) -> Decision:
+    """Hold when there are no figures, or fewer requests than minRequests: neither pass nor fail."""
     name = state.version
     if figures is None:
         message = f"canary {name}: no figures (no router answered); the check neither passes nor fails"
         return Decision("hold", state.model_copy(update={"message": message}), message)
-    if figures.requests == 0 or figures.requests < analysis.min_requests:
-        message = (
-            f"canary {name}: {figures.requests} requests in the window, below minRequests "
-            f"{analysis.min_requests}; the check neither passes nor fails"
-        )
-        held = state.model_copy(update={"last_check": _check(figures, "hold", now), "message": message})
-        return Decision("hold", held, message)
+    message = (
+        f"canary {name}: {figures.requests} requests in the window, below minRequests "
+        f"{analysis.min_requests}; the check neither passes nor fails"
+    )
+    held = state.model_copy(update={"last_check": _check(figures, "hold", now), "message": message})
+    return Decision("hold", held, message)
 
+
+def _problems(analysis: Analysis, figures: Figures) -> list[tuple[str, str]]:
+    """(reason, sentence) for each threshold the figures cross."""
     problems = []
     rate = figures.error_rate or 0.0
     if rate > analysis.error_rate_threshold:
@@ -183,44 +173,35 @@ def check(
     limit = analysis.latency_p99_ms
     if limit is not None and figures.p99_ms is not None and figures.p99_ms > limit:
         problems.append(("Latency", f"p99 {figures.p99_ms:.0f} ms > {limit:g} ms"))
-    if problems:
-        failed = state.failed_checks + 1
-        why = "; ".join(text for _, text in problems)
-        if failed >= analysis.threshold:
-            message = (
-                f"canary {name} rolled back after {failed} failed checks in a row: {why} "
-                f"({figures.describe()})"
-            )
-            rolled_back = state.model_copy(
-                update={
-                    "phase": "RolledBack",
-                    "weight": 0,
-                    "failed_checks": failed,
-                    "reason": problems[0][0],
-                    "message": message,
-                    "last_check": _check(figures, "fail", now),
-                }
-            )
-            return Decision("rollback", rolled_back, message)
-        message = f"canary {name}: check failed ({failed}/{analysis.threshold}): {why}"
-        failing = state.model_copy(
-            update={
-                "failed_checks": failed,
-                "reason": "CheckFailed",
-                "message": message,
-                "last_check": _check(figures, "fail", now),
-            }
-        )
-        return Decision("fail", failing, message)
+    return problems
 
+
+def _failed(
+    analysis: Analysis, state: CanaryState, figures: Figures, problems: list[tuple[str, str]], now: str
+) -> Decision:
+    """A failed check; the ``threshold``-th in a row rolls the canary back."""
+    name = state.version
+    failed = state.failed_checks + 1
+    why = "; ".join(text for _, text in problems)
+    update: dict[str, Any] = {"failed_checks": failed, "last_check": _check(figures, "fail", now)}
+    if failed >= analysis.threshold:
+        message = (
+            f"canary {name} rolled back after {failed} failed checks in a row: {why} ({figures.describe()})"
+        )
+        update |= {"phase": "RolledBack", "weight": 0, "reason": problems[0][0], "message": message}
+        return Decision("rollback", state.model_copy(update=update), message)
+    message = f"canary {name}: check failed ({failed}/{analysis.threshold}): {why}"
+    update |= {"reason": "CheckFailed", "message": message}
+    return Decision("fail", state.model_copy(update=update), message)
+
+
+def _passed(analysis: Analysis, state: CanaryState, figures: Figures, total: int, now: str) -> Decision:
+    """A passed check: one step more, or promotion at maxWeight."""
+    name = state.version
     passed = _check(figures, "pass", now)
     if state.weight >= _limit(analysis, total):
-        return _promoted(
-            state,
-            total,
-            f"canary {name} promoted: healthy at {state.weight} % ({figures.describe()})",
-            passed,
-        )
+        message = f"canary {name} promoted: healthy at {state.weight} % ({figures.describe()})"
+        return _promoted(state, total, message, passed)
     weight = min(state.weight + analysis.step_weight, _limit(analysis, total))
     message = f"canary {name}: {state.weight} % -> {weight} % ({figures.describe()})"
     stepped = state.model_copy(
@@ -258,16 +239,22 @@ def drain(state: CanaryState) -> Decision:
     return Decision("drain", state.model_copy(update={"drained": True}), message)
 
 
+def unknown_action(action: str) -> str:
+    return f"unknown rollout action {action!r} ignored; use one of {', '.join(ACTIONS)}"
+
+
 def act(action: str, state: CanaryState, *, total: int) -> Decision:
     """A manual action (the ``captionfleet.io/rollout-action`` annotation): abort or promote now."""
     name = state.version
     if action not in ACTIONS:
-        return Decision("idle", state, f"unknown rollout action {action!r}; use one of {', '.join(ACTIONS)}")
+        return Decision("idle", state, unknown_action(action))
     if state.phase in ("Promoted", "RolledBack"):
         return Decision("idle", state, f"canary {name} is already {state.phase}; {action} ignored")
     if action == "promote":
-        return _promoted(state, total, f"canary {name} promoted by hand ({ACTION_ANNOTATION}=promote)", None)
-    message = f"canary {name} rolled back by hand ({ACTION_ANNOTATION}=abort)"
+        return _promoted(
+            state, total, f"canary {name} promoted by hand ({ROLLOUT_ACTION_ANNOTATION}=promote)", None
+        )
+    message = f"canary {name} rolled back by hand ({ROLLOUT_ACTION_ANNOTATION}=abort)"
     aborted = state.model_copy(
         update={"phase": "RolledBack", "weight": 0, "reason": "Aborted", "message": message}
     )

@@ -6,7 +6,9 @@ import asyncio
 
 import kopf
 
+from captionfleet.operator.context import OperatorContext
 from captionfleet.operator.handlers import build_registry
+from captionfleet.operator.secrecy import install_log_redaction
 from captionfleet.operator.settings import OperatorSettings
 
 
@@ -17,8 +19,10 @@ async def run_operator(
     ready_flag: asyncio.Event | None = None,
 ) -> None:
     """Run until ``stop_flag`` is set (or SIGINT/SIGTERM when run in the main thread)."""
+    install_log_redaction()
     await kopf.operator(
         registry=build_registry(settings),
+        memo=OperatorContext.create(settings),
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         # Peering elects one active replica; standalone skips it (a single replica, development).

@@ -12,34 +12,54 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "captionfleet.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "CaptionModel"
-PLURAL = "captionmodels"
-SINGULAR = "captionmodel"
-SHORT_NAMES = ("capm",)
-
-# A Kubernetes quantity ("500m", "16Gi", 2); the same pattern as the API server's own types.
+# A Kubernetes quantity ("500m", "16Gi", 2) by the API server's grammar (resource.Quantity), without a
+# sign: a pod's requests and limits may not be negative.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+# Label keys and values (and nodeSelector, toleration keys): the API server's qualified-name rule, an
+# optional DNS-subdomain prefix and "/" before a name of at most 63 characters.
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" + _LABEL_NAME + "$"
+)
+LABEL_VALUE_PATTERN = rf"^({_LABEL_NAME})?$"
+# An image reference as the container runtimes parse it: [registry[:port]/]path[:tag][@digest].
+_PATH_PART = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]+)?/)?"
+    rf"{_PATH_PART}(/{_PATH_PART})*(:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(@[a-z0-9]+:[a-f0-9]{{32,}})?$"
+)
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _HF_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
 _PVC = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+"
 MODEL_PATTERN = rf"^(hf://{_HF_REPO}|pvc://{_PVC}|file:///[^\s]*|{_HF_REPO})$"
 
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a quantity may not be negative")
+        return value
+    if not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a quantity such as 500m, 2, 4Gi (no sign, no spaces)")
+    return value
+
+
 Quantity = Annotated[
     int | str,
+    AfterValidator(_quantity),
     Field(json_schema_extra={"pattern": QUANTITY_PATTERN, "x-kubernetes-int-or-string": True}),
 ]
-Duration = Annotated[str, Field(pattern=DURATION_PATTERN)]
+Image = Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)]
+LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
@@ -47,6 +67,35 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 def seconds(duration: str) -> float:
     """A duration such as ``1m30s`` in seconds."""
     return sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+
+
+def _within(low: str, high: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not seconds(low) <= seconds(value) <= seconds(high):
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _cel_within(low: str, high: str) -> Any:
+    """The same bounds for the API server, in CEL (our durations are a subset of Go's, which CEL's
+    ``duration()`` parses)."""
+    rule = f"duration(self) >= duration('{low}') && duration(self) <= duration('{high}')"
+    return Field(
+        pattern=DURATION_PATTERN,
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": rule, "message": f"must be {low} to {high}"}]
+        },
+    )
+
+
+# The analysis loop makes a few API and HTTP calls per check, and the routers keep figures for the
+# whole window: both are bounded so one CaptionModel cannot load the API server or a router's memory.
+MIN_INTERVAL, MAX_INTERVAL = "500ms", "1h"
+MIN_WINDOW, MAX_WINDOW = "1s", "24h"
+Interval = Annotated[str, _cel_within(MIN_INTERVAL, MAX_INTERVAL), _within(MIN_INTERVAL, MAX_INTERVAL)]
+Window = Annotated[str, _cel_within(MIN_WINDOW, MAX_WINDOW), _within(MIN_WINDOW, MAX_WINDOW)]
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -86,7 +135,7 @@ class ModelVersion(SpecModel):
     max_replicas: int | None = Field(
         default=None, ge=1, description="Overrides the replica ceiling derived from the traffic share."
     )
-    image: str | None = Field(default=None, min_length=1, description="Runtime image for this version only.")
+    image: Image | None = Field(default=None, description="Runtime image for this version only.")
 
 
 class Batching(SpecModel):
@@ -120,11 +169,23 @@ class Resources(SpecModel):
 
 
 class Toleration(SpecModel):
-    key: str | None = Field(default=None, max_length=316)
+    """A core/v1 Toleration, with the API server's rules (ValidateTolerations)."""
+
+    key: LabelKey | None = None
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(default=None, max_length=63)
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(default=None, ge=0)
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _as_the_api_server(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class Autoscaling(SpecModel):
@@ -150,13 +211,24 @@ class Autoscaling(SpecModel):
 class Analysis(SpecModel):
     """Canary analysis, as in Flagger: every ``interval`` the canary's figures over ``window`` decide."""
 
-    interval: Duration = Field(default="1m", description="Time between checks.")
+    interval: Interval = Field(
+        default="1m", description=f"Time between checks, {MIN_INTERVAL} to {MAX_INTERVAL}."
+    )
     error_rate_threshold: float = Field(
         default=1.0, ge=0, le=100, description="Highest acceptable error rate (percent of 5xx answers)."
     )
     min_requests: int = Field(default=100, ge=0, description="Requests a check needs before it counts.")
-    window: Duration = Field(default="5m", description="Time window each check looks back over.")
-    step_weight: int = Field(default=10, ge=1, le=100, description="Weight added to the canary per check.")
+    window: Window = Field(
+        default="5m",
+        description=f"Time window each check looks back over, {MIN_WINDOW} to {MAX_WINDOW} (the routers "
+        "keep figures that long).",
+    )
+    step_weight: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="Weight the canary gets once it has a ready pod, and is added per passed check.",
+    )
     max_weight: int = Field(default=50, ge=1, le=100, description="Canary weight at which it is promoted.")
     threshold: int = Field(default=5, ge=1, le=100, description="Failed checks before a rollback.")
     latency_p99_ms: float | None = Field(
@@ -177,10 +249,30 @@ class Rollout(SpecModel):
     )
 
 
-class Cache(SpecModel):
-    """The shared result cache; leave out ``cache`` for none."""
+class SecretKeyRef(SpecModel):
+    """One key of a Secret in the CaptionModel's namespace."""
 
-    redis_url: str = Field(pattern=r"^rediss?://[^\s]+$", max_length=1024, description="redis:// URL.")
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="The Secret's name.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key in the Secret.")
+
+
+class Cache(SpecModel):
+    """The shared result cache; leave out ``cache`` for none. Exactly one of the two fields."""
+
+    # Exactly one of the two fields, in the CRD's schema too.
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    redis_url: str | None = Field(
+        default=None,
+        pattern=r"^rediss?://[^\s]+$",
+        max_length=1024,
+        description="redis:// URL without credentials (a URL with a password goes in redisUrlSecret).",
+    )
+    redis_url_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding the whole redis:// URL, credentials included; given to the "
+        "runtimes through secretKeyRef, never read by the operator.",
+    )
 
 
 class Auth(SpecModel):
@@ -202,8 +294,8 @@ class Router(SpecModel):
 
 class CaptionModelSpec(SpecModel):
     versions: list[ModelVersion] = Field(min_length=1, max_length=10)
-    image: str | None = Field(
-        default=None, min_length=1, description="Runtime and router image; default: the operator's."
+    image: Image | None = Field(
+        default=None, description="Runtime and router image; default: the operator's."
     )
     image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN)]] = Field(
         default_factory=list
@@ -211,12 +303,12 @@ class CaptionModelSpec(SpecModel):
     batching: Batching = Field(default_factory=Batching)
     generation: Generation = Field(default_factory=Generation)
     resources: Resources = Field(default_factory=Resources)
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     affinity: dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-        description="A core/v1 Affinity, copied into the runtime pods.",
+        description="A core/v1 Affinity, copied into the runtime pods (the CRD holds its upstream schema).",
     )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     rollout: Rollout = Field(default_factory=Rollout)
@@ -226,6 +318,15 @@ class CaptionModelSpec(SpecModel):
 
     def version(self, name: str) -> ModelVersion:
         return next(v for v in self.versions if v.name == name)
+
+    def canary(self) -> ModelVersion | None:
+        """The version in progressive rollout, if any."""
+        return next((v for v in self.versions if v.canary), None)
+
+    def stable(self) -> ModelVersion | None:
+        """The non-canary version with the most traffic (the first of equals): the one a canary replaces."""
+        candidates = [v for v in self.versions if not v.canary]
+        return max(candidates, key=lambda v: v.weight) if candidates else None  # max keeps the first
 
 
 @dataclass(frozen=True)

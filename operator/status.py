@@ -20,7 +20,17 @@ from captionfleet.operator.traffic import Role, Share
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid", "RolledBack"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
-CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "Progressing", "Degraded", "RolledBack")
+# Reasons of a Degraded condition that the operator found (not a Deployment): they stand until a
+# reconciliation clears them, whatever the Deployments report meanwhile.
+OPERATOR_TROUBLES = ("ApplyFailed", "NameConflict", "KedaNotInstalled")
+
+
+@dataclass(frozen=True)
+class Trouble:
+    """Something that keeps the fleet from being what the spec says: the reason and a sentence."""
+
+    reason: str
+    message: str
 
 
 class _StatusModel(BaseModel):
@@ -68,8 +78,8 @@ class CaptionModelStatus(_StatusModel):
 
 
 @dataclass(frozen=True)
-class RolloutState:
-    """What one Deployment says about its rollout."""
+class DeploymentProgress:
+    """What one Deployment says about its progress (its rollout of the current pod template)."""
 
     replicas: int
     ready_replicas: int
@@ -78,9 +88,9 @@ class RolloutState:
     failure: str | None  # why it will not get ready without help
 
 
-def rollout_state(name: str, deployment: Mapping[str, Any] | None) -> RolloutState:
+def deployment_progress(name: str, deployment: Mapping[str, Any] | None) -> DeploymentProgress:
     if deployment is None:
-        return RolloutState(0, 0, False, f"{name}: not created yet", None)
+        return DeploymentProgress(0, 0, False, f"{name}: not created yet", None)
     meta = deployment.get("metadata") or {}
     st = deployment.get("status") or {}
     replicas = int(st.get("replicas") or 0)
@@ -101,7 +111,7 @@ def rollout_state(name: str, deployment: Mapping[str, Any] | None) -> RolloutSta
         waiting = f"{name}: no ready replicas"
     elif updated < replicas:
         waiting = f"{name}: {updated}/{replicas} replicas updated"
-    return RolloutState(replicas, ready, waiting is None and failure is None, waiting, failure)
+    return DeploymentProgress(replicas, ready, waiting is None and failure is None, waiting, failure)
 
 
 def _condition(
@@ -144,6 +154,60 @@ def _kept_rolled_back(previous: Sequence[Mapping[str, Any]], generation: int, no
     )
 
 
+@dataclass(frozen=True)
+class _Observed:
+    """The versions and what holds the fleet back, from its Deployments."""
+
+    versions: list[VersionStatus]
+    waiting: list[str]
+    failures: list[str]
+    serving: bool
+
+
+def _observe(
+    shares: Sequence[Share],
+    deployments: Mapping[str, Mapping[str, Any] | None],
+    services: Mapping[str, str],
+    router: Mapping[str, Any] | None,
+) -> _Observed:
+    versions, waiting, failures = [], [], []
+    for share in shares:
+        progress = deployment_progress(f"version {share.name}", deployments.get(share.name))
+        versions.append(
+            VersionStatus(
+                name=share.name,
+                role=share.role,
+                weight=share.weight,
+                service=services.get(share.name),
+                replicas=progress.replicas,
+                ready_replicas=progress.ready_replicas,
+            )
+        )
+        if progress.failure:
+            failures.append(progress.failure)
+        elif share.weight > 0 and progress.waiting:  # versions without traffic do not hold the fleet back
+            waiting.append(progress.waiting)
+    router_progress = deployment_progress("router", router)
+    if router_progress.failure:
+        failures.append(router_progress.failure)
+    elif router_progress.waiting:
+        waiting.append(router_progress.waiting)
+    serving = router_progress.ready_replicas > 0 and any(v.ready_replicas for v in versions if v.weight)
+    return _Observed(versions, waiting, failures, serving)
+
+
+def _phase(observed: _Observed, rollout: CanaryState | None, trouble: Trouble | None) -> Phase:
+    if observed.failures or trouble is not None:
+        return "Degraded"
+    if not observed.waiting:
+        phase: Phase = "Ready"
+    else:
+        phase = "Progressing" if observed.serving else "Pending"
+    if rollout is not None and rollout.phase == "RolledBack" and phase in ("Ready", "Progressing"):
+        return "RolledBack"  # serving on the stable version; the canary is out
+    return phase
+
+
 def fleet_status(
     *,
     shares: Sequence[Share],
@@ -155,70 +219,24 @@ def fleet_status(
     previous: Mapping[str, Any],
     now: str,
     rollout: CanaryState | None = None,
+    trouble: Trouble | None = None,
 ) -> CaptionModelStatus:
     """The status of a valid spec, from the version Deployments and Service names (by version name),
-    the router's Deployment and the rollout state."""
+    the router's Deployment, the rollout state and what the operator found wrong (``trouble``)."""
+    observed = _observe(shares, deployments, services, router)
     before = list(previous.get("conditions") or [])
-    versions, waiting, failures = [], [], []
-    for share in shares:
-        state = rollout_state(f"version {share.name}", deployments.get(share.name))
-        versions.append(
-            VersionStatus(
-                name=share.name,
-                role=share.role,
-                weight=share.weight,
-                service=services.get(share.name),
-                replicas=state.replicas,
-                ready_replicas=state.ready_replicas,
-            )
-        )
-        if state.failure:
-            failures.append(state.failure)
-        elif share.weight > 0 and state.waiting:  # versions without traffic do not hold the fleet back
-            waiting.append(state.waiting)
-    router_state = rollout_state("router", router)
-    if router_state.failure:
-        failures.append(router_state.failure)
-    elif router_state.waiting:
-        waiting.append(router_state.waiting)
-
-    serving = router_state.ready_replicas > 0 and any(v.ready_replicas for v in versions if v.weight)
-    phase: Phase
-    if failures:
-        phase = "Degraded"
-    elif not waiting:
-        phase = "Ready"
-    elif serving:
-        phase = "Progressing"
-    else:
-        phase = "Pending"
-    canary = next((s for s in shares if s.role == "canary"), None)
 
     def cond(type_: ConditionType, status: bool, reason: str, message: str) -> Condition:
         return _condition(type_, status, reason, message, previous=before, generation=generation, now=now)
 
-    if phase == "Ready":
-        ready = cond("Ready", True, "AllReplicasReady", f"serving on {endpoint}")
-    else:
-        ready = cond("Ready", False, phase, "; ".join(failures + waiting))
-    rolled_back = rollout is not None and rollout.phase == "RolledBack"
-    if rolled_back and phase in ("Ready", "Progressing"):
-        phase = "RolledBack"  # serving on the stable version; the canary is out
-    if waiting:
-        progressing = cond("Progressing", True, "RollingOut", "; ".join(waiting))
-    elif rollout is not None and rollout.phase != "Progressing":
-        progressing = cond("Progressing", False, rollout.phase, rollout.message or rollout.phase)
-    elif canary is not None:
-        progressing = cond(
-            "Progressing", True, "CanaryInRollout", f"canary {canary.name} receives {canary.weight} %"
-        )
-    else:
-        progressing = cond("Progressing", False, "Stable", "every version is rolled out")
-    if failures:
-        degraded = cond("Degraded", True, "DeploymentFailed", "; ".join(failures))
-    else:
-        degraded = cond("Degraded", False, "AsExpected", "no Deployment reports a failure")
-
+    phase = _phase(observed, rollout, trouble)
+    canary = next((s for s in shares if s.role == "canary"), None)
+    conditions = [
+        _ready(cond, observed, phase, endpoint, trouble),
+        _progressing(cond, observed, rollout, canary),
+        _degraded(cond, observed, trouble),
+        _rolled_back(rollout, cond),
+    ]
     return CaptionModelStatus(
         phase=phase,
         observed_generation=generation,
@@ -226,12 +244,48 @@ def fleet_status(
         stable_version=next((s.name for s in shares if s.role == "stable"), None),
         canary_version=canary.name if canary else None,
         canary_weight=canary.weight if canary else None,
-        replicas=sum(v.replicas for v in versions),
-        ready_replicas=sum(v.ready_replicas for v in versions),
-        versions=versions,
-        conditions=[ready, progressing, degraded, _rolled_back(rollout, cond)],
+        replicas=sum(v.replicas for v in observed.versions),
+        ready_replicas=sum(v.ready_replicas for v in observed.versions),
+        versions=observed.versions,
+        conditions=conditions,
         rollout=rollout,
     )
+
+
+Cond = Callable[[ConditionType, bool, str, str], Condition]
+
+
+def _ready(
+    cond: Cond, observed: _Observed, phase: Phase, endpoint: str, trouble: Trouble | None
+) -> Condition:
+    if trouble is not None:
+        return cond("Ready", False, trouble.reason, trouble.message)
+    if phase in ("Ready", "RolledBack") and not observed.waiting:
+        return cond("Ready", True, "AllReplicasReady", f"serving on {endpoint}")
+    reason = "Progressing" if phase == "RolledBack" else phase
+    return cond("Ready", False, reason, "; ".join(observed.failures + observed.waiting))
+
+
+def _progressing(
+    cond: Cond, observed: _Observed, rollout: CanaryState | None, canary: Share | None
+) -> Condition:
+    if observed.waiting:
+        return cond("Progressing", True, "RollingOut", "; ".join(observed.waiting))
+    if rollout is not None and rollout.phase != "Progressing":
+        return cond("Progressing", False, rollout.phase, rollout.message or rollout.phase)
+    if canary is not None:
+        return cond(
+            "Progressing", True, "CanaryInRollout", f"canary {canary.name} receives {canary.weight} %"
+        )
+    return cond("Progressing", False, "Stable", "every version is rolled out")
+
+
+def _degraded(cond: Cond, observed: _Observed, trouble: Trouble | None) -> Condition:
+    if trouble is not None:
+        return cond("Degraded", True, trouble.reason, trouble.message)
+    if observed.failures:
+        return cond("Degraded", True, "DeploymentFailed", "; ".join(observed.failures))
+    return cond("Degraded", False, "AsExpected", "no Deployment reports a failure")
 
 
 def _rolled_back(rollout: CanaryState | None, cond: Callable[..., Condition]) -> Condition:

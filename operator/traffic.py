@@ -1,14 +1,19 @@
-"""Which version is stable, which is the canary, and how much traffic each receives now.
+"""Which version is stable, which is the canary, and how much traffic and capacity each gets now.
 
 The spec's ``weight`` is the desired split. The *effective* weights are what the router applies and
 ``status.versions[].weight`` reports. Without a canary they are the desired ones. With one, the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
-weight and the stable version the rest of their pool; once rolled back the canary gets 0 and is
-retired (scaled to zero); once promoted it becomes the stable version with the whole pool and the
-old stable is retired. Retiring waits for ``drained`` (one check after the decision): the weight goes to
-0 at once, the pods only after every router has stopped sending them requests. A/B variants always keep
-their spec weights. Everything downstream (router table, replica bounds, status) reads the weights
-from here.
+weight (but receives traffic only once it has a ready pod) and the stable version the rest of their
+pool; once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
+stable version with the whole pool and the old stable is retired. Retiring waits for ``drained`` (one
+check after the decision): the weight goes to 0 at once, the pods only after every router has stopped
+sending them requests. A/B variants always keep their spec weights.
+
+Capacity (the weight that sizes a version's replica bounds) differs from traffic in two places: a
+canary is sized for its rollout weight before it is ready (so it gets its pods), and the stable
+version keeps the whole pool's capacity until the canary has passed its first check (so a new canary
+never takes the stable's pods away before it has shown it can serve). Everything downstream (router
+table, replica bounds, status) reads the weights from here.
 """
 
 from __future__ import annotations
@@ -24,38 +29,47 @@ Role = Literal["stable", "canary", "variant"]
 
 @dataclass(frozen=True)
 class Share:
-    """One version's role and effective weight (percent of traffic); retired: scaled to zero."""
+    """One version's role, effective traffic weight and capacity weight (percent); retired: no pods."""
 
     name: str
     role: Role
     weight: int
     retired: bool = False
+    capacity: int | None = None  # the weight its replica bounds are sized for; None: ``weight``
+
+    @property
+    def sized_for(self) -> int:
+        return self.weight if self.capacity is None else self.capacity
 
 
-def stable_version(spec: CaptionModelSpec) -> str | None:
-    """The non-canary version with the most traffic (the first such on ties)."""
-    candidates = [v for v in spec.versions if not v.canary]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda v: v.weight).name  # max keeps the first of equals
+def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool) -> Share:
+    """The canary's or the stable version's share while a rollout drives them (name filled in later)."""
+    if rollout.phase == "Promoted":
+        role, weight = ("stable", total) if role == "canary" else ("variant", 0)
+        return Share("", role, weight, retired=weight == 0 and rollout.drained)
+    if rollout.phase == "RolledBack":
+        weight = total if role == "stable" else 0
+        return Share("", role, weight, retired=role == "canary" and rollout.drained)
+    canary_weight = rollout.weight if canary_ready else 0
+    if role == "canary":
+        return Share("", role, canary_weight, capacity=rollout.weight)
+    capacity = total - rollout.weight if rollout.checked else total
+    return Share("", role, total - canary_weight, capacity=capacity)
 
 
-def shares(spec: CaptionModelSpec, rollout: CanaryState | None = None) -> list[Share]:
-    """Every version, in spec order, with its role and effective weight."""
-    stable = stable_version(spec)
+def shares(
+    spec: CaptionModelSpec, rollout: CanaryState | None = None, *, canary_ready: bool = False
+) -> list[Share]:
+    """Every version, in spec order, with its role and effective weight; ``canary_ready``: the
+    canary's Deployment has a ready pod."""
+    stable = spec.stable()
     result = []
     total = pool(spec)
     for version in spec.versions:
-        role: Role = "canary" if version.canary else "stable" if version.name == stable else "variant"
-        weight, retired = version.weight, False
+        role: Role = "canary" if version.canary else "stable" if stable and version is stable else "variant"
         if rollout is not None and role in ("canary", "stable"):
-            if rollout.phase == "Promoted":
-                role, weight = ("stable", total) if role == "canary" else ("variant", 0)
-                retired = weight == 0 and rollout.drained
-            elif rollout.phase == "RolledBack":
-                weight = total if role == "stable" else 0
-                retired = role == "canary" and rollout.drained
-            else:
-                weight = rollout.weight if role == "canary" else total - rollout.weight
-        result.append(Share(version.name, role, weight, retired))
+            share = _in_rollout(role, rollout, total, canary_ready)
+            result.append(Share(version.name, share.role, share.weight, share.retired, share.capacity))
+        else:
+            result.append(Share(version.name, role, version.weight))
     return result

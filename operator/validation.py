@@ -11,11 +11,18 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from captionfleet.operator import spec as s
 from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.spec import (
+    DNS_LABEL_PATTERN,
+    CaptionModelSpec,
+    parse_model_source,
+    parse_spec,
+    seconds,
+)
 
 MAX_NAME = 63  # Services and labels: a DNS-1035 label
 
@@ -32,9 +39,9 @@ def schema_problems(error: ValidationError) -> list[str]:
     return [f"{_loc(e['loc'])}: {e['msg']}" for e in error.errors()]
 
 
-def _names(name: str, spec: s.CaptionModelSpec) -> list[str]:
+def _names(name: str, spec: CaptionModelSpec) -> list[str]:
     problems = []
-    if not re.fullmatch(s.DNS_LABEL_PATTERN, name):
+    if not re.fullmatch(DNS_LABEL_PATTERN, name):
         problems.append(
             f"metadata.name {name!r} must start with a letter and hold only lowercase letters, digits and "
             "'-': the router's Service is named after it"
@@ -48,7 +55,7 @@ def _names(name: str, spec: s.CaptionModelSpec) -> list[str]:
     return problems
 
 
-def _versions(spec: s.CaptionModelSpec) -> list[str]:
+def _versions(spec: CaptionModelSpec) -> list[str]:
     problems = []
     counts = Counter(v.name for v in spec.versions)
     duplicates = sorted(name for name, n in counts.items() if n > 1)
@@ -71,7 +78,7 @@ def _versions(spec: s.CaptionModelSpec) -> list[str]:
     for i, v in enumerate(spec.versions):
         where = f"spec.versions[{i}] ({v.name})"
         try:
-            s.parse_model_source(v.model)
+            parse_model_source(v.model)
         except ValueError as e:
             problems.append(f"{where}.model: {e}")
         if v.min_replicas is not None and v.max_replicas is not None and v.min_replicas > v.max_replicas:
@@ -83,7 +90,7 @@ def _versions(spec: s.CaptionModelSpec) -> list[str]:
     return problems
 
 
-def _autoscaling(spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
+def _autoscaling(spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     problems = []
     a = spec.autoscaling
     if a.min_replicas > a.max_replicas:
@@ -103,26 +110,48 @@ def _autoscaling(spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
             f"spec.rollout.analysis: maxWeight {analysis.max_weight} is below "
             f"stepWeight {analysis.step_weight}"
         )
-    if s.seconds(analysis.interval) <= 0:
-        problems.append("spec.rollout.analysis.interval: must be longer than 0")
-    if s.seconds(analysis.window) < s.seconds(analysis.interval):
+    if seconds(analysis.window) < seconds(analysis.interval):
         problems.append(
             f"spec.rollout.analysis: window {analysis.window} is shorter than interval {analysis.interval}"
         )
     return problems
 
 
-def problems(name: str, spec: s.CaptionModelSpec, config: ClusterConfig) -> list[str]:
+def _cache(spec: CaptionModelSpec) -> list[str]:
+    """Exactly one source of the Redis URL, and no credentials in plain text (never echoed)."""
+    cache = spec.cache
+    if cache is None:
+        return []
+    if (cache.redis_url is None) == (cache.redis_url_secret is None):
+        return ["spec.cache: give exactly one of redisUrl and redisUrlSecret"]
+    if cache.redis_url is not None and _has_credentials(cache.redis_url):
+        return [
+            "spec.cache.redisUrl: holds credentials, which would be stored in plain text in the "
+            "Deployments; put the whole URL in a Secret and name it in spec.cache.redisUrlSecret "
+            "({name, key}) instead"
+        ]
+    return []
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "@" in url
+    return bool(parts.username or parts.password) or "@" in parts.netloc
+
+
+def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
-    return _names(name, spec) + _versions(spec) + _autoscaling(spec, config)
+    return _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
 
 
 def check(
     name: str, raw_spec: Mapping[str, Any] | None, config: ClusterConfig
-) -> tuple[s.CaptionModelSpec | None, list[str]]:
+) -> tuple[CaptionModelSpec | None, list[str]]:
     """(the parsed spec, no problems) or (None or the spec, the problems)."""
     try:
-        spec = s.parse_spec(raw_spec)
+        spec = parse_spec(raw_spec)
     except ValidationError as e:
         return None, schema_problems(e)
     return spec, problems(name, spec, config)

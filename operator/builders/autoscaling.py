@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from captionfleet.operator import spec as s
-from captionfleet.operator.builders import common as c
+from captionfleet.operator.builders import common
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.builders.runtime import COMPONENT
+from captionfleet.operator.spec import ModelVersion
 
 
-def _target(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, str]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": c.version_name(ctx, version.name)}
+def _target(ctx: common.FleetContext, version: ModelVersion) -> dict[str, str]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": common.version_name(ctx, version.name)}
 
 
-def hpa(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any]:
+def hpa(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     """Scale on the per-pod queue depth; CPU is the fallback.
 
     The HPA takes the largest proposal over its metrics and still acts on the CPU one when the
@@ -26,7 +26,7 @@ def hpa(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any]:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": c.metadata(ctx, c.version_name(ctx, version.name), COMPONENT, version.name),
+        "metadata": common.metadata(ctx, common.version_name(ctx, version.name), COMPONENT, version.name),
         "spec": {
             "scaleTargetRef": _target(ctx, version),
             "minReplicas": max(low, 1),  # the HPA cannot scale to zero; validation refuses 0 with it
@@ -62,11 +62,11 @@ def hpa(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any]:
     }
 
 
-def scaled_object(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any]:
+def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     """KEDA reads the queue depth straight from Prometheus (the operator's --prometheus-url)."""
     autoscaling = ctx.spec.autoscaling
     low, high = replica_bounds(ctx.spec, ctx.share(version.name))
-    name = c.version_name(ctx, version.name)
+    name = common.version_name(ctx, version.name)
     # Pods of a Deployment are named <deployment>-<replicaset hash>-<pod hash>.
     query = (
         f'sum(avg_over_time({ctx.config.queue_depth_metric}{{namespace="{ctx.namespace}",'
@@ -75,7 +75,7 @@ def scaled_object(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": c.metadata(ctx, name, COMPONENT, version.name),
+        "metadata": common.metadata(ctx, name, COMPONENT, version.name),
         "spec": {
             "scaleTargetRef": _target(ctx, version),
             "minReplicaCount": low,
@@ -101,9 +101,9 @@ def scaled_object(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any
     }
 
 
-def autoscaler(ctx: c.FleetContext, version: s.ModelVersion) -> dict[str, Any] | None:
+def autoscaler(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any] | None:
     """The version's autoscaler; none for a retired version (scaled to zero by its Deployment)."""
-    provider = ctx.spec.autoscaling.provider
+    provider = ctx.autoscaler()
     if ctx.share(version.name).retired:
         return None
     if provider == "hpa":

@@ -10,21 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from captionfleet.operator import spec as s
+from captionfleet import names
+from captionfleet.names import COMPONENT_LABEL, MANAGED_BY_LABEL, MANAGER, MODEL_LABEL, VERSION_LABEL
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.settings import OperatorSettings
+from captionfleet.operator.spec import CaptionModelSpec, ModelVersion
 from captionfleet.operator.traffic import Share, shares
 
-RUNTIME_PORT = 8080
 PROMETHEUS_PATH = "/metrics"
-MANAGER = "captionfleet-operator"
-
-# Labels on every child. MODEL_LABEL finds a CaptionModel's children; it and VERSION_LABEL and
-# COMPONENT_LABEL make up the (immutable) Deployment selectors.
-MODEL_LABEL = "captionfleet.io/model"
-VERSION_LABEL = "captionfleet.io/version"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
 @dataclass(frozen=True)
@@ -53,10 +46,11 @@ class FleetContext:
     name: str
     namespace: str
     uid: str
-    spec: s.CaptionModelSpec
+    spec: CaptionModelSpec
     shares: tuple[Share, ...]
     config: ClusterConfig
     rollout: CanaryState | None = None
+    keda_installed: bool = True  # without KEDA's CRD a keda fleet gets fixed replicas, no autoscaler
 
     @classmethod
     def create(
@@ -65,16 +59,24 @@ class FleetContext:
         name: str,
         namespace: str,
         uid: str,
-        spec: s.CaptionModelSpec,
+        spec: CaptionModelSpec,
         config: ClusterConfig,
         rollout: CanaryState | None = None,
+        canary_ready: bool = False,
+        keda_installed: bool = True,
     ) -> FleetContext:
-        return cls(name, namespace, uid, spec, tuple(shares(spec, rollout)), config, rollout)
+        fleet_shares = tuple(shares(spec, rollout, canary_ready=canary_ready))
+        return cls(name, namespace, uid, spec, fleet_shares, config, rollout, keda_installed)
 
     def share(self, version: str) -> Share:
         return next(share for share in self.shares if share.name == version)
 
-    def image(self, version: s.ModelVersion | None = None) -> str:
+    def autoscaler(self) -> str:
+        """The autoscaler the versions get: hpa, keda or none (also when KEDA is not installed)."""
+        provider = self.spec.autoscaling.provider
+        return "none" if provider == "keda" and not self.keda_installed else provider
+
+    def image(self, version: ModelVersion | None = None) -> str:
         if version is not None and version.image:
             return version.image
         return self.spec.image or self.config.default_image
@@ -122,8 +124,8 @@ def labels(ctx: FleetContext, component: str, version: str | None = None) -> dic
 def owner_reference(ctx: FleetContext) -> dict[str, Any]:
     """Deleting the CaptionModel garbage-collects every child."""
     return {
-        "apiVersion": s.API_VERSION,
-        "kind": s.KIND,
+        "apiVersion": names.API_VERSION,
+        "kind": names.KIND,
         "name": ctx.name,
         "uid": ctx.uid,
         "controller": True,
@@ -140,9 +142,35 @@ def metadata(ctx: FleetContext, name: str, component: str, version: str | None =
     }
 
 
+def container_port() -> dict[str, Any]:
+    """The one port of every runtime and router container."""
+    return {"name": names.HTTP_PORT_NAME, "containerPort": names.HTTP_PORT, "protocol": "TCP"}
+
+
+def service_port(port: int) -> dict[str, Any]:
+    return {"name": names.HTTP_PORT_NAME, "port": port, "targetPort": names.HTTP_PORT_NAME, "protocol": "TCP"}
+
+
+def pod_template(
+    ctx: FleetContext, component: str, version: str | None, pod_spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A pod template with the fleet's labels and Prometheus' scrape annotations."""
+    return {
+        "metadata": {
+            "labels": labels(ctx, component, version),
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(names.HTTP_PORT),
+                "prometheus.io/path": PROMETHEUS_PATH,
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
 def http_probe(path: str, *, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
     return {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": names.HTTP_PORT_NAME},
         "periodSeconds": period,
         "timeoutSeconds": timeout,
         "failureThreshold": failures,

@@ -1,9 +1,15 @@
 """The environment the operator gives the runtime and router containers: the one place it is written.
 
-``captionfleet serve`` and ``captionfleet router`` read each option from ``CAPTIONFLEET_<OPTION>``
-(captionfleet/settings.py), so these names are the options of those commands. ``RUNTIME_ENV`` and
-``ROUTER_ENV`` list every variable the builders may set, with where its value comes from; a test
-checks that the builders set nothing else.
+``captionfleet serve`` and ``captionfleet router`` read each setting from ``CAPTIONFLEET_<FIELD>``;
+the names here are derived from the fields of their settings classes (``ServeSettings``,
+``RouterSettings``, through ``captionfleet.settings.env_entries``), so a renamed setting is an error
+here, not a variable the command silently ignores. ``RUNTIME_ENV`` and ``ROUTER_ENV`` document every
+setting the builders may set (by field name) with where its value comes from, and ``FOREIGN_ENV`` the
+few variables of other programs; a test checks that the builders set nothing else.
+
+Every plain value is escaped for Kubernetes' ``$(VAR)`` expansion (``$`` becomes ``$$``), so a value
+from the spec reaches the process exactly as written. Secrets are never values: they are
+``secretKeyRef``\\s the kubelet resolves.
 """
 
 from __future__ import annotations
@@ -11,8 +17,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from captionfleet.operator import spec as s
-from captionfleet.operator.builders.common import RUNTIME_PORT, FleetContext
+from captionfleet import names
+from captionfleet.operator.builders.common import FleetContext
+from captionfleet.operator.spec import (
+    CaptionModelSpec,
+    ModelSource,
+    ModelVersion,
+    parse_model_source,
+    seconds,
+)
+from captionfleet.settings import env_entries, env_name
+from captionfleet.settings.router import RouterSettings
+from captionfleet.settings.serve import ServeSettings
 
 MODEL_MOUNT = "/models"  # hf:// downloads and pvc:// claims are mounted here
 DOWNLOADED_MODEL = f"{MODEL_MOUNT}/weights"  # where the init container puts an hf:// snapshot
@@ -20,46 +36,47 @@ AUTH_MOUNT = "/etc/captionfleet/auth"  # the API-key Secret (read-only)
 TMP_MOUNT = "/tmp"  # the only writable path besides the model volume (read-only root filesystem)
 
 RUNTIME_ENV: dict[str, str] = {
-    "CAPTIONFLEET_MODEL": "local path of the model: /models/weights (hf://), /models/<path> (pvc://), "
-    "<path> (file://)",
-    "CAPTIONFLEET_MODEL_VERSION": "versions[].name; reported as model_version in every answer",
-    "CAPTIONFLEET_PRECISION": "versions[].precision: fp32, fp16 or bf16",
-    "CAPTIONFLEET_DEVICE": "cuda when resources.gpu > 0, else cpu",
-    "CAPTIONFLEET_HOST": "0.0.0.0",
-    "CAPTIONFLEET_PORT": "8080 (the container port named http)",
-    "CAPTIONFLEET_MAX_BATCH_SIZE": "batching.maxBatchSize",
-    "CAPTIONFLEET_MAX_QUEUE_DELAY_MS": "batching.maxQueueDelayMs",
-    "CAPTIONFLEET_MAX_QUEUE_SIZE": "batching.maxQueueSize",
-    "CAPTIONFLEET_NUM_BEAMS": "generation.numBeams",
-    "CAPTIONFLEET_MAX_NEW_TOKENS": "generation.maxNewTokens",
-    "CAPTIONFLEET_STYLE": "generation.style (only when set)",
-    "CAPTIONFLEET_REDIS_URL": "cache.redisUrl (only with a cache)",
-    "CAPTIONFLEET_API_KEYS_FILE": "/etc/captionfleet/auth/<auth.key> (only with auth)",
-    # Not ours, but needed: the weights are local (never downloaded by the server) and the root
-    # filesystem is read-only, so caches go to /tmp.
-    "HF_HUB_OFFLINE": "1",
-    "HF_HOME": "/tmp/hf",
-    "HOME": "/tmp",
+    "model": "local path of the model: /models/weights (hf://), /models/<path> (pvc://), <path> (file://)",
+    "model_version": "versions[].name; reported as model_version in every answer",
+    "precision": "versions[].precision: fp32, fp16 or bf16",
+    "device": "cuda when resources.gpu > 0, else cpu",
+    "host": "0.0.0.0",
+    "port": f"{names.HTTP_PORT} (the container port named {names.HTTP_PORT_NAME})",
+    "max_batch_size": "batching.maxBatchSize",
+    "max_queue_delay_ms": "batching.maxQueueDelayMs",
+    "max_queue_size": "batching.maxQueueSize",
+    "num_beams": "generation.numBeams",
+    "max_new_tokens": "generation.maxNewTokens",
+    "style": "generation.style (only when set)",
+    "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache)",
+    "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
 }
 
 ROUTER_ENV: dict[str, str] = {
-    "CAPTIONFLEET_HOST": "0.0.0.0",
-    "CAPTIONFLEET_PORT": "8080 (the container port named http)",
-    "CAPTIONFLEET_CAPTION_MODEL": "metadata.name of the CaptionModel; the router reads its status.versions[] "
+    "host": "0.0.0.0",
+    "port": f"{names.HTTP_PORT} (the container port named {names.HTTP_PORT_NAME})",
+    "caption_model": "metadata.name of the CaptionModel; the router reads its status.versions[] "
     "(name, weight, service) and the EndpointSlices of those Services",
-    "CAPTIONFLEET_NAMESPACE": "the pod's namespace (downward API)",
-    "CAPTIONFLEET_STATS_WINDOW_S": "the longer of 900 s and rollout.analysis.window, so every check's window "
+    "namespace": "the pod's namespace (downward API)",
+    "stats_window_s": "the longer of 900 s and rollout.analysis.window, so every check's window "
     "is covered by the router's figures",
-    "CAPTIONFLEET_API_KEYS_FILE": "/etc/captionfleet/auth/<auth.key> (only with auth)",
-    "HOME": "/tmp",
+    "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
 }
 
+# Not ours, but needed: the weights are local (never downloaded by the server) and the root filesystem
+# is read-only, so caches go to /tmp.
+FOREIGN_ENV: dict[str, str] = {"HF_HUB_OFFLINE": "1", "HF_HOME": "/tmp/hf", "HOME": "/tmp"}
 
-def _var(name: str, value: object) -> dict[str, Any]:
-    return {"name": name, "value": str(value)}
+ROUTER_STATS_WINDOW_S = 900
+"""The router's own default history of per-second figures (``--stats-window-s``)."""
 
 
-def model_path(source: s.ModelSource) -> str:
+def escaped(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plain values with ``$`` doubled: Kubernetes expands ``$(VAR)`` in env values, ``$$`` is a ``$``."""
+    return [{**e, "value": str(e["value"]).replace("$", "$$")} if "value" in e else e for e in entries]
+
+
+def model_path(source: ModelSource) -> str:
     if source.scheme == "hf":
         return DOWNLOADED_MODEL
     if source.scheme == "pvc":
@@ -67,49 +84,59 @@ def model_path(source: s.ModelSource) -> str:
     return source.location
 
 
-def runtime_env(ctx: FleetContext, version: s.ModelVersion) -> list[dict[str, Any]]:
-    spec = ctx.spec
-    env = [
-        _var("CAPTIONFLEET_MODEL", model_path(s.parse_model_source(version.model))),
-        _var("CAPTIONFLEET_MODEL_VERSION", version.name),
-        _var("CAPTIONFLEET_PRECISION", version.precision),
-        _var("CAPTIONFLEET_DEVICE", "cuda" if spec.resources.gpu > 0 else "cpu"),
-        _var("CAPTIONFLEET_HOST", "0.0.0.0"),
-        _var("CAPTIONFLEET_PORT", RUNTIME_PORT),
-        _var("CAPTIONFLEET_MAX_BATCH_SIZE", spec.batching.max_batch_size),
-        _var("CAPTIONFLEET_MAX_QUEUE_DELAY_MS", spec.batching.max_queue_delay_ms),
-        _var("CAPTIONFLEET_MAX_QUEUE_SIZE", spec.batching.max_queue_size),
-        _var("CAPTIONFLEET_NUM_BEAMS", spec.generation.num_beams),
-        _var("CAPTIONFLEET_MAX_NEW_TOKENS", spec.generation.max_new_tokens),
-    ]
+def _foreign(*keys: str) -> list[dict[str, Any]]:
+    return [{"name": key, "value": FOREIGN_ENV[key]} for key in keys]
+
+
+def _optional_serve_settings(spec: CaptionModelSpec) -> list[dict[str, Any]]:
+    """Style, cache and API keys: set only when the spec asks for them."""
+    env: list[dict[str, Any]] = []
     if spec.generation.style:
-        env.append(_var("CAPTIONFLEET_STYLE", spec.generation.style))
-    if spec.cache is not None:
-        env.append(_var("CAPTIONFLEET_REDIS_URL", spec.cache.redis_url))
+        env += env_entries(ServeSettings, style=spec.generation.style)
+    cache = spec.cache
+    if cache is not None and cache.redis_url_secret is not None:
+        ref = {"name": cache.redis_url_secret.name, "key": cache.redis_url_secret.key}
+        env.append({"name": env_name("redis_url"), "valueFrom": {"secretKeyRef": ref}})
+    elif cache is not None and cache.redis_url:
+        env += env_entries(ServeSettings, redis_url=cache.redis_url)
     if spec.auth is not None:
-        env.append(_var("CAPTIONFLEET_API_KEYS_FILE", f"{AUTH_MOUNT}/{spec.auth.key}"))
-    env += [_var("HF_HUB_OFFLINE", 1), _var("HF_HOME", "/tmp/hf"), _var("HOME", "/tmp")]
+        env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
     return env
 
 
-ROUTER_STATS_WINDOW_S = 900
-"""The router's own default history of per-second figures (``--stats-window-s``)."""
+def runtime_env(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
+    spec = ctx.spec
+    env = env_entries(
+        ServeSettings,
+        model=model_path(parse_model_source(version.model)),
+        model_version=version.name,
+        precision=version.precision,
+        device="cuda" if spec.resources.gpu > 0 else "cpu",
+        host="0.0.0.0",
+        port=names.HTTP_PORT,
+        max_batch_size=spec.batching.max_batch_size,
+        max_queue_delay_ms=spec.batching.max_queue_delay_ms,
+        max_queue_size=spec.batching.max_queue_size,
+        num_beams=spec.generation.num_beams,
+        max_new_tokens=spec.generation.max_new_tokens,
+    )
+    env += _optional_serve_settings(spec)
+    return escaped(env + _foreign("HF_HUB_OFFLINE", "HF_HOME", "HOME"))
 
 
-def stats_window_s(spec: s.CaptionModelSpec) -> int:
+def stats_window_s(spec: CaptionModelSpec) -> int:
     """Seconds of figures the router must keep: the analysis window, at least the router's default."""
-    return max(ROUTER_STATS_WINDOW_S, math.ceil(s.seconds(spec.rollout.analysis.window)))
+    return max(ROUTER_STATS_WINDOW_S, math.ceil(seconds(spec.rollout.analysis.window)))
 
 
 def router_env(ctx: FleetContext) -> list[dict[str, Any]]:
-    env = [
-        _var("CAPTIONFLEET_HOST", "0.0.0.0"),
-        _var("CAPTIONFLEET_PORT", RUNTIME_PORT),
-        _var("CAPTIONFLEET_CAPTION_MODEL", ctx.name),
-        {"name": "CAPTIONFLEET_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        _var("CAPTIONFLEET_STATS_WINDOW_S", stats_window_s(ctx.spec)),
-    ]
+    env: list[dict[str, Any]] = env_entries(
+        RouterSettings, host="0.0.0.0", port=names.HTTP_PORT, caption_model=ctx.name
+    )
+    env.append(
+        {"name": env_name("namespace"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    )
+    env += env_entries(RouterSettings, stats_window_s=stats_window_s(ctx.spec))
     if ctx.spec.auth is not None:
-        env.append(_var("CAPTIONFLEET_API_KEYS_FILE", f"{AUTH_MOUNT}/{ctx.spec.auth.key}"))
-    env.append(_var("HOME", "/tmp"))
-    return env
+        env += env_entries(RouterSettings, api_keys_file=f"{AUTH_MOUNT}/{ctx.spec.auth.key}")
+    return escaped(env + _foreign("HOME"))

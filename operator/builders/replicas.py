@@ -19,8 +19,8 @@ def replica_bounds(spec: CaptionModelSpec, share: Share) -> tuple[int, int]:
     fleet = spec.autoscaling
     version = spec.version(share.name)
     floor = 0 if fleet.min_replicas == 0 else 1
-    low = max(floor, _share_of(fleet.min_replicas, share.weight))
-    high = max(low, 1, _share_of(fleet.max_replicas, share.weight))
+    low = max(floor, _share_of(fleet.min_replicas, share.sized_for))
+    high = max(low, 1, _share_of(fleet.max_replicas, share.sized_for))
     if version.min_replicas is not None:
         low = version.min_replicas
         high = max(high, low, 1)

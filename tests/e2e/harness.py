@@ -556,7 +556,11 @@ class Traffic:
 
 
 class StatusLog:
-    """Every distinct ``status`` of one CaptionModel, with the monotonic time it was first seen."""
+    """Every distinct ``status`` of one CaptionModel, with the monotonic time it was first seen.
+
+    Event-driven: it watches the CaptionModels (as kopf and the routers do) and records each change as
+    it arrives, so a busy machine delays the records but never skips one.
+    """
 
     def __init__(self, api: Any, namespace: str, name: str) -> None:
         self.api = api
@@ -564,9 +568,11 @@ class StatusLog:
         self.name = name
         self.seen: list[tuple[float, dict[str, Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._watching = asyncio.Event()
 
     async def __aenter__(self) -> StatusLog:
         self._task = asyncio.create_task(self._run())
+        await self._watching.wait()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -574,13 +580,22 @@ class StatusLog:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def _record(self, obj: Mapping[str, Any] | None) -> None:
+        status = json.loads(json.dumps((obj or {}).get("status") or {}))
+        if not self.seen or self.seen[-1][1] != status:
+            self.seen.append((time.monotonic(), status))
+
     async def _run(self) -> None:
-        while True:
-            obj = self.api.live("captionfleet.io/v1alpha1/captionmodels", self.namespace, self.name)
-            status = dict((obj or {}).get("status") or {})
-            if not self.seen or self.seen[-1][1] != status:
-                self.seen.append((time.monotonic(), status))
-            await asyncio.sleep(0.01)  # sampling period
+        path = f"/apis/captionfleet.io/v1alpha1/namespaces/{self.namespace}/captionmodels?watch=true"
+        async with self.api.request("GET", path) as response:
+            self._record(self.api.live("captionfleet.io/v1alpha1/captionmodels", self.namespace, self.name))
+            self._watching.set()
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                obj = json.loads(line).get("object") or {}
+                if (obj.get("metadata") or {}).get("name") == self.name:
+                    self._record(obj)
 
     def rollouts(self) -> list[tuple[float, dict[str, Any]]]:
         return [(t, dict(s.get("rollout") or {})) for t, s in self.seen]

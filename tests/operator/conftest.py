@@ -6,6 +6,10 @@ on. kmock stores objects as given; the real server also fills in ``uid``, ``reso
 ``resourceVersion`` precondition, filters lists by ``labelSelector``, lets the status subresource
 change only the status, and implements server-side apply (create-or-update, removing the fields the
 applier no longer sets). The subclass adds exactly these, so the product code runs unchanged.
+It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
+upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod templates
+(tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. These
+rules are written here, independently of the operator's, so the tests see what a cluster would do.
 Garbage collection by owner references is not emulated: tests check the references instead.
 """
 
@@ -15,13 +19,16 @@ import asyncio
 import copy
 import datetime
 import itertools
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonschema
 import kmock
+import kubernetes_validate
 import pytest
 from kmock._internal import k8s, rendering
 
@@ -72,6 +79,105 @@ KEDA = {
     "keda.sh/v1alpha1/scaledobjects": {"kind": "ScaledObject", "namespaced": True, "subresources": ["status"]}
 }
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+
+
+K8S_VERSION = "1.33"
+VALIDATED = {"Deployment", "Service", "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding"}
+# The API server's rules (k8s.io/apimachinery validation), as it applies them to a pod template.
+_QUALIFIED_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_QUANTITY = re.compile(r"^([+-]?)([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
+
+
+def _label_key_problems(key: str, where: str) -> list[str]:
+    name = key.rsplit("/", 1)[-1]
+    if not _QUALIFIED_NAME.match(key) or len(name) > 63:
+        return [
+            f"{where}: Invalid value: {key!r}: name part must consist of alphanumeric characters, "
+            "'-', '_' or '.'"
+        ]
+    return []
+
+
+def _toleration_problems(toleration: Mapping[str, Any], where: str) -> list[str]:
+    key, operator = toleration.get("key") or "", toleration.get("operator") or "Equal"
+    problems = _label_key_problems(key, f"{where}.key") if key else []
+    if not key and operator != "Exists":
+        problems.append(
+            f"{where}.operator: Invalid value: {operator!r}: operator must be Exists when `key` is empty"
+        )
+    if operator == "Exists" and toleration.get("value"):
+        problems.append(f"{where}.operator: Invalid value: value must be empty when `operator` is 'Exists'")
+    if toleration.get("tolerationSeconds") is not None and toleration.get("effect") != "NoExecute":
+        problems.append(
+            f"{where}.effect: Invalid value: effect must be 'NoExecute' when `tolerationSeconds` is set"
+        )
+    return problems
+
+
+def _container_problems(container: Mapping[str, Any], where: str) -> list[str]:
+    problems = []
+    image = str(container.get("image") or "")
+    if not image or image != image.strip():
+        problems.append(
+            f"{where}.image: Invalid value: {image!r}: must not have leading or trailing whitespace"
+        )
+    for part in ("requests", "limits"):
+        for resource, value in ((container.get("resources") or {}).get(part) or {}).items():
+            match = _QUANTITY.match(str(value))
+            if match is None:
+                problems.append(
+                    f"{where}.resources.{part}[{resource}]: Invalid value: {value!r}: quantities must match"
+                )
+            elif match.group(1) == "-":
+                problems.append(
+                    f"{where}.resources.{part}[{resource}]: Invalid value: must be greater than or equal to 0"
+                )
+    return problems
+
+
+def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
+    pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+    where = "spec.template.spec"
+    problems = []
+    for i, toleration in enumerate(pod.get("tolerations") or []):
+        problems += _toleration_problems(toleration, f"{where}.tolerations[{i}]")
+    for key in pod.get("nodeSelector") or {}:
+        problems += _label_key_problems(key, f"{where}.nodeSelector")
+    for kind in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(kind) or []):
+            problems += _container_problems(container, f"{where}.{kind}[{i}]")
+    return problems
+
+
+def schema_problems(obj: Mapping[str, Any]) -> list[str]:
+    """What the API server's schema validation says of a built-in object or a CaptionModel."""
+    if obj.get("kind") == "CaptionModel":
+        schema = captionmodel_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        errors = jsonschema.Draft7Validator(schema).iter_errors(dict(obj))
+        return [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors]
+    if obj.get("kind") not in VALIDATED:
+        return []
+    try:
+        kubernetes_validate.validate(dict(obj), K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        caught = e.caught
+        return [f"{'.'.join(str(p) for p in caught.absolute_path)}: {caught.message}"]
+    return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
+
+
+def _merged(old: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch applied (RFC 7386)."""
+    result = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(old.get(key), Mapping):
+            result[key] = _merged(old[key], value)
+        else:
+            result[key] = value
+    return result
 
 
 def _matches(labels: Mapping[str, str], selector: str) -> bool:
@@ -173,6 +279,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if resource is not None and resource.plural is not None and resource not in self.resources:
             raise k8s.KubernetesResourceNotFoundError()  # e.g. KEDA's kinds when it is not installed
         data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and data is not None and request.subresource is None:
+            self._validate(request, data)
         if request.resource is not None and data is not None:
             if request.action == kmock.action.CREATE:
                 self._server_fields(data, request.namespace)
@@ -185,6 +293,19 @@ class ApiServer(kmock.KubernetesEmulator):
                 if old is not None:
                     self._update_fields(request, data, old, apply=content_type.startswith(APPLY))
         return await super()._handle(request)
+
+    def _validate(self, request: rendering.Request, data: dict[str, Any]) -> None:
+        """Refuse, as a real API server does, an object that its schema or rules refuse (422)."""
+        if request.action == kmock.action.CREATE or request.headers.get("Content-Type", "").startswith(APPLY):
+            candidate = data
+        elif request.action == kmock.action.UPDATE and (old := self._stored(request)) is not None:
+            candidate = _merged(old, data)
+        else:
+            return
+        problems = schema_problems(candidate)
+        if problems:
+            kind, name = candidate.get("kind"), (candidate.get("metadata") or {}).get("name")
+            raise k8s.KubernetesError(422, "Invalid", f"{kind} {name!r} is invalid: {'; '.join(problems)}")
 
     def _update_fields(
         self, request: rendering.Request, data: dict[str, Any], old: dict[str, Any], *, apply: bool

@@ -14,9 +14,10 @@ import yaml
 from captionfleet.operator import builders, spec
 from captionfleet.operator.builders import autoscaling, runtime
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext
-from captionfleet.operator.builders.env import ROUTER_ENV, RUNTIME_ENV
+from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_ENV
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.traffic import Share
+from captionfleet.settings import env_name
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -144,8 +145,9 @@ def test_the_containers_set_only_the_documented_environment() -> None:
             if manifest["kind"] != "Deployment":
                 continue
             for c in manifest["spec"]["template"]["spec"]["containers"]:
-                documented = RUNTIME_ENV if c["name"] == "runtime" else ROUTER_ENV
-                assert {e["name"] for e in c["env"]} <= set(documented), c["name"]
+                fields = RUNTIME_ENV if c["name"] == "runtime" else ROUTER_ENV
+                documented = {env_name(field) for field in fields} | set(FOREIGN_ENV)
+                assert {e["name"] for e in c["env"]} <= documented, c["name"]
 
 
 @pytest.mark.parametrize(("window", "kept"), [("5m", "900"), ("30m", "1800"), ("1h30s", "3630")])
@@ -225,3 +227,30 @@ def test_the_hpa_scales_on_queue_depth_with_a_cpu_fallback() -> None:
         "target": {"type": "AverageValue", "averageValue": "8"},
     }
     assert cpu["resource"]["target"] == {"type": "Utilization", "averageUtilization": 80}
+
+
+@pytest.mark.parametrize(("window", "request_mi", "limit_mi"), [("5m", 129, 513), ("24h", 132, 516)])
+def test_the_router_asks_for_the_memory_its_statistics_window_needs(
+    window: str, request_mi: int, limit_mi: int
+) -> None:
+    raw = example("ab-canary.yaml")  # three versions
+    raw["rollout"] = {"analysis": {"window": window}}
+    (router,) = [m for m in builders.fleet(context(raw)) if m["metadata"]["name"] == "fleet-router"
+                 and m["kind"] == "Deployment"]  # fmt: skip
+    resources = router["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["memory"] == f"{request_mi}Mi"
+    assert resources["limits"]["memory"] == f"{limit_mi}Mi"
+
+
+def test_env_values_are_escaped_and_secrets_are_references() -> None:
+    raw = example("minimal.yaml")
+    raw["versions"][0]["model"] = "file:///opt/$(HOME)/m"
+    raw["cache"] = {"redisUrlSecret": {"name": "redis", "key": "url"}}
+    ctx = context(raw)
+    env = runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["CAPTIONFLEET_MODEL"]["value"] == "/opt/$$(HOME)/m"
+    assert by_name["CAPTIONFLEET_REDIS_URL"] == {
+        "name": "CAPTIONFLEET_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}},
+    }

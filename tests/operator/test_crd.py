@@ -134,7 +134,19 @@ def test_defaults_enums_and_bounds_reach_the_schema() -> None:
     assert version["weight"]["minimum"] == 0 and version["weight"]["maximum"] == 100
     assert spec["autoscaling"]["properties"]["provider"]["enum"] == ["hpa", "keda", "none"]
     assert spec["resources"]["properties"]["memory"]["x-kubernetes-int-or-string"] is True
-    assert spec["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    # The upstream core/v1 Affinity, so the API server checks it as it would in a pod.
+    node_affinity = spec["affinity"]["properties"]["nodeAffinity"]
+    assert (
+        node_affinity["type"] == "object"
+        and "preferredDuringSchedulingIgnoredDuringExecution" in (node_affinity["properties"])
+    )
+    interval = spec["rollout"]["properties"]["analysis"]["properties"]["interval"]
+    assert interval["x-kubernetes-validations"] == [
+        {
+            "rule": "duration(self) >= duration('500ms') && duration(self) <= duration('1h')",
+            "message": "must be 500ms to 1h",
+        }
+    ]
     assert "default" not in spec["cache"]  # no cache unless asked for
 
 
@@ -191,7 +203,24 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         _with({"rollout": {"analysis": {"interval": "a minute"}}}),
         "spec/rollout/analysis/interval: 'a minute' does not match",
     ),
-    "cache without URL": (_with({"cache": {}}), "spec/cache: 'redisUrl' is a required property"),
+    "cache without URL": (_with({"cache": {}}), "spec/cache: {} "),
+    "cache with a URL and a Secret": (
+        _with({"cache": {"redisUrl": "redis://r", "redisUrlSecret": {"name": "s", "key": "url"}}}),
+        "spec/cache: {",
+    ),
+    "negative memory": (
+        _with({"resources": {"memory": "-1Gi"}}),
+        "spec/resources/memory: '-1Gi' does not match",
+    ),
+    "image with spaces": (_with({"image": "my image:1"}), "spec/image: 'my image:1' does not match"),
+    "affinity that is not one": (
+        _with({"affinity": {"nodeAffinity": "please"}}),
+        "spec/affinity/nodeAffinity: 'please' is not of type 'object'",
+    ),
+    "toleration key that is no label key": (
+        _with({"tolerations": [{"key": "bad key!", "operator": "Exists"}]}),
+        "spec/tolerations/0/key: 'bad key!' does not match",
+    ),
     "cache that is not Redis": (
         _with({"cache": {"redisUrl": "memcached://x"}}),
         "spec/cache/redisUrl: 'memcached://x' does not match",

@@ -44,8 +44,10 @@ def run(spec: CaptionModelSpec, state: r.CanaryState, figures: r.Figures | None)
     return r.check(spec.rollout.analysis, state, figures, total=r.pool(spec), now=NOW)
 
 
-def weights(spec: CaptionModelSpec, state: r.CanaryState | None) -> dict[str, tuple[str, int, bool]]:
-    return {s.name: (s.role, s.weight, s.retired) for s in shares(spec, state)}
+def weights(
+    spec: CaptionModelSpec, state: r.CanaryState | None, *, canary_ready: bool = True
+) -> dict[str, tuple[str, int, bool]]:
+    return {s.name: (s.role, s.weight, s.retired) for s in shares(spec, state, canary_ready=canary_ready)}
 
 
 def test_a_new_canary_starts_at_step_weight_taking_it_from_the_stable_version_only() -> None:
@@ -59,6 +61,27 @@ def test_a_new_canary_starts_at_step_weight_taking_it_from_the_stable_version_on
         "ab": ("variant", 30, False),
         "v2": ("canary", 20, False),
     }
+
+
+@pytest.mark.parametrize("step", [20, 50, 100])
+def test_a_canary_gets_traffic_only_once_ready_and_the_stable_keeps_its_capacity_until_a_check_passed(
+    step: int,
+) -> None:
+    spec = spec_of({"stepWeight": step, "maxWeight": 100}, maxReplicas=None)
+    spec = spec.model_copy(update={"autoscaling": spec.autoscaling.model_copy(update={"max_replicas": 8})})
+    state = r.current(spec, None)
+    assert state is not None and state.weight == min(step, 70)
+    before = {s.name: s for s in shares(spec, state, canary_ready=False)}
+    assert (before["v2"].weight, before["v1"].weight) == (0, 70)  # no traffic before a ready pod
+    assert replica_bounds(spec, before["v2"])[1] == -(-8 * min(step, 70) // 100)  # but its pods
+    ready = {s.name: s for s in shares(spec, state, canary_ready=True)}
+    assert ready["v2"].weight == min(step, 70)
+    # The stable version keeps the ceiling of the whole pool (70 % of 8 -> 6) until a check passed.
+    assert replica_bounds(spec, before["v1"]) == replica_bounds(spec, ready["v1"]) == (1, 6)
+    stepped = run(spec, state, HEALTHY)
+    if stepped.kind == "step":
+        after = {s.name: s for s in shares(spec, stepped.state, canary_ready=True)}
+        assert replica_bounds(spec, after["v1"])[1] == max(1, -(-8 * (70 - stepped.state.weight) // 100))
 
 
 def test_no_canary_no_rollout_and_the_spec_weights_apply() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from captionfleet.operator.status import fleet_status, invalid_status, rollout_state
+from captionfleet.operator.status import deployment_progress, fleet_status, invalid_status
 from captionfleet.operator.traffic import Share
 
 SHARES = [Share("a", "stable", 90), Share("b", "canary", 10)]
@@ -92,12 +92,12 @@ def test_a_version_without_traffic_does_not_hold_the_fleet_back() -> None:
 
 def test_a_rolling_update_is_not_ready_until_observed_and_updated() -> None:
     assert (
-        rollout_state("x", deployment(2, generation=2)).waiting
+        deployment_progress("x", deployment(2, generation=2)).waiting
         == "x: the new pod template is not rolled out yet"
     )
     half = deployment(2, replicas=3)
     half["status"]["updatedReplicas"] = 1
-    assert rollout_state("x", half).waiting == "x: 1/3 replicas updated"
+    assert deployment_progress("x", half).waiting == "x: 1/3 replicas updated"
 
 
 def test_transition_times_change_only_with_the_condition_status() -> None:

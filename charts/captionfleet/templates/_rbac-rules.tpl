@@ -28,27 +28,27 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 # a Deployment per version and one for the router; watched for readyReplicas
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "create", "patch", "delete", "watch"]
+  verbs: ["get", "list", "create", "patch", "delete", "watch"]
 # a Service per version and the router's public Service
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # autoscaling.provider: hpa (the default), one HPA per version
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # autoscaling.provider: keda, one ScaledObject per version
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # the router's ServiceAccount
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # the router's Role (ROUTER_RULES) and its RoleBinding
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # Events on every decision (kopf posts core v1 events)
 - apiGroups: [""]
   resources: ["events"]

@@ -53,10 +53,12 @@ async def test_weights_added_and_removed_versions_update_and_prune_children(
     spec["versions"][0]["weight"], spec["versions"][1]["weight"] = 40, 50
     await cluster.patch_spec("captions-ab", spec)
     await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=2))
-    assert bounds(cluster, "captions-ab-base") == (1, 8)  # the pool of 50 less the canary's 10
-    assert bounds(cluster, "captions-ab-large") == (1, 10)
+    assert bounds(cluster, "captions-ab-base") == (1, 8)  # now an A/B variant at 40 %
+    # large is now the stable version: it keeps the capacity of the whole pool (50 + the canary's 10)
+    # until the canary has passed a check.
+    assert bounds(cluster, "captions-ab-large") == (2, 12)
     assert bounds(cluster, "captions-ab-base-next") == (1, 2)
-    assert cluster.status("captions-ab")["canaryWeight"] == 10
+    assert cluster.status("captions-ab")["canaryWeight"] == 0  # no ready pod yet: no traffic
     assert cluster.get(DEPLOYMENTS, "captions-ab-base")["metadata"]["uid"] == stable_uid
 
     # Add a version: its Deployment, Service and HPA appear.
@@ -224,7 +226,7 @@ async def test_keda_replaces_the_hpa_and_needs_a_prometheus(
         assert len(cluster.children("captions-ab")[SCALED_OBJECTS]) == 3  # kept
 
 
-async def test_keda_requested_but_not_installed_is_degraded_and_keeps_the_hpas(
+async def test_keda_requested_but_not_installed_is_degraded_and_keeps_a_replica_count(
     cluster: Any, operator: None
 ) -> None:
     await cluster.apply_example("minimal.yaml")
@@ -232,12 +234,20 @@ async def test_keda_requested_but_not_installed_is_degraded_and_keeps_the_hpas(
     await cluster.patch_spec("captions", {"autoscaling": {"provider": "keda"}})
     await cluster.eventually(lambda: phase(cluster, "captions", "Degraded", generation=2))
     degraded = cluster.condition("captions", "Degraded")
-    assert degraded["status"] == "True" and degraded["reason"] == "ApplyFailed"
-    assert degraded["message"].startswith("ScaledObject captions-v1: PATCH /apis/keda.sh/v1alpha1/")
-    assert cluster.children("captions")[HPAS] == {"captions-v1"}  # nothing pruned while failing
+    assert degraded["status"] == "True" and degraded["reason"] == "KedaNotInstalled"
+    assert "KEDA (keda.sh/v1alpha1 ScaledObject) is not installed" in degraded["message"]
+    assert "resource not found" not in degraded["message"].lower()
+    # Without an autoscaler the Deployment has a replica count of its own (at least one pod).
+    assert cluster.get(DEPLOYMENTS, "captions-v1")["spec"]["replicas"] == 1
+    assert HPAS not in cluster.children("captions")
     await cluster.eventually(
-        lambda: _assert_event(cluster, "captions", "Warning", "ApplyFailed", "ScaledObject captions-v1")
+        lambda: _assert_event(cluster, "captions", "Warning", "KedaNotInstalled", "is not installed")
     )
+    # The Deployment's pods getting ready does not hide it.
+    await cluster.roll_out("captions-v1")
+    await cluster.roll_out("captions-router")
+    await cluster.eventually(lambda: cluster.get(DEPLOYMENTS, "captions-v1")["status"]["readyReplicas"] == 1)
+    assert cluster.condition("captions", "Degraded")["reason"] == "KedaNotInstalled"
 
 
 async def test_the_operator_logs_in_from_the_kubeconfig_and_serves_liveness(

@@ -142,16 +142,19 @@ async def test_ab_canary_example_splits_replicas_by_traffic_share(cluster: Any) 
                cluster.get(HPAS, f"captions-ab-{name}")["spec"]["maxReplicas"])
         for name in ("base", "large", "base-next")
     }  # fmt: skip
-    # Fleet-wide 2..20 at 100 %: 60 % -> 2..12, 30 % -> 1..6, the 10 % canary -> 1..2.
-    assert bounds == {"base": (2, 12), "large": (1, 6), "base-next": (1, 2)}
+    # Fleet-wide 2..20 at 100 %: 30 % -> 1..6, the 10 % canary -> 1..2, and the stable version keeps
+    # the capacity of the whole pool (its 60 % and the canary's 10 %: 2..14) until the canary passed a check.
+    assert bounds == {"base": (2, 14), "large": (1, 6), "base-next": (1, 2)}
     assert status["stableVersion"] == "base"
     assert status["canaryVersion"] == "base-next"
-    assert status["canaryWeight"] == 10
+    assert status["canaryWeight"] == 0  # no traffic before the canary has a ready pod
     assert [(v["name"], v["role"], v["weight"]) for v in status["versions"]] == [
-        ("base", "stable", 60),
+        ("base", "stable", 70),
         ("large", "variant", 30),
-        ("base-next", "canary", 10),
+        ("base-next", "canary", 0),
     ]
+    await cluster.roll_out("captions-ab-base-next", replicas=1)
+    await cluster.eventually(lambda: _canary_weight(cluster, "captions-ab", 10))
     assert cluster.condition("captions-ab", "Progressing")["reason"] in {"RollingOut", "CanaryInRollout"}
 
     serve = container(cluster.get(DEPLOYMENTS, "captions-ab-large"), "runtime")
@@ -166,6 +169,10 @@ async def test_ab_canary_example_splits_replicas_by_traffic_share(cluster: Any) 
     assert cluster.get(SERVICES, "captions-ab")["spec"]["type"] == "LoadBalancer"
     fetch = cluster.get(DEPLOYMENTS, "captions-ab-base-next")["spec"]["template"]["spec"]["initContainers"][0]
     assert fetch["args"][:2] == ["Salesforce/blip-image-captioning-base", "main"]
+
+
+def _canary_weight(cluster: Any, name: str, weight: int) -> None:
+    assert cluster.status(name)["canaryWeight"] == weight
 
 
 async def test_gpu_example_gets_gpus_tolerations_affinity_and_the_pvc(cluster: Any) -> None:

@@ -97,7 +97,7 @@ def model(**analysis: Any) -> dict[str, Any]:
             ],
             "rollout": {
                 "analysis": {
-                    "interval": "200ms",
+                    "interval": "500ms",  # the shortest allowed
                     "window": "2s",
                     "minRequests": 50,
                     "stepWeight": 20,
@@ -144,10 +144,16 @@ def weights(cluster: Any) -> dict[str, tuple[str, int]]:
 async def start(cluster: Any, routers: list[FakeRouter]) -> None:
     await cluster.create(model())
     await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=20))
-    assert weights(cluster) == {"v1": ("stable", 80), "v2": ("canary", 20)}
+    # No traffic for the canary before it has a ready pod.
+    assert weights(cluster) == {"v1": ("stable", 100), "v2": ("canary", 0)}
     for deployment in (f"{NAME}-v1", f"{NAME}-v2", f"{NAME}-router"):
         await cluster.roll_out(deployment, replicas=1)
+    await cluster.eventually(lambda: _weights_are(cluster, {"v1": ("stable", 80), "v2": ("canary", 20)}))
     await publish(cluster, routers)
+
+
+def _weights_are(cluster: Any, expected: dict[str, tuple[str, int]]) -> None:
+    assert weights(cluster) == expected
 
 
 def events(cluster: Any, reason: str) -> list[tuple[str, str]]:

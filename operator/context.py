@@ -1,0 +1,63 @@
+"""The operator's typed context: what every handler needs, passed by kopf as its ``memo``.
+
+kopf gives each handler a shallow copy of the memo it was started with, so the clients made at startup
+and the per-CaptionModel locks and wake-ups are shared by every handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from captionfleet.operator.analysis import Tools
+from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.figures import Source
+from captionfleet.operator.kube import Kube
+from captionfleet.operator.metrics import OperatorMetrics
+from captionfleet.operator.settings import OperatorSettings
+
+
+@dataclass
+class Clients:
+    """Made at startup, closed at cleanup."""
+
+    kube: Kube
+    http: aiohttp.ClientSession
+    figures: Source
+    metrics: OperatorMetrics
+    metrics_server: web.AppRunner | None = None
+
+
+@dataclass
+class OperatorContext:
+    settings: OperatorSettings
+    config: ClusterConfig
+    clients: Clients | None = None
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # one reconciliation at a time per uid
+    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)  # a reconciliation wakes the daemon
+
+    @classmethod
+    def create(cls, settings: OperatorSettings) -> OperatorContext:
+        return cls(settings, ClusterConfig.from_settings(settings))
+
+    def require(self) -> Clients:
+        if self.clients is None:
+            raise RuntimeError("the operator's startup handler has not run")
+        return self.clients
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+    def wakeup(self, uid: str) -> asyncio.Event:
+        return self.wakeups.setdefault(uid, asyncio.Event())
+
+    def forget(self, uid: str) -> None:
+        self.locks.pop(uid, None)
+        self.wakeups.pop(uid, None)
+
+    def tools(self) -> Tools:
+        clients = self.require()
+        return Tools(clients.kube, self.config, clients.figures, clients.metrics)

@@ -1,0 +1,55 @@
+"""The Events the operator posts on a CaptionModel: every reason in one enum, so none is misspelt.
+
+Reconciliation and the analysis return Events as data; only the handlers post them (kopf).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Literal
+
+EventType = Literal["Normal", "Warning"]
+
+
+class Reason(StrEnum):
+    CREATED = "Created"
+    DELETED = "Deleted"
+    ORPHANED = "Orphaned"
+    RECONCILED = "Reconciled"
+    INVALID_SPEC = "InvalidSpec"
+    RECOVERED = "Recovered"
+    APPLY_FAILED = "ApplyFailed"
+    NAME_CONFLICT = "NameConflict"
+    KEDA_NOT_INSTALLED = "KedaNotInstalled"
+    CANARY_STEP = "CanaryStep"
+    PROMOTED = "Promoted"
+    CHECK_FAILED = "CheckFailed"
+    ROLLED_BACK = "RolledBack"
+    ROLLOUT_ACTION = "RolloutAction"
+    # One per phase change of the fleet (refresh_status): the phase's own name.
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    INVALID = "Invalid"
+
+
+# What a periodic resync or an analysis check reports of a reconciliation: repairs and decisions, not
+# "all is still well" (that would repeat every interval).
+REPAIRS = frozenset({Reason.CREATED, Reason.DELETED, Reason.APPLY_FAILED})
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: Reason
+    message: str
+
+    @classmethod
+    def normal(cls, reason: Reason, message: str) -> Event:
+        return cls("Normal", reason, message)
+
+    @classmethod
+    def warning(cls, reason: Reason, message: str) -> Event:
+        return cls("Warning", reason, message)

@@ -1,0 +1,203 @@
+"""reconcile.py and analysis.py as plain functions, against a fake of the kube module's interface
+(``kube.Api``): what each decides and which calls it makes, without a server."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+from captionfleet.operator import analysis, kube, reconcile
+from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.figures import Figures, Reading
+from captionfleet.operator.metrics import OperatorMetrics
+
+CONFIG = ClusterConfig(
+    default_image="registry.test/runtime:1",
+    pull_policy="IfNotPresent",
+    queue_depth_metric="captionfleet_queue_depth",
+    prometheus_url="http://prometheus:9090",
+)
+NS = "ml"
+
+
+class FakeKube:
+    """Objects in a dict, keyed by (kind, namespace, name); every call is recorded."""
+
+    def __init__(self, *, keda: bool = True) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.keda = keda
+        self._versions = itertools.count(1)
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta["resourceVersion"] = str(next(self._versions))
+        meta.setdefault("generation", 1)
+        self.objects[obj["kind"], meta.get("namespace", NS), meta["name"]] = obj
+        return copy.deepcopy(obj)
+
+    def of(self, kind: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, NS, name))
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        if manifest["kind"] == "ScaledObject" and not self.keda:
+            raise kube.NotFound(404, "the server could not find the requested resource")
+        obj = copy.deepcopy(dict(manifest))
+        old = self.objects.get((obj["kind"], NS, obj["metadata"]["name"]))
+        if old is not None:  # as server-side apply: the status and the server's metadata stay
+            obj["metadata"]["uid"] = old["metadata"]["uid"]
+            if "status" in old:
+                obj["status"] = old["status"]
+        return self.put(obj)
+
+    async def get(self, kind: kube.Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind.kind, name))
+        found = self.objects.get((kind.kind, namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    async def list(self, kind: kube.Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        self.calls.append(("list", kind.kind, ""))
+        return [
+            copy.deepcopy(obj)
+            for (k, ns, _), obj in self.objects.items()
+            if k == kind.kind and ns == namespace
+            and all((obj["metadata"].get("labels") or {}).get(key) == v for key, v in labels.items())
+        ]  # fmt: skip
+
+    async def delete(self, kind: kube.Kind, namespace: str, name: str) -> bool:
+        self.calls.append(("delete", kind.kind, name))
+        return self.objects.pop((kind.kind, namespace, name), None) is not None
+
+    async def installed(self, kind: kube.Kind, namespace: str) -> bool:
+        return self.keda or kind.kind != "ScaledObject"
+
+    async def remove_annotation(self, kind: kube.Kind, namespace: str, name: str, key: str) -> None:
+        self.calls.append(("remove_annotation", kind.kind, name))
+        self.objects[kind.kind, namespace, name]["metadata"].get("annotations", {}).pop(key, None)
+
+    async def patch_status(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        self.calls.append(("patch_status", kind.kind, name))
+        obj = self.objects[kind.kind, namespace, name]
+        if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
+            raise kube.Conflict(409, "modified")
+        merged = {**(obj.get("status") or {}), **status}
+        obj["status"] = {key: value for key, value in merged.items() if value is not None}
+        obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        return copy.deepcopy(obj)
+
+
+def model(api: FakeKube, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    body = {
+        "apiVersion": "captionfleet.io/v1alpha1",
+        "kind": "CaptionModel",
+        "metadata": {"name": "fleet", "namespace": NS, "annotations": annotations or {}},
+        "spec": spec,
+    }
+    return api.put(body)
+
+
+ONE = {"versions": [{"name": "v1", "model": "file:///m"}]}
+CANARY = {
+    "versions": [
+        {"name": "v1", "model": "file:///m1", "weight": 90},
+        {"name": "v2", "model": "file:///m2", "weight": 10, "canary": True},
+    ],
+    "rollout": {"analysis": {"interval": "1s", "minRequests": 10, "stepWeight": 20}},
+}
+
+
+async def test_a_new_fleet_gets_every_child_and_a_status() -> None:
+    api = FakeKube()
+    outcome = await reconcile.reconcile(api, model(api, ONE), CONFIG)
+    applied = {name for call, _, name in api.calls if call == "apply"}
+    assert applied == {"fleet-router", "fleet-v1", "fleet"}
+    assert [e.message for e in outcome.events if e.reason == "Created"][:3] == [
+        "ServiceAccount fleet-router",
+        "Role fleet-router",
+        "RoleBinding fleet-router",
+    ]
+    assert outcome.status is not None and outcome.status.phase == "Pending"
+
+
+async def test_an_object_the_fleet_does_not_own_is_never_applied() -> None:
+    api = FakeKube()
+    api.put({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "fleet", "namespace": NS}})
+    outcome = await reconcile.reconcile(api, model(api, ONE), CONFIG)
+    assert [call for call in api.calls if call[0] in ("apply", "delete")] == []
+    assert outcome.status is not None and outcome.status.phase == "Degraded"
+    ready = next(c for c in outcome.status.conditions if c.type == "Ready")
+    assert ready.reason == "NameConflict" and "Service fleet already exists" in ready.message
+    assert [e.reason for e in outcome.events] == ["NameConflict"]
+    assert "ownerReferences" not in api.of("Service", "fleet")["metadata"]  # type: ignore[index]
+
+
+async def test_an_unknown_rollout_action_is_named_as_unknown_and_removed() -> None:
+    api = FakeKube()
+    body = model(api, ONE, {"captionfleet.io/rollout-action": "restart"})
+    outcome = await reconcile.reconcile(api, body, CONFIG)
+    (warning,) = [e for e in outcome.events if e.reason == "RolloutAction"]
+    assert warning.type == "Warning"
+    assert warning.message == "unknown rollout action 'restart' ignored; use one of abort, promote"
+    assert api.of("CaptionModel", "fleet")["metadata"]["annotations"] == {}  # type: ignore[index]
+
+
+async def test_without_keda_the_deployments_keep_a_replica_count_and_the_fleet_says_why() -> None:
+    api = FakeKube(keda=False)
+    spec = ONE | {"autoscaling": {"provider": "keda"}}
+    outcome = await reconcile.reconcile(api, model(api, spec), CONFIG)
+    assert api.of("Deployment", "fleet-v1")["spec"]["replicas"] == 1  # type: ignore[index]
+    assert not any(kind == "ScaledObject" for call, kind, _ in api.calls if call == "apply")
+    assert outcome.status is not None and outcome.status.phase == "Degraded"
+    degraded = next(c for c in outcome.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "KedaNotInstalled"
+    assert outcome.retry is None  # no retry storm: it is reported, not retried every 30 s
+
+
+class Figuring:
+    def __init__(self, figures: Figures | None) -> None:
+        self.figures = figures
+        self.reads = 0
+
+    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading:
+        self.reads += 1
+        return Reading(self.figures)
+
+
+async def test_the_analysis_does_nothing_without_a_canary() -> None:
+    api, source = FakeKube(), Figuring(Figures(100, 0))
+    body = model(api, ONE)
+    await reconcile.reconcile(api, body, CONFIG)
+    api.calls.clear()
+    outcome = await analysis.check_once(analysis.Tools(api, CONFIG, source, OperatorMetrics()), NS, "fleet")
+    assert outcome.interval_s == analysis.IDLE_INTERVAL_S
+    assert api.calls == [("get", "CaptionModel", "fleet")] and source.reads == 0
+
+
+async def test_a_healthy_check_steps_the_canary_once_it_is_ready() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    await reconcile.reconcile(api, model(api, CANARY), CONFIG)
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 100, "v2": 0}  # not ready yet
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+    tools = analysis.Tools(api, CONFIG, source, OperatorMetrics())
+    outcome = await analysis.check_once(tools, NS, "fleet")
+    assert outcome.interval_s == 1.0 and source.reads == 1
+    assert [(e.reason, e.message.split(" (")[0]) for e in outcome.events] == [
+        ("CanaryStep", "canary v2: 20 % -> 40 %")
+    ]
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 60, "v2": 40}
+    hpa = api.of("HorizontalPodAutoscaler", "fleet-v1")["spec"]  # type: ignore[index]
+    assert hpa["maxReplicas"] == 3  # 60 % of 4, now that the canary passed a check
