@@ -23,7 +23,8 @@ RUNTIME_ENV: dict[str, str] = {
     "CAPTIONFLEET_MODEL": "local path of the model: /models/weights (hf://), /models/<path> (pvc://), "
     "<path> (file://)",
     "CAPTIONFLEET_MODEL_VERSION": "versions[].name; reported as model_version in every answer",
-    "CAPTIONFLEET_PRECISION": "versions[].precision: fp32, fp16 or bf16",
+    "CAPTIONFLEET_PRECISION": "versions[].precision: fp32, fp16, bf16 or int8",
+    "CAPTIONFLEET_DECODER": "versions[].decoder: native or transformers",
     "CAPTIONFLEET_DEVICE": "cuda when resources.gpu > 0, else cpu",
     "CAPTIONFLEET_HOST": "0.0.0.0",
     "CAPTIONFLEET_PORT": "8080 (the container port named http)",
@@ -73,6 +74,7 @@ def runtime_env(ctx: FleetContext, version: s.ModelVersion) -> list[dict[str, An
         _var("CAPTIONFLEET_MODEL", model_path(s.parse_model_source(version.model))),
         _var("CAPTIONFLEET_MODEL_VERSION", version.name),
         _var("CAPTIONFLEET_PRECISION", version.precision),
+        _var("CAPTIONFLEET_DECODER", version.decoder),
         _var("CAPTIONFLEET_DEVICE", "cuda" if spec.resources.gpu > 0 else "cpu"),
         _var("CAPTIONFLEET_HOST", "0.0.0.0"),
         _var("CAPTIONFLEET_PORT", RUNTIME_PORT),
