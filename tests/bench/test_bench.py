@@ -82,16 +82,25 @@ def test_gpu_script_runs_its_cpu_smoke_path(tmp_path: Path) -> None:
     argv = ["captionfleet.bench.gpu", "--tiny", "--json", "--naive-images", "4", "--batches", "2"]
     document = _run(argv, cwd=tmp_path, timeout_s=120)
 
-    assert document["batched_path"] == "captionfleet Captioner.caption_pixels"
+    assert document["batched_path"] == "captionfleet Captioner.caption_pixels (transformers decoder)"
+    assert (
+        document["paths"]["graphs"] == "captionfleet Captioner.caption_pixels (native decoder + CUDA graphs)"
+    )
     cells = document["cells"]
     assert {(c["mode"], c["path"], c["batch"]) for c in cells} == {
         (mode, "naive", 1) for mode in ("greedy", "beam3")
-    } | {(mode, "batched", size) for mode in ("greedy", "beam3") for size in (1, 4)}
+    } | {
+        (mode, path, size)
+        for mode in ("greedy", "beam3")
+        for path in ("batched", "native", "graphs")
+        for size in (1, 4)
+    }
     for cell in cells:
         assert cell["status"] == "ok" and cell["images"] > 0, cell
         assert _is_number(cell["images_per_s"]) and _is_number(cell["p99_ms"]), cell
     assert set(document["best"]) == {"greedy", "beam3"}
     assert all(_is_number(best["ratio"]) for best in document["best"].values())
+    assert all(_is_number(best["native_over_generate"]) for best in document["best"].values())
 
 
 def test_quick_changes_only_what_was_left_at_its_default() -> None:
