@@ -98,7 +98,8 @@ Interval = Annotated[str, _cel_within(MIN_INTERVAL, MAX_INTERVAL), _within(MIN_I
 Window = Annotated[str, _cel_within(MIN_WINDOW, MAX_WINDOW), _within(MIN_WINDOW, MAX_WINDOW)]
 
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Decoder = Literal["native", "transformers"]
 
 
 class SpecModel(BaseModel):
@@ -128,7 +129,14 @@ class ModelVersion(SpecModel):
         default=False,
         description="This version is being rolled out progressively under rollout.analysis (at most one).",
     )
-    precision: Precision = Field(default="fp32", description="Numeric precision of the weights.")
+    precision: Precision = Field(
+        default="fp32",
+        description="Numeric precision of the weights; int8: linear layers dynamically quantised (CPU only).",
+    )
+    decoder: Decoder = Field(
+        default="native",
+        description="Caption decoder: native (batched beam search, same captions) or transformers.",
+    )
     min_replicas: int | None = Field(
         default=None, ge=0, description="Overrides the replica floor derived from the traffic share."
     )

@@ -87,6 +87,11 @@ def _versions(spec: CaptionModelSpec) -> list[str]:
             problems.append(f"{where}.minReplicas: 0 needs autoscaling.provider keda (scale to zero)")
         if v.precision == "fp16" and spec.resources.gpu == 0:
             problems.append(f"{where}.precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16")
+        if v.precision == "int8" and spec.resources.gpu > 0:
+            problems.append(
+                f"{where}.precision: int8 (dynamic quantisation) runs on CPUs only; "
+                "use bf16 or fp16 with resources.gpu, or set resources.gpu to 0"
+            )
     return problems
 
 

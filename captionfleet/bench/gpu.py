@@ -9,9 +9,12 @@ are random pixel tensors already on the device, so this measures the model side 
 is ``captionfleet bench``'s part.
 
 - naive: one image per ``model.generate`` call, decoded to text, as a one-at-a-time server does;
-- batched: ``Captioner.caption_pixels`` on a batch of B images, the call our dynamic batcher makes
-  per batch (beam scores, confidences and suggestions included). Where captionfleet's engine cannot
-  be imported (no PIL or numpy), an inline copy of its ``generate`` call stands in; the output says so.
+- batched: ``Captioner.caption_pixels`` on a batch of B images with transformers' ``generate`` as the
+  decoder, the call our dynamic batcher makes per batch (beam scores, confidences and suggestions
+  included);
+- native: the same call with captionfleet's own decoder (``runtime/engine/decoder.py``);
+- graphs: the native decoder with each step replayed as a CUDA graph (static shapes); on a CPU it runs
+  the same static-shaped step eagerly.
 
 For greedy decoding and beam search (3 beams) it prints images per second, and p50/p99 of the time
 from the start of the call that produced an image's caption to its end (queueing not included).
@@ -34,6 +37,9 @@ from captionfleet.bench.models import BLIP_BASE, BLIP_TINY, BlipSpec, build_mode
 
 MODES = {"greedy": 1, "beam3": 3}
 """Decoding modes and their beam widths."""
+
+BATCHED = ("batched", "native", "graphs")
+"""The batched paths: Captioner with transformers' generate, with the native decoder, with CUDA graphs."""
 
 CaptionCall = Callable[[Any, int], list[str]]
 """(pixel batch, beams) -> one caption per image."""
@@ -121,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.requires_grad_(False)
     paths = {
         "naive": naive_path(model, tokenizer, tokens),
-        "batched": batched_path(model, tokenizer, spec, device, dtype, tokens),
+        "batched": batched_path(model, tokenizer, spec, device, dtype, tokens, "transformers"),
+        "native": batched_path(model, tokenizer, spec, device, dtype, tokens, "native"),
+        "graphs": batched_path(model, tokenizer, spec, device, dtype, tokens, "native", cuda_graphs=True),
     }
     pixels = torch.randn(max(batch_sizes), 3, spec.image_size, spec.image_size, device=device, dtype=dtype)
 
@@ -130,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.cuda.synchronize(device)
 
     plan = [(mode, "naive", 1) for mode in MODES]
-    plan += [(mode, "batched", size) for mode in MODES for size in batch_sizes]
+    plan += [(mode, path, size) for mode in MODES for path in BATCHED for size in batch_sizes]
     cells: list[Cell] = []
     for mode, path, size in plan:
         print(f"[gpu] {mode} {path} batch {size}", file=sys.stderr, flush=True)
@@ -149,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": dtype_name,
         "tokens": tokens,
         "batched_path": paths["batched"][1],
+        "paths": {name: description for name, (_, description) in paths.items()},
         "cells": [cell.summary() for cell in cells],
         "best": best_ratios(cells),
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -221,75 +230,60 @@ def run_cell(
 
 
 def batched_path(
-    model: Any, tokenizer: Any, spec: BlipSpec, device: Any, dtype: Any, tokens: int
+    model: Any,
+    tokenizer: Any,
+    spec: BlipSpec,
+    device: Any,
+    dtype: Any,
+    tokens: int,
+    decoder: str,
+    *,
+    cuda_graphs: bool = False,
 ) -> tuple[CaptionCall, str]:
-    """Our batched call: captionfleet's ``Captioner.caption_pixels``, or its inline stand-in."""
-    try:
-        from captionfleet.runtime.engine.captioner import Captioner
-        from captionfleet.runtime.engine.preprocess import ImagePreprocessor
-        from captionfleet.runtime.engine.types import GenerationOptions
-    except ImportError as exc:
-        return _inline_batched(model, tokenizer, tokens), f"inline copy of Captioner's generate call ({exc})"
+    """Our batched call: captionfleet's ``Captioner.caption_pixels`` with the given decoder."""
+    from captionfleet.runtime.engine.captioner import Captioner
+    from captionfleet.runtime.engine.decoder import BlipDecoder
+    from captionfleet.runtime.engine.preprocess import ImagePreprocessor
+    from captionfleet.runtime.engine.types import GenerationOptions
+
     preprocessor = ImagePreprocessor(height=spec.image_size, width=spec.image_size)
     captioner = Captioner(
-        model, tokenizer, preprocessor, version="random", model_name=spec.name, device=device, dtype=dtype
-    )
+        model, tokenizer, preprocessor, version="random", model_name=spec.name, device=device, dtype=dtype,
+        decoder=decoder, cuda_graphs=cuda_graphs,
+    )  # fmt: skip
+    if cuda_graphs and device.type != "cuda":  # no graphs to capture: the static-shaped step, eagerly
+        captioner._native = BlipDecoder(model, static=True)
 
     def caption(images: Any, beams: int) -> list[str]:
         options = GenerationOptions(num_beams=beams, max_new_tokens=tokens)
         return [result.text for result in captioner.caption_pixels(images, options)]
 
-    return caption, "captionfleet Captioner.caption_pixels"
-
-
-def _inline_batched(model: Any, tokenizer: Any, tokens: int) -> CaptionCall:
-    import torch
-
-    prompt = list(tokenizer("", add_special_tokens=True)["input_ids"])
-
-    def caption(images: Any, beams: int) -> list[str]:
-        count = int(images.shape[0])
-        input_ids = torch.tensor([prompt] * count, dtype=torch.long, device=images.device)
-        with torch.inference_mode():
-            output = model.generate(
-                pixel_values=images,
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                num_beams=beams,
-                max_new_tokens=tokens,
-                do_sample=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-            model.text_decoder.compute_transition_scores(
-                output.sequences,
-                output.scores,
-                beam_indices=output.beam_indices if beams > 1 else None,
-                normalize_logits=True,
-            )
-        return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in output.sequences]
-
-    return caption
+    graphs = " + CUDA graphs" if cuda_graphs else ""
+    return caption, f"captionfleet Captioner.caption_pixels ({decoder} decoder{graphs})"
 
 
 def best_ratios(cells: list[Cell]) -> dict[str, Any]:
-    """Per mode: the naive rate, the best batched rate and its batch size, and their ratio."""
+    """Per mode: the naive rate, the best batched rate (any batched path), its path and batch size,
+    their ratio, and the native decoder's best over the transformers-decoded batched path's."""
     best: dict[str, Any] = {}
     for mode in MODES:
-        rates = {
-            c.path if c.path == "naive" else c.batch: c.images / c.seconds
-            for c in cells
-            if c.mode == mode and c.seconds > 0
-        }
-        naive = rates.pop("naive", None)
+        rates = {(c.path, c.batch): c.images / c.seconds for c in cells if c.mode == mode and c.seconds > 0}
+        naive = rates.pop(("naive", 1), None)
         if naive is None or not rates:
             continue
-        batch, rate = max(rates.items(), key=lambda item: item[1])
+        (path, batch), rate = max(rates.items(), key=lambda item: item[1])
+        by_path = {
+            name: max((r for (p, _), r in rates.items() if p == name), default=0.0) for name in BATCHED
+        }
         best[mode] = {
             "naive_images_per_s": round(naive, 2),
             "batched_images_per_s": round(rate, 2),
+            "path": path,
             "batch": batch,
             "ratio": round(rate / naive, 2),
+            "native_over_generate": round(by_path["native"] / by_path["batched"], 2)
+            if by_path["batched"]
+            else None,
         }
     return best
 
@@ -311,8 +305,9 @@ def table(result: dict[str, Any]) -> str:
         )
     for mode, best in result["best"].items():
         lines.append(
-            f"  {mode}: batched x{best['ratio']} the naive rate "
-            f"({best['batched_images_per_s']} vs {best['naive_images_per_s']} img/s at batch {best['batch']})"
+            f"  {mode}: batched x{best['ratio']} the naive rate ({best['batched_images_per_s']} vs "
+            f"{best['naive_images_per_s']} img/s, {best['path']} at batch {best['batch']}); native decoder "
+            f"x{best['native_over_generate']} transformers' generate"
         )
     return "\n".join(lines)
 

@@ -6,7 +6,15 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``serve_ratio_c32``, ``serve_p99_ms_c32``: our throughput over the naive server's, and our p99, at
   32 concurrent clients on the served model (the first model);
 - ``cache_hit_rps`` (and ``cache_hit_p50_ms``): the cache-hit path;
-- ``router_overhead_ms_p50``: the median latency the router hop adds.
+- ``router_overhead_ms_p50``: the median latency the router hop adds;
+- ``offline_rps_c32``: the offline pipeline's images per second (decode + preprocess + batched
+  captioning, no HTTP, at the server's batch size; ``engine.py``), and ``served_share_of_offline_c32``:
+  our served throughput at 32 clients over it;
+- ``c1_p50_ms``: our p50 at one client, against ``engine_bs1_ms``, one preprocessed image's caption;
+- ``decoder_speedup_bs32``, ``decoder_speedup_bs1``: the native decoder over transformers' generate on
+  ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
+  two on the bundled model's held-out scenes;
+- ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ def headline(results: BenchResults) -> dict[str, float | None]:
     sides = sorted({row.side for row in results.preprocess if row.side != BLIP_BASE_SIDE})
     model_side = sides[0] if sides else BLIP_BASE_SIDE
     at_32 = next((row for row in results.serving if row.model == served and row.concurrency == 32), None)
+    at_1 = next((row for row in results.serving if row.model == served and row.concurrency == 1), None)
+    engine = results.engine
+    offline = engine.offline_rps if engine else None
+    share = at_32.ours.throughput / offline if at_32 and offline else None
     return {
         "preprocess_ratio_12mp": _number(preprocess.get((12.0, model_side))),
         "preprocess_ratio_12mp_384": _number(preprocess.get((12.0, BLIP_BASE_SIDE))),
@@ -40,6 +52,15 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "cache_hit_rps": _number(results.cache.throughput if results.cache else None, 1),
         "cache_hit_p50_ms": _number(results.cache.percentile_ms(50) if results.cache else None),
         "router_overhead_ms_p50": _number(results.router.overhead_ms_p50 if results.router else None, 3),
+        "offline_rps_c32": _number(offline, 1),
+        "served_share_of_offline_c32": _number(share, 3),
+        "c1_p50_ms": _number(at_1.ours.percentile_ms(50) if at_1 else None, 1),
+        "engine_bs1_ms": _number(engine.engine_bs1_ms if engine else None, 1),
+        "decoder_speedup_bs32": _number(engine.decoder_speedup.get(32) if engine else None),
+        "decoder_speedup_bs1": _number(engine.decoder_speedup.get(1) if engine else None),
+        "decoder_agreement": _number(engine.decoder_agreement if engine else None, 4),
+        "int8_speedup": _number(engine.int8_speedup if engine else None),
+        "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
     }
 
 
@@ -54,6 +75,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "serving": [row.summary() for row in results.serving],
         "cache": results.cache.summary() if results.cache else None,
         "router": results.router.summary() if results.router else None,
+        "engine": results.engine.summary() if results.engine else None,
         "settings": dataclasses.asdict(results.settings),
     }
 
@@ -120,6 +142,19 @@ def to_table(results: BenchResults) -> str:
             f"{_fmt(router.routed.percentile_ms(50), 2)} ms routed: {router.overhead_ms_p50:+.2f} ms "
             f"({router.direct.sent} requests each way, one at a time)"
         )
+    if results.engine is not None:
+        engine = results.engine
+        lines += [
+            "",
+            f"Engine, no HTTP: offline pipeline {engine.offline_rps:.1f} img/s (decode + preprocess + "
+            f"caption, batches of {results.settings.max_batch_size}); "
+            f"one image {engine.engine_bs1_ms:.1f} ms",
+            f"  native decoder vs transformers' generate on {engine.speed_model} (beam 3, 20 tokens): "
+            + ", ".join(f"x{v:.2f} at batch {k}" for k, v in engine.decoder_speedup.items())
+            + f"; identical captions on {engine.scenes} held-out scenes: {engine.decoder_agreement:.1%}",
+            f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
+            f"{engine.int8_agreement:.1%}",
+        ]
     lines += ["", "Headline:"]
     lines += [f"  {key} = {_fmt(value, 2)}" for key, value in headline(results).items()]
     return "\n".join(lines)

@@ -51,6 +51,17 @@ class BenchSettings:
     router_requests: int = setting(
         400, "Requests through the router and directly (each), one at a time, alternating in blocks."
     )
+    speed_model: str = setting(
+        "blip-mini-random",
+        "Random model of the decoder and int8 speed ratios (blip-tiny-random: smoke tests only).",
+        choices=("blip-mini-random", "blip-tiny-random"),
+    )
+    agreement_scenes: int = setting(
+        500, "Held-out scenes captioned by both decoders (and int8) for the agreement shares."
+    )
+    engine_rounds: int = setting(
+        3, "Timed rounds of each engine measurement (offline pipeline, decoders, int8); best kept."
+    )
     workdir: str = setting("", "Folder for generated models, photos and server logs; empty: a temp dir.")
 
     def concurrency_levels(self) -> list[int]:
@@ -85,6 +96,8 @@ class BenchSettings:
             "cache_requests",
             "cache_concurrency",
             "router_requests",
+            "agreement_scenes",
+            "engine_rounds",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -116,5 +129,8 @@ QUICK: dict[str, object] = {
     "preprocess_rounds": 2,
     "cache_requests": 600,
     "router_requests": 150,
+    "agreement_scenes": 200,
+    "engine_rounds": 2,
 }
-"""What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only."""
+"""What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only,
+200 agreement scenes, 2 engine rounds."""

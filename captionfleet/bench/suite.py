@@ -14,6 +14,7 @@ from typing import Any
 
 from captionfleet.bench import processes
 from captionfleet.bench.cache import measure_cache_hits
+from captionfleet.bench.engine import EngineResult, measure_engine
 from captionfleet.bench.loadgen import LoadResult, Payload
 from captionfleet.bench.models import BLIP_MINI, save_random_blip
 from captionfleet.bench.photos import request_photos
@@ -35,6 +36,8 @@ class BenchResults:
     serving: list[ServingRow] = field(default_factory=list)
     cache: LoadResult | None = None
     router: RouterResult | None = None
+    engine: EngineResult | None = None
+    """The engine without HTTP: the offline ceiling, decoder and int8 ratios."""
     elapsed_s: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +94,8 @@ async def run_suite(settings: BenchSettings, quick: bool) -> BenchResults:
             settings.megapixels(), settings.preprocess_rounds, [model_dir, None]
         )
         payloads = [Payload(photo.jpeg) for photo in request_photos(settings.image_side)]
+        progress("engine: offline pipeline, decoders, int8 (no server running)")
+        results.engine = measure_engine(model_dir, payloads, settings)
         await _main_model(results, model_dir, workdir, payloads)
         if settings.larger_model and not quick:
             progress(f"writing the random {BLIP_MINI.name}")

@@ -28,8 +28,15 @@ class ServeSettings(EdgeSettings):
     device: str = setting("auto", "Torch device (cpu, cuda, cuda:1); auto: CUDA when available, else CPU.")
     precision: str = setting(
         "auto",
-        "Weights dtype (fp32, bf16, fp16 or long names); auto: bf16 on CUDA (else fp16), fp32 on CPU.",
-        choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"),
+        "Weights dtype (fp32, bf16, fp16 or long names); auto: bf16 on CUDA (else fp16), fp32 on CPU; "
+        "int8: linear layers dynamically quantised to int8 (CPU only).",
+        choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "int8"),
+    )
+    decoder: str = setting(
+        "native",
+        "Caption decoder: native (ours: batched beam search, preallocated cache; same captions) or "
+        "transformers (model.generate).",
+        choices=("native", "transformers"),
     )
     torch_threads: int = setting(
         0,
@@ -93,4 +100,6 @@ class ServeSettings(EdgeSettings):
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
+        if self.precision == "int8" and self.device.startswith("cuda"):
+            problems.append("precision int8 runs on the CPU only; use bf16 or fp16 on a GPU")
         return problems

@@ -38,7 +38,8 @@ TMP_MOUNT = "/tmp"  # the only writable path besides the model volume (read-only
 RUNTIME_ENV: dict[str, str] = {
     "model": "local path of the model: /models/weights (hf://), /models/<path> (pvc://), <path> (file://)",
     "model_version": "versions[].name; reported as model_version in every answer",
-    "precision": "versions[].precision: fp32, fp16 or bf16",
+    "precision": "versions[].precision: fp32, fp16, bf16 or int8",
+    "decoder": "versions[].decoder: native or transformers",
     "device": "cuda when resources.gpu > 0, else cpu",
     "host": "0.0.0.0",
     "port": f"{names.HTTP_PORT} (the container port named {names.HTTP_PORT_NAME})",
@@ -111,6 +112,7 @@ def runtime_env(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]
         model=model_path(parse_model_source(version.model)),
         model_version=version.name,
         precision=version.precision,
+        decoder=version.decoder,
         device="cuda" if spec.resources.gpu > 0 else "cpu",
         host="0.0.0.0",
         port=names.HTTP_PORT,

@@ -6,6 +6,12 @@ that column is a pad token for the shorter prompts, so their [SEP] stays inside 
 also cannot continue right-padded rows correctly. Equal options (hence equal prompts) sidestep all of
 it, and the batcher groups requests by options anyway.
 
+Decoders: ``native`` (the default) is our own batched decoder (``decoder.py``): the same captions as
+``generate`` (a test holds it to that on the bundled model and real photos), several times faster per
+batch. ``transformers`` calls ``model.generate``. A model whose generation config asks for logits
+processors the native decoder lacks (repetition penalty and the like) gets ``transformers``, with a
+warning at load.
+
 Confidence: ``exp(mean log-probability)`` of the generated tokens, the end-of-caption token included
 and the prompt's tokens excluded, from ``compute_transition_scores`` (with beam indices for beam
 search, which scores each token under the beam it was chosen in). It lies in (0, 1]. The
@@ -26,13 +32,17 @@ from typing import Any
 import torch
 from PIL import Image
 
+from captionfleet.runtime.engine.decoder import BlipDecoder, unsupported_generation_options
 from captionfleet.runtime.engine.errors import InvalidOptions
 from captionfleet.runtime.engine.loading import bundled_model_dir, load_captioner
 from captionfleet.runtime.engine.options import check_options
 from captionfleet.runtime.engine.preprocess import ImagePreprocessor
 from captionfleet.runtime.engine.types import Caption, GenerationOptions, Suggestion
 
-__all__ = ["Captioner", "bundled_model_dir", "load_captioner", "normalise_caption"]
+__all__ = ["DECODERS", "Captioner", "bundled_model_dir", "load_captioner", "normalise_caption"]
+
+DECODERS = ("native", "transformers")
+"""The caption decoders a Captioner can use (see the module docstring)."""
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,9 @@ class Captioner:
         device: torch.device,
         dtype: torch.dtype,
         source: str = "",
+        decoder: str = "native",
+        cuda_graphs: bool = False,
+        precision: str = "",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -83,11 +96,28 @@ class Captioner:
         self._pad_id = int(text_config.pad_token_id)
         self._max_positions = int(getattr(text_config, "max_position_embeddings", 512))
         self._prompt_cache: dict[str | None, list[int]] = {}
+        self.precision = precision or str(dtype).removeprefix("torch.")
+        """What ``info()`` reports as the dtype: ``int8`` for a dynamically quantised model."""
+        self.decoder = self._pick_decoder(decoder)
+        self._native = BlipDecoder(model, cuda_graphs=cuda_graphs) if self.decoder == "native" else None
+
+    def _pick_decoder(self, decoder: str) -> str:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        unsupported = unsupported_generation_options(self.model) if decoder == "native" else []
+        if unsupported:
+            log.warning(
+                "the model's generation config sets %s, which the native decoder does not implement; "
+                "using transformers' generate",
+                ", ".join(unsupported),
+            )
+            return "transformers"
+        return decoder
 
     def __repr__(self) -> str:
         return (
             f"Captioner({self.model_name!r}, version={self.version!r}, "
-            f"device={self.device}, dtype={self.dtype})"
+            f"device={self.device}, dtype={self.precision}, decoder={self.decoder})"
         )
 
     def info(self) -> dict[str, Any]:
@@ -97,7 +127,8 @@ class Captioner:
             "version": self.version,
             "source": self.source,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.precision,
+            "decoder": self.decoder,
             "image_size": [self.preprocessor.height, self.preprocessor.width],
         }
 
@@ -136,32 +167,22 @@ class Captioner:
             )
         # More returned beams than suggestions leave room to drop near-duplicates.
         returned = options.num_beams if options.suggestions > 1 else 1
-        input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)
-        # length_penalty only means something to beam search (greedy decoding logs a complaint).
-        beam_only = {"length_penalty": options.length_penalty} if options.num_beams > 1 else {}
-        output = self.model.generate(
-            pixel_values=pixel_values.to(device=self.device, dtype=self.dtype),
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            num_beams=options.num_beams,
-            num_return_sequences=returned,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **beam_only,
-        )
-        sequences = output.sequences
-        assert sequences.shape[0] == count * returned, (sequences.shape, count, returned)
-        generated = sequences[:, prompt_len:]
-        token_scores = self._token_scores(output, generated.shape[1], options.num_beams > 1)
+        pixels = pixel_values.to(device=self.device, dtype=self.dtype)
+        if self._native is not None:
+            decoded = self._native.generate(
+                pixels,
+                prompt_ids[:-1],
+                num_beams=options.num_beams,
+                max_new_tokens=options.max_new_tokens,
+                num_return_sequences=returned,
+                length_penalty=options.length_penalty,
+            )
+            generated, token_scores = decoded.tokens, decoded.log_probs
+        else:
+            generated, token_scores = self._generate(pixels, prompt_ids, options, returned)
+        assert generated.shape[0] == count * returned, (generated.shape, count, returned)
         lengths = self._lengths(generated)
-        positions = torch.arange(generated.shape[1], device=generated.device)[None, :]
-        mask = positions < lengths[:, None]
-        sums = (token_scores.to(torch.float64) * mask).sum(dim=1)
-        means = sums / lengths.clamp(min=1).to(torch.float64)
-        confidences = [min(1.0, max(math.exp(value), sys.float_info.min)) for value in means.tolist()]
-
+        confidences = _confidences(token_scores, lengths)
         prompt_body = prompt_ids[1:-1]  # no [BOS]/[SEP]
         texts = [
             self._text(prompt_body, row[: int(length)].tolist(), options.prompt)
@@ -177,6 +198,29 @@ class Captioner:
             captions.append(_caption(candidates, options.suggestions))
         assert len(captions) == count
         return captions
+
+    def _generate(
+        self, pixels: torch.Tensor, prompt_ids: list[int], options: GenerationOptions, returned: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' ``generate``: (generated ids after the prompt, their log-probabilities)."""
+        count = int(pixels.shape[0])
+        input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)
+        # length_penalty only means something to beam search (greedy decoding logs a complaint).
+        beam_only = {"length_penalty": options.length_penalty} if options.num_beams > 1 else {}
+        output = self.model.generate(
+            pixel_values=pixels,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            num_beams=options.num_beams,
+            num_return_sequences=returned,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **beam_only,
+        )
+        generated = output.sequences[:, len(prompt_ids) - 1 :]  # generate() drops the trailing [SEP]
+        return generated, self._token_scores(output, generated.shape[1], options.num_beams > 1)
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         """[CLS] prompt [SEP] as the tokenizer makes them; BLIP's generate turns [CLS] into [BOS].
@@ -223,6 +267,15 @@ class Captioner:
         if full.startswith(head):
             return (prompt + full[len(head) :]).strip()
         return full  # the tokenizer merged across the boundary; its text still begins like the prompt
+
+
+def _confidences(token_scores: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+    """exp(mean log-probability) over each row's first ``length`` tokens, in (0, 1]."""
+    positions = torch.arange(token_scores.shape[1], device=token_scores.device)[None, :]
+    mask = positions < lengths[:, None]
+    sums = (token_scores.to(torch.float64) * mask).sum(dim=1)
+    means = sums / lengths.clamp(min=1).to(torch.float64)
+    return [min(1.0, max(math.exp(value), sys.float_info.min)) for value in means.tolist()]
 
 
 def _caption(candidates: list[_Candidate], wanted: int) -> Caption:

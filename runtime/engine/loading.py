@@ -10,6 +10,11 @@ Version string, first that applies:
 3. local directory: ``<dir name>-<first 12 hex of sha256 over config.json and the weight files>``,
    so retrained weights in the same folder get a new version;
 4. hub id: ``<id>@<first 12 hex of the resolved commit>``, or the id alone when unknown.
+
+Precision ``int8`` (CPU only): the weights load in fp32, then every ``nn.Linear`` is replaced by its
+dynamically quantised version (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
+quantised per batch on the fly); the patch-embedding convolution, layer norms and embeddings stay fp32.
+On CUDA those kernels do not exist, so ``int8`` there is a :class:`ModelLoadError`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 MANIFEST = "captionfleet.json"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+INT8 = "int8"
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -86,6 +92,13 @@ def pick_device(device: str | None) -> torch.device:
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """The requested dtype; by default bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if dtype is not None and dtype.lower() == INT8:
+        if device.type != "cpu":
+            raise ModelLoadError(
+                f"precision int8 (dynamic quantisation) runs on the CPU only, not on {device}; "
+                "use bf16 or fp16 on a GPU"
+            )
+        return torch.float32  # the weights load in fp32 and are quantised after loading
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -93,7 +106,8 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
+        names = ", ".join(sorted([*_DTYPES, INT8]))
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {names}") from None
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:
@@ -135,10 +149,34 @@ def model_identity(location: Path | str, model: Any) -> tuple[str, str]:
     return location, f"{location}@{commit[:12]}" if commit else location
 
 
+def quantize_int8(model: Any) -> Any:
+    """``model`` with its linear layers dynamically quantised to int8 (CPU inference only)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    # torch.ao's eager quantisation is deprecated in favour of torchao, whose CPU int8 path needs
+    # torch.compile to be fast; this one still ships with torch, needs no compiler and is measured fast.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+
+
 def load_captioner(
-    source: str, *, device: str | None = None, dtype: str | None = None, version: str | None = None
+    source: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    version: str | None = None,
+    decoder: str | None = None,
+    cuda_graphs: bool = False,
 ) -> Captioner:
-    """Load model, tokenizer and preprocessor from ``source`` into eval mode on the chosen device."""
+    """Load model, tokenizer and preprocessor from ``source`` into eval mode on the chosen device.
+
+    ``decoder``: ``native`` (the default) or ``transformers`` (see ``captioner.py``; ``serve`` passes
+    its ``--decoder``, which the CRD's ``versions[].decoder`` sets). ``cuda_graphs`` replays the native
+    decoder's steps as CUDA graphs (CUDA only; ignored elsewhere)."""
     from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil
 
     from captionfleet.runtime.engine.captioner import Captioner
@@ -164,6 +202,9 @@ def load_captioner(
     model = model.to(chosen_device)  # type: ignore[arg-type]  # transformers' stub wraps .to oddly
     model.train(False)  # eval mode: no dropout
     model.requires_grad_(False)
+    int8 = dtype is not None and dtype.lower() == INT8
+    if int8:
+        model = quantize_int8(model)
     name, default_version = model_identity(location, model)
     return Captioner(
         model,
@@ -174,4 +215,7 @@ def load_captioner(
         device=chosen_device,
         dtype=chosen_dtype,
         source=str(location),
+        decoder=decoder or "native",
+        cuda_graphs=cuda_graphs,
+        precision=INT8 if int8 else "",
     )

@@ -39,6 +39,7 @@ def _load(settings: ServeSettings) -> Captioner:
         device=settings.device,
         dtype=settings.precision,
         version=settings.model_version or None,
+        decoder=settings.decoder,
     )
 
 

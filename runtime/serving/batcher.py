@@ -7,6 +7,11 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
 - batches hold requests of one *group* only (equal generation options share one ``generate`` call);
 - a batch goes when it is full, or ``max_queue_delay`` after its oldest request arrived, or at once
   while closing; a full batch of another group may go before the oldest group's delay ends;
+- the idle fast path: the model is free (one consumer runs one batch at a time) and the oldest group
+  already holds as many requests as the last batch ran, so the companions the delay would wait for
+  have come: it goes at once. At one client that is every request (no ``max_queue_delay`` added to
+  its latency); under load batches stay as large as before, since a batch that went small is followed
+  by one that waits again;
 - ``max_queue_size`` bounds the waiting requests (:class:`QueueFull` beyond, with a retry hint);
 - a deadline per request counts its queue time: an expired request is answered with
   :class:`DeadlineExceeded` when the deadline passes, and is never sent to the model;
@@ -88,6 +93,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         max_queue_size: int,
         observer: BatchObserver | None = None,
         name: str = "inference",
+        idle_dispatch: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -106,6 +112,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         # One thread: the model serves one batch at a time; a second would only contend for it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._last_batch_s = 0.0
+        self._last_batch_size = 0
+        self.idle_dispatch = idle_dispatch
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -234,7 +242,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             oldest = self._queue[0]
             members = self._members(oldest.group)
             due = oldest.enqueued + self.max_queue_delay_s
-            if not (len(members) >= self.max_batch_size or self._closing or self._flushing or now >= due):
+            enough = len(members) >= self.max_batch_size or (
+                self.idle_dispatch and len(members) >= self._last_batch_size
+            )
+            if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
             if members:
                 for request in members:
@@ -315,6 +326,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._running = []
         elapsed = time.monotonic() - started
         self._last_batch_s = elapsed
+        self._last_batch_size = len(batch)
         self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
 
 

@@ -19,6 +19,14 @@ HEADLINE_KEYS = (
     "serve_p99_ms_c32",
     "cache_hit_rps",
     "router_overhead_ms_p50",
+    "offline_rps_c32",
+    "served_share_of_offline_c32",
+    "engine_bs1_ms",
+    "decoder_speedup_bs32",
+    "decoder_speedup_bs1",
+    "decoder_agreement",
+    "int8_speedup",
+    "int8_agreement",
 )
 
 
@@ -43,12 +51,17 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--larger-model", "false", "--concurrency", "32", "--requests", "1", "--warmup-requests", "2",
         "--preprocess-megapixels", "12", "--preprocess-rounds", "1",
         "--cache-requests", "40", "--cache-concurrency", "8", "--router-requests", "10",
+        "--speed-model", "blip-tiny-random", "--agreement-scenes", "8", "--engine-rounds", "1",
     ]  # fmt: skip
     document = _run(argv, cwd=tmp_path)
 
     for key in HEADLINE_KEYS:
         assert _is_number(document[key]), (key, document[key])
     assert document["serve_p99_ms_c32"] > 0 and document["cache_hit_rps"] > 0
+    assert document["c1_p50_ms"] is None  # no one-client run was asked for
+    assert 0 < document["decoder_agreement"] <= 1 and 0 < document["int8_agreement"] <= 1
+    engine = document["engine"]
+    assert engine["scenes"] == 8 and engine["offline_images"] == 64, engine
     [row] = document["serving"]
     assert row["concurrency"] == 32 and _is_number(row["ratio"])
     for server in ("ours", "naive"):
@@ -69,16 +82,25 @@ def test_gpu_script_runs_its_cpu_smoke_path(tmp_path: Path) -> None:
     argv = ["captionfleet.bench.gpu", "--tiny", "--json", "--naive-images", "4", "--batches", "2"]
     document = _run(argv, cwd=tmp_path, timeout_s=120)
 
-    assert document["batched_path"] == "captionfleet Captioner.caption_pixels"
+    assert document["batched_path"] == "captionfleet Captioner.caption_pixels (transformers decoder)"
+    assert (
+        document["paths"]["graphs"] == "captionfleet Captioner.caption_pixels (native decoder + CUDA graphs)"
+    )
     cells = document["cells"]
     assert {(c["mode"], c["path"], c["batch"]) for c in cells} == {
         (mode, "naive", 1) for mode in ("greedy", "beam3")
-    } | {(mode, "batched", size) for mode in ("greedy", "beam3") for size in (1, 4)}
+    } | {
+        (mode, path, size)
+        for mode in ("greedy", "beam3")
+        for path in ("batched", "native", "graphs")
+        for size in (1, 4)
+    }
     for cell in cells:
         assert cell["status"] == "ok" and cell["images"] > 0, cell
         assert _is_number(cell["images_per_s"]) and _is_number(cell["p99_ms"]), cell
     assert set(document["best"]) == {"greedy", "beam3"}
     assert all(_is_number(best["ratio"]) for best in document["best"].values())
+    assert all(_is_number(best["native_over_generate"]) for best in document["best"].values())
 
 
 def test_quick_changes_only_what_was_left_at_its_default() -> None:

@@ -130,7 +130,8 @@ def test_defaults_enums_and_bounds_reach_the_schema() -> None:
         "description": None,
     }
     version = spec["versions"]["items"]["properties"]
-    assert version["precision"]["enum"] == ["fp32", "fp16", "bf16"]
+    assert version["precision"]["enum"] == ["fp32", "fp16", "bf16", "int8"]
+    assert version["decoder"]["enum"] == ["native", "transformers"]
     assert version["weight"]["minimum"] == 0 and version["weight"]["maximum"] == 100
     assert spec["autoscaling"]["properties"]["provider"]["enum"] == ["hpa", "keda", "none"]
     assert spec["resources"]["properties"]["memory"]["x-kubernetes-int-or-string"] is True
@@ -173,7 +174,7 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown precision": (
         _with({"versions": [{"name": "v1", "model": "hf://a/b", "precision": "int4"}]}),
-        "spec/versions/0/precision: 'int4' is not one of ['fp32', 'fp16', 'bf16']",
+        "spec/versions/0/precision: 'int4' is not one of ['fp32', 'fp16', 'bf16', 'int8']",
     ),
     "bad model source": (
         _with({"versions": [{"name": "v1", "model": "s3://bucket/model"}]}),

@@ -76,6 +76,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.versions[0] (a).precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16",
     ),
     (
+        "int8 on a GPU",
+        {"versions": [v("a", precision="int8")], "resources": {"gpu": 1}},
+        "spec.versions[0] (a).precision: int8 (dynamic quantisation) runs on CPUs only; "
+        "use bf16 or fp16 with resources.gpu, or set resources.gpu to 0",
+    ),
+    (
         "analysis steps",
         {"versions": [v("a")], "rollout": {"analysis": {"stepWeight": 30, "maxWeight": 20}}},
         "spec.rollout.analysis: maxWeight 20 is below stepWeight 30",

@@ -196,6 +196,7 @@ async def test_gpu_example_gets_gpus_tolerations_affinity_and_the_pvc(cluster: A
     assert model_volume["persistentVolumeClaim"] == {"claimName": "caption-models", "readOnly": True}
     assert env(serve)["CAPTIONFLEET_MODEL"] == "/models/blip-image-captioning-large"
     assert env(serve)["CAPTIONFLEET_PRECISION"] == "fp16"
+    assert env(serve)["CAPTIONFLEET_DECODER"] == "native"  # the default decoder reaches the runtime
     assert env(serve)["CAPTIONFLEET_DEVICE"] == "cuda"
 
 

@@ -56,13 +56,14 @@ async def model() -> GatedModel:
     return GatedModel()
 
 
-def make(model: GatedModel, **kwargs: float) -> DynamicBatcher[int, str, int]:
+def make(model: GatedModel, *, idle_dispatch: bool = True, **kwargs: float) -> DynamicBatcher[int, str, int]:
     options = {"max_batch_size": 4, "max_queue_delay_s": 0.005, "max_queue_size": 64} | kwargs
     batcher: DynamicBatcher[int, str, int] = DynamicBatcher(
         model,
         max_batch_size=int(options["max_batch_size"]),
         max_queue_delay_s=float(options["max_queue_delay_s"]),
         max_queue_size=int(options["max_queue_size"]),
+        idle_dispatch=idle_dispatch,
     )
     batcher.start()
     return batcher
@@ -115,6 +116,41 @@ async def test_a_lone_request_runs_after_the_queue_delay_without_companions(mode
     batcher = make(model, max_batch_size=64, max_queue_delay_s=0.02)
     assert await asyncio.wait_for(batcher.submit(7, "a"), 10) == 70
     await batcher.close(5)
+
+
+async def test_an_idle_model_takes_a_lone_request_without_waiting_the_delay(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=64, max_queue_delay_s=30)  # only the idle fast path is quick
+    for item in (1, 2, 3):
+        assert await asyncio.wait_for(batcher.submit(item, "a"), 10) == item * 10
+    assert [items for items, _ in model.calls] == [[1], [2], [3]]
+    await batcher.close(5)
+
+
+async def test_after_a_larger_batch_a_lone_request_waits_for_companions(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=30)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(0, "a"))  # idle: goes at once
+    await model.wait_entered()
+    burst = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(1, 6)]
+    await eventually(lambda: batcher.depth == 5, 10, "5 queued requests")
+    model.release()  # the 5 are as many as the last batch (1) and more: they go together at once
+    assert await asyncio.wait_for(asyncio.gather(first, *burst), 10) == [i * 10 for i in range(6)]
+    lone = asyncio.ensure_future(batcher.submit(6, "a"))
+    await eventually(lambda: batcher.depth == 1, 10, "the lone request queued")
+    # The last batch held 5: the lone request waits (the delay is 30 s) until 4 companions come.
+    later = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(7, 11)]
+    assert await asyncio.wait_for(asyncio.gather(lone, *later), 10) == [i * 10 for i in range(6, 11)]
+    assert [items for items, _ in model.calls] == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    await batcher.close(5)
+
+
+async def test_without_the_idle_fast_path_a_lone_request_waits_the_delay(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=30, idle_dispatch=False)
+    lone = asyncio.ensure_future(batcher.submit(1, "a"))
+    await eventually(lambda: batcher.depth == 1, 10, "the lone request queued")
+    assert not model.calls
+    assert await batcher.close(5) == 0  # closing makes it due
+    assert await lone == 10
 
 
 async def test_a_full_queue_refuses_with_a_retry_hint(model: GatedModel) -> None:
@@ -186,7 +222,8 @@ async def test_a_wrong_number_of_results_fails_the_whole_batch(model: GatedModel
 
 
 async def test_close_runs_what_is_queued_then_refuses(model: GatedModel) -> None:
-    batcher = make(model, max_batch_size=8, max_queue_delay_s=30)  # only closing can make these due
+    # only closing can make these due
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=30, idle_dispatch=False)
     futures = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(5)]
     await eventually(lambda: batcher.depth == 5, 10, "5 queued requests")
     assert await batcher.close(10) == 0
