@@ -17,6 +17,13 @@ class ServerMetrics(ProcessMetrics):
     def __init__(self, model_version: str, max_batch_size: int) -> None:
         super().__init__()
         self.model = model_version
+        # In this order, the order of the exposition: the request, its way through the batcher, the model.
+        self._request_metrics()
+        self._pipeline_metrics(max_batch_size)
+        self._model_metrics()
+
+    def _request_metrics(self) -> None:
+        """What a client sees: answers by route and status, and the latency of the captioned ones."""
         self.requests = self.counter(
             "captionfleet_requests",
             "HTTP requests answered, by route and status code",
@@ -27,6 +34,9 @@ class ServerMetrics(ProcessMetrics):
             "End-to-end latency of captioned requests (status 200), from arrival to response",
             ["model", "route"],
         )
+
+    def _pipeline_metrics(self, max_batch_size: int) -> None:
+        """Where a request's time goes inside the server (queue, preprocessing, model call), and the load."""
         self.queue_wait = self.histogram(
             "captionfleet_queue_wait_seconds",
             "Time a request waited in the batcher's queue before its batch started",
@@ -42,6 +52,7 @@ class ServerMetrics(ProcessMetrics):
             "Time of one batched model call",
             ["model"],
         )
+        # Powers of two up to the largest batch, and that size itself: no bucket the batcher cannot fill.
         batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, max_batch_size} & set(range(1, max_batch_size + 1)))
         self.batch_size = self.histogram(
             "captionfleet_batch_size",
@@ -57,6 +68,9 @@ class ServerMetrics(ProcessMetrics):
             "Caption requests being handled right now",
             ["model"],
         )
+
+    def _model_metrics(self) -> None:
+        """The result cache, what the captions look like, and which model is served (and if it is ready)."""
         self.cache_hits = self.counter("captionfleet_cache_hits", "Result cache hits", ["model"])
         self.cache_misses = self.counter("captionfleet_cache_misses", "Result cache misses", ["model"])
         self.confidence = self.histogram(

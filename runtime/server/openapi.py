@@ -91,13 +91,6 @@ def _source_schema() -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
-    caption_json = {**_source_schema()}
-    caption_json["properties"] = {**caption_json["properties"], **_options_properties()}
-    batch_json = {
-        "type": "object",
-        "required": ["images"],
-        "properties": {"images": {"type": "array", "items": _source_schema()}, **_options_properties()},
-    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -106,92 +99,91 @@ def openapi_document() -> dict[str, Any]:
             "description": "Image captioning with dynamic batching, a result cache and top-N suggestions.",
         },
         "paths": {
-            "/v1/caption": {
-                "post": {
-                    "summary": "Caption one image",
-                    "parameters": _query_parameters() + _HEADERS,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image"],
-                                    "properties": {
-                                        "image": {"type": "string", "format": "binary"},
-                                        **_options_properties(),
-                                    },
-                                }
-                            },
-                            "image/*": {"schema": {"type": "string", "format": "binary"}},
-                            "application/json": {"schema": caption_json},
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "The caption",
-                            "content": {"application/json": {"schema": _ref("CaptionResponse")}},
-                        },
-                        **_errors(),
-                    },
-                }
-            },
-            "/v1/caption/batch": {
-                "post": {
-                    "summary": "Caption several images; results in order, each a caption or an error",
-                    "parameters": _query_parameters() + _HEADERS,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["images"],
-                                    "properties": {
-                                        "images": {
-                                            "type": "array",
-                                            "items": {"type": "string", "format": "binary"},
-                                        },
-                                        **_options_properties(),
-                                    },
-                                }
-                            },
-                            "application/json": {"schema": batch_json},
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "One result per image, in order",
-                            "content": {"application/json": {"schema": _ref("BatchResponse")}},
-                        },
-                        **_errors(),
-                    },
-                }
-            },
-            "/v1/models": {
-                "get": {
-                    "summary": "The loaded model and its version",
-                    "responses": {"200": {"description": "Model information"}},
-                }
-            },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: model loaded and warm, not draining",
-                    "responses": {
-                        "200": {"description": "Ready"},
-                        "503": {"description": "Not ready or draining"},
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (captionfleet_*)",
-                    "responses": {"200": {"description": "Text exposition format"}},
-                }
-            },
+            "/v1/caption": _captioning_post(
+                "Caption one image", _caption_bodies(), "The caption", "CaptionResponse"
+            ),
+            "/v1/caption/batch": _captioning_post(
+                "Caption several images; results in order, each a caption or an error",
+                _batch_bodies(),
+                "One result per image, in order",
+                "BatchResponse",
+            ),
+            **_probe_paths(),
         },
         "components": {"schemas": _schemas()},
+    }
+
+
+def _captioning_post(summary: str, bodies: dict[str, Any], answer: str, schema: str) -> dict[str, Any]:
+    """Both captioning routes take the same query options and headers and fail the same ways; only
+    their bodies and their answer's schema differ."""
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": _query_parameters() + _HEADERS,
+            "requestBody": {"required": True, "content": bodies},
+            "responses": {
+                "200": {"description": answer, "content": {"application/json": {"schema": _ref(schema)}}},
+                **_errors(),
+            },
+        }
+    }
+
+
+def _with_options(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An object body whose one required ``field`` comes with the options: the options can ride in a
+    form or JSON body as well as in the query."""
+    return {
+        "type": "object",
+        "required": [field],
+        "properties": {field: schema, **_options_properties()},
+    }
+
+
+def _caption_bodies() -> dict[str, Any]:
+    # JSON names its one image by URL or base64 (neither is required alone), hence no _with_options.
+    caption_json = {**_source_schema()}
+    caption_json["properties"] = {**caption_json["properties"], **_options_properties()}
+    return {
+        "multipart/form-data": {"schema": _with_options("image", {"type": "string", "format": "binary"})},
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": caption_json},
+    }
+
+
+def _batch_bodies() -> dict[str, Any]:
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    return {
+        "multipart/form-data": {"schema": _with_options("images", files)},
+        "application/json": {"schema": _with_options("images", {"type": "array", "items": _source_schema()})},
+    }
+
+
+def _probe_paths() -> dict[str, Any]:
+    """The routes for people and probes rather than clients: no options, no error bodies."""
+    return {
+        "/v1/models": {
+            "get": {
+                "summary": "The loaded model and its version",
+                "responses": {"200": {"description": "Model information"}},
+            }
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: model loaded and warm, not draining",
+                "responses": {
+                    "200": {"description": "Ready"},
+                    "503": {"description": "Not ready or draining"},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (captionfleet_*)",
+                "responses": {"200": {"description": "Text exposition format"}},
+            }
+        },
     }
 
 

@@ -152,13 +152,23 @@ def write_model_card(
     directory: Path, manifest: dict[str, Any], report: EvalReport | None, *, eval_seed: int
 ) -> None:
     """``README.md``: what the model is, how it was made, how well it does, how to reproduce it."""
+    # The architecture comes from the saved config.json, not from the settings: the card describes
+    # the files as they are.
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    vision, text = config["vision_config"], config["text_config"]
-    training = manifest["training"]
-    settings = training["settings"]
-    size = folder_bytes(directory)
-    weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    settings = manifest["training"]["settings"]
     lines = [
+        *_card_introduction(manifest),
+        *_card_data(settings),
+        *_card_architecture(directory, manifest, config),
+        *_card_training(manifest["training"]),
+        *_card_patch_loss(settings),
+        *_card_evaluation(report, eval_seed),
+    ]
+    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _card_introduction(manifest: dict[str, Any]) -> list[str]:
+    return [
         f"# {manifest['name']}",
         "",
         "A tiny BLIP (`BlipForConditionalGeneration`) trained from scratch by `captionfleet train` on the",
@@ -168,6 +178,12 @@ def write_model_card(
         "",
         f"Version `{manifest['version']}`.",
         "",
+    ]
+
+
+def _card_data(settings: dict[str, Any]) -> list[str]:
+    # The vocabulary is listed from the scene module itself, so the card cannot fall behind it.
+    return [
         "## Data",
         "",
         f"Scenes from `captionfleet.runtime.training.scenes`, drawn per (seed, index) and rendered at "
@@ -184,6 +200,14 @@ def write_model_card(
         "prompted captioning (the `photo` and `picture` styles) continues sensibly.",
         f"Held-out evaluation: seed {settings['eval_seed']} (no scene in common with training).",
         "",
+    ]
+
+
+def _card_architecture(directory: Path, manifest: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    vision, text = config["vision_config"], config["text_config"]
+    size = folder_bytes(directory)
+    weights = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    return [
         "## Architecture",
         "",
         "| part | size |",
@@ -202,6 +226,12 @@ def write_model_card(
         "Image processing: BLIP's own (`preprocessor_config.json`): bicubic resize to "
         f"{vision['image_size']} px, rescale 1/255, CLIP mean and std.",
         "",
+    ]
+
+
+def _card_training(training: dict[str, Any]) -> list[str]:
+    settings = training["settings"]
+    return [
         "## Training",
         "",
         "```bash",
@@ -220,17 +250,20 @@ def write_model_card(
         "The same settings, thread count and torch build give the same weights.",
         "",
     ]
-    if settings["patch_loss_weight"]:
-        weight = settings["patch_loss_weight"]
-        lines += [
-            f"Besides the caption loss, an auxiliary loss (weight {weight:g}) teaches every",
-            "image patch which shape covers it, that shape's colour, size and place in the caption (or the",
-            "background's colour): a linear head on the vision encoder, dropped after training, so the saved",
-            "model is a plain BLIP. It makes the small vision transformer learn shapes several times faster.",
-            "",
-        ]
-    lines += _card_evaluation(report, eval_seed)
-    (directory / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _card_patch_loss(settings: dict[str, Any]) -> list[str]:
+    """A paragraph only when the auxiliary head was on: without it the card has nothing to explain."""
+    weight = settings["patch_loss_weight"]
+    if not weight:
+        return []
+    return [
+        f"Besides the caption loss, an auxiliary loss (weight {weight:g}) teaches every",
+        "image patch which shape covers it, that shape's colour, size and place in the caption (or the",
+        "background's colour): a linear head on the vision encoder, dropped after training, so the saved",
+        "model is a plain BLIP. It makes the small vision transformer learn shapes several times faster.",
+        "",
+    ]
 
 
 def _card_evaluation(report: EvalReport | None, eval_seed: int) -> list[str]:

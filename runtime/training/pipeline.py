@@ -22,6 +22,7 @@ from captionfleet.runtime.training.bundle import (
 if TYPE_CHECKING:
     from captionfleet.runtime.training.evaluate import EvalReport
     from captionfleet.runtime.training.settings import TrainSettings
+    from captionfleet.runtime.training.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
     """Train with ``settings`` and leave the finished folder at ``settings.output_dir``."""
     import torch
 
-    from captionfleet.runtime.engine.captioner import load_captioner
-    from captionfleet.runtime.training.evaluate import evaluate, synthetic_set
-    from captionfleet.runtime.training.train import train
-
     started = time.perf_counter()
     directory = Path(settings.output_dir).expanduser()
     check_output_dir(directory)  # before minutes of training, not after
@@ -66,40 +63,47 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
         torch.set_num_threads(settings.threads)
     staged = staging_dir(directory)
     try:
-        result = train(
-            seed=settings.seed,
-            train_scenes=settings.train_scenes,
-            steps=settings.steps,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            architecture=settings.architecture(),
-            warmup_steps=settings.warmup_steps,
-            weight_decay=settings.weight_decay,
-            prompt_fraction=settings.prompt_fraction,
-            patch_loss_weight=settings.patch_loss_weight,
-            progress=settings.progress,
-        )
-        save_weights(result, staged)
-        command = command_line(settings)
-        # Name and version first, so the engine reports them while scoring the staged folder.
-        write_manifest(
-            staged,
-            settings=settings,
-            result=result,
-            command=command,
-            total_seconds=time.perf_counter() - started,
-            report=None,
-        )
-        report = None
-        if settings.eval_scenes:
-            # Scored from the saved files through the serving engine: what `serve` would load.
-            captioner = load_captioner(str(staged), device="cpu", dtype="float32")
-            report = evaluate(
-                captioner,
-                synthetic_set(settings.eval_seed, settings.eval_scenes),
-                progress=settings.progress,
-            )
-        manifest = write_manifest(
+        result = _train(settings)
+        manifest, report = _save_and_score(staged, settings, result, started)
+        swap_into_place(staged, directory)
+    except BaseException:
+        import shutil
+
+        # Also on Ctrl-C: a half-written staging folder is never worth keeping.
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(previous_threads)
+    return TrainOutcome(directory, manifest, report, folder_bytes(directory), result.losses)
+
+
+def _train(settings: TrainSettings) -> TrainResult:
+    from captionfleet.runtime.training.train import train
+
+    return train(
+        seed=settings.seed,
+        train_scenes=settings.train_scenes,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        architecture=settings.architecture(),
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        prompt_fraction=settings.prompt_fraction,
+        patch_loss_weight=settings.patch_loss_weight,
+        progress=settings.progress,
+    )
+
+
+def _save_and_score(
+    staged: Path, settings: TrainSettings, result: TrainResult, started: float
+) -> tuple[dict[str, Any], EvalReport | None]:
+    """Weights, manifest, held-out scores and model card into ``staged``; the manifest and the scores."""
+    save_weights(result, staged)
+    command = command_line(settings)
+
+    def manifest(report: EvalReport | None) -> dict[str, Any]:
+        return write_manifest(
             staged,
             settings=settings,
             result=result,
@@ -107,13 +111,27 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
             total_seconds=time.perf_counter() - started,
             report=report,
         )
-        write_model_card(staged, manifest, report, eval_seed=settings.eval_seed)
-        swap_into_place(staged, directory)
-    except BaseException:
-        import shutil
 
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(previous_threads)
-    return TrainOutcome(directory, manifest, report, folder_bytes(directory), result.losses)
+    # Name and version first, so the engine reports them while scoring the staged folder; written again
+    # with the scores (and the time they took) once they are known.
+    manifest(None)
+    report = _score(staged, settings)
+    written = manifest(report)
+    write_model_card(staged, written, report, eval_seed=settings.eval_seed)
+    return written, report
+
+
+def _score(staged: Path, settings: TrainSettings) -> EvalReport | None:
+    """Held-out scores of the saved files through the serving engine (what `serve` would load), or
+    ``None`` when ``--eval-scenes 0`` skips them."""
+    if not settings.eval_scenes:
+        return None
+    from captionfleet.runtime.engine.captioner import load_captioner
+    from captionfleet.runtime.training.evaluate import evaluate, synthetic_set
+
+    captioner = load_captioner(str(staged), device="cpu", dtype="float32")
+    return evaluate(
+        captioner,
+        synthetic_set(settings.eval_seed, settings.eval_scenes),
+        progress=settings.progress,
+    )

@@ -17,7 +17,7 @@ import math
 import multiprocessing
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,13 +216,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Build and train a model; returns it in eval mode with its tokenizer and image processor."""
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(architecture.max_positions)
-    image_processor = build_image_processor(architecture.image_size)
-    preprocessor = ImagePreprocessor.from_config(image_processor.to_dict())
-    model = build_model(architecture, tokenizer)
+    tokenizer, image_processor, preprocessor, model = _untrained(seed, architecture)
 
     started = time.perf_counter()
     data = prepare_data(
@@ -236,59 +230,21 @@ def train(
         progress=progress,
     )
     render_seconds = time.perf_counter() - started
-    table = normalisation_table(preprocessor)
 
-    # The auxiliary head is trained with the model and then dropped: the saved model is a plain BLIP.
-    patch_head = torch.nn.Linear(architecture.vision_hidden, sum(n for _, n in PATCH_TARGETS))
-    trained: torch.nn.ModuleList = torch.nn.ModuleList([model, patch_head] if patch_loss_weight else [model])
-    optimizer = torch.optim.AdamW(_parameter_groups(trained, weight_decay), lr=learning_rate)
-    order = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(train_scenes, generator=order)
-    cursor = 0
-    losses: list[float] = []
-    patch_losses: list[float] = []
-    trained.train()
+    stepper = _Stepper.build(
+        model,
+        architecture,
+        data,
+        normalisation_table(preprocessor),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        patch_loss_weight=patch_loss_weight,
+    )
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    try:
-        for step in range(steps):
-            if cursor + batch_size > train_scenes:  # a new epoch: a new order
-                permutation = torch.randperm(train_scenes, generator=order)
-                cursor = 0
-            batch = permutation[cursor : cursor + batch_size]
-            cursor += batch_size
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step, steps, learning_rate, warmup_steps)
-            # Trim the batch's columns to its longest caption: most of the cost is per token.
-            width = int(data.attention_mask[batch].sum(dim=1).max())
-            output = model(
-                pixel_values=normalise(data.pixels[batch], table),
-                input_ids=data.input_ids[batch, :width],
-                attention_mask=data.attention_mask[batch, :width],
-                labels=data.labels[batch, :width],
-            )
-            total = output.loss
-            if patch_loss_weight:
-                patch_loss = _patch_loss(
-                    patch_head(output.last_hidden_state[:, 1:]), data.patch_labels[batch]
-                )
-                patch_losses.append(float(patch_loss.detach()))
-                total = total + patch_loss_weight * patch_loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            optimizer.step()
-            loss = float(output.loss.detach())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {step}: loss {loss}")
-            losses.append(loss)
-            if on_step is not None:
-                on_step(step, loss)
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    finally:
-        bar.close()
+    schedule = [learning_rate_at(step, steps, learning_rate, warmup_steps) for step in range(steps)]
+    losses, patch_losses = stepper.run(
+        _batch_order(seed, train_scenes, batch_size), schedule, progress=progress, on_step=on_step
+    )
     model.train(False)
     return TrainResult(
         model=model,
@@ -299,6 +255,129 @@ def train(
         render_seconds=render_seconds,
         train_seconds=time.perf_counter() - started,
     )
+
+
+def _untrained(seed: int, architecture: Architecture) -> tuple[Any, Any, ImagePreprocessor, Any]:
+    """Tokenizer, image processor (and the engine's preprocessor of its settings) and the model with
+    its initial weights, the first draws after seeding torch's global generator."""
+    # Reproducibility rests on the order of the draws from that generator: the model's initial
+    # weights, then the auxiliary head's (made even when unused, see _Stepper.build), then what the
+    # steps draw. Keep it.
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(architecture.max_positions)
+    image_processor = build_image_processor(architecture.image_size)
+    preprocessor = ImagePreprocessor.from_config(image_processor.to_dict())
+    model = build_model(architecture, tokenizer)
+    return tokenizer, image_processor, preprocessor, model
+
+
+def _batch_order(seed: int, train_scenes: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Endless batches of scene indices: a fresh permutation per epoch, from a generator of its own
+    (so the order depends on the seed alone, not on what else draws from torch's global one); the
+    scenes left over at an epoch's end are skipped."""
+    order = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(train_scenes, generator=order)
+    cursor = 0
+    while True:
+        if cursor + batch_size > train_scenes:  # a new epoch: a new order
+            permutation = torch.randperm(train_scenes, generator=order)
+            cursor = 0
+        yield permutation[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
+@dataclass
+class _Stepper:
+    """The model being trained, with the auxiliary head, the optimiser and the data one step needs."""
+
+    model: Any
+    patch_head: torch.nn.Linear
+    trained: torch.nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    data: TrainingData
+    table: torch.Tensor
+    patch_loss_weight: float
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        architecture: Architecture,
+        data: TrainingData,
+        table: torch.Tensor,
+        *,
+        learning_rate: float,
+        weight_decay: float,
+        patch_loss_weight: float,
+    ) -> _Stepper:
+        # The auxiliary head is trained with the model and then dropped: the saved model is a plain BLIP.
+        # Made even when off, which keeps the later draws the same whether the head is on or not.
+        patch_head = torch.nn.Linear(architecture.vision_hidden, sum(n for _, n in PATCH_TARGETS))
+        trained = torch.nn.ModuleList([model, patch_head] if patch_loss_weight else [model])
+        optimizer = torch.optim.AdamW(_parameter_groups(trained, weight_decay), lr=learning_rate)
+        return cls(model, patch_head, trained, optimizer, data, table, patch_loss_weight)
+
+    def run(
+        self,
+        batches: Iterator[torch.Tensor],
+        schedule: list[float],
+        *,
+        progress: bool,
+        on_step: Callable[[int, float], None] | None,
+    ) -> tuple[list[float], list[float]]:
+        """One step per learning rate of ``schedule``; the caption and auxiliary losses per step."""
+        from tqdm import tqdm
+
+        losses: list[float] = []
+        patch_losses: list[float] = []
+        self.trained.train()
+        bar = tqdm(
+            total=len(schedule), desc="training", unit="step", disable=not progress, dynamic_ncols=True
+        )
+        try:
+            # Schedule first: it ends the loop, so no batch is drawn beyond the last step.
+            for step, (rate, batch) in enumerate(zip(schedule, batches, strict=False)):
+                loss, patch_loss = self.step(batch, rate)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training diverged at step {step}: loss {loss}")
+                losses.append(loss)
+                if patch_loss is not None:
+                    patch_losses.append(patch_loss)
+                if on_step is not None:
+                    on_step(step, loss)
+                bar.update(1)
+                if step % 10 == 0 or step == len(schedule) - 1:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        finally:
+            bar.close()
+        return losses, patch_losses
+
+    def step(self, batch: torch.Tensor, learning_rate: float) -> tuple[float, float | None]:
+        """One optimiser step on ``batch``: its caption loss, and its auxiliary loss when the head is on."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        data = self.data
+        # Trim the batch's columns to its longest caption: most of the cost is per token.
+        width = int(data.attention_mask[batch].sum(dim=1).max())
+        output = self.model(
+            pixel_values=normalise(data.pixels[batch], self.table),
+            input_ids=data.input_ids[batch, :width],
+            attention_mask=data.attention_mask[batch, :width],
+            labels=data.labels[batch, :width],
+        )
+        total = output.loss
+        patch_value = None
+        if self.patch_loss_weight:
+            patch_loss = _patch_loss(
+                self.patch_head(output.last_hidden_state[:, 1:]), data.patch_labels[batch]
+            )
+            patch_value = float(patch_loss.detach())
+            total = total + self.patch_loss_weight * patch_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), 1.0)
+        self.optimizer.step()
+        return float(output.loss.detach()), patch_value
 
 
 def _patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
