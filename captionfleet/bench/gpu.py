@@ -103,6 +103,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_plan(
+    paths: dict[str, Any],
+    pixels: Any,
+    batch_sizes: list[int],
+    args: argparse.Namespace,
+    ends: float,
+    synchronize: Callable[[], None],
+    oom: tuple[type[BaseException], ...],
+) -> list[Cell]:
+    """Every cell: each mode on the naive path at batch 1, and on every batched path at every size; each
+    cell gets an equal share of the time that is left."""
+    plan = [(mode, "naive", 1) for mode in MODES]
+    plan += [(mode, path, size) for mode in MODES for path in BATCHED for size in batch_sizes]
+    cells: list[Cell] = []
+    for mode, path, size in plan:
+        print(f"[gpu] {mode} {path} batch {size}", file=sys.stderr, flush=True)
+        share_s = (ends - time.monotonic()) / (len(plan) - len(cells))
+        repeats = args.naive_images if path == "naive" else args.batches
+        cell = Cell(mode, path, size)
+        run_cell(cell, paths[path][0], pixels[:size], MODES[mode], repeats, share_s, synchronize, oom)
+        cells.append(cell)
+    return cells
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -137,18 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    plan = [(mode, "naive", 1) for mode in MODES]
-    plan += [(mode, path, size) for mode in MODES for path in BATCHED for size in batch_sizes]
-    cells: list[Cell] = []
-    for mode, path, size in plan:
-        print(f"[gpu] {mode} {path} batch {size}", file=sys.stderr, flush=True)
-        share_s = (budget_s - (time.monotonic() - started)) / (len(plan) - len(cells))
-        repeats = args.naive_images if path == "naive" else args.batches
-        cell = Cell(mode, path, size)
-        call = paths[path][0]
-        run_cell(cell, call, pixels[:size], MODES[mode], repeats, share_s, synchronize, oom_errors(torch))
-        cells.append(cell)
-
+    cells = run_plan(paths, pixels, batch_sizes, args, started + budget_s, synchronize, oom_errors(torch))
     result = {
         "device": describe_device(torch, device),
         "torch": torch.__version__,

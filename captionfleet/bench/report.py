@@ -85,6 +85,13 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def to_table(results: BenchResults) -> str:
+    lines = _header_lines(results) + _serving_lines(results) + _other_lines(results)
+    lines += ["", "Headline:"]
+    lines += [f"  {key} = {_fmt(value, 2)}" for key, value in headline(results).items()]
+    return "\n".join(lines)
+
+
+def _header_lines(results: BenchResults) -> list[str]:
     machine = results.machine
     lines = [
         f"captionfleet bench{' --quick' if results.quick else ''}: {machine.get('cpus')} CPUs, "
@@ -101,6 +108,11 @@ def to_table(results: BenchResults) -> str:
             f"  {row.megapixels:>5g} {row.side:>6} {row.ours_ips:>11.1f} {row.reference_ips:>9.1f} "
             f"{row.ratio:>6.1f}x {row.max_abs_diff:>11.3f}"
         )
+    return lines
+
+
+def _serving_lines(results: BenchResults) -> list[str]:
+    lines: list[str] = []
     for name, description in results.models.items():
         serving_rows = [row for row in results.serving if row.model == name]
         if not serving_rows:
@@ -127,6 +139,12 @@ def to_table(results: BenchResults) -> str:
                         f"  {'':>7}   {label}: {result.sent - result.ok} of {result.sent} not 200: "
                         f"{dict(result.statuses)} {dict(result.failures)}"
                     )
+    return lines
+
+
+def _other_lines(results: BenchResults) -> list[str]:
+    """Cache hits, the router's hop and the engine without HTTP."""
+    lines: list[str] = []
     if results.cache is not None:
         cache = results.cache
         lines += [
@@ -155,6 +173,4 @@ def to_table(results: BenchResults) -> str:
             f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
             f"{engine.int8_agreement:.1%}",
         ]
-    lines += ["", "Headline:"]
-    lines += [f"  {key} = {_fmt(value, 2)}" for key, value in headline(results).items()]
-    return "\n".join(lines)
+    return lines
