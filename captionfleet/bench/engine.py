@@ -126,22 +126,6 @@ def _offline(
     result.engine_bs1_ms = statistics.median(times) * 1000
 
 
-def _twin(captioner: Any, decoder: str, model: Any = None) -> Any:
-    """The same tokenizer and preprocessor behind another decoder (and, given, other weights)."""
-    from captionfleet.runtime.engine.captioner import Captioner
-
-    return Captioner(
-        captioner.model if model is None else model,
-        captioner.tokenizer,
-        captioner.preprocessor,
-        version=captioner.version,
-        model_name=captioner.model_name,
-        device=captioner.device,
-        dtype=captioner.dtype,
-        decoder=decoder,
-    )
-
-
 def _agreement(result: EngineResult, captioner: Any, options: Any, scenes: int) -> None:
     """Identical captions: native vs transformers, and int8 vs fp32, on the held-out scenes."""
     from captionfleet.runtime.engine.loading import quantize_int8
@@ -149,8 +133,8 @@ def _agreement(result: EngineResult, captioner: Any, options: Any, scenes: int) 
     from captionfleet.runtime.training.settings import HELD_OUT_SEED
 
     pixels = captioner.preprocessor.batch([scene_at(HELD_OUT_SEED, i).render() for i in range(scenes)])
-    reference = _twin(captioner, "transformers")
-    int8 = _twin(captioner, "native", quantize_int8(captioner.model))  # a quantised copy
+    reference = captioner.with_decoder("transformers")
+    int8 = captioner.with_decoder("native", quantize_int8(captioner.model))  # a quantised copy
     native_texts, reference_texts, int8_texts = [], [], []
     for start in range(0, scenes, 64):
         chunk = pixels[start : start + 64]

@@ -120,6 +120,20 @@ class Captioner:
             f"device={self.device}, dtype={self.precision}, decoder={self.decoder})"
         )
 
+    def with_decoder(self, decoder: str, model: Any = None) -> Captioner:
+        """The same tokenizer and preprocessor behind another decoder (and, given, other weights):
+        for comparing decoders or precisions side by side on one loaded model."""
+        return Captioner(
+            self.model if model is None else model,
+            self.tokenizer,
+            self.preprocessor,
+            version=self.version,
+            model_name=self.model_name,
+            device=self.device,
+            dtype=self.dtype,
+            decoder=decoder,
+        )
+
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/models`` reports about this model."""
         return {

@@ -6,15 +6,13 @@ that, not this one), so nothing here knows about HTTP.
 
 from __future__ import annotations
 
+from captionfleet.errors import CodedError
 
-class EngineError(Exception):
+
+class EngineError(CodedError):
     """Base of every error the engine raises on purpose."""
 
     code: str = "engine_error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class InvalidImage(EngineError):

@@ -8,18 +8,13 @@ edge itself (bad requests, keys, body limits) are ``captionfleet.runtime.web.err
 
 from __future__ import annotations
 
+from captionfleet.errors import CodedError
 
-class ServingError(Exception):
+
+class ServingError(CodedError):
     """Base of every error the data plane raises on purpose."""
 
     code: str = "serving_error"
-
-    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-        if code is not None:
-            self.code = code
 
 
 class QueueFull(ServingError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from captionfleet.runtime.serving.errors import ServingError
+from captionfleet.errors import CodedError
 
 StatusTable = Mapping[type[Exception], int]
 """Domain error class -> HTTP status; a subclass takes the status of its nearest listed class."""
@@ -29,18 +29,11 @@ RETRY_STATUSES = frozenset({429, 502, 503})
 DEFAULT_RETRY_AFTER_S = 1.0
 
 
-class EdgeError(Exception):
+class EdgeError(CodedError):
     """Base of every error the HTTP edge raises on purpose: status and code by class."""
 
     status: int = 400
     code: str = "bad_request"
-
-    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-        if code is not None:
-            self.code = code
 
 
 class InvalidRequest(EdgeError):
@@ -143,11 +136,8 @@ def reply_for(error: BaseException, domain: StatusTable) -> ErrorReply:
     if isinstance(error, EdgeError):
         return _with_retry(ErrorReply(error.status, error.code, error.message, error.retry_after))
     status = status_in(domain, error)
-    if status is not None:
-        code = getattr(error, "code", "error")
-        message = getattr(error, "message", str(error))
-        retry_after = error.retry_after if isinstance(error, ServingError) else None
-        return _with_retry(ErrorReply(status, str(code), str(message), retry_after))
+    if status is not None and isinstance(error, CodedError):
+        return _with_retry(ErrorReply(status, error.code, error.message, error.retry_after))
     if isinstance(error, web.HTTPException) and error.status >= 400:
         return aiohttp_reply(error)
     return INTERNAL

@@ -34,20 +34,6 @@ AGREEMENT = 0.995
 CONFIDENCE_TOLERANCE = 1e-4
 
 
-def twin(captioner: Captioner, decoder: str) -> Captioner:
-    """The same loaded model, tokenizer and preprocessor behind the other decoder."""
-    return Captioner(
-        captioner.model,
-        captioner.tokenizer,
-        captioner.preprocessor,
-        version=captioner.version,
-        model_name=captioner.model_name,
-        device=captioner.device,
-        dtype=captioner.dtype,
-        decoder=decoder,
-    )
-
-
 @pytest.fixture(scope="module")
 def native() -> Captioner:
     return load_captioner(str(bundled_model_dir()), decoder="native")
@@ -55,7 +41,7 @@ def native() -> Captioner:
 
 @pytest.fixture(scope="module")
 def reference(native: Captioner) -> Captioner:
-    return twin(native, "transformers")
+    return native.with_decoder("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +79,7 @@ def test_decoders_are_what_was_asked(native: Captioner, reference: Captioner) ->
     assert native.decoder == "native" and native.info()["decoder"] == "native"
     assert reference.decoder == "transformers"
     with pytest.raises(ValueError, match="decoder must be one of"):
-        twin(native, "onnx")
+        native.with_decoder("onnx")
 
 
 def test_500_held_out_scenes_at_beam_3(
@@ -131,7 +117,7 @@ def test_real_photos(
 def test_the_static_cuda_graph_step_agrees(
     native: Captioner, reference: Captioner, scene_pixels: torch.Tensor
 ) -> None:
-    static = twin(native, "native")
+    static = native.with_decoder("native")
     static._native = BlipDecoder(native.model, static=True)
     assert static._native.static
     options = GenerationOptions(num_beams=3, suggestions=2)
@@ -147,7 +133,7 @@ def test_tiny_random_model_every_stopping_mode(
     native = load_captioner(str(tiny_model_dir), decoder="native")
     native.model.text_decoder.generation_config.early_stopping = early_stopping
     native._native = BlipDecoder(native.model)  # reads early_stopping from the config
-    reference = twin(native, "transformers")
+    reference = native.with_decoder("transformers")
     pixels = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     options = GenerationOptions(num_beams=4, suggestions=4, max_new_tokens=12, length_penalty=length_penalty)
     lengths = {len(c.text.split()) for c in reference.caption_pixels(pixels, options)}
@@ -174,7 +160,7 @@ def test_generation_options_it_lacks_fall_back_to_transformers(tiny_model_dir: P
     changed = dataclasses.replace(GenerationOptions(), max_new_tokens=5)
     config.repetition_penalty = 1.3
     try:
-        fallback = twin(captioner, "native")
+        fallback = captioner.with_decoder("native")
         assert fallback.decoder == "transformers" and fallback._native is None
         assert fallback.caption_pixels(torch.zeros(1, 3, 32, 32), changed)
     finally:
@@ -190,7 +176,7 @@ def test_int8_quantises_the_linear_layers_and_still_captions(tiny_model_dir: Pat
     pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     for beams in (1, 3):
         options = GenerationOptions(num_beams=beams, max_new_tokens=8)
-        assert run_both(int8, twin(int8, "transformers"), pixels, options) >= 5 / 6
+        assert run_both(int8, int8.with_decoder("transformers"), pixels, options) >= 5 / 6
 
 
 def test_int8_is_refused_on_cuda_with_the_reason() -> None:
