@@ -25,13 +25,20 @@ def routes(v1: str, v2: str, canary_weight: int) -> str:
     )
 
 
-async def test_the_routes_file_is_reloaded_on_change(
-    tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
-) -> None:
+async def _router_on_a_routes_file(
+    tmp_path: Path, start_runtime: Any, start_router: Any
+) -> tuple[Any, Any, Path, Any]:
+    """Two fake runtimes, a routes file sending everything to v1, and a router polling the file."""
     v1, v2 = await start_runtime("v1"), await start_runtime("v2")
     path = tmp_path / "routes.json"
     path.write_text(routes(v1.url, v2.url, 0))
-    router = await start_router(routes_file=str(path), routes_file_poll_ms=20)
+    return v1, v2, path, await start_router(routes_file=str(path), routes_file_poll_ms=20)
+
+
+async def test_the_routes_file_is_reloaded_on_change(
+    tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
+) -> None:
+    v1, v2, path, router = await _router_on_a_routes_file(tmp_path, start_runtime, start_router)
     body = await (await router.caption()).json()
     assert body["model_version"] == "v1"
 
@@ -67,10 +74,7 @@ async def test_the_routes_file_is_reloaded_on_change(
 async def test_a_routes_file_with_a_bad_endpoint_keeps_the_last_good_table(
     tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
 ) -> None:
-    v1, v2 = await start_runtime("v1"), await start_runtime("v2")
-    path = tmp_path / "routes.json"
-    path.write_text(routes(v1.url, v2.url, 0))
-    router = await start_router(routes_file=str(path), routes_file_poll_ms=20)
+    v1, _, path, router = await _router_on_a_routes_file(tmp_path, start_runtime, start_router)
     assert (await router.caption()).status == 200
     holder = router.holder
     errors_before = holder.source_errors
