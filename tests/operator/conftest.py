@@ -4,8 +4,9 @@
 on. kmock stores objects as given; the real server also fills in ``uid``, ``resourceVersion``,
 ``generation`` and ``creationTimestamp``, names objects from ``generateName``, honours a
 ``resourceVersion`` precondition, filters lists by ``labelSelector``, lets the status subresource
-change only the status, and implements server-side apply (create-or-update, removing the fields the
-applier no longer sets). The subclass adds exactly these, so the product code runs unchanged.
+change only the status, implements server-side apply (create-or-update, removing the fields the
+applier no longer sets), and writes nothing (same ``resourceVersion``, no watch event) for an update
+that changes nothing. The subclass adds exactly these, so the product code runs unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod templates
 (tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. These
@@ -290,8 +291,11 @@ class ApiServer(kmock.KubernetesEmulator):
                 if content_type.startswith(APPLY) and old is None:
                     await self._apply_as_create(request, data)
                     old = self._stored(request)
-                if old is not None:
-                    self._update_fields(request, data, old, apply=content_type.startswith(APPLY))
+                apply = content_type.startswith(APPLY)
+                if old is not None and not self._update_fields(request, data, old, apply=apply):
+                    # A real server writes nothing for an update that changes nothing: the
+                    # resourceVersion stays and no watch event is sent.
+                    return aiohttp.web.json_response(old)
         return await super()._handle(request)
 
     def _validate(self, request: rendering.Request, data: dict[str, Any]) -> None:
@@ -309,7 +313,8 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def _update_fields(
         self, request: rendering.Request, data: dict[str, Any], old: dict[str, Any], *, apply: bool
-    ) -> None:
+    ) -> bool:
+        """Turn ``data`` into the merge patch the server stores; False when it changes nothing."""
         meta = data.get("metadata") or {}
         wanted = meta.get("resourceVersion")
         if wanted and wanted != old["metadata"].get("resourceVersion"):
@@ -333,11 +338,15 @@ class ApiServer(kmock.KubernetesEmulator):
         patch.setdefault("metadata", {})
         if patch["metadata"] is None:
             patch["metadata"] = {}
+        patch["metadata"].pop("resourceVersion", None)
+        if _merged(old, patch) == old:
+            return False
         patch["metadata"]["resourceVersion"] = self._next_version()
         if body_changed:
             patch["metadata"]["generation"] = int(old["metadata"].get("generation") or 0) + 1
         data.clear()
         data.update(patch)
+        return True
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         result: Any = await super()._serve_list(request)
