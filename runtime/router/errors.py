@@ -13,21 +13,18 @@ class NoRoute(EdgeError):
     """No version can take traffic: no routing table yet, every weight 0, or no live endpoints."""
 
     status = 503
-    code = "no_route"
 
 
 class UpstreamUnreachable(EdgeError):
     """The version's runtimes refused or dropped the connection, on the retry too."""
 
     status = 502
-    code = "upstream_unreachable"
 
 
 class BadUpstreamResponse(EdgeError):
     """The runtime's answer could not be relayed: cut short, or larger than ``max_response_bytes``."""
 
     status = 502
-    code = "bad_upstream_response"
 
 
 class UpstreamTimeout(EdgeError):

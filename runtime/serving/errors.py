@@ -14,34 +14,22 @@ from captionfleet.errors import CodedError
 class ServingError(CodedError):
     """Base of every error the data plane raises on purpose."""
 
-    code: str = "serving_error"
-
 
 class QueueFull(ServingError):
     """The batcher's queue holds ``max_queue_size`` requests already."""
-
-    code = "queue_full"
 
 
 class Draining(ServingError):
     """The server is shutting down and takes no new work."""
 
-    code = "draining"
-
 
 class NotReady(ServingError):
     """The model is not loaded and warm yet."""
-
-    code = "not_ready"
 
 
 class DeadlineExceeded(ServingError):
     """The request's deadline (counting its time in the queue) passed before inference began."""
 
-    code = "deadline_exceeded"
-
 
 class InferenceFailed(ServingError):
     """The model call failed or returned the wrong number of results: a server fault, not the input's."""
-
-    code = "inference_failed"

@@ -40,63 +40,54 @@ class InvalidRequest(EdgeError):
     """The request is malformed: bad JSON, fields, headers or encoding; ``code`` names the problem."""
 
     status = 400
-    code = "invalid_request"
 
 
 class UrlRefused(EdgeError):
     """The image URL is not allowed: scheme, private address, too many redirects (SSRF guard)."""
 
     status = 400
-    code = "url_refused"
 
 
 class UrlFetchFailed(EdgeError):
     """The image URL was allowed but could not be fetched: timeout, connection error, HTTP error."""
 
     status = 400
-    code = "url_fetch_failed"
 
 
 class Unauthorized(EdgeError):
     """The API key is missing or unknown."""
 
     status = 401
-    code = "unauthorized"
 
 
 class RequestTimeout(EdgeError):
     """The client took too long to send its request (line and headers, or body)."""
 
     status = 408
-    code = "request_timeout"
 
 
 class PayloadTooLarge(EdgeError):
     """The body (or a fetched URL's content) is larger than the configured limit."""
 
     status = 413
-    code = "payload_too_large"
 
 
 class UnsupportedMediaType(EdgeError):
     """The body is in a coding (``Content-Encoding``) the edge cannot decode."""
 
     status = 415
-    code = "unsupported_media_type"
 
 
 class RateLimited(EdgeError):
     """A token bucket is empty (the key's rate, or a client's failed key attempts)."""
 
     status = 429
-    code = "rate_limited"
 
 
 class Overloaded(EdgeError):
     """The process holds as many request bytes as it may (``max_body_bytes_in_flight``)."""
 
     status = 503
-    code = "overloaded"
 
 
 @dataclass(frozen=True)
