@@ -29,6 +29,22 @@ from captionfleet.settings.serve import ServeSettings
 STARTUP_DEADLINE_S = 180.0
 
 
+def own_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child server, without our settings (``CAPTIONFLEET_*``) but
+    for those in ``env``: a developer's exported options must not change what a test starts."""
+    chosen = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
+    return chosen | (env or {})
+
+
+def readyz_answers_200(url: str) -> bool:
+    """Whether ``GET {url}/readyz`` answers 200 now (not listening yet, or 503: False)."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,10 +110,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         argv = [sys.executable, "-m", "captionfleet", "serve", *settings_argv(self.settings)]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
-        full_env.update(env or {})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=own_env(env))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -105,11 +119,7 @@ class ServeProcess:
     def is_ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
-        try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return readyz_answers_200(self.url)
 
     def wait_ready(self, deadline_s: float = STARTUP_DEADLINE_S) -> None:
         wait_until(self.is_ready, deadline_s, "/readyz of captionfleet serve")

@@ -22,7 +22,8 @@ import datetime
 import itertools
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -31,6 +32,7 @@ import jsonschema
 import kmock
 import kubernetes_validate
 import pytest
+import yaml
 from kmock._internal import k8s, rendering
 
 from captionfleet.operator.crd import captionmodel_crd
@@ -404,3 +406,26 @@ async def api() -> AsyncIterator[ApiServer]:
             "metadata": {"name": "captionfleet", "namespace": NAMESPACE},
         }
         yield server
+
+
+def write_kubeconfig(
+    path: Path, server: str, token: str = "test-token", contexts: Mapping[str, str | None] | None = None
+) -> Path:
+    """A kubeconfig for ``server`` with one user of ``token`` and ``contexts`` (name -> namespace, None:
+    the default one; the first is current, ``emulator`` when none are given)."""
+    chosen = contexts or {"emulator": None}
+    listed = []
+    for name, namespace in chosen.items():
+        context = {"cluster": "emulator", "user": "tester"} | ({"namespace": namespace} if namespace else {})
+        listed.append({"name": name, "context": context})
+    config = {"apiVersion": "v1", "kind": "Config", "contexts": listed, "current-context": next(iter(chosen))}
+    config |= {"clusters": [{"name": "emulator", "cluster": {"server": server}}]}
+    config |= {"users": [{"name": "tester", "user": {"token": token}}]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(name="write_kubeconfig")
+def write_kubeconfig_fixture() -> Callable[..., Path]:
+    """:func:`write_kubeconfig` for the tests below this folder (a conftest is not imported by name)."""
+    return write_kubeconfig

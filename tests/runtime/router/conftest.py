@@ -153,6 +153,12 @@ class RouterUnderTest:
         async with self.client.get(self.url + path) as response:
             return response.status, await response.json()
 
+    async def figures(self, version: str, span: str = "total") -> dict[str, Any]:
+        """One version's figures from ``GET /v1/router/stats``: since start (``total``) or ``window``."""
+        status, stats = await self.get_json("/v1/router/stats")
+        assert status == 200
+        return dict(stats["versions"][version][span])
+
     async def scrape(self) -> dict[str, float]:
         """``GET /metrics`` as sample name (with its labels, as exposed) -> value."""
         async with self.client.get(self.url + "/metrics") as response:

@@ -33,23 +33,21 @@ from captionfleet.runtime.training.scenes import (
     scenes,
 )
 from captionfleet.runtime.training.train import IGNORE, train
+from captionfleet.settings import option_name
 
-TINY = Architecture(
-    image_size=32,
-    patch_size=8,
-    vision_hidden=32,
-    vision_layers=1,
-    vision_heads=2,
-    text_hidden=32,
-    text_layers=1,
-    text_heads=2,
-    mlp_ratio=2,
-    max_positions=40,
-)
-TINY_OPTIONS = [
-    "--image-size", "32", "--patch-size", "8", "--vision-hidden", "32", "--vision-layers", "1",
-    "--vision-heads", "2", "--text-hidden", "32", "--text-layers", "1", "--text-heads", "2",
-]  # fmt: skip
+# One tiny architecture, as an object and as the options of `captionfleet train` that give it.
+TINY_SIZES = {
+    "image_size": 32,
+    "patch_size": 8,
+    "vision_hidden": 32,
+    "vision_layers": 1,
+    "vision_heads": 2,
+    "text_hidden": 32,
+    "text_layers": 1,
+    "text_heads": 2,
+}
+TINY = Architecture(**TINY_SIZES, mlp_ratio=2, max_positions=40)
+TINY_OPTIONS = [word for name, size in TINY_SIZES.items() for word in (option_name(name), str(size))]
 
 OBJECT = (
     rf"a (?P<size{{i}}>{'|'.join(SIZES)}) (?P<colour{{i}}>{'|'.join(OBJECT_COLOURS)}) "
