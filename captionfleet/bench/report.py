@@ -23,6 +23,7 @@ import dataclasses
 import math
 from typing import Any
 
+from captionfleet.bench.loadgen import LoadResult
 from captionfleet.bench.preprocess import BLIP_BASE_SIDE
 from captionfleet.bench.suite import BenchResults
 
@@ -127,10 +128,7 @@ def _serving_lines(results: BenchResults) -> list[str]:
         for serving in serving_rows:
             ours, naive = serving.ours, serving.naive
             lines.append(
-                f"  {serving.concurrency:>7} | {ours.throughput:>10.2f} {_fmt(ours.percentile_ms(50)):>7} "
-                f"{_fmt(ours.percentile_ms(95)):>7} {_fmt(ours.percentile_ms(99)):>7} | "
-                f"{naive.throughput:>11.2f} {_fmt(naive.percentile_ms(50)):>7} "
-                f"{_fmt(naive.percentile_ms(95)):>7} {_fmt(naive.percentile_ms(99)):>7} | "
+                f"  {serving.concurrency:>7} | {_load_cells(ours, 10)} | {_load_cells(naive, 11)} | "
                 f"{_fmt(serving.ratio, 2):>5}x"
             )
             for label, result in (("ours", ours), ("naive", naive)):
@@ -140,6 +138,12 @@ def _serving_lines(results: BenchResults) -> list[str]:
                         f"{dict(result.statuses)} {dict(result.failures)}"
                     )
     return lines
+
+
+def _load_cells(result: LoadResult, width: int) -> str:
+    """One server's cells of a serving row: requests/s in ``width`` columns, then p50, p95, p99 (ms)."""
+    percentiles = " ".join(f"{_fmt(result.percentile_ms(p)):>7}" for p in (50, 95, 99))
+    return f"{result.throughput:>{width}.2f} {percentiles}"
 
 
 def _other_lines(results: BenchResults) -> list[str]:

@@ -47,6 +47,8 @@ class NoLiveEndpoint(NoRoute, UpstreamUnreachable):
     """Every endpoint of the chosen version is ejected: 503 ``no_route`` with Retry-After (NoRoute's
     status and code), counted in the version's figures as a connect failure (UpstreamUnreachable's)."""
 
+    code = NoRoute.code
+
 
 @dataclass(frozen=True)
 class OutlierPolicy:
