@@ -429,3 +429,28 @@ def write_kubeconfig(
 def write_kubeconfig_fixture() -> Callable[..., Path]:
     """:func:`write_kubeconfig` for the tests below this folder (a conftest is not imported by name)."""
     return write_kubeconfig
+
+
+def canary_model(
+    name: str, stable: str, canary: str, analysis: Mapping[str, Any], **spec: Any
+) -> dict[str, Any]:
+    """A CaptionModel of two versions: v1 (model ``stable``, 90 %) and the canary v2 (model ``canary``,
+    10 %), rolled out by ``analysis``; ``spec``: more fields of the spec."""
+    versions = [
+        {"name": "v1", "model": stable, "weight": 90},
+        {"name": "v2", "model": canary, "weight": 10, "canary": True},
+    ]
+    rollout = {"analysis": dict(analysis)}
+    body = {"versions": versions, **spec, "rollout": rollout}
+    return {
+        "apiVersion": "captionfleet.io/v1alpha1",
+        "kind": "CaptionModel",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+@pytest.fixture(name="canary_model")
+def canary_model_fixture() -> Callable[..., dict[str, Any]]:
+    """:func:`canary_model` for the tests below this folder."""
+    return canary_model
