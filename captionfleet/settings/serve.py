@@ -146,6 +146,9 @@ class ServeSettings(EdgeSettings):
         url = self.moderation_url.strip().lower()
         if url and not url.startswith(("http://", "https://")):
             problems.append("moderation_url must be an http:// or https:// URL")
+        if self.moderation_failure_policy not in MODERATION_FAILURE_POLICIES:
+            policies = ", ".join(MODERATION_FAILURE_POLICIES)
+            problems.append(f"moderation_failure_policy must be one of {policies}")
         if self.moderation_timeout_ms <= 0 or self.moderation_max_connections < 1:
             problems.append("moderation_timeout_ms must be > 0 and moderation_max_connections >= 1")
         if self.moderation_cache_size < 0 or self.moderation_cache_ttl_s <= 0:

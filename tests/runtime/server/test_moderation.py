@@ -240,3 +240,20 @@ def test_the_moderation_jpeg_keeps_the_aspect_ratio() -> None:
     tall = Image.new("L", (300, 2000), 128)
     sent = Image.open(io.BytesIO(moderation_jpeg(tall)))
     assert sent.format == "JPEG" and sent.mode == "RGB" and sent.size == (77, 512)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"moderation_url": "moderation:8080"}, "moderation_url must be an http"),
+        ({"moderation_failure_policy": "fail"}, "moderation_failure_policy must be one of Fail, Ignore"),
+        ({"moderation_timeout_ms": 0}, "moderation_timeout_ms must be > 0"),
+        ({"moderation_max_connections": 0}, "moderation_max_connections >= 1"),
+        ({"moderation_cache_size": -1}, "moderation_cache_size must be >= 0"),
+        ({"moderation_cache_ttl_s": 0}, "moderation_cache_ttl_s > 0"),
+    ],
+)
+def test_moderation_settings_are_checked(overrides: dict, problem: str) -> None:
+    assert ServeSettings(moderation_url="https://mod.example.com/check").check() == []
+    problems = ServeSettings(**{"moderation_url": "https://mod.example.com/check", **overrides}).check()
+    assert any(problem in p for p in problems), problems
