@@ -68,6 +68,24 @@ class ServerMetrics(ProcessMetrics):
         "dtype",
     )
     ready = Declared.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
+    # Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions.
+    moderation_checks = Declared.counter(
+        "captionfleet_moderation_checks",
+        "Calls to the moderation service by outcome: allowed, blocked, unavailable (down, slow, bad)",
+        "model",
+        "outcome",
+    )
+    moderation_latency = Declared.histogram(
+        "captionfleet_moderation_duration_seconds", "Time of one call to the moderation service", "model"
+    )
+    moderation_cache_hits = Declared.counter(
+        "captionfleet_moderation_cache_hits", "Moderation verdicts taken from the verdict cache", "model"
+    )
+    moderation_bypassed_total = Declared.counter(
+        "captionfleet_moderation_bypassed",
+        "Images captioned without a verdict: moderation unavailable under failure policy Ignore",
+        "model",
+    )
 
     def __init__(self, model_version: str, max_batch_size: int) -> None:
         # Powers of two up to the largest batch, and that size itself: no bucket the batcher cannot fill.
@@ -98,3 +116,14 @@ class ServerMetrics(ProcessMetrics):
     def captioned(self, caption: Caption) -> None:
         self.confidence.labels(self.model).observe(caption.confidence)
         self.caption_words.labels(self.model).observe(len(caption.text.split()))
+
+    # The moderation's observer protocol (ModerationObserver).
+    def moderation_checked(self, outcome: str, seconds: float) -> None:
+        self.moderation_checks.labels(self.model, outcome).inc()
+        self.moderation_latency.labels(self.model).observe(seconds)
+
+    def moderation_cache_hit(self) -> None:
+        self.moderation_cache_hits.labels(self.model).inc()
+
+    def moderation_bypassed(self) -> None:
+        self.moderation_bypassed_total.labels(self.model).inc()
