@@ -44,7 +44,7 @@ class ServerMetrics(ProcessMetrics):
     in_flight = Declared.gauge(
         "captionfleet_requests_in_flight", "Caption requests being handled right now", "model"
     )
-    # The result cache, what the captions look like, and which model is served (and if it is ready).
+    # The result cache and what the captions look like.
     cache_hits = Declared.counter("captionfleet_cache_hits", "Result cache hits", "model")
     cache_misses = Declared.counter("captionfleet_cache_misses", "Result cache misses", "model")
     confidence = Declared.histogram(
@@ -59,15 +59,6 @@ class ServerMetrics(ProcessMetrics):
         "model",
         buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50),
     )
-    model_info = Declared.gauge(
-        "captionfleet_model_info",
-        "The model served (value 1), with its version, name, device and dtype",
-        "model",
-        "name",
-        "device",
-        "dtype",
-    )
-    ready = Declared.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
     # Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions.
     moderation_checks = Declared.counter(
         "captionfleet_moderation_checks",
@@ -86,6 +77,16 @@ class ServerMetrics(ProcessMetrics):
         "Images captioned without a verdict: moderation unavailable under failure policy Ignore",
         "model",
     )
+    # Which model is served, and whether it is ready.
+    model_info = Declared.gauge(
+        "captionfleet_model_info",
+        "The model served (value 1), with its version, name, device and dtype",
+        "model",
+        "name",
+        "device",
+        "dtype",
+    )
+    ready = Declared.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
 
     def __init__(self, model_version: str, max_batch_size: int) -> None:
         # Powers of two up to the largest batch, and that size itself: no bucket the batcher cannot fill.
