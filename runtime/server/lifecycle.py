@@ -99,6 +99,8 @@ class Server:
             metrics.describe_model(str(info["name"]), str(info["device"]), str(info["dtype"]))
             service = CaptionService(captioner, self.settings, metrics, build_cache(self.settings))
             self.state.service = service
+            if self.settings.ood:
+                metrics.watch_drift(service.drift.state)
             await service.start()
         except Exception as exc:
             self.state.load_error = f"the model failed to load: {exc}"
