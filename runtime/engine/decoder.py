@@ -249,28 +249,11 @@ class BlipDecoder:
     # -- decoding --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(
-        self,
-        pixel_values: torch.Tensor,
-        prompt_ids: list[int],
-        *,
-        num_beams: int,
-        max_new_tokens: int,
-        num_return_sequences: int = 1,
-        length_penalty: float = 1.0,
-        no_repeat_ngram_sizes: Sequence[int] = (),
-    ) -> DecodeOutput:
-        """Caption a batch as ``model.generate`` would; ``prompt_ids`` starts with BOS, no SEP."""
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: list[int], **options: Any) -> DecodeOutput:
+        """Caption a batch as ``model.generate`` would; ``prompt_ids`` starts with BOS, no SEP; the
+        options are :meth:`generate_from_states`'s."""
         states = self.model.vision_model(pixel_values=pixel_values)[0]
-        return self.generate_from_states(
-            states,
-            prompt_ids,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences,
-            length_penalty=length_penalty,
-            no_repeat_ngram_sizes=no_repeat_ngram_sizes,
-        )
+        return self.generate_from_states(states, prompt_ids, **options)
 
     @torch.inference_mode()
     def generate_from_states(

@@ -289,11 +289,14 @@ def score_model(settings: EvalSettings) -> EvalReport:
     """``captionfleet eval``: load the model through the engine, build the set, score it."""
     import torch
 
+    from captionfleet.runtime.engine.errors import ModelLoadError
     from captionfleet.runtime.engine.loading import bundled_model_dir, load_captioner, read_manifest
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     source = settings.model or str(bundled_model_dir())
+    if settings.write_reference and not Path(source).is_dir():
+        raise ModelLoadError(f"--write-reference needs a model directory, not {source!r}")
     captioner = load_captioner(source, device=settings.device, dtype=settings.precision)
     if settings.images:
         dataset = coco_set(Path(settings.images), Path(settings.captions), settings.limit)
@@ -319,12 +322,9 @@ def score_model(settings: EvalSettings) -> EvalReport:
 
 def _write_reference(captioner: Captioner, source: str, settings: EvalSettings) -> str:
     """``--write-reference``: the model directory's OOD reference, from scenes or the image folder."""
-    from captionfleet.runtime.engine.errors import ModelLoadError
     from captionfleet.runtime.training.reference import write_reference, write_scene_reference
 
     directory = Path(source)
-    if not directory.is_dir():
-        raise ModelLoadError(f"--write-reference needs a model directory, not {source!r}")
     if not settings.images:
         seed, count = settings.reference_seed, settings.reference_scenes
         return str(write_scene_reference(captioner, directory, seed, count))
