@@ -82,5 +82,5 @@ def test_the_shipped_reference_is_what_the_command_writes(tmp_path: Path, capsys
 
 
 def test_write_reference_needs_a_directory(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit, match="needs a model directory|does not exist"):
+    with pytest.raises(SystemExit, match="needs a model directory"):
         main(["eval", "--model", "org/not-here", "--scenes", "2", "--write-reference", "true"])
