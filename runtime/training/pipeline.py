@@ -124,7 +124,7 @@ def _save_and_score(
 
 def _reference(staged: Path, settings: TrainSettings) -> None:
     """The OOD reference from the first training scenes, before scoring (so the scores use it)."""
-    if settings.reference_scenes < 30:
+    if not settings.reference_scenes:
         return
     from captionfleet.runtime.engine.captioner import load_captioner
     from captionfleet.runtime.training.reference import write_scene_reference

@@ -51,7 +51,9 @@ class TrainSettings:
     )
     eval_seed: int = setting(HELD_OUT_SEED, "Seed of the held-out scenes scored after training.")
     reference_scenes: int = setting(
-        3000, "Training scenes the out-of-distribution reference (ood_reference.safetensors) is built from."
+        3000,
+        "Training scenes the out-of-distribution reference (ood_reference.safetensors) is built from; "
+        "0: none.",
     )
     progress: bool = setting(True, "Show a progress bar on stderr.")
     image_size: int = setting(_ARCH.image_size, "Model input size in pixels (square).")
@@ -103,6 +105,8 @@ class TrainSettings:
                 problems.append(
                     f"--{hidden.replace('_', '-')} must be a multiple of --{heads.replace('_', '-')}"
                 )
+        if self.reference_scenes != 0 and self.reference_scenes < 30:
+            problems.append("--reference-scenes must be 0 or at least 30")
         if self.eval_scenes and self.eval_seed == self.seed:
             problems.append("--eval-seed must differ from --seed (held-out scenes)")
         if not self.output_dir.strip():
