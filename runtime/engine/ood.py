@@ -28,7 +28,6 @@ requests (:class:`ReferenceBuilder`).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,23 +96,22 @@ class OodReference:
         return squared.clamp(min=0).sqrt().cpu()
 
     def scores(self, features: torch.Tensor) -> list[float]:
-        """Each image's level in [0, 1] among the calibration distances (higher: more unusual)."""
-        return [self._level(distance) for distance in self.distances(features).tolist()]
-
-    def _level(self, distance: float) -> float:
-        ranks = self.calibration
+        """Each image's level in [0, 1] among the calibration distances (higher: more unusual):
+        linear between neighbouring calibration distances; past the furthest, towards 1 at the
+        reference's own spread (median to maximum)."""
+        distances = self.distances(features).double()
+        ranks = self.calibration.double()
         count = int(ranks.shape[0])
-        top = float(ranks[-1])
-        last_level = count / (count + 1)
-        if distance >= top:  # past the furthest calibration image: towards 1, at the reference's spread
-            spread = max(top - float(ranks[count // 2]), 1e-6)
-            return 1.0 - (1.0 - last_level) * math.exp(-(distance - top) / spread)
-        index = int(torch.searchsorted(ranks, torch.tensor(distance), right=True))
-        low_d = float(ranks[index - 1]) if index > 0 else 0.0
-        low_level = index / (count + 1)
-        high_d = float(ranks[index])
-        fraction = (distance - low_d) / (high_d - low_d) if high_d > low_d else 1.0
-        return low_level + fraction / (count + 1)
+        below = torch.searchsorted(ranks, distances, right=True)  # calibration distances <= each
+        low = torch.where(below > 0, ranks[(below - 1).clamp(min=0)], torch.zeros_like(distances))
+        high = ranks[below.clamp(max=count - 1)]
+        gap = high - low
+        fraction = torch.where(gap > 0, (distances - low) / gap.clamp(min=1e-12), torch.ones_like(gap))
+        levels = (below + fraction.clamp(0.0, 1.0)) / (count + 1)
+        top = ranks[-1]
+        spread = (top - ranks[count // 2]).clamp(min=1e-6)
+        tail = 1.0 - torch.exp(-(distances - top) / spread) / (count + 1)
+        return torch.where(distances >= top, tail, levels).tolist()
 
     def to(self, device: torch.device) -> OodReference:
         return OodReference(self.mean.to(device), self.precision.to(device), self.calibration, self.metadata)
