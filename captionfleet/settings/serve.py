@@ -77,6 +77,16 @@ class ServeSettings(EdgeSettings):
     num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
     max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
+    jobs_redis_url: str = setting(
+        "",
+        "redis://host:port/db holding the job API's queue (a stream with a consumer group), job state and "
+        "results; every replica on it consumes bulk items with its spare capacity. Empty: no job API (503).",
+    )
+    jobs_stream: str = setting(
+        "captionfleet:jobs",
+        "Redis stream of the job items; job state and results use it as their key prefix. One per model "
+        "version, so that each version captions the jobs sent to it.",
+    )
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
