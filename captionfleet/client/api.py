@@ -1,8 +1,11 @@
 """The calls the client makes, with the contract's errors and its retry rule.
 
-A 429, 502 or 503 is retried after its ``Retry-After`` (at most ``retries`` times), as is a call that
-got no answer at all; any other error answer is an :class:`ApiError` with the contract's code and
-message. Bodies are read whole except a job's results, which are read line by line.
+A 429, 502, 503 or 504 is retried after its ``Retry-After`` (else a growing pause), at most
+``retries`` times, as is a call that got no answer at all; any other error answer is an
+:class:`ApiError` with the contract's code and message. A job's submission is not idempotent: it is
+retried only when the server cannot have acted on it (429 or 503 refuse it before any work, a
+connection that was never made), so a job is never submitted twice. Bodies are read whole, except a
+job's results, which are read line by line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import aiohttp
 from captionfleet.client.settings import CaptionSettings
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, USER_ID_HEADER
 
-RETRIED = frozenset({429, 502, 503})
+RETRIED = frozenset({429, 502, 503, 504})  # 504: a busy fleet let the deadline pass
+RETRIED_ONCE_ONLY = frozenset({429, 503})  # what a call that must not run twice may retry
 MAX_WAIT_S = 60.0  # the longest Retry-After honoured
 
 
@@ -60,9 +64,10 @@ class Api:
         if settings.user_id:
             self.headers[USER_ID_HEADER] = settings.user_id
 
-    async def json(self, method: str, path: str, **request: Any) -> dict[str, Any]:
-        """The JSON object of a successful answer; ApiError otherwise."""
-        async with self.request(method, path, **request) as response:
+    async def json(self, method: str, path: str, *, once: bool = False, **request: Any) -> dict[str, Any]:
+        """The JSON object of a successful answer; ApiError otherwise. ``once``: a call that must not
+        be carried out twice (a job's submission)."""
+        async with self.request(method, path, once=once, **request) as response:
             body = await response.read()
         try:
             document = json.loads(body)
@@ -72,9 +77,9 @@ class Api:
             raise ApiError(response.status, "bad_answer", f"{method} {path} did not answer a JSON object")
         return document
 
-    def request(self, method: str, path: str, **request: Any) -> _Call:
+    def request(self, method: str, path: str, *, once: bool = False, **request: Any) -> _Call:
         """``async with api.request(...) as response``: a successful response, after the retries."""
-        return _Call(self, method, path, request)
+        return _Call(self, method, path, request, once)
 
     async def lines(self, path: str) -> AsyncIterator[bytes]:
         """The lines of a JSON Lines answer, as they arrive."""
@@ -85,8 +90,12 @@ class Api:
 
 
 class _Call:
-    def __init__(self, api: Api, method: str, path: str, request: Mapping[str, Any]) -> None:
+    def __init__(self, api: Api, method: str, path: str, request: Mapping[str, Any], once: bool) -> None:
         self.api, self.method, self.path, self.request = api, method, path, dict(request)
+        self.retried = RETRIED_ONCE_ONLY if once else RETRIED
+        self.unsent: tuple[type[BaseException], ...] = (
+            (aiohttp.ClientConnectorError,) if once else (aiohttp.ClientError, TimeoutError)
+        )
         self.response: aiohttp.ClientResponse | None = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
@@ -100,7 +109,7 @@ class _Call:
                     self.method, api.base + self.path, headers=headers, timeout=timeout, **self.request
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                if last:
+                if last or not isinstance(exc, self.unsent):
                     raise ApiError(0, "unreachable", f"{api.base}: {type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(min(MAX_WAIT_S, 2.0**attempt))
                 continue
@@ -109,7 +118,7 @@ class _Call:
                 return response
             body = await response.read()
             response.release()
-            if response.status not in RETRIED or last:
+            if response.status not in self.retried or last:
                 raise error_of(response.status, body)
             await asyncio.sleep(_wait_s(response, attempt))
         raise AssertionError("unreachable")  # the loop returns or raises

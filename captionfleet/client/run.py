@@ -171,7 +171,7 @@ async def submit(
     for job in jobs:
         if job.id:
             continue
-        accepted = await api.json("POST", "/v1/jobs", json=job_body(items, job, settings))
+        accepted = await api.json("POST", "/v1/jobs", once=True, json=job_body(items, job, settings))
         job.id = str(accepted["id"])
         state.save(jobs)
 

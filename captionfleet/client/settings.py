@@ -52,8 +52,8 @@ class CaptionSettings:
     )
     retries: int = setting(
         5,
-        "Retries of a call answered 429, 502 or 503 (after its Retry-After) or not answered at all; then "
-        "the run stops (a job already submitted is resumed by running the command again).",
+        "Retries of a call answered 429, 502, 503 or 504 (after its Retry-After) or not answered at all "
+        "(a job's submission: 429 and 503 only); then the run stops (the same command resumes it).",
     )
     style: str = setting("", "Caption style preset (descriptive, concise, ...); empty: the server's default.")
     prompt: str = setting("", "Caption prefix; empty: none.")

@@ -77,12 +77,16 @@ class JobApi:
     hold: bool = False  # jobs make no progress while set
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     submissions: list[dict[str, Any]] = field(default_factory=list)
+    create_statuses: list[int] = field(default_factory=list)  # answered in turn (created or not), then 202
     url: str = ""
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         assert request.headers["X-Priority"] == "bulk" and request.headers.get("X-API-Key") == "k-1"
         self.submissions.append(body)
+        if self.create_statuses:
+            error = {"error": {"code": "scripted", "message": "scripted"}, "request_id": "r"}
+            return web.json_response(error, status=self.create_statuses.pop(0), headers={"Retry-After": "0"})
         job_id = f"v1.{len(self.jobs):04d}"
         self.jobs[job_id] = {"items": body["items"], "done": 0, "options": body["options"]}
         return web.json_response(
@@ -248,3 +252,17 @@ async def test_an_image_too_large_for_any_job_gets_its_own_error_line(
     assert [line["index"] for line in lines] == list(range(6))
     assert lines[2]["error"]["code"] == "payload_too_large" and lines[2]["id"] == str(big)
     assert sum(len(s["items"]) for s in job_api.submissions) == 5
+
+
+async def test_a_submission_is_retried_only_when_the_server_cannot_have_taken_it(
+    job_api: JobApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images(tmp_path / "in", 6)
+    output = tmp_path / "out.jsonl"
+    job_api.create_statuses = [503]  # refused before any work: sent again
+    assert await caption_command(*job_args(job_api, output), str(tmp_path / "in")) == 0
+    assert len(job_api.submissions) == 2 and len(job_api.jobs) == 1
+    job_api.create_statuses = [504]  # the job may exist: never sent twice, the run stops
+    output.unlink()
+    assert await caption_command(*job_args(job_api, output), str(tmp_path / "in")) == 2
+    assert len(job_api.submissions) == 3 and "504 scripted" in capsys.readouterr().err
