@@ -192,11 +192,12 @@ class Router:
         self._count(version.name, response.status, error, arrived, retries, bulk)
         return response
 
-    def buffered(self, version: Version, rewrite: Rewrite | None = None) -> Replier:
-        """Relays the runtime's whole answer (bounded by ``max_response_bytes``), ``rewrite`` applied."""
+    def buffered(self, version: Version, rewrite: Rewrite | None = None, *, once: bool = False) -> Replier:
+        """Relays the runtime's whole answer (bounded by ``max_response_bytes``), ``rewrite`` applied;
+        ``once``: a request never sent twice (``Forwarder.forward``)."""
 
         async def reply(outgoing: Outgoing, on_retry: Callable[[str], None]) -> web.StreamResponse:
-            answer = await self.forwarder.forward(version, outgoing, on_retry)
+            answer = await self.forwarder.forward(version, outgoing, on_retry, once=once)
             if rewrite is not None:
                 answer = rewrite(answer)
             response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)

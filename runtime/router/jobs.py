@@ -25,7 +25,9 @@ its status and headers within the request's deadline, then each chunk within ``r
 of the one before. A runtime that fails mid-way leaves the answer cut short (the connection is
 closed without the chunked end), never a complete-looking file that lacks lines.
 
-Every job call is bulk work: counted in the version's ``bulk`` figures only (``stats.py``).
+A submission is sent again only when the runtime cannot have taken it (a 503, or a connection that was
+never made), never after a connection dropped once it was sent: a job is never created twice. Every
+job call is bulk work: counted in the version's ``bulk`` figures only (``stats.py``).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class JobRoutes:
         router = self.router
         body = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
         version = router.pick(request, sticky_key(request), bulk=True)
-        reply = router.buffered(version, named(version, required=True))
+        reply = router.buffered(version, named(version, required=True), once=True)  # no job twice
         return await router.route(request, version, body, request.rel_url.raw_path_qs, reply, True)
 
     async def status(self, request: web.Request) -> web.StreamResponse:

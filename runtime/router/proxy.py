@@ -82,7 +82,12 @@ class UpstreamAnswer:
 
 
 class _ConnectFailed(Exception):
-    """One attempt could not reach its endpoint (the caller decides about the retry)."""
+    """One attempt could not reach its endpoint (the caller decides about the retry); ``unsent``: the
+    connection was never made, so the runtime cannot have acted on the request."""
+
+    def __init__(self, message: str, *, unsent: bool) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 def forwarded_headers(
@@ -141,15 +146,22 @@ class Forwarder:
         )
 
     async def forward(
-        self, version: Version, outgoing: Outgoing, on_retry: Callable[[str], None] = lambda reason: None
+        self,
+        version: Version,
+        outgoing: Outgoing,
+        on_retry: Callable[[str], None] = lambda reason: None,
+        *,
+        once: bool = False,
     ) -> UpstreamAnswer:
         """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable, NoLiveEndpoint (every
         endpoint ejected: 503) or BadUpstreamResponse.
 
         ``on_retry(reason)`` is called before the second attempt, reason ``connect`` or ``status_503``.
+        ``once``: a request that must not be carried out twice (a job's submission) is sent again only
+        after a 503 or a connection that was never made, never after one dropped once it was sent.
         """
         first, answer, retried = await self._reach(
-            version, functools.partial(self._attempt, outgoing=outgoing), on_retry
+            version, functools.partial(self._attempt, outgoing=outgoing), on_retry, once=once
         )
         if not retried and answer.status == 503 and self.retry and time.monotonic() < outgoing.deadline:
             on_retry("status_503")
@@ -178,7 +190,12 @@ class Forwarder:
             yield response
 
     async def _reach(
-        self, version: Version, attempt: Callable[[str], Awaitable[T]], on_retry: Callable[[str], None]
+        self,
+        version: Version,
+        attempt: Callable[[str], Awaitable[T]],
+        on_retry: Callable[[str], None],
+        *,
+        once: bool = False,
     ) -> tuple[str, T, bool]:
         """(the endpoint of the first attempt, the answer, whether it came from a retry): after a
         connection failure, one more attempt on another endpoint of the same version."""
@@ -187,6 +204,12 @@ class Forwarder:
             return first, await attempt(first), False
         except _ConnectFailed as exc:
             log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
+            if once and not exc.unsent:
+                raise UpstreamUnreachable(
+                    f"the runtime of version {version.name} dropped the connection before answering; the "
+                    "request may have been carried out, so it is not sent again",
+                    retry_after=UNREACHABLE_RETRY_AFTER_S,
+                ) from exc
             if not self.retry:
                 raise UpstreamUnreachable(
                     f"no runtime of version {version.name} could be reached",
@@ -228,7 +251,7 @@ class Forwarder:
                         content = await self.read_answer(response, url)
                     except aiohttp.ClientConnectionError as exc:  # dropped before the answer was in
                         self.balancer.connect_failed(url)
-                        raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
+                        raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=False) from exc
                     except aiohttp.ClientPayloadError as exc:
                         log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
                         raise BadUpstreamResponse("the runtime's answer was cut short") from exc
@@ -261,7 +284,8 @@ class Forwarder:
                     )
                 except aiohttp.ClientConnectionError as exc:
                     self.balancer.connect_failed(url)
-                    raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
+                    unsent = isinstance(exc, aiohttp.ClientConnectorError)  # no connection: nothing sent
+                    raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=unsent) from exc
                 except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
                     log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})
                     raise BadUpstreamResponse("the version's endpoint address is not usable") from exc

@@ -53,10 +53,14 @@ class FakeRuntime:
     line_gap: asyncio.Event | None = None  # set: the results wait for it between lines (cleared after each)
     die_after_lines: int | None = None  # the results connection is dropped after this many lines
     job_id_in_answer: bool = True
+    drop_job_answers: bool = False  # the connection is closed once a submission is read: no answer
 
     async def create_job(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received(request.rel_url.raw_path_qs, CIMultiDict(request.headers), body))
+        if self.drop_job_answers and request.transport is not None:
+            request.transport.close()
+            return web.Response()
         job_id = uuid.uuid4().hex
         job = {"id": job_id, "status": "queued", "counts": {"total": 2, "done": 0, "failed": 0}}
         self.jobs[job_id] = {**job, "key": request.headers.get("X-API-Key")}

@@ -179,3 +179,19 @@ async def test_bulk_work_never_counts_as_interactive_demand(start_runtime: Any, 
     assert 'captionfleet_router_requests_total{code="200",version="v1"} 3.0' in metrics
     assert 'captionfleet_router_bulk_requests_total{code="200",version="v1"} 6.0' in metrics
     assert 'captionfleet_router_bulk_requests_total{code="202",version="v1"} 1.0' in metrics
+
+
+async def test_a_submission_is_never_sent_twice_but_an_unreachable_pod_is_skipped(
+    start_runtime: Any, start_router: Any, dead_url: str
+) -> None:
+    first, second = await start_runtime("v1"), await start_runtime("v1")
+    first.drop_job_answers = second.drop_job_answers = True
+    router = await start_router(routes=(f"v1={first.url}", f"v1={second.url}"))
+    status, body, _ = await submit(router)
+    assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+    assert "not sent again" in body["error"]["message"]
+    assert len(first.received) + len(second.received) == 1  # the job may exist: never a second one
+    live = await start_runtime("v1")
+    router = await start_router(routes=(f"v1={dead_url}", f"v1={live.url}"))
+    status, job, _ = await submit(router)
+    assert status == 202 and job["id"].startswith("v1.")  # nothing was sent to the dead one: retried
