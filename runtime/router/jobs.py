@@ -183,7 +183,11 @@ async def _relay(
     head_sent(request)
     try:
         async for chunk in upstream.content.iter_chunked(CHUNK):
-            await response.write(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError:  # the client went away: nobody to tell
+                log.info("job results: the client left before their end", extra={"version": version.name})
+                return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning(
             "job results cut short by the runtime", extra={"version": version.name, "error": repr(exc)}

@@ -5,6 +5,7 @@ limits and error bodies, and bulk work kept out of the interactive figures."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import Any
 
@@ -195,3 +196,26 @@ async def test_a_submission_is_never_sent_twice_but_an_unreachable_pod_is_skippe
     router = await start_router(routes=(f"v1={dead_url}", f"v1={live.url}"))
     status, job, _ = await submit(router)
     assert status == 202 and job["id"].startswith("v1.")  # nothing was sent to the dead one: retried
+
+
+async def test_a_client_that_leaves_mid_stream_is_no_error_of_the_router(
+    start_runtime: Any, start_router: Any, eventually: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    v1 = await start_runtime("v1")
+    v1.result_lines, v1.line_gap = 400, asyncio.Event()
+    router = await start_router(routes=(f"v1={v1.url}",))
+    _, job, _ = await submit(router)
+    async with router.client.get(router.url + f"/v1/jobs/{job['id']}/results") as response:
+        v1.line_gap.set()
+        await response.content.readline()
+        response.close()  # gone, with most lines still to come
+
+    async def relayed_on() -> bool:
+        v1.line_gap.set()  # the runtime goes on writing; the router meets the closed client
+        return "the client left" in caplog.text or "client went away" in caplog.text  # handler cancelled
+
+    await eventually(relayed_on, what="the router noticed the client had gone")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    code, _ = await router.get_json("/healthz")
+    assert code == 200
