@@ -55,6 +55,10 @@ RUNTIME_ENV: dict[str, str] = {
     "jobs_redis_url": "the Secret key jobs.redisUrlSecret (secretKeyRef; only with jobs)",
     "jobs_stream": "captionfleet:jobs:<namespace>:<CaptionModel>:<version> (only with jobs): each version "
     "its own stream, watched by KEDA's redis-streams trigger too",
+    "moderation_url": "moderation.url (only with moderation)",
+    "moderation_timeout_ms": "moderation.timeoutMs (only with moderation)",
+    "moderation_failure_policy": "moderation.failurePolicy: Fail or Ignore (only with moderation)",
+    "moderation_allow_private": "moderation.allowPrivateAddresses (only with moderation)",
 }
 
 ROUTER_ENV: dict[str, str] = {
@@ -100,7 +104,7 @@ def secret_entry(cls: type[Any], field: str, ref: SecretKeyRef) -> dict[str, Any
 
 
 def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
-    """Style, cache, jobs and API keys: set only when the spec asks for them."""
+    """Style, cache, jobs, moderation and API keys: set only when the spec asks for them."""
     spec = ctx.spec
     env: list[dict[str, Any]] = []
     if spec.generation.style:
@@ -113,6 +117,14 @@ def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[d
     if spec.jobs is not None:
         env.append(secret_entry(ServeSettings, "jobs_redis_url", spec.jobs.redis_url_secret))
         env += env_entries(ServeSettings, jobs_stream=jobs_stream(ctx, version))
+    if spec.moderation is not None:
+        env += env_entries(
+            ServeSettings,
+            moderation_url=spec.moderation.url,
+            moderation_timeout_ms=spec.moderation.timeout_ms,
+            moderation_failure_policy=spec.moderation.failure_policy,
+            moderation_allow_private=spec.moderation.allow_private_addresses,
+        )
     if spec.auth is not None:
         env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
     return env

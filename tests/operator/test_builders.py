@@ -17,6 +17,7 @@ from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.traffic import Share
 from captionfleet.settings import env_name
+from captionfleet.settings.serve import ServeSettings
 
 from .conftest import KEDA_SCHEMAS, schema_problems
 
@@ -59,6 +60,8 @@ def variations() -> list[tuple[str, dict[str, Any]]]:
     cases.append(("fixed replicas", ab | {"autoscaling": {"provider": "none", "minReplicas": 3}}))
     cases.append(("file model, NodePort router", {"versions": [{"name": "v1", "model": "file:///opt/m"}],
                   "router": {"serviceType": "NodePort", "port": 8443}}))  # fmt: skip
+    moderated = {"url": "http://moderation.ml.svc:8080/v1/moderate", "allowPrivateAddresses": True}
+    cases.append(("moderation", example("minimal.yaml") | {"moderation": moderated}))
     return cases
 
 
@@ -287,3 +290,25 @@ def test_no_password_no_credentials_and_no_keda_no_backlog_trigger() -> None:
     assert len(backlogs) == 3 and not any("authenticationRef" in t for t in backlogs)
     with_hpa = builders.fleet(context(ab | {"jobs": JOBS}))
     assert not any(m["kind"] in ("TriggerAuthentication", "ScaledObject") for m in with_hpa)
+
+
+def test_moderation_reaches_the_runtimes_as_their_settings() -> None:
+    raw = example("minimal.yaml")
+    raw["moderation"] = {"url": "https://mod.example.com/v1/check?x=$(HOME)", "timeoutMs": 750,
+                         "failurePolicy": "Ignore"}  # fmt: skip
+    ctx = context(raw)
+    env = runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]["env"]
+    values = {e["name"]: e["value"] for e in env if "value" in e}
+    settings = ServeSettings(
+        moderation_url=values["CAPTIONFLEET_MODERATION_URL"].replace("$$", "$"),
+        moderation_timeout_ms=float(values["CAPTIONFLEET_MODERATION_TIMEOUT_MS"]),
+        moderation_failure_policy=values["CAPTIONFLEET_MODERATION_FAILURE_POLICY"],
+    )
+    assert settings.moderation_url == "https://mod.example.com/v1/check?x=$(HOME)"
+    assert settings.moderation_timeout_ms == 750 and settings.moderation_failure_policy == "Ignore"
+    assert values["CAPTIONFLEET_MODERATION_ALLOW_PRIVATE"] == "false" and not settings.check()
+    # Without moderation in the spec, the runtimes get none of its settings.
+    plain = context(example("minimal.yaml"))
+    pod = runtime.deployment(plain, plain.spec.versions[0])["spec"]["template"]["spec"]
+    env = pod["containers"][0]["env"]
+    assert not [e for e in env if "MODERATION" in e["name"]]
