@@ -140,6 +140,16 @@ class ServeSettings(EdgeSettings):
     drift_significance: float = setting(
         0.01, "p-value below which the window's out-of-distribution share counts as drift."
     )
+    jobs_redis_url: str = setting(
+        "",
+        "redis://host:port/db holding the job API's queue (a stream with a consumer group), job state and "
+        "results; every replica on it consumes bulk items with its spare capacity. Empty: no job API (503).",
+    )
+    jobs_stream: str = setting(
+        "captionfleet:jobs",
+        "Redis stream of the job items; job state and results use it as their key prefix. One per model "
+        "version, so that each version captions the jobs sent to it.",
+    )
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
