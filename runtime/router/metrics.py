@@ -26,6 +26,13 @@ class RouterMetrics(ProcessMetrics):
         "version",
         "code",
     )
+    bulk_requests = Declared.counter(
+        "captionfleet_router_bulk_requests",
+        "Bulk requests (X-Priority: bulk, the job API) answered, by version and status code: counted "
+        "here only, never in captionfleet_router_requests or the latency histogram",
+        "version",
+        "code",
+    )
     errors = Declared.counter(
         "captionfleet_router_upstream_errors",
         "Requests of a version that ended in an error, by kind: status_5xx, timeouts, connect_failures, "

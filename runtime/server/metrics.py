@@ -7,9 +7,10 @@ service report their stages without knowing Prometheus.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from captionfleet.runtime.engine.types import Caption
+from captionfleet.runtime.serving.drift import DriftState
 from captionfleet.runtime.web.metrics import Declared, ProcessMetrics
 
 
@@ -59,6 +60,23 @@ class ServerMetrics(ProcessMetrics):
         "model",
         buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 50),
     )
+    # Out-of-distribution requests and the drift window (``serving/drift.py``).
+    ood_requests = Declared.counter(
+        "captionfleet_ood_requests",
+        "Answered requests whose image was scored out of the model's distribution",
+        "model",
+    )
+    feature_drift = Declared.gauge(
+        "captionfleet_feature_drift",
+        "Excess share of out-of-distribution requests in the drift window over the reference's own "
+        "(0: like the reference; alert above 0.2)",
+        "model",
+    )
+    confidence_window_mean = Declared.gauge(
+        "captionfleet_confidence_window_mean",
+        "Mean caption confidence over the drift window's requests",
+        "model",
+    )
     # Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions.
     moderation_checks = Declared.counter(
         "captionfleet_moderation_checks",
@@ -94,6 +112,11 @@ class ServerMetrics(ProcessMetrics):
         super().__init__(buckets={"batch_size": [float(b) for b in batch_buckets]})
         self.model = model_version
 
+    def watch_drift(self, state: Callable[[], DriftState]) -> None:
+        """Export the drift window's figures; read when /metrics is rendered."""
+        self.feature_drift.labels(self.model).set_function(lambda: state().drift)
+        self.confidence_window_mean.labels(self.model).set_function(lambda: state().confidence_mean or 0.0)
+
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
 
@@ -113,6 +136,10 @@ class ServerMetrics(ProcessMetrics):
 
     def cache_lookup(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).labels(self.model).inc()
+
+    def answered(self, caption: Caption) -> None:
+        if caption.in_distribution is False:
+            self.ood_requests.labels(self.model).inc()
 
     def captioned(self, caption: Caption) -> None:
         self.confidence.labels(self.model).observe(caption.confidence)

@@ -22,6 +22,10 @@ BAD_OPTIONS = {
         ["train", "--text-hidden", "30", "--text-heads", "4"],
         "--text-hidden must be a multiple",
     ),
+    "train reference scenes": (
+        ["train", "--reference-scenes", "5"],
+        "--reference-scenes must be 0 or at least 30",
+    ),
 }
 
 
