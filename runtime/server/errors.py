@@ -19,6 +19,8 @@ from captionfleet.runtime.serving.errors import (
     DeadlineExceeded,
     Draining,
     InferenceFailed,
+    JobNotFound,
+    JobsUnavailable,
     NotReady,
     QueueFull,
 )
@@ -30,11 +32,13 @@ DOMAIN_STATUSES: StatusTable = {
     ImageTooLarge: 400,  # too many pixels (decompression bomb guard); bytes over the limit are 413
     InvalidOptions: 400,
     UnsupportedImageFormat: 415,
+    JobNotFound: 404,
     # The server's own state or faults.
     InferenceFailed: 500,
     ModelLoadError: 500,
     QueueFull: 503,
     Draining: 503,
     NotReady: 503,
+    JobsUnavailable: 503,
     DeadlineExceeded: 504,
 }

@@ -68,6 +68,11 @@ class ServerMetrics(ProcessMetrics):
             "Caption requests being handled right now",
             ["model"],
         )
+        self.jobs_pending_items = self.gauge(
+            "captionfleet_jobs_pending_items",
+            "Job items in the Redis stream not stored yet, over the fleet (queued, held, being captioned)",
+            ["model"],
+        )
 
     def _model_metrics(self) -> None:
         """The result cache, what the captions look like, and which model is served (and if it is ready)."""
@@ -95,7 +100,7 @@ class ServerMetrics(ProcessMetrics):
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
 
-    # The data plane's observer protocol (BatchObserver, ServiceObserver).
+    # The data plane's observer protocols (BatchObserver, ServiceObserver, JobsObserver).
     def queue_depth(self, depth: int) -> None:
         self.queue_depth_gauge.labels(self.model).set(depth)
 
@@ -105,6 +110,9 @@ class ServerMetrics(ProcessMetrics):
         wait = self.queue_wait.labels(self.model)
         for seconds in queue_waits:
             wait.observe(seconds)
+
+    def jobs_pending(self, items: int) -> None:
+        self.jobs_pending_items.labels(self.model).set(items)
 
     def preprocessed(self, seconds: float) -> None:
         self.preprocess.labels(self.model).observe(seconds)

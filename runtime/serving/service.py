@@ -21,7 +21,7 @@ from PIL import Image
 from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
-from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
+from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher, Priority
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
@@ -45,6 +45,16 @@ class CaptionResult:
     caption: Caption
     model_version: str
     cached: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The contract's caption body, without the per-request fields (latency, request id)."""
+        return {
+            "caption": self.caption.text,
+            "confidence": self.caption.confidence,
+            "suggestions": [{"text": s.text, "confidence": s.confidence} for s in self.caption.suggestions],
+            "model_version": self.model_version,
+            "cached": self.cached,
+        }
 
 
 class CaptionService:
@@ -135,8 +145,15 @@ class CaptionService:
         ]
         return arrived + min(timeouts) / 1000 if timeouts else None
 
-    async def caption(self, data: bytes, options: GenerationOptions, deadline: float | None) -> CaptionResult:
-        """Caption one image given as bytes; raises engine and serving errors."""
+    async def caption(
+        self,
+        data: bytes,
+        options: GenerationOptions,
+        deadline: float | None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> CaptionResult:
+        """Caption one image given as bytes; raises engine and serving errors. Bulk requests only fill
+        the model's spare room (:class:`DynamicBatcher`)."""
         if self.draining:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
@@ -160,7 +177,7 @@ class CaptionService:
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
-        caption = await self.batcher.submit(pixels, options, deadline=deadline)
+        caption = await self.batcher.submit(pixels, options, deadline=deadline, priority=priority)
         self._observer.captioned(caption)
         if lookup is not None and self.cache is not None:
             await self.cache.put(lookup, caption)  # awaited: the next identical request finds it

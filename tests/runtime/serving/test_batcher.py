@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pytest
 
 from captionfleet.runtime.server.testing import eventually
-from captionfleet.runtime.serving.batcher import DynamicBatcher
+from captionfleet.runtime.serving.batcher import DynamicBatcher, Priority
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
 
@@ -242,3 +242,85 @@ async def test_close_fails_what_the_grace_period_cannot_finish(model: GatedModel
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, Draining) for r in results)
     model.release()  # let the worker thread finish its (abandoned) call
+
+
+BULK = Priority.BULK
+
+
+async def test_interactive_requests_go_first_and_bulk_fills_the_room_they_leave(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 16)]
+    interactive = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
+    await eventually(lambda: batcher.depth == 3 and batcher.bulk_depth == 6, 10, "both queues filled")
+    model.release()
+    assert await asyncio.wait_for(asyncio.gather(*interactive), 10) == [10, 20, 30]
+    assert await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10) == [0, *(i * 10 for i in range(10, 16))]
+    # Queued first, the bulk items still come after the interactive ones, filling their batch's room.
+    assert [items for items, _ in model.calls] == [[0], [1, 2, 3, 10], [11, 12, 13, 14], [15]]
+    assert await batcher.close(5) == 0
+
+
+async def test_bulk_delays_an_interactive_request_by_at_most_the_running_batch(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(100, 140)]
+    await model.wait_entered()  # a bulk batch is on the model, 36 more bulk items wait
+    late = asyncio.ensure_future(batcher.submit(1, "a"))
+    await eventually(lambda: batcher.depth == 1, 10, "the interactive request queued")
+    model.release()
+    assert await asyncio.wait_for(late, 10) == 10
+    assert model.calls[1][0][0] == 1  # the very next batch after the running one
+    await asyncio.wait_for(asyncio.gather(*bulk), 30)
+    assert sorted(model.seen()) == [1, *range(100, 140)]
+    await batcher.close(5)
+
+
+async def test_an_interactive_batch_never_waits_for_bulk_companions(model: GatedModel) -> None:
+    # A bulk batch of 4 ran last; the lone interactive request after it still takes the idle fast path
+    # (bulk filler is no sign that interactive companions are coming), despite a 30 s queue delay.
+    batcher = make(model, max_queue_delay_s=30)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "b"))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 14)]
+    await eventually(lambda: batcher.bulk_depth == 4, 10, "4 bulk items queued")
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
+    assert await asyncio.wait_for(batcher.submit(7, "a"), 10) == 70
+    assert [items for items, _ in model.calls] == [[0], [10, 11, 12, 13], [7]]
+    await batcher.close(5)
+
+
+async def test_bulk_work_is_not_interactive_demand_and_has_its_own_bound(model: GatedModel) -> None:
+    batcher = make(model, max_queue_size=2, max_batch_size=1)
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in (1, 2)]
+    await eventually(lambda: batcher.bulk_depth == 2, 10, "2 bulk items queued")
+    assert batcher.depth == 0
+    with pytest.raises(QueueFull):
+        await batcher.submit(3, "a", priority=BULK)
+    interactive = asyncio.ensure_future(batcher.submit(4, "a"))  # a full bulk queue refuses no user
+    await eventually(lambda: batcher.depth == 1, 10, "the interactive request queued")
+    model.release()
+    assert await asyncio.wait_for(asyncio.gather(running, interactive, *bulk), 10) == [0, 40, 10, 20]
+    assert model.seen() == [0, 4, 1, 2]
+    await batcher.close(5)
+
+
+async def test_close_answers_queued_bulk_requests_too(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=1)
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    waiting = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in (1, 2, 3)]
+    await eventually(lambda: batcher.bulk_depth == 3, 10, "3 bulk items queued")
+    assert await batcher.close(0.2) == 4  # the model stays held: the grace period runs out
+    model.release()
+    for future in (running, *waiting):
+        with pytest.raises(Draining):
+            await asyncio.wait_for(future, 10)
