@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from captionfleet.names import JOBS_CONSUMER_GROUP
 from captionfleet.runtime.serving.errors import JobNotFound, JobsUnavailable
@@ -179,8 +183,15 @@ class JobStore:
         self.stream = stream
         self.group = JOBS_CONSUMER_GROUP
         self.ttl_s = ttl_s
+        # A few quick retries on a dropped connection: a Redis that restarts or fails over is back
+        # within them more often than not, and every step here may be repeated safely.
         self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._record = self.client.register_script(_RECORD)
         self._begin = self.client.register_script(_BEGIN)
