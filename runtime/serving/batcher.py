@@ -20,11 +20,16 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
   in their own pool, go on while a batch runs;
 - two priorities, as Triton's priority levels: *interactive* requests form the batches (their size,
   their delay, the idle fast path), and *bulk* requests only fill the room an interactive batch
-  leaves, or run when no interactive request waits at all. A batch never waits for bulk work, and a
-  bulk batch starts only on an idle model with an empty interactive queue, so bulk delays an
-  interactive request by at most the one batch already running. Bulk requests have their own queue
-  (bounded by ``max_queue_size`` too) and do not count in the reported queue depth: they are not
-  interactive demand.
+  leaves, or run on an idle model: no interactive request queued or being prepared (``preparing``),
+  and none arrived or answered within ``max_queue_delay``. A batch never waits for bulk work, and
+  bulk delays an interactive request by at most the one batch already running. Bulk items fill an
+  interactive batch by at most ``max_bulk_batch_size``, and bulk-only batches start at that size
+  and double with each one that follows without interactive traffic, up to ``max_batch_size``: on a
+  CPU, where a batch's time grows with its size, an interactive request arriving amid steady
+  interactive traffic waits behind a small bulk batch at most, and a long calm still uses the
+  model's full batches. Bulk requests have their
+  own queue (bounded by ``max_queue_size`` too) and do not count in the reported queue depth: they
+  are not interactive demand.
 
 Why not a ``processing`` flag: a second batch that finds the flag set returns early and strands the
 queue until the next arrival. Here one consumer owns the queue for its whole life.
@@ -36,9 +41,10 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -109,6 +115,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         observer: BatchObserver | None = None,
         name: str = "inference",
         idle_dispatch: bool = True,
+        max_bulk_batch_size: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -130,6 +137,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._last_batch_s = 0.0
         self._last_batch_size = 0  # its interactive requests: bulk filler is no sign of companions
         self.idle_dispatch = idle_dispatch
+        self.max_bulk_batch_size = max_bulk_batch_size or max_batch_size
+        self._preparing = 0  # interactive requests being decoded and preprocessed, not submitted yet
+        self._last_interactive = -math.inf  # when one last arrived or was answered
+        self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -180,6 +191,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         request = _Request(item, group, future, now, deadline, priority)
         queue.append(request)
         if priority is Priority.INTERACTIVE:
+            self._interactive_seen()
             self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
@@ -196,6 +208,18 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 self._remove(request)
             future.cancel()
             raise
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around an interactive request's decoding and preprocessing, before :meth:`submit`: an idle
+        model starts no bulk batch meanwhile, so the request does not arrive to find one running."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            self._interactive_seen()
+            self._wakeup.set()
 
     def flush(self) -> None:
         """From now on run batches as soon as the model is free, without waiting for companions.
@@ -266,12 +290,11 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         while True:
             self._drop_unwanted()
             if not self._queue:
-                if self._bulk:  # an idle model and no interactive request: bulk may have it
-                    return self._take([], self._members(self._bulk, self._bulk[0].group))
-                if self._closing:
+                if self._closing and not self._bulk:
                     return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                bulk = await self._bulk_batch()
+                if bulk:
+                    return bulk
                 continue
             now = time.monotonic()
             oldest = self._queue[0]
@@ -283,7 +306,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
             if members:
-                room = self.max_batch_size - len(members)
+                room = min(self.max_batch_size - len(members), self.max_bulk_batch_size)
                 return self._take(members, self._members(self._bulk, members[0].group, room))
             self._wakeup.clear()
             wait_s = due - now
@@ -294,6 +317,34 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 wait_s = min(wait_s, max(0.0, next_deadline - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
+
+    async def _bulk_batch(self) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """No interactive request waits: a bulk batch if the model is idle, else wait (empty list).
+
+        Idle means: no interactive request is being prepared, and none arrived or was answered for
+        ``max_queue_delay`` (the clients of the last batch send their next requests in that time; a
+        bulk batch started in the gap would hold all of them up)."""
+        quiet_in = self._quiet_in()
+        if self._bulk and (quiet_in <= 0 or self._closing or self._flushing):
+            group = self._bulk[0].group
+            size = self._bulk_run
+            self._bulk_run = min(self.max_batch_size, 2 * size)  # the longer the calm, the larger
+            return self._take([], self._members(self._bulk, group, size))
+        self._wakeup.clear()
+        timeout = quiet_in if self._bulk and math.isfinite(quiet_in) else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+        return []
+
+    def _interactive_seen(self) -> None:
+        self._last_interactive = time.monotonic()
+        self._bulk_run = self.max_bulk_batch_size
+
+    def _quiet_in(self) -> float:
+        """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
+        if self._preparing:
+            return math.inf
+        return self._last_interactive + self.max_queue_delay_s - time.monotonic()
 
     def _take(
         self,
@@ -388,6 +439,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         elapsed = time.monotonic() - started
         self._last_batch_s = elapsed
         self._last_batch_size = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
+        if self._last_batch_size:
+            self._interactive_seen()  # its clients are about to send their next requests
         self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
 
 

@@ -9,6 +9,7 @@ goes on while the model runs a batch in the batcher's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,7 @@ class CaptionService:
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=observer,
+            max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
         )
         self.ready = False
         self.draining = False
@@ -158,6 +160,25 @@ class CaptionService:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
+        interactive = priority is Priority.INTERACTIVE
+        with self.batcher.preparing() if interactive else contextlib.nullcontext():
+            prepared = await self._prepare(data, options)
+        if isinstance(prepared, CaptionResult):
+            return prepared
+        pixels, lookup = prepared
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
+        caption = await self.batcher.submit(pixels, options, deadline=deadline, priority=priority)
+        self._observer.captioned(caption)
+        if lookup is not None and self.cache is not None:
+            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
+        return CaptionResult(caption, self.model_version, cached=False)
+
+    async def _prepare(
+        self, data: bytes, options: GenerationOptions
+    ) -> CaptionResult | tuple[torch.Tensor, CacheLookup | None]:
+        """Decode, look the image up in the cache, preprocess: a cached result, or the pixels and
+        where to store the caption."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
@@ -175,13 +196,7 @@ class CaptionService:
             image = await loop.run_in_executor(self._pool, self._decode_only, data)
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
-        caption = await self.batcher.submit(pixels, options, deadline=deadline, priority=priority)
-        self._observer.captioned(caption)
-        if lookup is not None and self.cache is not None:
-            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
-        return CaptionResult(caption, self.model_version, cached=False)
+        return pixels, lookup
 
     def flush(self) -> None:
         """Draining: queued requests run as soon as the model is free."""

@@ -64,6 +64,7 @@ def make(model: GatedModel, *, idle_dispatch: bool = True, **kwargs: float) -> D
         max_queue_delay_s=float(options["max_queue_delay_s"]),
         max_queue_size=int(options["max_queue_size"]),
         idle_dispatch=idle_dispatch,
+        max_bulk_batch_size=int(options.get("max_bulk_batch_size", 0)) or None,
     )
     batcher.start()
     return batcher
@@ -283,7 +284,7 @@ async def test_an_interactive_batch_never_waits_for_bulk_companions(model: Gated
     # (bulk filler is no sign that interactive companions are coming), despite a 30 s queue delay.
     batcher = make(model, max_queue_delay_s=30)
     model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(0, "b"))
+    blocker = asyncio.ensure_future(batcher.submit(0, "b", priority=BULK))
     await model.wait_entered()
     bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 14)]
     await eventually(lambda: batcher.bulk_depth == 4, 10, "4 bulk items queued")
@@ -324,3 +325,61 @@ async def test_close_answers_queued_bulk_requests_too(model: GatedModel) -> None
     for future in (running, *waiting):
         with pytest.raises(Draining):
             await asyncio.wait_for(future, 10)
+
+
+async def test_bulk_work_runs_in_batches_of_at_most_its_own_size(model: GatedModel) -> None:
+    batcher = make(model, max_bulk_batch_size=2)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 15)]
+    interactive = asyncio.ensure_future(batcher.submit(1, "a"))
+    await eventually(lambda: batcher.depth == 1 and batcher.bulk_depth == 5, 10, "both queues filled")
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, interactive, *bulk), 10)
+    assert [items for items, _ in model.calls] == [[0], [1, 10, 11], [12, 13], [14]]
+    await batcher.close(5)
+
+
+async def test_no_bulk_batch_starts_while_an_interactive_request_is_prepared(model: GatedModel) -> None:
+    batcher = make(model)
+    with batcher.preparing():  # as the service does while it decodes and preprocesses
+        bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+        for _ in range(20):  # the consumer gets every chance to run (no timing involved)
+            await asyncio.sleep(0)
+        assert batcher.bulk_depth == 1 and not model.calls
+    interactive = asyncio.ensure_future(batcher.submit(1, "a"))
+    assert await asyncio.wait_for(asyncio.gather(interactive, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[1, 10]]
+    await batcher.close(5)
+
+
+async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: GatedModel) -> None:
+    # An interactive batch just ended: within max_queue_delay its clients send their next requests,
+    # and a bulk batch started in that gap would hold them all up.
+    batcher = make(model, max_queue_delay_s=30)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    model.release()
+    assert await asyncio.wait_for(first, 10) == 0
+    assert batcher.bulk_depth == 1  # not started alone after the batch
+    again = asyncio.ensure_future(batcher.submit(1, "a"))  # the client's next request
+    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[0], [1, 10]]
+    await batcher.close(5)
+
+
+async def test_bulk_batches_grow_while_no_interactive_request_comes(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_bulk_batch_size=2)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(1, 21)]
+    await eventually(lambda: batcher.bulk_depth == 20, 10, "20 bulk items queued")
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
+    assert [len(items) for items, _ in model.calls] == [1, 4, 8, 8]
+    await batcher.close(5)
