@@ -248,6 +248,24 @@ async def test_close_fails_what_the_grace_period_cannot_finish(model: GatedModel
 BULK = Priority.BULK
 
 
+async def held_with_bulk(
+    batcher: DynamicBatcher[int, str, int],
+    model: GatedModel,
+    items: Sequence[int],
+    *,
+    first: int = 0,
+    first_priority: Priority = BULK,
+    first_group: str = "a",
+) -> tuple[asyncio.Future[int], list[asyncio.Future[int]]]:
+    """The model held inside a batch of ``first``, and ``items`` queued as bulk (group "a") behind it."""
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(first, first_group, priority=first_priority))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in items]
+    await eventually(lambda: batcher.bulk_depth == len(items), 10, f"{len(items)} bulk items queued")
+    return running, bulk
+
+
 async def test_interactive_requests_go_first_and_bulk_fills_the_room_they_leave(model: GatedModel) -> None:
     batcher = make(model)
     model.hold()
@@ -283,11 +301,7 @@ async def test_an_interactive_batch_never_waits_for_bulk_companions(model: Gated
     # A bulk batch of 4 ran last; the lone interactive request after it still takes the idle fast path
     # (bulk filler is no sign that interactive companions are coming), despite a 30 s queue delay.
     batcher = make(model, max_queue_delay_s=30)
-    model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(0, "b", priority=BULK))
-    await model.wait_entered()
-    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 14)]
-    await eventually(lambda: batcher.bulk_depth == 4, 10, "4 bulk items queued")
+    blocker, bulk = await held_with_bulk(batcher, model, range(10, 14), first_group="b")
     model.release()
     await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
     assert await asyncio.wait_for(batcher.submit(7, "a"), 10) == 70
@@ -297,11 +311,7 @@ async def test_an_interactive_batch_never_waits_for_bulk_companions(model: Gated
 
 async def test_bulk_work_is_not_interactive_demand_and_has_its_own_bound(model: GatedModel) -> None:
     batcher = make(model, max_queue_size=2, max_batch_size=1)
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()
-    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in (1, 2)]
-    await eventually(lambda: batcher.bulk_depth == 2, 10, "2 bulk items queued")
+    running, bulk = await held_with_bulk(batcher, model, (1, 2), first_priority=Priority.INTERACTIVE)
     assert batcher.depth == 0
     with pytest.raises(QueueFull):
         await batcher.submit(3, "a", priority=BULK)
@@ -315,11 +325,7 @@ async def test_bulk_work_is_not_interactive_demand_and_has_its_own_bound(model: 
 
 async def test_close_answers_queued_bulk_requests_too(model: GatedModel) -> None:
     batcher = make(model, max_batch_size=1)
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
-    await model.wait_entered()
-    waiting = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in (1, 2, 3)]
-    await eventually(lambda: batcher.bulk_depth == 3, 10, "3 bulk items queued")
+    running, waiting = await held_with_bulk(batcher, model, (1, 2, 3))
     assert await batcher.close(0.2) == 4  # the model stays held: the grace period runs out
     model.release()
     for future in (running, *waiting):
@@ -374,11 +380,7 @@ async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: 
 
 async def test_bulk_batches_grow_while_no_interactive_request_comes(model: GatedModel) -> None:
     batcher = make(model, max_batch_size=8, max_bulk_batch_size=2)
-    model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
-    await model.wait_entered()
-    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(1, 21)]
-    await eventually(lambda: batcher.bulk_depth == 20, 10, "20 bulk items queued")
+    blocker, bulk = await held_with_bulk(batcher, model, range(1, 21))
     model.release()
     await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
     assert [len(items) for items, _ in model.calls] == [1, 4, 8, 8]
