@@ -56,7 +56,7 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8", "--engine-rounds", "1",
         "--bulk-requests", "16", "--bulk-items", "8",
     ]  # fmt: skip
-    document = _run(argv, cwd=tmp_path)
+    document = _run(argv, cwd=tmp_path, timeout_s=480)  # six servers and a redis-server, in turn
 
     for key in HEADLINE_KEYS:
         assert _is_number(document[key]), (key, document[key])
