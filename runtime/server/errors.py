@@ -16,11 +16,13 @@ from captionfleet.runtime.engine.errors import (
     UnsupportedImageFormat,
 )
 from captionfleet.runtime.serving.errors import (
+    ContentBlocked,
     DeadlineExceeded,
     Draining,
     InferenceFailed,
     JobNotFound,
     JobsUnavailable,
+    ModerationUnavailable,
     NotReady,
     QueueFull,
 )
@@ -33,6 +35,7 @@ DOMAIN_STATUSES: StatusTable = {
     InvalidOptions: 400,
     UnsupportedImageFormat: 415,
     JobNotFound: 404,
+    ContentBlocked: 422,  # well-formed, but the moderation service refused it: resending will not help
     # The server's own state or faults.
     InferenceFailed: 500,
     ModelLoadError: 500,
@@ -40,5 +43,6 @@ DOMAIN_STATUSES: StatusTable = {
     Draining: 503,
     NotReady: 503,
     JobsUnavailable: 503,
+    ModerationUnavailable: 503,  # under failurePolicy Fail; always with Retry-After
     DeadlineExceeded: 504,
 }

@@ -57,3 +57,17 @@ class JobsUnavailable(ServingError):
     """The job API is not configured (no ``jobs_redis_url``), or its Redis does not answer."""
 
     code = "jobs_unavailable"
+
+
+class ContentBlocked(ServingError):
+    """The moderation service did not allow the image: it is never captioned. The message gives the
+    service's reason."""
+
+    code = "content_blocked"
+
+
+class ModerationUnavailable(ServingError):
+    """The moderation service could not judge the image: down, slower than its timeout, or an answer
+    that is not ``{"allowed": bool, "reason": str}``. Raised to the client under the ``Fail`` policy."""
+
+    code = "moderation_unavailable"
