@@ -56,7 +56,7 @@ class ServeSettings(EdgeSettings):
         "Most bulk items (job items, X-Priority: bulk) filling room in an interactive batch, and the size "
         "of the first bulk-only batch after interactive traffic (each next one doubles, up to "
         "max_batch_size): amid interactive traffic a request waits behind at most that much bulk work. "
-        "0: max(1, max_batch_size // 8); on a GPU, where a batch's time hardly grows with its size, "
+        "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
         "max_batch_size gives bulk work all the room.",
     )
     max_queue_size: int = setting(
@@ -164,7 +164,7 @@ class ServeSettings(EdgeSettings):
     def resolved_max_bulk_batch_size(self) -> int:
         if self.max_bulk_batch_size > 0:
             return min(self.max_bulk_batch_size, self.max_batch_size)
-        return max(1, self.max_batch_size // 8)
+        return max(1, self.max_batch_size // 16)
 
     def resolved_jobs_prefetch(self) -> int:
         return self.jobs_prefetch if self.jobs_prefetch > 0 else 2 * self.max_batch_size

@@ -438,8 +438,9 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._running = []
         elapsed = time.monotonic() - started
         self._last_batch_s = elapsed
-        self._last_batch_size = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
-        if self._last_batch_size:
+        interactive = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
+        if interactive:  # a bulk-only batch says nothing of how many interactive companions come
+            self._last_batch_size = interactive
             self._interactive_seen()  # its clients are about to send their next requests
         self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
 
