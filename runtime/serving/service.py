@@ -157,6 +157,11 @@ class CaptionService:
         ]
         return arrived + min(timeouts) / 1000 if timeouts else None
 
+    def arriving(self, priority: Priority) -> contextlib.AbstractContextManager[None]:
+        """Around an interactive request on its way to the batcher (its body read, its image decoded):
+        the model, though idle, starts no bulk batch meanwhile (:meth:`DynamicBatcher.preparing`)."""
+        return self.batcher.preparing() if priority is Priority.INTERACTIVE else contextlib.nullcontext()
+
     async def caption(
         self,
         data: bytes,
@@ -170,8 +175,7 @@ class CaptionService:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
-        interactive = priority is Priority.INTERACTIVE
-        with self.batcher.preparing() if interactive else contextlib.nullcontext():
+        with self.arriving(priority):
             prepared = await self._prepare(data, options, deadline)
         if isinstance(prepared, CaptionResult):
             return prepared
