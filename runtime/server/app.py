@@ -43,11 +43,10 @@ async def caption(request: web.Request) -> web.Response:
     with state.tracking():
         service, _ = admit(request, state)
         level = priority(request)
-        with service.arriving(level):  # from its first body byte: no bulk batch starts meanwhile
-            parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=False)
-            options = service.resolve_options(parsed.fields)
-            data = await _image_bytes(request, parsed.images[0])
-            result = await service.caption(data, options, _deadline(request), level)
+        parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=False)
+        options = service.resolve_options(parsed.fields)
+        data = await _image_bytes(request, parsed.images[0])
+        result = await service.caption(data, options, _deadline(request), level)
         latency_ms = ms_since(request[ARRIVED])
         state.metrics.request_latency.labels(state.metrics.model, "/v1/caption").observe(latency_ms / 1000)
         body = result.as_dict() | {"latency_ms": latency_ms, "request_id": request[REQUEST_ID]}

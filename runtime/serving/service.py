@@ -158,8 +158,8 @@ class CaptionService:
         return arrived + min(timeouts) / 1000 if timeouts else None
 
     def arriving(self, priority: Priority) -> contextlib.AbstractContextManager[None]:
-        """Around an interactive request on its way to the batcher (its body read, its image decoded):
-        the model, though idle, starts no bulk batch meanwhile (:meth:`DynamicBatcher.preparing`)."""
+        """Around an interactive request's decoding and preprocessing, on its way to the batcher: the
+        model, though idle, starts no bulk batch meanwhile (:meth:`DynamicBatcher.preparing`)."""
         return self.batcher.preparing() if priority is Priority.INTERACTIVE else contextlib.nullcontext()
 
     async def caption(
