@@ -17,6 +17,8 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
 - ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one, and
   ``bulk_share_under_load``: the job's items per second under that load over its rate alone (``jobs.py``).
+- ``ood_cost_c32``: the share of served throughput the out-of-distribution score costs at 32 clients
+  (1 - scored / ``--ood false``; ``ood.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
         "bulk_p99_ratio_c8": _number(results.bulk.p99_ratio if results.bulk else None, 3),
         "bulk_share_under_load": _number(results.bulk.bulk_share if results.bulk else None, 3),
+        "ood_cost_c32": _number(results.ood.cost if results.ood else None, 4),
     }
 
 
@@ -82,6 +85,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "router": results.router.summary() if results.router else None,
         "bulk": results.bulk.summary() if results.bulk else None,
         "engine": results.engine.summary() if results.engine else None,
+        "ood": results.ood.summary() if results.ood else None,
         "settings": dataclasses.asdict(results.settings),
     }
 
@@ -180,6 +184,13 @@ def _other_lines(results: BenchResults) -> list[str]:
             + f"; identical captions on {engine.scenes} held-out scenes: {engine.decoder_agreement:.1%}",
             f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
             f"{engine.int8_agreement:.1%}",
+        ]
+    if results.ood is not None:
+        ood = results.ood
+        lines += [
+            "",
+            f"OOD score: {ood.scored_rps:.2f} req/s scored, {ood.unscored_rps:.2f} req/s with --ood false "
+            f"at {ood.concurrency} clients ({len(ood.scored)} rounds each): cost {ood.cost:+.1%}",
         ]
     return lines
 

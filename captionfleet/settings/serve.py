@@ -121,6 +121,33 @@ class ServeSettings(EdgeSettings):
     num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
     max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
+    no_repeat_ngram_size: int = setting(
+        5,
+        "No word n-gram of this size twice in a caption (0: off), for images in distribution or not "
+        "scored; 5: the smallest that no true scene caption repeats.",
+    )
+    ood_no_repeat_ngram_size: int = setting(
+        3, "The same for images scored out of distribution (the model repeats itself on those)."
+    )
+    ood: bool = setting(
+        True,
+        "Score every image's distance to the model's reference images (ood_score, in_distribution, "
+        "drift); off: no scores, no drift.",
+    )
+    ood_threshold: float = setting(
+        0.99,
+        "ood_score above which an image is out of distribution (a quantile of the reference's own "
+        "scores: about 1 - threshold of in-distribution images are flagged).",
+    )
+    ood_reference_requests: int = setting(
+        500,
+        "A model without ood_reference.safetensors builds its reference from its first N captioned "
+        "images (no ood fields until then; GET /v1/models says so); 0: never.",
+    )
+    drift_window: int = setting(200, "Scored requests in the drift window (the most recent ones).")
+    drift_significance: float = setting(
+        0.01, "p-value below which the window's out-of-distribution share counts as drift."
+    )
     jobs_redis_url: str = setting(
         "",
         "redis://host:port/db holding the job API's queue (a stream with a consumer group), job state and "
@@ -204,9 +231,25 @@ class ServeSettings(EdgeSettings):
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
         if self.jobs_max_bytes > self.max_body_bytes_in_flight:
             problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
+        problems += self._ood_problems()
         problems += self._moderation_problems()
         if self.precision == "int8" and self.device.startswith("cuda"):
             problems.append("precision int8 runs on the CPU only; use bf16 or fp16 on a GPU")
+        return problems
+
+    def _ood_problems(self) -> list[str]:
+        problems = []
+        for name in ("no_repeat_ngram_size", "ood_no_repeat_ngram_size"):
+            if not 0 <= getattr(self, name) <= 10:
+                problems.append(f"{name} must be between 0 and 10")
+        if not 0.0 < self.ood_threshold < 1.0:
+            problems.append("ood_threshold must be in (0, 1)")
+        if self.ood_reference_requests != 0 and self.ood_reference_requests < 30:
+            problems.append("ood_reference_requests must be 0 or at least 30")
+        if self.drift_window < 1:
+            problems.append("drift_window must be >= 1")
+        if not 0.0 < self.drift_significance < 1.0:
+            problems.append("drift_significance must be in (0, 1)")
         return problems
 
     def _moderation_problems(self) -> list[str]:

@@ -110,6 +110,8 @@ class Server:
                 captioner, self.settings, metrics, build_cache(self.settings), moderation=moderation
             )
             self.state.service = service
+            if self.settings.ood:
+                metrics.watch_drift(service.drift.state)
             await service.start()
             self._start_jobs(service)
         except Exception as exc:
