@@ -45,6 +45,11 @@ class ServerMetrics(ProcessMetrics):
     in_flight = Declared.gauge(
         "captionfleet_requests_in_flight", "Caption requests being handled right now", "model"
     )
+    jobs_pending_items = Declared.gauge(
+        "captionfleet_jobs_pending_items",
+        "Job items in the Redis stream not stored yet, over the fleet (queued, held, being captioned)",
+        "model",
+    )
     # The result cache and what the captions look like.
     cache_hits = Declared.counter("captionfleet_cache_hits", "Result cache hits", "model")
     cache_misses = Declared.counter("captionfleet_cache_misses", "Result cache misses", "model")
@@ -120,7 +125,7 @@ class ServerMetrics(ProcessMetrics):
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
 
-    # The data plane's observer protocol (BatchObserver, ServiceObserver).
+    # The data plane's observer protocols (BatchObserver, ServiceObserver, JobsObserver).
     def queue_depth(self, depth: int) -> None:
         self.queue_depth_gauge.labels(self.model).set(depth)
 
@@ -130,6 +135,9 @@ class ServerMetrics(ProcessMetrics):
         wait = self.queue_wait.labels(self.model)
         for seconds in queue_waits:
             wait.observe(seconds)
+
+    def jobs_pending(self, items: int) -> None:
+        self.jobs_pending_items.labels(self.model).set(items)
 
     def preprocessed(self, seconds: float) -> None:
         self.preprocess.labels(self.model).observe(seconds)

@@ -35,6 +35,18 @@ class InferenceFailed(ServingError):
     """The model call failed or returned the wrong number of results: a server fault, not the input's."""
 
 
+class JobNotFound(ServingError):
+    """No such job: never created, expired, or made with another API key (the same answer for each)."""
+
+    code = "job_not_found"
+
+
+class JobsUnavailable(ServingError):
+    """The job API is not configured (no ``jobs_redis_url``), or its Redis does not answer."""
+
+    code = "jobs_unavailable"
+
+
 class ContentBlocked(ServingError):
     """The moderation service did not allow the image: it is never captioned. The message gives the
     service's reason."""
