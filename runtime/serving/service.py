@@ -75,6 +75,8 @@ class CaptionService:
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=observer,
+            idle_dispatch=settings.idle_dispatch,
+            wait_for_arrivals=settings.wait_for_arrivals,
         )
         self.ready = False
         self.draining = False
@@ -87,6 +89,8 @@ class CaptionService:
             "max_batch_size": self.settings.max_batch_size,
             "max_queue_delay_ms": self.settings.max_queue_delay_ms,
             "max_queue_size": self.settings.max_queue_size,
+            "idle_dispatch": self.settings.idle_dispatch,
+            "wait_for_arrivals": self.settings.wait_for_arrivals,
         }
         info["defaults"] = {
             "num_beams": self.defaults.num_beams,
@@ -141,6 +145,21 @@ class CaptionService:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
+        with self.batcher.arriving():  # a free model may wait for this one (the arrival wait)
+            prepared = await self._prepare(data, options, deadline)
+        if isinstance(prepared, CaptionResult):
+            return prepared
+        pixels, lookup = prepared
+        caption = await self.batcher.submit(pixels, options, deadline=deadline)
+        self._observer.captioned(caption)
+        if lookup is not None and self.cache is not None:
+            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
+        return CaptionResult(caption, self.model_version, cached=False)
+
+    async def _prepare(
+        self, data: bytes, options: GenerationOptions, deadline: float | None
+    ) -> CaptionResult | tuple[torch.Tensor, CacheLookup | None]:
+        """A cache hit's result, or the pixels for the batcher and the lookup to store the caption by."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
@@ -160,11 +179,7 @@ class CaptionService:
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
-        caption = await self.batcher.submit(pixels, options, deadline=deadline)
-        self._observer.captioned(caption)
-        if lookup is not None and self.cache is not None:
-            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
-        return CaptionResult(caption, self.model_version, cached=False)
+        return pixels, lookup
 
     def flush(self) -> None:
         """Draining: queued requests run as soon as the model is free."""
