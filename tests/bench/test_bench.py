@@ -34,7 +34,7 @@ HEADLINE_KEYS = (
 )
 
 
-def _run(argv: list[str], cwd: Path, timeout_s: float = 240) -> dict[str, Any]:
+def _run(argv: list[str], cwd: Path, timeout_s: float = 480) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
     done = subprocess.run(
         [sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
