@@ -283,6 +283,34 @@ class Cache(SpecModel):
     )
 
 
+class Moderation(SpecModel):
+    """Moderation before captioning: each image is POSTed as JPEG (longest side at most 512 px) to
+    ``url``, which answers ``{"allowed": bool, "reason": str}``; a refused image gets 422
+    ``content_blocked`` and is never captioned. Leave out ``moderation`` for none."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="http(s) URL of the moderation service, without credentials.",
+    )
+    timeout_ms: int = Field(
+        default=2000,
+        ge=1,
+        le=60_000,
+        description="Longest wait for a verdict; slower counts as the service being unavailable.",
+    )
+    failure_policy: Literal["Fail", "Ignore"] = Field(
+        default="Fail",
+        description="The service down, slow or answering nonsense: Fail answers 503 moderation_unavailable; "
+        "Ignore captions the image unmoderated (counted in captionfleet_moderation_bypassed_total).",
+    )
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Let url be a private, loopback or link-local address, such as a cluster Service's "
+        "(http://moderation.ns.svc); image URLs sent by clients stay public-only.",
+    )
+
+
 class Auth(SpecModel):
     """API keys: a Secret holding the key hashes, mounted into the router and the runtimes."""
 
@@ -321,6 +349,7 @@ class CaptionModelSpec(SpecModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     rollout: Rollout = Field(default_factory=Rollout)
     cache: Cache | None = None
+    moderation: Moderation | None = None
     auth: Auth | None = None
     router: Router = Field(default_factory=Router)
 

@@ -7,6 +7,7 @@ is one sentence naming the field, so that the Invalid condition tells the user w
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -146,9 +147,39 @@ def _has_credentials(url: str) -> bool:
     return bool(parts.username or parts.password) or "@" in parts.netloc
 
 
+def _moderation(spec: CaptionModelSpec) -> list[str]:
+    """No credentials in plain text, and no address the runtimes would refuse (they would not start)."""
+    moderation = spec.moderation
+    if moderation is None:
+        return []
+    if _has_credentials(moderation.url):
+        return [
+            "spec.moderation.url: holds credentials, which would be stored in plain text in the Deployments"
+        ]
+    host = (urlsplit(moderation.url).hostname or "").rstrip(".").lower()
+    if not moderation.allow_private_addresses and _private_host(host):
+        return [
+            f"spec.moderation.url: {host!r} is a private, loopback or cluster-internal address, which the "
+            "runtimes refuse unless spec.moderation.allowPrivateAddresses is true"
+        ]
+    return []
+
+
+def _private_host(host: str) -> bool:
+    """An IP literal that is not public, localhost, or a cluster Service's name (a ClusterIP is private).
+    Other names are checked by the runtimes on the address they resolve to."""
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        pass
+    internal = (".localhost", ".svc", ".cluster.local")
+    return host.endswith(internal) or "." not in host  # a bare name: a Service of the namespace
+
+
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
-    return _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
+    found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
+    return found + _moderation(spec)
 
 
 def check(

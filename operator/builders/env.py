@@ -51,6 +51,10 @@ RUNTIME_ENV: dict[str, str] = {
     "style": "generation.style (only when set)",
     "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache)",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "moderation_url": "moderation.url (only with moderation)",
+    "moderation_timeout_ms": "moderation.timeoutMs (only with moderation)",
+    "moderation_failure_policy": "moderation.failurePolicy: Fail or Ignore (only with moderation)",
+    "moderation_allow_private": "moderation.allowPrivateAddresses (only with moderation)",
 }
 
 ROUTER_ENV: dict[str, str] = {
@@ -90,7 +94,7 @@ def _foreign(*keys: str) -> list[dict[str, Any]]:
 
 
 def _optional_serve_settings(spec: CaptionModelSpec) -> list[dict[str, Any]]:
-    """Style, cache and API keys: set only when the spec asks for them."""
+    """Style, cache, moderation and API keys: set only when the spec asks for them."""
     env: list[dict[str, Any]] = []
     if spec.generation.style:
         env += env_entries(ServeSettings, style=spec.generation.style)
@@ -100,6 +104,14 @@ def _optional_serve_settings(spec: CaptionModelSpec) -> list[dict[str, Any]]:
         env.append({"name": env_name("redis_url"), "valueFrom": {"secretKeyRef": ref}})
     elif cache is not None and cache.redis_url:
         env += env_entries(ServeSettings, redis_url=cache.redis_url)
+    if spec.moderation is not None:
+        env += env_entries(
+            ServeSettings,
+            moderation_url=spec.moderation.url,
+            moderation_timeout_ms=spec.moderation.timeout_ms,
+            moderation_failure_policy=spec.moderation.failure_policy,
+            moderation_allow_private=spec.moderation.allow_private_addresses,
+        )
     if spec.auth is not None:
         env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
     return env

@@ -21,6 +21,7 @@ class ServerMetrics(ProcessMetrics):
         self._request_metrics()
         self._pipeline_metrics(max_batch_size)
         self._model_metrics()
+        self._moderation_metrics()
 
     def _request_metrics(self) -> None:
         """What a client sees: answers by route and status, and the latency of the captioned ones."""
@@ -92,6 +93,29 @@ class ServerMetrics(ProcessMetrics):
         )
         self.ready = self.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
 
+    def _moderation_metrics(self) -> None:
+        """Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions."""
+        self.moderation_checks = self.counter(
+            "captionfleet_moderation_checks",
+            "Calls to the moderation service by outcome: allowed, blocked, unavailable (down, slow, bad)",
+            ["model", "outcome"],
+        )
+        self.moderation_latency = self.histogram(
+            "captionfleet_moderation_duration_seconds",
+            "Time of one call to the moderation service",
+            ["model"],
+        )
+        self.moderation_cache_hits = self.counter(
+            "captionfleet_moderation_cache_hits",
+            "Moderation verdicts taken from the verdict cache",
+            ["model"],
+        )
+        self.moderation_bypassed_total = self.counter(
+            "captionfleet_moderation_bypassed",
+            "Images captioned without a verdict: moderation unavailable under failure policy Ignore",
+            ["model"],
+        )
+
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
 
@@ -115,3 +139,14 @@ class ServerMetrics(ProcessMetrics):
     def captioned(self, caption: Caption) -> None:
         self.confidence.labels(self.model).observe(caption.confidence)
         self.caption_words.labels(self.model).observe(len(caption.text.split()))
+
+    # The moderation's observer protocol (ModerationObserver).
+    def moderation_checked(self, outcome: str, seconds: float) -> None:
+        self.moderation_checks.labels(self.model, outcome).inc()
+        self.moderation_latency.labels(self.model).observe(seconds)
+
+    def moderation_cache_hit(self) -> None:
+        self.moderation_cache_hits.labels(self.model).inc()
+
+    def moderation_bypassed(self) -> None:
+        self.moderation_bypassed_total.labels(self.model).inc()

@@ -13,9 +13,10 @@ _ERROR_CODES = {
     "401": "Missing or unknown X-API-Key",
     "413": "Body (or fetched image) larger than the limit",
     "415": "Not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF; sniffed from the bytes)",
+    "422": "content_blocked: the moderation service refused the image (the reason in the message)",
     "429": "Rate limit of the API key exceeded (see Retry-After)",
     "500": "Server fault",
-    "503": "Queue full, draining or not ready (see Retry-After)",
+    "503": "Queue full, draining, not ready, or moderation_unavailable (see Retry-After)",
     "504": "The request's deadline passed while it waited",
 }
 

@@ -25,6 +25,7 @@ from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
+from captionfleet.runtime.serving.moderation import Moderation, moderation_jpeg
 from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class CaptionService:
         settings: ServeSettings,
         observer: ServiceObserver,
         cache: ResultCache | None = None,
+        moderation: Moderation | None = None,
     ) -> None:
         self.captioner = captioner
         self.settings = settings
@@ -64,7 +66,10 @@ class CaptionService:
             num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens
         )
         self.cache = cache
-        self._key_memo = KeyMemo(settings.cache_size) if cache is not None else None
+        self.moderation = moderation
+        # The perceptual key serves the result cache and the moderation's verdicts.
+        keyed = cache is not None or (moderation is not None and moderation.cache is not None)
+        self._key_memo = KeyMemo(max(settings.cache_size, settings.moderation_cache_size)) if keyed else None
         self._observer = observer
         self._pool = ThreadPoolExecutor(
             settings.resolved_preprocess_workers(), thread_name_prefix="preprocess"
@@ -97,6 +102,11 @@ class CaptionService:
             "max_new_tokens": self.defaults.max_new_tokens,
         }
         info["cache"] = self.cache.kind if self.cache is not None else "off"
+        info["moderation"] = (
+            {"failure_policy": self.moderation.failure_policy, "timeout_ms": self.moderation.timeout_s * 1000}
+            if self.moderation is not None
+            else "off"
+        )
         info["ready"] = self.ready
         return info
 
@@ -164,6 +174,8 @@ class CaptionService:
         started = time.monotonic()
         image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
         decoding_s = time.monotonic() - started
+        if self.moderation is not None:  # before the result cache: a refused image gets no caption at all
+            image = await self._moderate(data, image, key, deadline)
         lookup = None
         if self.cache is not None and key is not None:
             lookup = CacheLookup.of(self.model_version, options, key)
@@ -181,6 +193,23 @@ class CaptionService:
             raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
         return pixels, lookup
 
+    async def _moderate(
+        self, data: bytes, image: Image.Image | None, key: ImageKey | None, deadline: float | None
+    ) -> Image.Image | None:
+        """Raise unless moderation allows the image; returns it decoded if moderation had to decode it."""
+        assert self.moderation is not None
+        loop = asyncio.get_running_loop()
+        decoded = image
+
+        async def jpeg() -> bytes:
+            nonlocal decoded
+            if decoded is None:  # a body seen before: its key came from the memo
+                decoded = await loop.run_in_executor(self._pool, self._decode_only, data)
+            return await loop.run_in_executor(self._pool, moderation_jpeg, decoded)
+
+        await self.moderation.check(key, jpeg, deadline)
+        return decoded
+
     def flush(self) -> None:
         """Draining: queued requests run as soon as the model is free."""
         self.batcher.flush()
@@ -193,6 +222,8 @@ class CaptionService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             await self.cache.close()
+        if self.moderation is not None:
+            await self.moderation.close()
         return left
 
     def _decode_only(self, data: bytes) -> Image.Image:
@@ -222,4 +253,4 @@ def build_cache(settings: ServeSettings) -> ResultCache | None:
         return RedisCache(settings.redis_url, settings.cache_ttl_s)
     if settings.cache_size <= 0:
         return None
-    return MemoryCache(settings.cache_size, settings.cache_ttl_s)
+    return MemoryCache[Caption](settings.cache_size, settings.cache_ttl_s)

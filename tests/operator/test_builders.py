@@ -18,6 +18,7 @@ from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.traffic import Share
 from captionfleet.settings import env_name
+from captionfleet.settings.serve import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -91,6 +92,8 @@ def variations() -> list[tuple[str, dict[str, Any]]]:
     cases.append(("fixed replicas", ab | {"autoscaling": {"provider": "none", "minReplicas": 3}}))
     cases.append(("file model, NodePort router", {"versions": [{"name": "v1", "model": "file:///opt/m"}],
                   "router": {"serviceType": "NodePort", "port": 8443}}))  # fmt: skip
+    moderated = {"url": "http://moderation.ml.svc:8080/v1/moderate", "allowPrivateAddresses": True}
+    cases.append(("moderation", example("minimal.yaml") | {"moderation": moderated}))
     return cases
 
 
@@ -254,3 +257,25 @@ def test_env_values_are_escaped_and_secrets_are_references() -> None:
         "name": "CAPTIONFLEET_REDIS_URL",
         "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}},
     }
+
+
+def test_moderation_reaches_the_runtimes_as_their_settings() -> None:
+    raw = example("minimal.yaml")
+    raw["moderation"] = {"url": "https://mod.example.com/v1/check?x=$(HOME)", "timeoutMs": 750,
+                         "failurePolicy": "Ignore"}  # fmt: skip
+    ctx = context(raw)
+    env = runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]["env"]
+    values = {e["name"]: e["value"] for e in env if "value" in e}
+    settings = ServeSettings(
+        moderation_url=values["CAPTIONFLEET_MODERATION_URL"].replace("$$", "$"),
+        moderation_timeout_ms=float(values["CAPTIONFLEET_MODERATION_TIMEOUT_MS"]),
+        moderation_failure_policy=values["CAPTIONFLEET_MODERATION_FAILURE_POLICY"],
+    )
+    assert settings.moderation_url == "https://mod.example.com/v1/check?x=$(HOME)"
+    assert settings.moderation_timeout_ms == 750 and settings.moderation_failure_policy == "Ignore"
+    assert values["CAPTIONFLEET_MODERATION_ALLOW_PRIVATE"] == "false" and not settings.check()
+    # Without moderation in the spec, the runtimes get none of its settings.
+    plain = context(example("minimal.yaml"))
+    pod = runtime.deployment(plain, plain.spec.versions[0])["spec"]["template"]["spec"]
+    env = pod["containers"][0]["env"]
+    assert not [e for e in env if "MODERATION" in e["name"]]

@@ -98,6 +98,26 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "contain '..'",
     ),
     (
+        "moderation credentials",
+        {"versions": [v("a")], "moderation": {"url": "https://user:pw@mod.example.com/check"}},
+        "spec.moderation.url: holds credentials",
+    ),
+    (
+        "moderation in the cluster",
+        {"versions": [v("a")], "moderation": {"url": "http://moderation.ml.svc:8080/check"}},
+        "spec.moderation.url: 'moderation.ml.svc' is a private, loopback or cluster-internal address",
+    ),
+    (
+        "moderation on a private address",
+        {"versions": [v("a")], "moderation": {"url": "http://10.1.2.3/check"}},
+        "spec.moderation.url: '10.1.2.3' is a private",
+    ),
+    (
+        "moderation by a bare Service name",
+        {"versions": [v("a")], "moderation": {"url": "http://moderation:8080/check"}},
+        "spec.moderation.url: 'moderation' is a private",
+    ),
+    (
         "long child names",
         {"versions": [v("a-long-version-name-indeed")]},
         "child name 'a-fleet-name-that-is-quite-long-already-a-long-version-name-indeed' is longer",
@@ -110,6 +130,29 @@ def test_each_rule_names_the_field_and_the_fix(case: str, raw: dict[str, Any], m
     name = "a-fleet-name-that-is-quite-long-already" if case == "long child names" else "fleet"
     _, problems = validation.check(name, raw, CONFIG)
     assert any(p.startswith(message) for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "moderation",
+    [
+        {"url": "https://moderation.example.com/check", "failurePolicy": "Ignore", "timeoutMs": 500},
+        {"url": "http://moderation.ml.svc:8080/check", "allowPrivateAddresses": True},
+        {"url": "http://8.8.8.8/check"},
+    ],
+)
+def test_usable_moderation_urls(moderation: dict[str, Any]) -> None:
+    spec, problems = validation.check("fleet", {"versions": [v("a")], "moderation": moderation}, CONFIG)
+    assert problems == [] and spec is not None and spec.moderation is not None
+
+
+@pytest.mark.parametrize(
+    "moderation",
+    [{"url": "ftp://mod.example.com/"}, {"url": "https://x.example.com", "failurePolicy": "fail"},
+     {"url": "https://x.example.com", "timeoutMs": 0}, {"timeoutMs": 100}],
+)  # fmt: skip
+def test_the_schema_refuses_unusable_moderation(moderation: dict[str, Any]) -> None:
+    spec, problems = validation.check("fleet", {"versions": [v("a")], "moderation": moderation}, CONFIG)
+    assert spec is None and any(p.startswith("spec.moderation") for p in problems), problems
 
 
 def test_keda_needs_the_operator_to_know_a_prometheus() -> None:
