@@ -53,13 +53,23 @@ DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
+TRIGGER_AUTHENTICATION = Kind("keda.sh/v1alpha1", "TriggerAuthentication", "triggerauthentications")
 SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
-CHILD_KINDS = (HPA, SCALED_OBJECT, SERVICE, DEPLOYMENT, ROLE_BINDING, ROLE, SERVICE_ACCOUNT)
+CHILD_KINDS = (
+    HPA,
+    SCALED_OBJECT,
+    TRIGGER_AUTHENTICATION,
+    SERVICE,
+    DEPLOYMENT,
+    ROLE_BINDING,
+    ROLE,
+    SERVICE_ACCOUNT,
+)
 KINDS = {(k.api_version, k.kind): k for k in (CAPTION_MODEL, *CHILD_KINDS)}
 
 

@@ -283,6 +283,46 @@ class Cache(SpecModel):
     )
 
 
+# host:port of a Redis, as KEDA's redis scalers take it: a DNS name or IPv4 address (or [IPv6]), a port.
+REDIS_ADDRESS_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$"
+)
+
+
+class Jobs(SpecModel):
+    """The job API (``POST /v1/jobs``): its queue, job state and results live in one Redis, shared by
+    every runtime pod; leave out ``jobs`` for none (the runtimes then answer 503 there)."""
+
+    redis_url_secret: SecretKeyRef = Field(
+        description="A Secret key holding the whole redis:// URL, credentials included; given to the "
+        "runtimes through secretKeyRef, never read by the operator. Each version gets its own stream "
+        "and keys in it."
+    )
+    redis_address: str | None = Field(
+        default=None,
+        pattern=REDIS_ADDRESS_PATTERN,
+        max_length=260,
+        description="host:port of the same Redis, for KEDA's redis-streams trigger (KEDA reads no URLs); "
+        "needed with autoscaling.provider keda.",
+    )
+    redis_password_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding the Redis password, for KEDA (a TriggerAuthentication per "
+        "version); unset: KEDA connects without one.",
+    )
+    redis_database: int = Field(
+        default=0, ge=0, le=1_000_000, description="The database number of the URL, for KEDA."
+    )
+    redis_tls: bool = Field(default=False, description="KEDA connects with TLS (a rediss:// URL).")
+    target_pending_items: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="Job items waiting per pod that KEDA aims for, on top of the interactive queue "
+        "depth (the larger proposal wins).",
+    )
+
+
 class Moderation(SpecModel):
     """Moderation before captioning: each image is POSTed as JPEG (longest side at most 512 px) to
     ``url``, which answers ``{"allowed": bool, "reason": str}``; a refused image gets 422
@@ -349,6 +389,7 @@ class CaptionModelSpec(SpecModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     rollout: Rollout = Field(default_factory=Rollout)
     cache: Cache | None = None
+    jobs: Jobs | None = None
     moderation: Moderation | None = None
     auth: Auth | None = None
     router: Router = Field(default_factory=Router)

@@ -139,6 +139,24 @@ def _cache(spec: CaptionModelSpec) -> list[str]:
     return []
 
 
+def _jobs(spec: CaptionModelSpec) -> list[str]:
+    """KEDA needs the queue's address (it reads no URL); the address's port must be one."""
+    jobs = spec.jobs
+    if jobs is None:
+        return []
+    if jobs.redis_address is None:
+        if spec.autoscaling.provider == "keda":
+            return [
+                "spec.jobs.redisAddress: autoscaling.provider keda watches the job backlog through KEDA's "
+                "redis-streams trigger, which needs the Redis as host:port (it reads no URL)"
+            ]
+        return []
+    port = int(jobs.redis_address.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        return [f"spec.jobs.redisAddress: port {port} is not in 1..65535"]
+    return []
+
+
 def _has_credentials(url: str) -> bool:
     try:
         parts = urlsplit(url)
@@ -179,7 +197,7 @@ def _private_host(host: str) -> bool:
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
     found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
-    return found + _moderation(spec)
+    return found + _jobs(spec) + _moderation(spec)
 
 
 def check(

@@ -106,6 +106,8 @@ class Server:
                 captioner, self.settings, metrics, build_cache(self.settings), moderation=moderation
             )
             self.state.service = service
+            if self.settings.ood:
+                metrics.watch_drift(service.drift.state)
             await service.start()
         except Exception as exc:
             self.state.load_error = f"the model failed to load: {exc}"

@@ -7,9 +7,10 @@ service report their stages without knowing Prometheus.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from captionfleet.runtime.engine.types import Caption
+from captionfleet.runtime.serving.drift import DriftState
 from captionfleet.runtime.web.metrics import ProcessMetrics
 
 
@@ -92,6 +93,31 @@ class ServerMetrics(ProcessMetrics):
             ["model", "name", "device", "dtype"],
         )
         self.ready = self.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
+        self._ood_metrics()
+
+    def _ood_metrics(self) -> None:
+        """Out-of-distribution requests and the drift window (``serving/drift.py``)."""
+        self.ood_requests = self.counter(
+            "captionfleet_ood_requests",
+            "Answered requests whose image was scored out of the model's distribution",
+            ["model"],
+        )
+        self.feature_drift = self.gauge(
+            "captionfleet_feature_drift",
+            "Excess share of out-of-distribution requests in the drift window over the reference's own "
+            "(0: like the reference; alert above 0.2)",
+            ["model"],
+        )
+        self.confidence_window_mean = self.gauge(
+            "captionfleet_confidence_window_mean",
+            "Mean caption confidence over the drift window's requests",
+            ["model"],
+        )
+
+    def watch_drift(self, state: Callable[[], DriftState]) -> None:
+        """Export the drift window's figures; read when /metrics is rendered."""
+        self.feature_drift.labels(self.model).set_function(lambda: state().drift)
+        self.confidence_window_mean.labels(self.model).set_function(lambda: state().confidence_mean or 0.0)
 
     def _moderation_metrics(self) -> None:
         """Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions."""
@@ -135,6 +161,10 @@ class ServerMetrics(ProcessMetrics):
 
     def cache_lookup(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).labels(self.model).inc()
+
+    def answered(self, caption: Caption) -> None:
+        if caption.in_distribution is False:
+            self.ood_requests.labels(self.model).inc()
 
     def captioned(self, caption: Caption) -> None:
         self.confidence.labels(self.model).observe(caption.confidence)

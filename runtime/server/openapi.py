@@ -188,6 +188,19 @@ def _probe_paths() -> dict[str, Any]:
     }
 
 
+def _ood_fields() -> dict[str, Any]:
+    """Present once the model has reference statistics (absent before, and with --ood false)."""
+    return {
+        "ood_score": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "How unusual the image is for the model (its quantile among reference images)",
+        },
+        "in_distribution": {"type": "boolean", "description": "ood_score at most the model's threshold"},
+    }
+
+
 def _schemas() -> dict[str, Any]:
     suggestion = {
         "type": "object",
@@ -212,7 +225,7 @@ def _schemas() -> dict[str, Any]:
         "CaptionResponse": {
             "type": "object",
             "required": [*caption_fields, "request_id"],
-            "properties": {**caption_fields, "request_id": {"type": "string"}},
+            "properties": {**caption_fields, **_ood_fields(), "request_id": {"type": "string"}},
         },
         "BatchResponse": {
             "type": "object",

@@ -75,16 +75,21 @@ def caption_to_dict(caption: Caption) -> dict[str, object]:
         "text": caption.text,
         "confidence": caption.confidence,
         "suggestions": [{"text": s.text, "confidence": s.confidence} for s in caption.suggestions],
+        "ood_score": caption.ood_score,
+        "in_distribution": caption.in_distribution,
     }
 
 
 def caption_from_dict(data: dict[str, object]) -> Caption:
     suggestions = data["suggestions"]
     assert isinstance(suggestions, list)
+    score = data.get("ood_score")  # absent in entries written before scores existed
     return Caption(
         text=str(data["text"]),
         confidence=float(data["confidence"]),  # type: ignore[arg-type]
         suggestions=tuple(Suggestion(str(s["text"]), float(s["confidence"])) for s in suggestions),
+        ood_score=float(score) if isinstance(score, (int, float)) else None,
+        in_distribution=bool(data["in_distribution"]) if isinstance(score, (int, float)) else None,
     )
 
 

@@ -23,6 +23,7 @@ from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
+from captionfleet.runtime.serving.drift import DriftMonitor
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
 from captionfleet.runtime.serving.moderation import Moderation, moderation_jpeg
@@ -39,6 +40,10 @@ class ServiceObserver(BatchObserver, Protocol):
     def cache_lookup(self, hit: bool) -> None: ...
 
     def captioned(self, caption: Caption) -> None: ...
+
+    def answered(self, caption: Caption) -> None:
+        """Every answered request, cached or not (the out-of-distribution count)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,17 @@ class CaptionService:
         self.settings = settings
         self.model_version = settings.model_version or captioner.version
         self.defaults = GenerationOptions(
-            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens
+            num_beams=settings.num_beams,
+            max_new_tokens=settings.max_new_tokens,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
+        )
+        captioner.score_ood = settings.ood
+        captioner.ood_threshold = settings.ood_threshold
+        if settings.ood:
+            captioner.build_reference_from_requests(settings.ood_reference_requests)
+        self.drift = DriftMonitor(
+            settings.drift_window, 1.0 - settings.ood_threshold, settings.drift_significance
         )
         self.cache = cache
         self.moderation = moderation
@@ -102,6 +117,8 @@ class CaptionService:
             "max_new_tokens": self.defaults.max_new_tokens,
         }
         info["cache"] = self.cache.kind if self.cache is not None else "off"
+        if self.settings.ood:
+            info["drift"] = self.drift.state().as_dict()
         info["moderation"] = (
             {"failure_policy": self.moderation.failure_policy, "timeout_ms": self.moderation.timeout_s * 1000}
             if self.moderation is not None
@@ -126,7 +143,7 @@ class CaptionService:
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, blank)
         warm = replace(self.defaults, suggestions=1)
         # On the model's own thread, but not through the queue: no waiting for companions, no metrics.
-        await loop.run_in_executor(self.batcher.executor, self._run_batch, [pixels], warm)
+        await loop.run_in_executor(self.batcher.executor, self._warm_batch, pixels, warm)
         self.ready = True
         log.info("model %s warmed up in %.2f s", self.model_version, time.monotonic() - started)
 
@@ -162,6 +179,7 @@ class CaptionService:
         pixels, lookup = prepared
         caption = await self.batcher.submit(pixels, options, deadline=deadline)
         self._observer.captioned(caption)
+        self._answered(caption)
         if lookup is not None and self.cache is not None:
             await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
         return CaptionResult(caption, self.model_version, cached=False)
@@ -183,6 +201,7 @@ class CaptionService:
             self._observer.cache_lookup(cached is not None)
             if cached is not None:
                 self._observer.preprocessed(decoding_s)
+                self._answered(cached)
                 return CaptionResult(cached, self.model_version, cached=True)
         started = time.monotonic()
         if image is None:  # a body seen before: its key came from the memo, the image is needed now
@@ -192,6 +211,10 @@ class CaptionService:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
         return pixels, lookup
+
+    def _answered(self, caption: Caption) -> None:
+        self.drift.observe(caption)
+        self._observer.answered(caption)
 
     async def _moderate(
         self, data: bytes, image: Image.Image | None, key: ImageKey | None, deadline: float | None
@@ -245,6 +268,10 @@ class CaptionService:
 
     def _run_batch(self, items: list[torch.Tensor], options: GenerationOptions) -> list[Caption]:
         return self.captioner.caption_pixels(torch.stack(items), options)
+
+    def _warm_batch(self, pixels: torch.Tensor, options: GenerationOptions) -> list[Caption]:
+        """Warm-up's blank image: not a request, so never part of a reference built from requests."""
+        return self.captioner.caption_pixels(pixels[None], options, learn=False)
 
 
 def build_cache(settings: ServeSettings) -> ResultCache | None:

@@ -58,10 +58,7 @@ def _exported(metrics: object) -> dict[str, set[str]]:
     return series
 
 
-# The drift gauge comes with issue 14's drift window (captionfleet/runtime/serving/drift.py, branch
-# `ood`); until ServerMetrics exports it, its name and labels are declared here. The real one wins.
-AWAITED_RUNTIME_SERIES = {"captionfleet_feature_drift": {"model"}}
-RUNTIME_SERIES = AWAITED_RUNTIME_SERIES | _exported(ServerMetrics("v1", max_batch_size=8))
+RUNTIME_SERIES = _exported(ServerMetrics("v1", max_batch_size=8))
 # The router's Service has no version label: its series carry their own `version`.
 ROUTER_SERIES = _exported(RouterMetrics())
 # Exported by the operator itself; its PodMonitor keeps the series' own labels (honorLabels).

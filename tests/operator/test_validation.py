@@ -194,3 +194,31 @@ def test_model_sources() -> None:
     assert spec.parse_model_source("file:///opt/models/blip") == spec.ModelSource("file", "/opt/models/blip")
     with pytest.raises(ValueError, match="is not hf://org/name"):
         spec.parse_model_source("s3://bucket/key")
+
+
+QUEUE = {"redisUrlSecret": {"name": "queue", "key": "url"}}
+
+
+def test_jobs_with_keda_need_the_queue_address_keda_can_read() -> None:
+    keda = {"versions": [v("a")], "autoscaling": {"provider": "keda"}}
+    (problem,) = validation.check("fleet", keda | {"jobs": QUEUE}, CONFIG)[1]
+    assert problem.startswith("spec.jobs.redisAddress: autoscaling.provider keda") and "host:port" in problem
+    assert validation.check("fleet", {"versions": [v("a")], "jobs": QUEUE}, CONFIG)[1] == []  # hpa: no need
+    addressed = keda | {"jobs": QUEUE | {"redisAddress": "redis.data:6379"}}
+    assert validation.check("fleet", addressed, CONFIG)[1] == []
+    (port,) = validation.check("fleet", keda | {"jobs": QUEUE | {"redisAddress": "redis:70000"}}, CONFIG)[1]
+    assert port == "spec.jobs.redisAddress: port 70000 is not in 1..65535"
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        {},  # the runtimes' URL is required
+        QUEUE | {"redisAddress": "redis://redis:6379"},  # a URL, not host:port
+        QUEUE | {"redisAddress": "redis"},  # no port
+        QUEUE | {"targetPendingItems": 0},
+    ],
+)
+def test_the_schema_refuses_jobs_it_cannot_use(jobs: dict[str, Any]) -> None:
+    parsed, problems = validation.check("fleet", {"versions": [v("a")], "jobs": jobs}, CONFIG)
+    assert parsed is None and problems and all(p.startswith("spec.jobs") for p in problems), problems

@@ -82,6 +82,8 @@ def tiny_settings(model_dir: Path | str, **overrides: Any) -> ServeSettings:
         "max_new_tokens": 8,
         "preprocess_workers": 2,
         "drain_grace_s": 20.0,
+        # The session shares one tiny captioner: no server may leave it a reference built from requests.
+        "ood_reference_requests": 0,
     }
     values.update(overrides)
     return ServeSettings(**values)
