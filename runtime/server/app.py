@@ -16,9 +16,10 @@ from aiohttp import web
 from captionfleet.runtime.server.errors import DOMAIN_STATUSES
 from captionfleet.runtime.server.jobs import add_job_routes
 from captionfleet.runtime.server.openapi import openapi_document
-from captionfleet.runtime.server.parsing import ImageSource, parse_request
+from captionfleet.runtime.server.parsing import ImageSource, ParsedRequest, parse_request
 from captionfleet.runtime.server.state import STATE, ServerState, admit, priority
-from captionfleet.runtime.serving.service import CaptionResult
+from captionfleet.runtime.serving.batcher import Priority
+from captionfleet.runtime.serving.service import CaptionResult, CaptionService
 from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import InvalidRequest, reply_for
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
@@ -38,17 +39,31 @@ async def _image_bytes(request: web.Request, source: ImageSource) -> bytes:
     return await request.app[STATE].fetcher.fetch(source.url, request[BODY])
 
 
+async def _admitted(
+    request: web.Request, state: ServerState, *, batch: bool
+) -> tuple[CaptionService, Priority, ParsedRequest]:
+    """The service that answers, the request's priority and its parsed body (after admission)."""
+    service, _ = admit(request, state)
+    level = priority(request)
+    parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=batch)
+    return service, level, parsed
+
+
+def _observed_latency_ms(request: web.Request, state: ServerState, route: str) -> float:
+    """The request's latency so far, recorded in the latency histogram of ``route``."""
+    latency_ms = ms_since(request[ARRIVED])
+    state.metrics.request_latency.labels(state.metrics.model, route).observe(latency_ms / 1000)
+    return latency_ms
+
+
 async def caption(request: web.Request) -> web.Response:
     state = request.app[STATE]
     with state.tracking():
-        service, _ = admit(request, state)
-        level = priority(request)
-        parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=False)
+        service, level, parsed = await _admitted(request, state, batch=False)
         options = service.resolve_options(parsed.fields)
         data = await _image_bytes(request, parsed.images[0])
         result = await service.caption(data, options, _deadline(request), level)
-        latency_ms = ms_since(request[ARRIVED])
-        state.metrics.request_latency.labels(state.metrics.model, "/v1/caption").observe(latency_ms / 1000)
+        latency_ms = _observed_latency_ms(request, state, "/v1/caption")
         body = result.as_dict() | {"latency_ms": latency_ms, "request_id": request[REQUEST_ID]}
         return web.json_response(body)
 
@@ -56,9 +71,7 @@ async def caption(request: web.Request) -> web.Response:
 async def caption_batch(request: web.Request) -> web.Response:
     state = request.app[STATE]
     with state.tracking():
-        service, _ = admit(request, state)
-        level = priority(request)
-        parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=True)
+        service, level, parsed = await _admitted(request, state, batch=True)
         if len(parsed.images) > state.settings.max_batch_images:
             raise InvalidRequest(
                 f"{len(parsed.images)} images in one batch; the limit is {state.settings.max_batch_images}",
@@ -86,10 +99,7 @@ async def caption_batch(request: web.Request) -> web.Response:
                 )
             else:
                 results.append(outcome.as_dict())
-        latency_ms = ms_since(request[ARRIVED])
-        state.metrics.request_latency.labels(state.metrics.model, "/v1/caption/batch").observe(
-            latency_ms / 1000
-        )
+        latency_ms = _observed_latency_ms(request, state, "/v1/caption/batch")
         return web.json_response(
             {
                 "results": results,

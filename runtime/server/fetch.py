@@ -163,23 +163,32 @@ def absolute_url(text: str, what: str = "the URL") -> URL:
     return url
 
 
-class UrlFetcher:
-    def __init__(self, *, allow_private: bool, timeout_s: float, max_bytes: int, max_redirects: int) -> None:
+class GuardedClient:
+    """An outgoing HTTP client behind the SSRF guard, its session opened on first use."""
+
+    connections = 64
+
+    def __init__(self, *, allow_private: bool, timeout_s: float) -> None:
         self.allow_private = allow_private
         self.timeout_s = timeout_s
-        self.max_bytes = max_bytes
-        self.max_redirects = max_redirects
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = guarded_session(self.allow_private, self.timeout_s, connections=64)
+            self._session = guarded_session(self.allow_private, self.timeout_s, connections=self.connections)
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class UrlFetcher(GuardedClient):
+    def __init__(self, *, allow_private: bool, timeout_s: float, max_bytes: int, max_redirects: int) -> None:
+        super().__init__(allow_private=allow_private, timeout_s=timeout_s)
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
 
     async def fetch(self, url_text: str, allowance: BodyAllowance | None = None) -> bytes:
         """The bytes at ``url_text``; raises UrlRefused, UrlFetchFailed or PayloadTooLarge. With the

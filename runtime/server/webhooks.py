@@ -23,7 +23,7 @@ import aiohttp
 from yarl import URL
 
 from captionfleet.names import WEBHOOK_SIGNATURE_HEADER
-from captionfleet.runtime.server.fetch import RefusedAddress, absolute_url, check_url, guarded_session
+from captionfleet.runtime.server.fetch import GuardedClient, RefusedAddress, absolute_url, check_url
 from captionfleet.runtime.web.errors import UrlRefused
 from captionfleet.settings.serve import ServeSettings
 
@@ -35,23 +35,13 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class WebhookSender:
+class WebhookSender(GuardedClient):
+    connections = 16
+
     def __init__(self, settings: ServeSettings) -> None:
-        self.allow_private = settings.allow_private_urls
-        self.timeout_s = settings.jobs_webhook_timeout_s
+        super().__init__(allow_private=settings.allow_private_urls, timeout_s=settings.jobs_webhook_timeout_s)
         self.retries = settings.jobs_webhook_retries
         self.backoff_s = settings.jobs_webhook_backoff_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = guarded_session(self.allow_private, self.timeout_s, connections=16)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def notify(self, url: str, secret: str | None, state: dict[str, Any]) -> None:
         """Deliver ``state`` to ``url``; gives up (logged) after the retries."""

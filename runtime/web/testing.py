@@ -1,4 +1,4 @@
-"""Raw HTTP for tests of the edge: requests no well-behaved client library would send.
+"""Raw HTTP for tests of the edge: requests no well-behaved client library would send; fake peers.
 
 Hostile clients send bytes that aiohttp's client refuses to produce (non-UTF-8 headers, broken chunked
 framing, headers one byte a second), so these helpers speak HTTP/1.1 over a plain socket and read the
@@ -13,6 +13,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 
 @dataclass
@@ -82,3 +85,17 @@ def request_bytes(
     for name, value in headers:
         head += name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()) + b"\r\n"
     return head + b"\r\n" + body
+
+
+async def start_fake_peer(routes: Sequence[web.RouteDef], *, client_max_size: int = 1024**2) -> TestServer:
+    """A real aiohttp server on a free loopback port answering ``routes``: a stand-in for a runtime
+    or a job API that a test controls. The caller closes it; its base URL is ``base_url(server)``."""
+    app = web.Application(client_max_size=client_max_size)
+    app.add_routes(routes)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")

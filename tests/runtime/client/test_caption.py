@@ -22,10 +22,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from captionfleet.cli import main
 from captionfleet.runtime.server.testing import encode, shapes_image
+from captionfleet.runtime.web.testing import base_url, start_fake_peer
 
 
 def images(folder: Path, count: int, start: int = 0) -> list[Path]:
@@ -131,13 +131,13 @@ class JobApi:
 @pytest.fixture
 async def job_api() -> AsyncIterator[JobApi]:
     api = JobApi()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_post("/v1/jobs", api.create)
-    app.router.add_get("/v1/jobs/{job_id}", api.status)
-    app.router.add_get("/v1/jobs/{job_id}/results", api.results)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    api.url = str(server.make_url("")).rstrip("/")
+    routes = [
+        web.post("/v1/jobs", api.create),
+        web.get("/v1/jobs/{job_id}", api.status),
+        web.get("/v1/jobs/{job_id}/results", api.results),
+    ]
+    server = await start_fake_peer(routes, client_max_size=64 * 1024 * 1024)
+    api.url = base_url(server)
     yield api
     await server.close()
 

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from captionfleet.runtime.router.app import build_app
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.web.listener import Listener
+from captionfleet.runtime.web.testing import base_url, start_fake_peer
 from captionfleet.settings.router import RouterSettings
 
 
@@ -145,18 +146,18 @@ async def start_runtime() -> AsyncIterator[StartRuntime]:
 
     async def start(version: str) -> FakeRuntime:
         runtime = FakeRuntime(version)
-        app = web.Application()
-        app.router.add_post("/v1/caption", runtime.handle)
-        app.router.add_post("/v1/caption/batch", runtime.handle)
-        app.router.add_get("/openapi.json", runtime.openapi)
-        app.router.add_get("/readyz", runtime.readyz)
-        app.router.add_post("/v1/jobs", runtime.create_job)
-        app.router.add_get("/v1/jobs/{job_id}", runtime.job_status)
-        app.router.add_delete("/v1/jobs/{job_id}", runtime.job_status)
-        app.router.add_get("/v1/jobs/{job_id}/results", runtime.job_results)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        runtime.url = str(server.make_url("")).rstrip("/")
+        routes = [
+            web.post("/v1/caption", runtime.handle),
+            web.post("/v1/caption/batch", runtime.handle),
+            web.get("/openapi.json", runtime.openapi),
+            web.get("/readyz", runtime.readyz),
+            web.post("/v1/jobs", runtime.create_job),
+            web.get("/v1/jobs/{job_id}", runtime.job_status),
+            web.delete("/v1/jobs/{job_id}", runtime.job_status),
+            web.get("/v1/jobs/{job_id}/results", runtime.job_results),
+        ]
+        server = await start_fake_peer(routes)
+        runtime.url = base_url(server)
         servers.append((runtime, server))
         return runtime
 

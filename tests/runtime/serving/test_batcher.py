@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -74,11 +75,19 @@ def make(
     return batcher
 
 
+async def occupy(
+    batcher: DynamicBatcher[int, str, int], model: GatedModel, item: int = 0, group: str = "a", **submit: Any
+) -> asyncio.Task[int]:
+    """Holds the model on ``item``'s batch, so that what is submitted next waits behind it."""
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(item, group, **submit))
+    await model.wait_entered()
+    return running
+
+
 async def test_every_request_gets_its_own_result_in_batches_of_at_most_max(model: GatedModel) -> None:
     batcher = make(model)
-    model.hold()
-    first = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()  # the model is busy with [0]: the rest piles up in the queue
+    first = await occupy(batcher, model)  # the model is busy with [0]: the rest piles up in the queue
     rest = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(1, 23)]
     await eventually(lambda: batcher.depth == 22, 10, "22 queued requests")
     model.release()
@@ -93,9 +102,7 @@ async def test_every_request_gets_its_own_result_in_batches_of_at_most_max(model
 async def test_a_request_arriving_during_a_batch_is_not_stranded(model: GatedModel) -> None:
     # The seed's bug: a `processing` flag made the second arrival return early and strand the queue.
     batcher = make(model, max_batch_size=8, max_queue_delay_s=0.001)
-    model.hold()
-    first = asyncio.ensure_future(batcher.submit(1, "a"))
-    await model.wait_entered()
+    first = await occupy(batcher, model, 1)
     second = asyncio.ensure_future(batcher.submit(2, "a"))
     model.release()
     assert await asyncio.wait_for(first, 10) == 10
@@ -105,9 +112,7 @@ async def test_a_request_arriving_during_a_batch_is_not_stranded(model: GatedMod
 
 async def test_groups_never_share_a_model_call(model: GatedModel) -> None:
     batcher = make(model)
-    model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(100, "x"))
-    await model.wait_entered()
+    blocker = await occupy(batcher, model, 100, "x")
     futures = [asyncio.ensure_future(batcher.submit(i, "ab"[i % 2])) for i in range(12)]
     model.release()
     assert await asyncio.wait_for(asyncio.gather(*futures), 30) == [i * 10 for i in range(12)]
@@ -133,9 +138,7 @@ async def test_an_idle_model_takes_a_lone_request_without_waiting_the_delay(mode
 
 async def test_after_a_larger_batch_a_lone_request_waits_for_companions(model: GatedModel) -> None:
     batcher = make(model, max_batch_size=8, max_queue_delay_s=30)
-    model.hold()
-    first = asyncio.ensure_future(batcher.submit(0, "a"))  # idle: goes at once
-    await model.wait_entered()
+    first = await occupy(batcher, model)  # idle: goes at once
     burst = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(1, 6)]
     await eventually(lambda: batcher.depth == 5, 10, "5 queued requests")
     model.release()  # the 5 are as many as the last batch (1) and more: they go together at once
@@ -204,9 +207,7 @@ async def test_the_arrival_wait_is_at_most_one_batch_long(model: GatedModel) -> 
 
 async def test_a_full_queue_refuses_with_a_retry_hint(model: GatedModel) -> None:
     batcher = make(model, max_queue_size=3, max_batch_size=1)
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()
+    running = await occupy(batcher, model)
     queued = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
     await eventually(lambda: batcher.depth == 3, 10, "3 queued requests")
     with pytest.raises(QueueFull) as refused:
@@ -221,9 +222,7 @@ async def test_an_expired_request_gets_deadline_exceeded_and_never_reaches_the_m
     model: GatedModel,
 ) -> None:
     batcher = make(model, max_batch_size=1)
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()
+    running = await occupy(batcher, model)
     loop = asyncio.get_running_loop()
     with pytest.raises(DeadlineExceeded):
         await batcher.submit(5, "a", deadline=loop.time() + 0.05)  # loop.time() is time.monotonic()
@@ -237,9 +236,7 @@ async def test_an_expired_request_gets_deadline_exceeded_and_never_reaches_the_m
 
 async def test_a_request_whose_caller_went_away_is_skipped(model: GatedModel) -> None:
     batcher = make(model, max_batch_size=1)
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()
+    running = await occupy(batcher, model)
     abandoned = asyncio.ensure_future(batcher.submit(9, "a"))
     kept = asyncio.ensure_future(batcher.submit(8, "a"))
     await eventually(lambda: batcher.depth == 2, 10, "2 queued requests")
@@ -306,9 +303,7 @@ async def held_with_bulk(
     first_group: str = "a",
 ) -> tuple[asyncio.Future[int], list[asyncio.Future[int]]]:
     """The model held inside a batch of ``first``, and ``items`` queued as bulk (group "a") behind it."""
-    model.hold()
-    running = asyncio.ensure_future(batcher.submit(first, first_group, priority=first_priority))
-    await model.wait_entered()
+    running = await occupy(batcher, model, first, first_group, priority=first_priority)
     bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in items]
     await eventually(lambda: batcher.bulk_depth == len(items), 10, f"{len(items)} bulk items queued")
     return running, bulk
@@ -316,9 +311,7 @@ async def held_with_bulk(
 
 async def test_interactive_requests_go_first_and_bulk_fills_the_room_they_leave(model: GatedModel) -> None:
     batcher = make(model)
-    model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
-    await model.wait_entered()
+    blocker = await occupy(batcher, model, priority=BULK)
     bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 16)]
     interactive = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
     await eventually(lambda: batcher.depth == 3 and batcher.bulk_depth == 6, 10, "both queues filled")
@@ -383,9 +376,7 @@ async def test_close_answers_queued_bulk_requests_too(model: GatedModel) -> None
 
 async def test_bulk_work_runs_in_batches_of_at_most_its_own_size(model: GatedModel) -> None:
     batcher = make(model, max_bulk_batch_size=2)
-    model.hold()
-    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
-    await model.wait_entered()
+    blocker = await occupy(batcher, model, priority=BULK)
     bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 15)]
     interactive = asyncio.ensure_future(batcher.submit(1, "a"))
     await eventually(lambda: batcher.depth == 1 and batcher.bulk_depth == 5, 10, "both queues filled")
@@ -412,9 +403,7 @@ async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: 
     # An interactive batch just ended: within max_queue_delay its clients send their next requests,
     # and a bulk batch started in that gap would hold them all up.
     batcher = make(model, max_queue_delay_s=30)
-    model.hold()
-    first = asyncio.ensure_future(batcher.submit(0, "a"))
-    await model.wait_entered()
+    first = await occupy(batcher, model)
     bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
     await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
     model.release()
