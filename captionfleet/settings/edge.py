@@ -46,8 +46,9 @@ class EdgeSettings:
     )
     request_timeout_ms: float = setting(
         30000.0,
-        "Deadline per request, from its arrival to its answer (queue and body reading included); a "
-        "client's X-Request-Timeout-Ms may only shorten it; past it the answer is 504. 0: none.",
+        "Deadline per request, from its arrival to its answer (queue and body reading included; the "
+        "router's retry too, the rest passed on to the runtime in X-Request-Timeout-Ms); a client's "
+        "X-Request-Timeout-Ms may only shorten it; past it the answer is 504. 0: none.",
     )
     header_timeout_ms: float = setting(
         10000.0,

@@ -48,11 +48,6 @@ class RouterSettings(EdgeSettings):
     service_port: int = setting(
         8080, "Port of the version Services, used when their endpoints are not known."
     )
-    request_timeout_ms: float = setting(
-        30000.0,
-        "Budget per request, retry included; a client's X-Request-Timeout-Ms may only shorten it. "
-        "The rest is passed on to the runtime in X-Request-Timeout-Ms; when it is spent the answer is 504.",
-    )
     connect_timeout_ms: float = setting(
         1000.0, "Longest wait for a connection to a runtime before trying elsewhere."
     )
