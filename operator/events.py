@@ -27,6 +27,14 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    # Why a version's pods do not start (pods.py; Warning, once per problem).
+    SECRET_MISSING = "SecretMissing"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    VOLUME_MOUNT_FAILED = "VolumeMountFailed"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    MODEL_DOWNLOAD_FAILING = "ModelDownloadFailing"
+    CONTAINER_FAILING = "ContainerFailing"
+    UNSCHEDULABLE = "Unschedulable"
     # One per phase change of the fleet (refresh_status): the phase's own name.
     PENDING = "Pending"
     PROGRESSING = "Progressing"

@@ -70,7 +70,14 @@ def test_kopf_gets_what_it_needs_cluster_wide() -> None:
         "watch",
         "patch",
     }
-    assert granted(OPERATOR_NAMESPACED_RULES, "", "events") == {"create"}
+    assert granted(OPERATOR_NAMESPACED_RULES, "", "events") == {"create", "list"}
+
+
+def test_pods_are_only_listed_and_watched_and_secrets_never_read() -> None:
+    # Why a version does not start comes from its pods and the kubelet's Events, never a Secret.
+    assert granted(OPERATOR_NAMESPACED_RULES, "", "pods") == {"list", "watch"}
+    assert granted(OPERATOR_NAMESPACED_RULES, "", "secrets") == set()
+    assert not any("secrets" in rule.resources for rule in OPERATOR_CLUSTER_RULES)
 
 
 def test_the_router_reads_and_the_operator_can_grant_that() -> None:
