@@ -48,6 +48,15 @@ def polled_again(cluster: Any, at_least: int) -> None:
     assert pod_lists(cluster) >= at_least
 
 
+def looked_for_events(cluster: Any, times: int) -> None:
+    lists = [r for r in cluster.api.seen() if r.method == "GET" and str(r.url.path).endswith("/events")]
+    assert len(lists) >= times
+
+
+def one_event(cluster: Any, name: str, reason: str) -> None:
+    assert any(r == reason for _, r, _ in cluster.event_reasons(name)), cluster.event_reasons(name)
+
+
 def no_secret_was_read(cluster: Any) -> None:
     touched = [f"{r.method} {r.url.path}" for r in cluster.api.seen() if "secrets" in str(r.url.path)]
     assert touched == []
@@ -107,11 +116,14 @@ async def test_a_missing_auth_secret_volume_is_named_from_the_kubelets_events(
 ) -> None:
     await cluster.create(caption_model("keyed", auth={"secretName": "api-keys", "key": "keys"}))
     await cluster.eventually(lambda: phase(cluster, "keyed", "Pending"))
+    await cluster.eventually(lambda: one_event(cluster, "keyed", "Reconciled"))  # the handler is done
     (pod,) = await cluster.create_pods(
         "keyed-router", cluster.pod_waiting("ContainerCreating", container="router")
     )
-    # The pod changes no more: the kubelet says why only in Events, which the operator reads again
-    # while the fleet is not Ready.
+    # The operator looks at the new pod (created, then its status: two changes, so at most two looks)
+    # and finds no Event yet. The pod changes no more: the kubelet says why only in Events, which the
+    # operator reads again while the fleet is not Ready.
+    await cluster.eventually(lambda: looked_for_events(cluster, times=2))
     await cluster.kubelet_event(pod, "FailedMount", mount_failure)
     summary = (
         "Unable to attach or mount volumes: unmounted volumes=[auth]: timed out waiting for the condition"
