@@ -21,7 +21,7 @@ SECRET = "S3cr3t"
 pytestmark = pytest.mark.usefixtures("operator")
 
 
-def phase(cluster: Any, name: str, expected: str) -> dict[str, Any]:
+def phase(cluster: Any, name: str, expected: str) -> dict[str, Any]:  # in namespace ml
     status = cluster.status(name)
     assert status.get("phase") == expected, status
     return status
@@ -191,3 +191,77 @@ async def test_what_the_crd_schema_refuses_never_gets_stored(
         assert rsp.status == 422
         assert field in (await rsp.json())["message"]
     assert cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "ml", "schema") is None
+
+
+async def test_a_caption_model_named_kubernetes_leaves_the_api_servers_service_alone(cluster: Any) -> None:
+    kubernetes = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver"}},
+        "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 6443}]},
+    }
+    await cluster._send("POST", "/api/v1/namespaces/default/services", kubernetes)
+    before = cluster.get(SERVICES, "kubernetes", "default")
+    await cluster.create(caption_model("kubernetes"), namespace="default")
+    await cluster.eventually(lambda: phase_in(cluster, "kubernetes", "default", "Degraded"))
+    assert (
+        "Service kubernetes already exists" in cluster.condition("kubernetes", "Ready", "default")["message"]
+    )
+    await cluster.delete("kubernetes", namespace="default")
+    await cluster.eventually(
+        lambda: cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "default", "kubernetes") is None
+    )
+    assert cluster.get(SERVICES, "kubernetes", "default") == before
+
+
+async def test_a_version_service_and_another_models_public_service_do_not_fight(cluster: Any) -> None:
+    first = await cluster.create(caption_model("svc-a"))  # its public (router) Service is svc-a
+    await cluster.eventually(lambda: phase(cluster, "svc-a", "Pending"))
+    await cluster.create(caption_model("svc", versions=[{"name": "a", "model": "file:///opt/m"}]))
+    await cluster.eventually(lambda: phase(cluster, "svc", "Degraded"))
+    message = cluster.condition("svc", "Ready")["message"]
+    assert "Service svc-a already exists and belongs to CaptionModel svc-a" in message
+    await cluster.eventually(lambda: event(cluster, "svc", "NameConflict", "Service svc-a"))
+    service = cluster.get(SERVICES, "svc-a")
+    assert service["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+    assert cluster.children("svc") == {}
+
+
+def phase_in(cluster: Any, name: str, namespace: str, expected: str) -> None:
+    assert cluster.status(name, namespace).get("phase") == expected, cluster.status(name, namespace)
+
+
+async def test_without_a_canary_the_analysis_asks_nobody_for_figures(cluster: Any) -> None:
+    await cluster.create(caption_model("quiet", rollout={"analysis": {"interval": "500ms"}}))
+    await cluster.eventually(lambda: phase(cluster, "quiet", "Pending"))
+    # The pod check, every 0.5 s while the fleet is not Ready, is the clock: six of them are at least
+    # six analysis intervals.
+    start = pod_lists(cluster)
+    await cluster.eventually(lambda: ticked(cluster, start + 6), within=30)
+    asked = [str(r.url.path) for r in cluster.api.seen() if "endpointslices" in str(r.url.path)]
+    assert asked == []  # the router pods whose figures a check would read were never looked up
+
+
+def pod_lists(cluster: Any) -> int:
+    return sum(1 for r in cluster.api.seen() if r.method == "GET" and str(r.url.path).endswith("/pods"))
+
+
+def ticked(cluster: Any, at_least: int) -> None:
+    assert pod_lists(cluster) >= at_least
+
+
+async def test_the_router_asks_for_the_memory_its_window_needs_and_the_server_takes_it(cluster: Any) -> None:
+    for name, window in (("short", "10m"), ("long", "24h")):
+        await cluster.create(caption_model(name, rollout={"analysis": {"window": window}}))
+    for name in ("short", "long"):
+        await cluster.eventually(lambda n=name: phase(cluster, n, "Pending"))
+
+    def memory(name: str) -> tuple[str, str]:
+        resources = cluster.get(DEPLOYMENTS, f"{name}-router")["spec"]["template"]["spec"]["containers"][0]
+        return resources["resources"]["requests"]["memory"], resources["resources"]["limits"]["memory"]
+
+    short, long = memory("short"), memory("long")
+    mebibytes = [int(value.removesuffix("Mi")) for value in (*short, *long)]
+    assert mebibytes[2] > mebibytes[0] and mebibytes[3] > mebibytes[1], (short, long)
+    assert mebibytes[3] - mebibytes[2] == mebibytes[1] - mebibytes[0]  # the same headroom above
