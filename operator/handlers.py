@@ -114,6 +114,12 @@ async def reconcile_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> N
     await _reconcile(body, memo)
 
 
+async def rollout_action(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
+    """The rollout-action annotation was set. kopf's diff of the spec does not see it (it ignores every
+    annotation under the prefix of its own, captionfleet.io/), so no update handler runs: act now."""
+    await _reconcile(body, memo)
+
+
 async def resync(namespace: str | None, name: str, memo: OperatorContext, **_: Any) -> None:
     assert namespace is not None  # CaptionModels are namespaced
     fresh = await memo.require().kube.get(kube.CAPTION_MODEL, namespace, name)  # not the timer's old view
@@ -199,6 +205,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     if settings.resync_seconds > 0:
         every = settings.resync_seconds
         kopf.timer(*CAPTION_MODELS, interval=every, initial_delay=every, registry=registry)(resync)
+    action: Mapping[str, Any] = {names.ROLLOUT_ACTION_ANNOTATION: kopf.PRESENT}
+    kopf.on.event(*CAPTION_MODELS, annotations=action, registry=registry)(rollout_action)
     kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
     kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
     ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}

@@ -31,7 +31,8 @@ CONTAINER_FAILING = Reason.CONTAINER_FAILING
 MODEL_DOWNLOAD_FAILING = Reason.MODEL_DOWNLOAD_FAILING
 CONTAINER_CONFIG_ERROR = Reason.CONTAINER_CONFIG_ERROR
 VOLUME_MOUNT_FAILED = Reason.VOLUME_MOUNT_FAILED
-# Most telling first: when a fleet has several, the conditions' reason is the first of these found.
+# Most telling first: when a fleet has several, the conditions' reason is the first of these found
+# (the same reasons as events.POD_PROBLEMS, in order).
 POD_REASONS = (
     SECRET_MISSING,
     CONTAINER_CONFIG_ERROR,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from captionfleet.names import COMPONENT_LABEL, VERSION_LABEL
-from captionfleet.operator import pods, spec
+from captionfleet.operator import events, pods, spec
 from captionfleet.operator.pods import PodProblem, SecretUse
 
 IMAGE = "registry.test/runtime:1"
@@ -208,3 +208,7 @@ def test_the_secrets_a_spec_uses_by_the_field_that_names_them() -> None:
         }
     )
     assert pods.secret_uses(parsed) == USES
+
+
+def test_every_problem_reason_is_an_event_reason_a_resync_or_check_reports() -> None:
+    assert set(pods.POD_REASONS) == events.POD_PROBLEMS <= events.REPAIRS
