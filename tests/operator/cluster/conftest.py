@@ -290,7 +290,7 @@ def settings(cluster: Cluster) -> OperatorSettings:
         liveness="",
         metrics="",
         resync_seconds=0,
-        pod_check_seconds=0.5,
+        pod_check_seconds=0,  # test_operator_pods.py turns the timer on; the rest need no polling
         prometheus_url="http://prometheus.monitoring.svc:9090",
         default_runtime_image="registry.test/captionfleet/runtime:1.2.3",
     )

@@ -5,13 +5,24 @@ state and Events; the operator reads pods and Events, never a Secret."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
+from captionfleet.operator.settings import OperatorSettings
+
 from .conftest import caption_model
 
 pytestmark = pytest.mark.usefixtures("operator")
+
+
+@pytest.fixture
+def settings(settings: OperatorSettings) -> OperatorSettings:
+    """The operator reads a not-Ready fleet's pods again every 0.5 s (a FailedMount changes no pod)."""
+    return dataclasses.replace(settings, pod_check_seconds=0.5)
+
+
 IMAGE = "registry.test/captionfleet/runtime:1.2.3"
 
 
@@ -171,3 +182,15 @@ async def test_image_pulls_scheduling_and_model_downloads_say_why_a_version_is_n
     )
     await cluster.eventually(lambda: no_text(cluster.condition("why", "Ready")["message"], pull))
     assert len(warnings(cluster, "why", "ImagePullFailed")) == 1
+
+
+# (Here because this file's operator reads pods on a timer, the clock below.)
+async def test_without_a_canary_the_analysis_asks_nobody_for_figures(cluster: Any) -> None:
+    await cluster.create(caption_model("quiet", rollout={"analysis": {"interval": "500ms"}}))
+    await cluster.eventually(lambda: phase(cluster, "quiet", "Pending"))
+    # The pod check, every 0.5 s while the fleet is not Ready, is the clock: six of them are at least
+    # six analysis intervals.
+    start = pod_lists(cluster)
+    await cluster.eventually(lambda: polled_again(cluster, start + 6), within=30)
+    asked = [str(r.url.path) for r in cluster.api.seen() if "endpointslices" in str(r.url.path)]
+    assert asked == []  # the router pods whose figures a check would read were never looked up

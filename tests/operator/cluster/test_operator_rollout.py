@@ -248,7 +248,7 @@ async def test_low_traffic_never_rolls_back(cluster: Any) -> None:
         def checked_often() -> None:
             assert len(routers[0].windows) >= 8
 
-        await cluster.eventually(checked_often, within=15)
+        await cluster.eventually(checked_often, within=60)
         state = rollout(cluster, "Progressing", weight=20, failedChecks=0)
         assert state["lastCheck"]["verdict"] == "hold"
         assert "below minRequests 50" in state["message"]

@@ -232,25 +232,6 @@ def phase_in(cluster: Any, name: str, namespace: str, expected: str) -> None:
     assert cluster.status(name, namespace).get("phase") == expected, cluster.status(name, namespace)
 
 
-async def test_without_a_canary_the_analysis_asks_nobody_for_figures(cluster: Any) -> None:
-    await cluster.create(caption_model("quiet", rollout={"analysis": {"interval": "500ms"}}))
-    await cluster.eventually(lambda: phase(cluster, "quiet", "Pending"))
-    # The pod check, every 0.5 s while the fleet is not Ready, is the clock: six of them are at least
-    # six analysis intervals.
-    start = pod_lists(cluster)
-    await cluster.eventually(lambda: ticked(cluster, start + 6), within=30)
-    asked = [str(r.url.path) for r in cluster.api.seen() if "endpointslices" in str(r.url.path)]
-    assert asked == []  # the router pods whose figures a check would read were never looked up
-
-
-def pod_lists(cluster: Any) -> int:
-    return sum(1 for r in cluster.api.seen() if r.method == "GET" and str(r.url.path).endswith("/pods"))
-
-
-def ticked(cluster: Any, at_least: int) -> None:
-    assert pod_lists(cluster) >= at_least
-
-
 async def test_the_router_asks_for_the_memory_its_window_needs_and_the_server_takes_it(cluster: Any) -> None:
     for name, window in (("short", "10m"), ("long", "24h")):
         await cluster.create(caption_model(name, rollout={"analysis": {"window": window}}))
