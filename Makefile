@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 LINKS := $(VENV)/.linked
 FILE_LIST := $(VENV)/.package-files
 
-.PHONY: run test bench lint typecheck layers unit crd crds docs-config docs clean redis-server FORCE
+.PHONY: run test bench lint typecheck layers unit crd crds docs-config docs clean redis-server promtool FORCE
 
 # The dependencies, once (and again when pyproject.toml changes).
 $(STAMP): pyproject.toml
@@ -47,6 +47,14 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
+# The chart's alert rules are checked and unit-tested by Prometheus' own promtool (tests/deploy); it comes
+# from Debian's prometheus package.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 lint: $(LINKS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -60,7 +68,7 @@ typecheck: $(LINKS)
 layers: $(LINKS)
 	$(BIN)/lint-imports
 
-unit: $(LINKS) redis-server
+unit: $(LINKS) redis-server promtool
 	$(BIN)/pytest
 
 test: lint typecheck layers unit

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "captionfleet.runtime.training.train_command",
     "eval": "captionfleet.runtime.training.eval_command",
     "bench": "captionfleet.bench.command",
+    "caption": "captionfleet.client.command",
 }
 
 

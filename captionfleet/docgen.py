@@ -43,6 +43,7 @@ SETTINGS: tuple[tuple[str, str], ...] = (
     ("train", "captionfleet.runtime.training.settings:TrainSettings"),
     ("eval", "captionfleet.runtime.training.settings:EvalSettings"),
     ("bench", "captionfleet.bench.settings:BenchSettings"),
+    ("caption", "captionfleet.client.settings:CaptionSettings"),
 )
 
 # Named templates of _rbac-rules.tpl -> the rule tuples of operator/permissions.py they hold.

@@ -97,3 +97,10 @@ def endpoints_by_service(
         if service:
             found.setdefault(str(service), set()).update(slice_endpoints(slice_, port_name))
     return {service: sorted(urls) for service, urls in found.items()}
+
+
+def jobs_stream(namespace: str, model: str, version: str) -> str:
+    """The Redis stream (and key prefix) of one version's jobs: the operator gives it to the version's
+    runtimes (the serve setting ``jobs_stream``) and to KEDA's redis-streams trigger, so both watch
+    the same stream, and fleets or versions sharing one Redis never take each other's work."""
+    return f"captionfleet:jobs:{namespace}:{model}:{version}"

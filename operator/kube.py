@@ -53,6 +53,7 @@ DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 SCALED_OBJECT = Kind("keda.sh/v1alpha1", "ScaledObject", "scaledobjects")
+TRIGGER_AUTHENTICATION = Kind("keda.sh/v1alpha1", "TriggerAuthentication", "triggerauthentications")
 SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
@@ -62,7 +63,16 @@ POD = Kind("v1", "Pod", "pods")
 EVENT = Kind("v1", "Event", "events")
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
-CHILD_KINDS = (HPA, SCALED_OBJECT, SERVICE, DEPLOYMENT, ROLE_BINDING, ROLE, SERVICE_ACCOUNT)
+CHILD_KINDS = (
+    HPA,
+    SCALED_OBJECT,
+    TRIGGER_AUTHENTICATION,
+    SERVICE,
+    DEPLOYMENT,
+    ROLE_BINDING,
+    ROLE,
+    SERVICE_ACCOUNT,
+)
 KINDS = {(k.api_version, k.kind): k for k in (CAPTION_MODEL, *CHILD_KINDS)}
 
 

@@ -106,9 +106,10 @@ OPERATOR_NAMESPACED_RULES: tuple[PolicyRule, ...] = (
     ),
     PolicyRule(
         ("keda.sh",),
-        ("scaledobjects",),
+        ("scaledobjects", "triggerauthentications"),
         MANAGE,
-        "autoscaling.provider: keda, one ScaledObject per version",
+        "autoscaling.provider: keda, one ScaledObject per version (and with jobs.redisPasswordSecret a "
+        "TriggerAuthentication naming that Secret key)",
     ),
     PolicyRule(("",), ("serviceaccounts",), MANAGE, "the router's ServiceAccount"),
     PolicyRule(

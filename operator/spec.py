@@ -283,6 +283,74 @@ class Cache(SpecModel):
     )
 
 
+# host:port of a Redis, as KEDA's redis scalers take it: a DNS name or IPv4 address (or [IPv6]), a port.
+REDIS_ADDRESS_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$"
+)
+
+
+class Jobs(SpecModel):
+    """The job API (``POST /v1/jobs``): its queue, job state and results live in one Redis, shared by
+    every runtime pod; leave out ``jobs`` for none (the runtimes then answer 503 there)."""
+
+    redis_url_secret: SecretKeyRef = Field(
+        description="A Secret key holding the whole redis:// URL, credentials included; given to the "
+        "runtimes through secretKeyRef, never read by the operator. Each version gets its own stream "
+        "and keys in it."
+    )
+    redis_address: str | None = Field(
+        default=None,
+        pattern=REDIS_ADDRESS_PATTERN,
+        max_length=260,
+        description="host:port of the same Redis, for KEDA's redis-streams trigger (KEDA reads no URLs); "
+        "needed with autoscaling.provider keda.",
+    )
+    redis_password_secret: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding the Redis password, for KEDA (a TriggerAuthentication per "
+        "version); unset: KEDA connects without one.",
+    )
+    redis_database: int = Field(
+        default=0, ge=0, le=1_000_000, description="The database number of the URL, for KEDA."
+    )
+    redis_tls: bool = Field(default=False, description="KEDA connects with TLS (a rediss:// URL).")
+    target_pending_items: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="Job items waiting per pod that KEDA aims for, on top of the interactive queue "
+        "depth (the larger proposal wins).",
+    )
+
+
+class Moderation(SpecModel):
+    """Moderation before captioning: each image is POSTed as JPEG (longest side at most 512 px) to
+    ``url``, which answers ``{"allowed": bool, "reason": str}``; a refused image gets 422
+    ``content_blocked`` and is never captioned. Leave out ``moderation`` for none."""
+
+    url: str = Field(
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="http(s) URL of the moderation service, without credentials.",
+    )
+    timeout_ms: int = Field(
+        default=2000,
+        ge=1,
+        le=60_000,
+        description="Longest wait for a verdict; slower counts as the service being unavailable.",
+    )
+    failure_policy: Literal["Fail", "Ignore"] = Field(
+        default="Fail",
+        description="The service down, slow or answering nonsense: Fail answers 503 moderation_unavailable; "
+        "Ignore captions the image unmoderated (counted in captionfleet_moderation_bypassed_total).",
+    )
+    allow_private_addresses: bool = Field(
+        default=False,
+        description="Let url be a private, loopback or link-local address, such as a cluster Service's "
+        "(http://moderation.ns.svc); image URLs sent by clients stay public-only.",
+    )
+
+
 class Auth(SpecModel):
     """API keys: a Secret holding the key hashes, mounted into the router and the runtimes."""
 
@@ -321,6 +389,8 @@ class CaptionModelSpec(SpecModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     rollout: Rollout = Field(default_factory=Rollout)
     cache: Cache | None = None
+    jobs: Jobs | None = None
+    moderation: Moderation | None = None
     auth: Auth | None = None
     router: Router = Field(default_factory=Router)
 

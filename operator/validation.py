@@ -7,6 +7,7 @@ is one sentence naming the field, so that the Invalid condition tells the user w
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -138,6 +139,24 @@ def _cache(spec: CaptionModelSpec) -> list[str]:
     return []
 
 
+def _jobs(spec: CaptionModelSpec) -> list[str]:
+    """KEDA needs the queue's address (it reads no URL); the address's port must be one."""
+    jobs = spec.jobs
+    if jobs is None:
+        return []
+    if jobs.redis_address is None:
+        if spec.autoscaling.provider == "keda":
+            return [
+                "spec.jobs.redisAddress: autoscaling.provider keda watches the job backlog through KEDA's "
+                "redis-streams trigger, which needs the Redis as host:port (it reads no URL)"
+            ]
+        return []
+    port = int(jobs.redis_address.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        return [f"spec.jobs.redisAddress: port {port} is not in 1..65535"]
+    return []
+
+
 def _has_credentials(url: str) -> bool:
     try:
         parts = urlsplit(url)
@@ -146,9 +165,39 @@ def _has_credentials(url: str) -> bool:
     return bool(parts.username or parts.password) or "@" in parts.netloc
 
 
+def _moderation(spec: CaptionModelSpec) -> list[str]:
+    """No credentials in plain text, and no address the runtimes would refuse (they would not start)."""
+    moderation = spec.moderation
+    if moderation is None:
+        return []
+    if _has_credentials(moderation.url):
+        return [
+            "spec.moderation.url: holds credentials, which would be stored in plain text in the Deployments"
+        ]
+    host = (urlsplit(moderation.url).hostname or "").rstrip(".").lower()
+    if not moderation.allow_private_addresses and _private_host(host):
+        return [
+            f"spec.moderation.url: {host!r} is a private, loopback or cluster-internal address, which the "
+            "runtimes refuse unless spec.moderation.allowPrivateAddresses is true"
+        ]
+    return []
+
+
+def _private_host(host: str) -> bool:
+    """An IP literal that is not public, localhost, or a cluster Service's name (a ClusterIP is private).
+    Other names are checked by the runtimes on the address they resolve to."""
+    try:
+        return not ipaddress.ip_address(host).is_global
+    except ValueError:
+        pass
+    internal = (".localhost", ".svc", ".cluster.local")
+    return host.endswith(internal) or "." not in host  # a bare name: a Service of the namespace
+
+
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
-    return _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
+    found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
+    return found + _jobs(spec) + _moderation(spec)
 
 
 def check(

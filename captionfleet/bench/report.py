@@ -14,7 +14,9 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``decoder_speedup_bs32``, ``decoder_speedup_bs1``: the native decoder over transformers' generate on
   ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
   two on the bundled model's held-out scenes;
-- ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32).
+- ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
+- ``ood_cost_c32``: the share of served throughput the out-of-distribution score costs at 32 clients
+  (1 - scored / ``--ood false``; ``ood.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "decoder_agreement": _number(engine.decoder_agreement if engine else None, 4),
         "int8_speedup": _number(engine.int8_speedup if engine else None),
         "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
+        "ood_cost_c32": _number(results.ood.cost if results.ood else None, 4),
     }
 
 
@@ -76,6 +79,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "cache": results.cache.summary() if results.cache else None,
         "router": results.router.summary() if results.router else None,
         "engine": results.engine.summary() if results.engine else None,
+        "ood": results.ood.summary() if results.ood else None,
         "settings": dataclasses.asdict(results.settings),
     }
 
@@ -172,5 +176,12 @@ def _other_lines(results: BenchResults) -> list[str]:
             + f"; identical captions on {engine.scenes} held-out scenes: {engine.decoder_agreement:.1%}",
             f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
             f"{engine.int8_agreement:.1%}",
+        ]
+    if results.ood is not None:
+        ood = results.ood
+        lines += [
+            "",
+            f"OOD score: {ood.scored_rps:.2f} req/s scored, {ood.unscored_rps:.2f} req/s with --ood false "
+            f"at {ood.concurrency} clients ({len(ood.scored)} rounds each): cost {ood.cost:+.1%}",
         ]
     return lines

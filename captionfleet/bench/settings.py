@@ -62,6 +62,10 @@ class BenchSettings:
     engine_rounds: int = setting(
         3, "Timed rounds of each engine measurement (offline pipeline, decoders, int8); best kept."
     )
+    ood_concurrency: int = setting(
+        32, "Clients of the OOD-cost runs (ours with the out-of-distribution score, and without)."
+    )
+    ood_rounds: int = setting(4, "Alternating rounds per side of the OOD-cost runs; 0: skip them.")
     workdir: str = setting("", "Folder for generated models, photos and server logs; empty: a temp dir.")
 
     def concurrency_levels(self) -> list[int]:
@@ -105,8 +109,10 @@ class BenchSettings:
             problems.append(f"server_env must list NAME=VALUE entries, got {','.join(self.server_env)!r}")
         if self.run_seconds <= 0:
             problems.append("run_seconds must be > 0")
-        if self.warmup_requests < 0 or self.torch_threads < 0:
-            problems.append("warmup_requests and torch_threads must be >= 0")
+        if self.warmup_requests < 0 or self.torch_threads < 0 or self.ood_rounds < 0:
+            problems.append("warmup_requests, torch_threads and ood_rounds must be >= 0")
+        if self.ood_concurrency < 1:
+            problems.append("ood_concurrency must be >= 1")
         return problems
 
     def quick(self) -> BenchSettings:
@@ -130,6 +136,7 @@ QUICK: dict[str, object] = {
     "cache_requests": 600,
     "router_requests": 150,
     "agreement_scenes": 200,
+    "ood_rounds": 2,
     "engine_rounds": 2,
 }
 """What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only,

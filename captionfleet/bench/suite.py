@@ -10,18 +10,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from captionfleet.bench import processes
 from captionfleet.bench.cache import measure_cache_hits
 from captionfleet.bench.engine import EngineResult, measure_engine
 from captionfleet.bench.loadgen import LoadResult, Payload
 from captionfleet.bench.models import BLIP_MINI, save_random_blip
+from captionfleet.bench.ood import OodCost, measure_ood_cost
 from captionfleet.bench.photos import request_photos
 from captionfleet.bench.preprocess import PreprocessResult, measure_preprocessing
 from captionfleet.bench.router import RouterResult, measure_router_overhead
 from captionfleet.bench.serving import ServingRow, compare_serving, progress
 from captionfleet.bench.settings import BenchSettings
+
+if TYPE_CHECKING:
+    from captionfleet.settings.serve import ServeSettings
 
 LARGER_MODEL_TOKENS = 20
 
@@ -38,6 +42,8 @@ class BenchResults:
     router: RouterResult | None = None
     engine: EngineResult | None = None
     """The engine without HTTP: the offline ceiling, decoder and int8 ratios."""
+    ood: OodCost | None = None
+    """Served throughput with the out-of-distribution score and without."""
     elapsed_s: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +132,42 @@ async def _main_model(results: BenchResults, model_dir: Path, workdir: Path, pay
         results.router = await measure_router_overhead(
             cached.url, router.url, payloads[1 % len(payloads)], requests=settings.router_requests
         )
+    if settings.ood_rounds > 0:
+        results.ood = await _ood_cost(model_dir, workdir, payloads, settings)
+
+
+async def _ood_cost(
+    model_dir: Path, workdir: Path, payloads: list[Payload], settings: BenchSettings
+) -> OodCost:
+    """Two servers of one n-gram size (see ``ood.py``), one scoring and one not, measured in turns."""
+    base = _serve_base(settings)
+    base = replace(base, ood_no_repeat_ngram_size=base.no_repeat_ngram_size)
+    env = settings.environment()
+    progress("starting the OOD-cost servers")
+    started = [
+        processes.start_ours(model_dir, workdir, cache=False, base=replace(base, ood=ood), name=name, env=env)
+        for ood, name in ((True, "ours-ood"), (False, "ours-no-ood"))
+    ]
+    try:
+        processes.wait_all_ready(list(started))
+        return await measure_ood_cost(started[0].url, started[1].url, payloads, settings)
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _serve_base(settings: BenchSettings) -> ServeSettings:
+    """Our servers' settings in every run (each then sets its model, port, cache)."""
+    from captionfleet.settings.serve import ServeSettings
+
+    return ServeSettings(
+        host="127.0.0.1",
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        max_batch_size=settings.max_batch_size,
+        torch_threads=settings.torch_threads,
+        request_timeout_ms=0.0,  # the baseline has no deadline either; slow runs must not turn into 504s
+    )
 
 
 @contextlib.contextmanager
@@ -134,16 +176,7 @@ def _servers(
 ) -> Iterator[tuple[processes.Server, processes.Server, processes.Server | None, processes.Server | None]]:
     """Ours (cache off) and the baseline; with ``extras`` also ours with its cache and a router in front
     of that one. They start in parallel; all are stopped on the way out."""
-    from captionfleet.settings.serve import ServeSettings
-
-    base = ServeSettings(
-        host="127.0.0.1",
-        num_beams=settings.num_beams,
-        max_new_tokens=settings.max_new_tokens,
-        max_batch_size=settings.max_batch_size,
-        torch_threads=settings.torch_threads,
-        request_timeout_ms=0.0,  # the baseline has no deadline either; slow runs must not turn into 504s
-    )
+    base = _serve_base(settings)
     env = settings.environment()
     started: list[processes.Server] = []
     try:

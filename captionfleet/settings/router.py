@@ -57,7 +57,16 @@ class RouterSettings(EdgeSettings):
         1000.0, "Longest wait for a connection to a runtime before trying elsewhere."
     )
     retry: bool = setting(True, "Retry once on another endpoint after a connection failure or a 503.")
-    max_response_bytes: int = setting(32 * MB, "Largest runtime answer relayed; larger gets 502.")
+    max_response_bytes: int = setting(
+        32 * MB,
+        "Largest runtime answer relayed whole; larger gets 502. A job's results (JSON Lines) are streamed "
+        "instead, whatever their size.",
+    )
+    jobs_max_bytes: int = setting(
+        64 * MB,
+        "Largest POST /v1/jobs body (413 beyond), held whole so it can be sent again on the retry; at most "
+        "max_body_bytes_in_flight. Keep it at least the runtimes' jobs_max_bytes.",
+    )
     drain_grace_s: float = setting(
         5.0,
         "On SIGTERM: /readyz turns 503 at once and requests are still routed for this long (a second "
@@ -133,7 +142,9 @@ class RouterSettings(EdgeSettings):
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("max_response_bytes", "stats_window_s", "stats_max_slots"):
+        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
+            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
+        for name in ("max_response_bytes", "jobs_max_bytes", "stats_window_s", "stats_max_slots"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         for name in ("outlier_base_ejection_s", "outlier_max_ejection_s", "outlier_probe_timeout_ms"):

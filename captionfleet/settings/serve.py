@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from captionfleet.settings import setting
 from captionfleet.settings.edge import MB, EdgeSettings
 
+MODERATION_FAILURE_POLICIES = ("Fail", "Ignore")
+"""What a failed moderation check does, named as Kubernetes' admission webhooks' failurePolicy."""
+
 
 @dataclass(frozen=True)
 class ServeSettings(EdgeSettings):
@@ -74,9 +77,79 @@ class ServeSettings(EdgeSettings):
     url_timeout_s: float = setting(10.0, "Total time allowed to fetch an image URL, redirects included.")
     url_max_bytes: int = setting(20 * MB, "Largest image fetched from a URL (413 beyond).")
     url_max_redirects: int = setting(5, "Redirects followed when fetching an image URL, each re-checked.")
+    moderation_url: str = setting(
+        "",
+        "Moderation service: before captioning, each image is POSTed to it as JPEG (image/jpeg, longest "
+        'side at most 512 px), answered {"allowed": bool, "reason": str}; not allowed -> 422 '
+        "content_blocked, never captioned. Checked like image URLs (no private addresses unless "
+        "moderation_allow_private or allow_private_urls). Empty: no moderation.",
+    )
+    moderation_timeout_ms: float = setting(
+        2000.0,
+        "Longest wait for a moderation verdict (within the request's deadline); slower counts as the "
+        "service being unavailable.",
+    )
+    moderation_failure_policy: str = setting(
+        "Fail",
+        "When the moderation service is down, slow or answers malformed JSON: Fail -> 503 "
+        "moderation_unavailable with Retry-After; Ignore -> the image is captioned unmoderated (counted in "
+        "captionfleet_moderation_bypassed_total).",
+        choices=MODERATION_FAILURE_POLICIES,
+    )
+    moderation_allow_private: bool = setting(
+        False,
+        "Let moderation_url be a loopback, private or link-local address (an in-cluster Service), without "
+        "opening image URLs to them as allow_private_urls does.",
+    )
+    moderation_cache_size: int = setting(
+        10000,
+        "Moderation verdicts kept in memory by the image's perceptual key (the result cache's), so a "
+        "repeated image is not sent again; 0: every image is sent.",
+    )
+    moderation_cache_ttl_s: float = setting(3600.0, "Seconds a cached moderation verdict stays valid.")
+    moderation_max_connections: int = setting(
+        32, "Connections open to the moderation service at once; further checks wait within the timeout."
+    )
     num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
     max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
+    no_repeat_ngram_size: int = setting(
+        5,
+        "No word n-gram of this size twice in a caption (0: off), for images in distribution or not "
+        "scored; 5: the smallest that no true scene caption repeats.",
+    )
+    ood_no_repeat_ngram_size: int = setting(
+        3, "The same for images scored out of distribution (the model repeats itself on those)."
+    )
+    ood: bool = setting(
+        True,
+        "Score every image's distance to the model's reference images (ood_score, in_distribution, "
+        "drift); off: no scores, no drift.",
+    )
+    ood_threshold: float = setting(
+        0.99,
+        "ood_score above which an image is out of distribution (a quantile of the reference's own "
+        "scores: about 1 - threshold of in-distribution images are flagged).",
+    )
+    ood_reference_requests: int = setting(
+        500,
+        "A model without ood_reference.safetensors builds its reference from its first N captioned "
+        "images (no ood fields until then; GET /v1/models says so); 0: never.",
+    )
+    drift_window: int = setting(200, "Scored requests in the drift window (the most recent ones).")
+    drift_significance: float = setting(
+        0.01, "p-value below which the window's out-of-distribution share counts as drift."
+    )
+    jobs_redis_url: str = setting(
+        "",
+        "redis://host:port/db holding the job API's queue (a stream with a consumer group), job state and "
+        "results; every replica on it consumes bulk items with its spare capacity. Empty: no job API (503).",
+    )
+    jobs_stream: str = setting(
+        "captionfleet:jobs",
+        "Redis stream of the job items; job state and results use it as their key prefix. One per model "
+        "version, so that each version captions the jobs sent to it.",
+    )
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
@@ -100,6 +173,37 @@ class ServeSettings(EdgeSettings):
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
+        problems += self._ood_problems()
+        problems += self._moderation_problems()
         if self.precision == "int8" and self.device.startswith("cuda"):
             problems.append("precision int8 runs on the CPU only; use bf16 or fp16 on a GPU")
+        return problems
+
+    def _ood_problems(self) -> list[str]:
+        problems = []
+        for name in ("no_repeat_ngram_size", "ood_no_repeat_ngram_size"):
+            if not 0 <= getattr(self, name) <= 10:
+                problems.append(f"{name} must be between 0 and 10")
+        if not 0.0 < self.ood_threshold < 1.0:
+            problems.append("ood_threshold must be in (0, 1)")
+        if self.ood_reference_requests != 0 and self.ood_reference_requests < 30:
+            problems.append("ood_reference_requests must be 0 or at least 30")
+        if self.drift_window < 1:
+            problems.append("drift_window must be >= 1")
+        if not 0.0 < self.drift_significance < 1.0:
+            problems.append("drift_significance must be in (0, 1)")
+        return problems
+
+    def _moderation_problems(self) -> list[str]:
+        problems = []
+        url = self.moderation_url.strip().lower()
+        if url and not url.startswith(("http://", "https://")):
+            problems.append("moderation_url must be an http:// or https:// URL")
+        if self.moderation_failure_policy not in MODERATION_FAILURE_POLICIES:
+            policies = ", ".join(MODERATION_FAILURE_POLICIES)
+            problems.append(f"moderation_failure_policy must be one of {policies}")
+        if self.moderation_timeout_ms <= 0 or self.moderation_max_connections < 1:
+            problems.append("moderation_timeout_ms must be > 0 and moderation_max_connections >= 1")
+        if self.moderation_cache_size < 0 or self.moderation_cache_ttl_s <= 0:
+            problems.append("moderation_cache_size must be >= 0 and moderation_cache_ttl_s > 0")
         return problems

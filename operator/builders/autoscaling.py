@@ -1,10 +1,24 @@
-"""Per model version: an HPA (autoscaling/v2) or a KEDA ScaledObject, within the version's bounds."""
+"""Per model version: an HPA (autoscaling/v2) or a KEDA ScaledObject, within the version's bounds.
+
+With ``jobs``, KEDA also watches the version's backlog of job items (a ``redis-streams`` trigger on its
+stream). The interactive queue depth stays the first trigger and the one the fleet is sized by; KEDA
+(as the HPA under it) takes the largest proposal, so a backlog adds pods, up to the same ceiling,
+and never takes any away from interactive traffic. The runtimes delete an item from the stream once
+its result is stored, so the stream's length (``XLEN``, ``streamLength``) is exactly the items not yet
+done: queued or being captioned (the runtimes' ``captionfleet_jobs_pending_items``). The consumer
+group's pending entries (``XPENDING``, ``pendingEntriesCount``) would count only items already handed
+to a pod, at most what the running pods take at once: a signal that never grows with the backlog,
+and is 0 with no pods at all (no scaling up from zero). KEDA reads no URL, so the trigger takes
+``jobs.redisAddress``, and the password, when there is one, through a TriggerAuthentication that
+names the Secret key (``jobs.redisPasswordSecret``; KEDA reads it, the operator never does).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from captionfleet.operator.builders import common
+from captionfleet.operator.builders.env import jobs_stream
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.builders.runtime import COMPONENT
 from captionfleet.operator.spec import ModelVersion
@@ -96,8 +110,49 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
                     "metricType": "Utilization",
                     "metadata": {"value": str(autoscaling.target_cpu_utilization)},
                 },
+                *_backlog_triggers(ctx, version),
             ],
         },
+    }
+
+
+def _backlog_triggers(ctx: common.FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
+    """The redis-streams trigger on the version's job items, with jobs (and an address for KEDA)."""
+    jobs = ctx.spec.jobs
+    if jobs is None or jobs.redis_address is None:
+        return []
+    trigger: dict[str, Any] = {
+        "type": "redis-streams",
+        "name": "job-backlog",
+        "metadata": {
+            "address": jobs.redis_address,
+            "stream": jobs_stream(ctx, version),
+            "streamLength": str(jobs.target_pending_items),
+            "databaseIndex": str(jobs.redis_database),
+            "enableTLS": "true" if jobs.redis_tls else "false",
+        },
+    }
+    if jobs.redis_password_secret is not None:
+        trigger["authenticationRef"] = {"name": common.version_name(ctx, version.name)}
+    return [trigger]
+
+
+def trigger_authentication(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any] | None:
+    """KEDA's credentials for the version's backlog trigger: the password's Secret key, by reference;
+    none without a KEDA autoscaler, jobs or a password."""
+    jobs = ctx.spec.jobs
+    if ctx.autoscaler() != "keda" or ctx.share(version.name).retired or not _backlog_triggers(ctx, version):
+        return None
+    assert jobs is not None
+    if jobs.redis_password_secret is None:
+        return None
+    secret = jobs.redis_password_secret
+    name = common.version_name(ctx, version.name)
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": common.metadata(ctx, name, COMPONENT, version.name),
+        "spec": {"secretTargetRef": [{"parameter": "password", "name": secret.name, "key": secret.key}]},
     }
 
 

@@ -23,6 +23,7 @@ from captionfleet.operator.spec import (
     CaptionModelSpec,
     ModelSource,
     ModelVersion,
+    SecretKeyRef,
     parse_model_source,
     seconds,
 )
@@ -51,6 +52,13 @@ RUNTIME_ENV: dict[str, str] = {
     "style": "generation.style (only when set)",
     "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache)",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "jobs_redis_url": "the Secret key jobs.redisUrlSecret (secretKeyRef; only with jobs)",
+    "jobs_stream": "captionfleet:jobs:<namespace>:<CaptionModel>:<version> (only with jobs): each version "
+    "its own stream, watched by KEDA's redis-streams trigger too",
+    "moderation_url": "moderation.url (only with moderation)",
+    "moderation_timeout_ms": "moderation.timeoutMs (only with moderation)",
+    "moderation_failure_policy": "moderation.failurePolicy: Fail or Ignore (only with moderation)",
+    "moderation_allow_private": "moderation.allowPrivateAddresses (only with moderation)",
 }
 
 ROUTER_ENV: dict[str, str] = {
@@ -89,20 +97,42 @@ def _foreign(*keys: str) -> list[dict[str, Any]]:
     return [{"name": key, "value": FOREIGN_ENV[key]} for key in keys]
 
 
-def _optional_serve_settings(spec: CaptionModelSpec) -> list[dict[str, Any]]:
-    """Style, cache and API keys: set only when the spec asks for them."""
+def secret_entry(cls: type[Any], field: str, ref: SecretKeyRef) -> dict[str, Any]:
+    """The variable of ``cls``'s setting ``field`` from a Secret key (the kubelet resolves it)."""
+    env_entries(cls, **{field: ""})  # a misspelt or renamed field is an error here too
+    return {"name": env_name(field), "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
+    """Style, cache, jobs, moderation and API keys: set only when the spec asks for them."""
+    spec = ctx.spec
     env: list[dict[str, Any]] = []
     if spec.generation.style:
         env += env_entries(ServeSettings, style=spec.generation.style)
     cache = spec.cache
     if cache is not None and cache.redis_url_secret is not None:
-        ref = {"name": cache.redis_url_secret.name, "key": cache.redis_url_secret.key}
-        env.append({"name": env_name("redis_url"), "valueFrom": {"secretKeyRef": ref}})
+        env.append(secret_entry(ServeSettings, "redis_url", cache.redis_url_secret))
     elif cache is not None and cache.redis_url:
         env += env_entries(ServeSettings, redis_url=cache.redis_url)
+    if spec.jobs is not None:
+        env.append(secret_entry(ServeSettings, "jobs_redis_url", spec.jobs.redis_url_secret))
+        env += env_entries(ServeSettings, jobs_stream=jobs_stream(ctx, version))
+    if spec.moderation is not None:
+        env += env_entries(
+            ServeSettings,
+            moderation_url=spec.moderation.url,
+            moderation_timeout_ms=spec.moderation.timeout_ms,
+            moderation_failure_policy=spec.moderation.failure_policy,
+            moderation_allow_private=spec.moderation.allow_private_addresses,
+        )
     if spec.auth is not None:
         env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
     return env
+
+
+def jobs_stream(ctx: FleetContext, version: ModelVersion) -> str:
+    """The version's stream of job items (its runtimes consume it, KEDA watches it)."""
+    return names.jobs_stream(ctx.namespace, ctx.name, version.name)
 
 
 def runtime_env(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
@@ -122,7 +152,7 @@ def runtime_env(ctx: FleetContext, version: ModelVersion) -> list[dict[str, Any]
         num_beams=spec.generation.num_beams,
         max_new_tokens=spec.generation.max_new_tokens,
     )
-    env += _optional_serve_settings(spec)
+    env += _optional_serve_settings(ctx, version)
     return escaped(env + _foreign("HF_HUB_OFFLINE", "HF_HOME", "HOME"))
 
 

@@ -12,6 +12,12 @@ batch. ``transformers`` calls ``model.generate``. A model whose generation confi
 processors the native decoder lacks (repetition penalty and the like) gets ``transformers``, with a
 warning at load.
 
+The image goes through the vision encoder once per call: its last hidden states feed the decoder
+(native: ``generate_from_states``; transformers: ``text_decoder.generate`` with them as
+``encoder_hidden_states``, what ``BlipForConditionalGeneration.generate`` does inside) and the
+out-of-distribution score (``ood.py``), which also picks each image's ``no_repeat_ngram_size``
+(``ood_no_repeat_ngram_size`` for images out of distribution).
+
 Confidence: ``exp(mean log-probability)`` of the generated tokens, the end-of-caption token included
 and the prompt's tokens excluded, from ``compute_transition_scores`` (with beam indices for beam
 search, which scores each token under the beam it was chosen in). It lies in (0, 1]. The
@@ -26,7 +32,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +41,7 @@ from PIL import Image
 from captionfleet.runtime.engine.decoder import BlipDecoder, unsupported_generation_options
 from captionfleet.runtime.engine.errors import InvalidOptions
 from captionfleet.runtime.engine.loading import bundled_model_dir, load_captioner
+from captionfleet.runtime.engine.ood import OodReference, ReferenceBuilder, image_features
 from captionfleet.runtime.engine.options import check_options
 from captionfleet.runtime.engine.preprocess import ImagePreprocessor
 from captionfleet.runtime.engine.types import Caption, GenerationOptions, Suggestion
@@ -82,6 +89,7 @@ class Captioner:
         decoder: str = "native",
         cuda_graphs: bool = False,
         precision: str = "",
+        reference: OodReference | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -100,6 +108,35 @@ class Captioner:
         """What ``info()`` reports as the dtype: ``int8`` for a dynamically quantised model."""
         self.decoder = self._pick_decoder(decoder)
         self._native = BlipDecoder(model, cuda_graphs=cuda_graphs) if self.decoder == "native" else None
+        self.reference = reference.to(device) if reference is not None else None
+        """The out-of-distribution reference (``ood.py``); ``None``: no scores."""
+        self.ood_threshold = 0.99
+        """Images scoring above it are out of distribution."""
+        self.score_ood = True
+        """Off: no features, no scores (the benchmark's row without them)."""
+        self._builder: ReferenceBuilder | None = None
+
+    def build_reference_from_requests(self, count: int) -> None:
+        """With no reference, fit one from the next ``count`` images captioned with ``learn``."""
+        if self.reference is None and count > 0:
+            self._builder = ReferenceBuilder(count)
+
+    def ood_info(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about out-of-distribution scoring."""
+        if not self.score_ood:
+            return {"enabled": False}
+        info: dict[str, Any] = {"enabled": True, "threshold": self.ood_threshold}
+        if self.reference is not None:
+            info |= {"reference": "ready", "source": self.reference.metadata.get("source", "")}
+            info["reference_images"] = self.reference.metadata.get("fitted", 0) + int(
+                self.reference.calibration.shape[0]
+            )
+        elif self._builder is not None:
+            info |= {"reference": "building", "collected": self._builder.collected}
+            info["needed"] = self._builder.target
+        else:
+            info["reference"] = "none"
+        return info
 
     def _pick_decoder(self, decoder: str) -> str:
         if decoder not in DECODERS:
@@ -132,6 +169,7 @@ class Captioner:
             device=self.device,
             dtype=self.dtype,
             decoder=decoder,
+            reference=self.reference,
         )
 
     def info(self) -> dict[str, Any]:
@@ -144,6 +182,7 @@ class Captioner:
             "dtype": self.precision,
             "decoder": self.decoder,
             "image_size": [self.preprocessor.height, self.preprocessor.width],
+            "ood": self.ood_info(),
         }
 
     def caption_images(self, images: Sequence[Image.Image], options: GenerationOptions) -> list[Caption]:
@@ -153,15 +192,18 @@ class Captioner:
     def warmup(self) -> None:
         """Run one tiny generation so the first request does not pay for lazy initialisation."""
         blank = torch.zeros(1, 3, self.preprocessor.height, self.preprocessor.width)
-        self.caption_pixels(blank, GenerationOptions(num_beams=1, max_new_tokens=2))
+        self.caption_pixels(blank, GenerationOptions(num_beams=1, max_new_tokens=2), learn=False)
 
     @torch.inference_mode()
-    def caption_pixels(self, pixel_values: torch.Tensor, options: GenerationOptions) -> list[Caption]:
+    def caption_pixels(
+        self, pixel_values: torch.Tensor, options: GenerationOptions, *, learn: bool = True
+    ) -> list[Caption]:
         """Caption a batch ``(N, 3, H, W)`` of preprocessed images with one options value.
 
         Returns exactly N captions in input order. Suggestions are distinct after
         :func:`normalise_caption`, sorted by confidence, at most ``options.suggestions`` of them (fewer
-        only when the beams held fewer distinct captions); the first is the caption itself.
+        only when the beams held fewer distinct captions); the first is the caption itself. ``learn``:
+        the images may join a reference being built from requests (not warm-up's blank).
         """
         check_options(options)
         expected = (3, self.preprocessor.height, self.preprocessor.width)
@@ -182,18 +224,55 @@ class Captioner:
         # More returned beams than suggestions leave room to drop near-duplicates.
         returned = options.num_beams if options.suggestions > 1 else 1
         pixels = pixel_values.to(device=self.device, dtype=self.dtype)
+        states = self.model.vision_model(pixel_values=pixels)[0]
+        scores = self._ood_scores(states, learn)
+        ngrams = [
+            options.ood_no_repeat_ngram_size
+            if score is not None and score > self.ood_threshold
+            else options.no_repeat_ngram_size
+            for score in scores
+        ]
         if self._native is not None:
-            decoded = self._native.generate(
-                pixels,
+            decoded = self._native.generate_from_states(
+                states,
                 prompt_ids[:-1],
                 num_beams=options.num_beams,
                 max_new_tokens=options.max_new_tokens,
                 num_return_sequences=returned,
                 length_penalty=options.length_penalty,
+                no_repeat_ngram_sizes=ngrams,
             )
             generated, token_scores = decoded.tokens, decoded.log_probs
         else:
-            generated, token_scores = self._generate(pixels, prompt_ids, options, returned)
+            generated, token_scores = self._generate_groups(states, prompt_ids, options, returned, ngrams)
+        return self._captions(generated, token_scores, prompt_ids, options, returned, scores)
+
+    def _ood_scores(self, states: torch.Tensor, learn: bool) -> list[float | None]:
+        """Each image's score (``None`` with no reference); with ``learn``, feed a reference in the making."""
+        count = int(states.shape[0])
+        if not self.score_ood or (self.reference is None and self._builder is None):
+            return [None] * count
+        features = image_features(states)
+        if self.reference is None:
+            assert self._builder is not None
+            built = self._builder.add(features) if learn else None
+            if built is not None:
+                log.info("OOD reference built from the first %d requests", self._builder.target)
+                self.reference, self._builder = built.to(self.device), None
+            return [None] * count
+        scores: list[float | None] = [*self.reference.scores(features)]
+        return scores
+
+    def _captions(
+        self,
+        generated: torch.Tensor,
+        token_scores: torch.Tensor,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        returned: int,
+        scores: list[float | None],
+    ) -> list[Caption]:
+        count = len(scores)
         assert generated.shape[0] == count * returned, (generated.shape, count, returned)
         lengths = self._lengths(generated)
         confidences = _confidences(token_scores, lengths)
@@ -209,22 +288,66 @@ class Captioner:
                 _Candidate(text, confidence)
                 for text, confidence in zip(texts[group], confidences[group], strict=True)
             ]
-            captions.append(_caption(candidates, options.suggestions))
+            caption = _caption(candidates, options.suggestions)
+            score = scores[index]
+            if score is not None:
+                caption = replace(caption, ood_score=score, in_distribution=score <= self.ood_threshold)
+            captions.append(caption)
         assert len(captions) == count
         return captions
 
-    def _generate(
-        self, pixels: torch.Tensor, prompt_ids: list[int], options: GenerationOptions, returned: int
+    def _generate_groups(
+        self,
+        states: torch.Tensor,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        returned: int,
+        ngrams: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' ``generate``: (generated ids after the prompt, their log-probabilities)."""
-        count = int(pixels.shape[0])
-        input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)
+        """transformers' ``generate``, one call per n-gram size (its processor takes one), rows put back
+        in image order: (generated ids after the prompt, their log-probabilities)."""
+        parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        for size in sorted(set(ngrams)):
+            images = [index for index, wanted in enumerate(ngrams) if wanted == size]
+            tokens, scores = self._generate(states[images], prompt_ids, options, returned, size)
+            parts.append((images, tokens, scores))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        steps = max(tokens.shape[1] for _, tokens, _ in parts)
+        rows = len(ngrams) * returned
+        generated = torch.full((rows, steps), self._pad_id, dtype=torch.long, device=states.device)
+        token_scores = torch.zeros((rows, steps), dtype=parts[0][2].dtype, device=parts[0][2].device)
+        for images, tokens, scores in parts:
+            index = torch.tensor(
+                [image * returned + beam for image in images for beam in range(returned)],
+                device=states.device,
+            )
+            generated[index, : tokens.shape[1]] = tokens
+            token_scores[index.to(token_scores.device), : scores.shape[1]] = scores
+        return generated, token_scores
+
+    def _generate(
+        self,
+        states: torch.Tensor,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        returned: int,
+        no_repeat_ngram_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_decoder.generate`` on image states, as ``BlipForConditionalGeneration.generate`` does."""
+        count = int(states.shape[0])
+        input_ids = torch.tensor([prompt_ids[:-1]] * count, dtype=torch.long, device=self.device)
+        input_ids[:, 0] = self.model.config.text_config.bos_token_id
         # length_penalty only means something to beam search (greedy decoding logs a complaint).
         beam_only = {"length_penalty": options.length_penalty} if options.num_beams > 1 else {}
-        output = self.model.generate(
-            pixel_values=pixels,
+        output = self.model.text_decoder.generate(
             input_ids=input_ids,
+            eos_token_id=self._eos_id,
+            pad_token_id=self._pad_id,
             attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=states,
+            encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=states.device),
+            no_repeat_ngram_size=no_repeat_ngram_size,
             num_beams=options.num_beams,
             num_return_sequences=returned,
             max_new_tokens=options.max_new_tokens,
@@ -287,7 +410,8 @@ def _confidences(token_scores: torch.Tensor, lengths: torch.Tensor) -> list[floa
     """exp(mean log-probability) over each row's first ``length`` tokens, in (0, 1]."""
     positions = torch.arange(token_scores.shape[1], device=token_scores.device)[None, :]
     mask = positions < lengths[:, None]
-    sums = (token_scores.to(torch.float64) * mask).sum(dim=1)
+    # where, not a product: past a row's end transformers may score a banned pad token -inf (0 * -inf = nan)
+    sums = torch.where(mask, token_scores.to(torch.float64), 0.0).sum(dim=1)
     means = sums / lengths.clamp(min=1).to(torch.float64)
     return [min(1.0, max(math.exp(value), sys.float_info.min)) for value in means.tolist()]
 

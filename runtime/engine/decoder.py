@@ -21,6 +21,12 @@ candidates, the running beams are the best non-finished ones, finished hypothese
 ``length_penalty`` over the generated length (EOS included), the ``early_stopping`` heuristic of the
 model's generation config, and ``num_return_sequences`` takes the best finished hypotheses in order.
 
+No repeated n-grams (``no_repeat_ngram_sizes``, one size per image, 0 = off): transformers'
+``NoRepeatNGramLogitsProcessor`` over the whole sequence (BOS and prompt included), applied where
+transformers applies it: to the logits before greedy's argmax, to the log-probabilities before beam
+search adds them up; a token's recorded log-probability is then renormalised over the tokens left,
+as ``compute_transition_scores`` does with the processed scores.
+
 Static mode (``static=True``): every step has the same shapes (attention over the whole preallocated
 cache under a mask, positions as tensors), so that on CUDA one step can be captured in a CUDA graph
 and replayed (``cuda_graphs=True``). On the CPU it runs eagerly (the tests check it agrees).
@@ -29,6 +35,7 @@ and replayed (``cuda_graphs=True``). On the CPU it runs eagerly (the tests check
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +48,6 @@ NEG = -1.0e9
 _UNSUPPORTED = (
     "repetition_penalty",
     "encoder_repetition_penalty",
-    "no_repeat_ngram_size",
     "encoder_no_repeat_ngram_size",
     "min_length",
     "min_new_tokens",
@@ -125,9 +131,8 @@ class BlipDecoder:
 
     # -- the network ---------------------------------------------------------------------------
 
-    def encode(self, pixel_values: torch.Tensor, max_len: int, beams: int) -> _Cache:
-        """The image features and each layer's cross-attention keys/values, once per image."""
-        images = self.model.vision_model(pixel_values=pixel_values)[0]
+    def encode(self, images: torch.Tensor, max_len: int, beams: int) -> _Cache:
+        """Each layer's cross-attention keys/values of the image states, once per image."""
         count = int(images.shape[0])
         cross_k, cross_v = [], []
         for layer in self.layers:
@@ -244,30 +249,39 @@ class BlipDecoder:
     # -- decoding --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: list[int], **options: Any) -> DecodeOutput:
+        """Caption a batch as ``model.generate`` would; ``prompt_ids`` starts with BOS, no SEP; the
+        options are :meth:`generate_from_states`'s."""
+        states = self.model.vision_model(pixel_values=pixel_values)[0]
+        return self.generate_from_states(states, prompt_ids, **options)
+
+    @torch.inference_mode()
+    def generate_from_states(
         self,
-        pixel_values: torch.Tensor,
+        image_states: torch.Tensor,
         prompt_ids: list[int],
         *,
         num_beams: int,
         max_new_tokens: int,
         num_return_sequences: int = 1,
         length_penalty: float = 1.0,
+        no_repeat_ngram_sizes: Sequence[int] = (),
     ) -> DecodeOutput:
-        """Caption a batch as ``model.generate`` would; ``prompt_ids`` starts with BOS, no SEP."""
+        """``generate`` for images already through the vision encoder (its last hidden states)."""
         if not 1 <= num_return_sequences <= num_beams:
             raise ValueError("num_return_sequences must be between 1 and num_beams")
-        images = int(pixel_values.shape[0])
-        prompt = torch.tensor([self.bos_id, *prompt_ids[1:]], device=pixel_values.device)
+        images = int(image_states.shape[0])
+        prompt = torch.tensor([self.bos_id, *prompt_ids[1:]], device=image_states.device)
         max_len = int(prompt.shape[0]) + max_new_tokens
-        cache = self.encode(pixel_values, max_len, num_beams)
+        cache = self.encode(image_states, max_len, num_beams)
         positions = cache.positions[: prompt.shape[0]]
         kv_len = self._kv_len(len(positions), max_len)
         logits = self.forward(prompt.expand(images, -1), positions, cache, kv_len)
+        bans = NgramBans.of(no_repeat_ngram_sizes, images, num_beams, image_states.device)
         if num_beams == 1:
-            return self._greedy(cache, logits, len(prompt), max_new_tokens)
+            return self._greedy(cache, logits, prompt, max_new_tokens, bans)
         search = _BeamSearch(self, cache, prompt, images, num_beams, max_new_tokens, length_penalty)
-        return search.run(logits, num_return_sequences)
+        return search.run(logits, num_return_sequences, bans)
 
     def _kv_len(self, filled: int, max_len: int) -> int:
         return max_len if self.static else filled
@@ -285,14 +299,20 @@ class BlipDecoder:
         positions = cache.positions[position : position + 1]
         return self.forward(tokens[:, None], positions, cache, self._kv_len(position + 1, max_len))
 
-    def _greedy(self, cache: _Cache, logits: torch.Tensor, prompt_len: int, max_new: int) -> DecodeOutput:
+    def _greedy(
+        self, cache: _Cache, logits: torch.Tensor, prompt: torch.Tensor, max_new: int, bans: NgramBans
+    ) -> DecodeOutput:
         """transformers' greedy search: argmax per row, pad once a row has ended, stop when all have."""
         rows = int(logits.shape[0])
+        prompt_len = int(prompt.shape[0])
         tokens = torch.full((rows, max_new), self.pad_id, dtype=torch.long, device=logits.device)
         log_probs = torch.zeros((rows, max_new), dtype=torch.float32, device=logits.device)
         unfinished = torch.ones(rows, dtype=torch.bool, device=logits.device)
         for step in range(max_new):
             scores = logits.float()
+            if bans.active:
+                sequences = torch.cat((prompt.expand(rows, -1), tokens[:, :step]), dim=1)
+                scores = bans.apply(sequences, scores)
             chosen = scores.argmax(dim=-1)
             token_lp = functional.log_softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0]
             chosen = torch.where(unfinished, chosen, self.pad_id)
@@ -339,13 +359,19 @@ class _BeamSearch:
         self.top_mask = torch.arange(2 * beams, device=device) < beams
         self.offsets = torch.arange(images, device=device)[:, None] * beams
 
-    def run(self, logits: torch.Tensor, returned: int) -> DecodeOutput:
+    def run(self, logits: torch.Tensor, returned: int, bans: NgramBans) -> DecodeOutput:
         for step in range(self.max_new):
             cur_len = self.prompt_len + step
             log_probs = functional.log_softmax(logits.float(), dim=-1)
             if log_probs.shape[0] != self.images * self.beams:  # the prompt's logits, once per image
                 log_probs = log_probs[:, None, :].expand(-1, self.beams, -1)
-            rows, last = self._advance(log_probs.reshape(self.images, self.beams, -1), cur_len)
+            log_probs = log_probs.reshape(self.images, self.beams, -1)
+            recorded = log_probs
+            if bans.active:
+                flat = self.sequences[:, :, :cur_len].reshape(self.images * self.beams, cur_len)
+                log_probs = bans.apply(flat, log_probs.reshape(flat.shape[0], -1)).view_as(log_probs)
+                recorded = functional.log_softmax(log_probs, dim=-1)
+            rows, last = self._advance(log_probs, recorded, cur_len)
             if not self._continues(cur_len + 1, last):
                 break
             self.decoder.reorder(self.cache, rows, cur_len)
@@ -355,9 +381,12 @@ class _BeamSearch:
         token_lp = self.done_token_lp[:, :returned]
         return DecodeOutput(sequences.reshape(-1, self.max_new), token_lp.reshape(-1, self.max_new))
 
-    def _advance(self, log_probs: torch.Tensor, cur_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advance(
+        self, log_probs: torch.Tensor, recorded: torch.Tensor, cur_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: top 2 x beams candidates, new running beams, new finished hypotheses.
 
+        ``recorded``: the log-probabilities kept per token (``log_probs`` renormalised after bans).
         Returns the flat row each new running beam continues, and whether all candidates ended."""
         images, beams, vocab = log_probs.shape
         step = cur_len - self.prompt_len
@@ -368,7 +397,7 @@ class _BeamSearch:
         top_sequences = _gather(self.sequences, parent)
         top_sequences[:, :, cur_len] = token
         top_token_lp = _gather(self.token_lp, parent)
-        top_token_lp[:, :, step] = log_probs.reshape(images, -1).gather(1, top_index)
+        top_token_lp[:, :, step] = recorded.reshape(images, -1).gather(1, top_index)
         hits = token == self.decoder.eos_id
         if cur_len + 1 >= self.max_len:  # transformers' MaxLengthCriteria: every candidate ends here
             hits = torch.ones_like(hits)
@@ -416,6 +445,43 @@ class _BeamSearch:
         self.improvable = self.improvable & torch.any(best_running > worst_done, dim=-1, keepdim=True)
         open_beams = ~(torch.all(self.done) & (self.decoder.early_stopping is True))
         return bool(torch.any(self.improvable) & open_beams & ~all_ended)
+
+
+@dataclass
+class NgramBans:
+    """Per row (image x beam), the n-gram size that may not repeat (0: none), as transformers'
+    ``NoRepeatNGramLogitsProcessor`` computes it, for a batch that may mix sizes."""
+
+    sizes: torch.Tensor
+    distinct: tuple[int, ...]
+
+    @classmethod
+    def of(cls, per_image: Sequence[int], images: int, beams: int, device: torch.device) -> NgramBans:
+        sizes = list(per_image) or [0] * images
+        if len(sizes) != images or any(size < 0 for size in sizes):
+            raise ValueError(f"no_repeat_ngram_sizes needs {images} sizes >= 0, got {sizes}")
+        rows = torch.tensor(sizes, dtype=torch.long, device=device).repeat_interleave(beams)
+        return cls(rows, tuple(sorted({size for size in sizes if size > 0})))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.distinct)
+
+    def apply(self, sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` (rows, vocab) with -inf for each token that would repeat an n-gram of its row."""
+        cur_len = int(sequences.shape[1])
+        vocab = int(scores.shape[-1])
+        banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+        for size in self.distinct:
+            if cur_len < size:
+                continue
+            prefix = sequences[:, cur_len + 1 - size :]
+            windows = sequences.unfold(dimension=1, size=size, step=1)
+            matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+            matches &= (self.sizes == size)[:, None]
+            # Non-matching windows go to a spare column past the vocabulary.
+            banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -float("inf"))
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ Version string, first that applies:
    so retrained weights in the same folder get a new version;
 4. hub id: ``<id>@<first 12 hex of the resolved commit>``, or the id alone when unknown.
 
+A directory's ``ood_reference.safetensors`` (``ood.py``), when there, is loaded as the model's
+out-of-distribution reference; it is left out of the version hash.
+
 Precision ``int8`` (CPU only): the weights load in fp32, then every ``nn.Linear`` is replaced by its
 dynamically quantised version (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
 quantised per batch on the fly); the patch-embedding convolution, layer norms and embeddings stay fp32.
@@ -29,6 +32,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from captionfleet.runtime.engine.errors import ModelLoadError
+from captionfleet.runtime.engine.ood import REFERENCE_FILE, OodReference
 from captionfleet.runtime.engine.preprocess import ImagePreprocessor
 
 if TYPE_CHECKING:
@@ -127,7 +131,8 @@ def content_hash(model_dir: Path) -> str:
     digest = hashlib.sha256()
     files = [model_dir / "config.json"]
     for pattern in _WEIGHT_PATTERNS:
-        files.extend(sorted(model_dir.glob(pattern)))
+        # The OOD reference describes the inputs, not the weights: rewriting it keeps the version.
+        files.extend(sorted(path for path in model_dir.glob(pattern) if path.name != REFERENCE_FILE))
     for path in files:
         if path.is_file():
             digest.update(path.name.encode())
@@ -206,6 +211,7 @@ def load_captioner(
     if int8:
         model = quantize_int8(model)
     name, default_version = model_identity(location, model)
+    reference = OodReference.load(location) if isinstance(location, Path) else None
     return Captioner(
         model,
         tokenizer,
@@ -218,4 +224,5 @@ def load_captioner(
         decoder=decoder or "native",
         cuda_graphs=cuda_graphs,
         precision=INT8 if int8 else "",
+        reference=reference,
     )

@@ -21,6 +21,7 @@ MAX_BEAMS = 10
 MAX_NEW_TOKENS = 100
 MAX_SUGGESTIONS = 5
 MAX_PROMPT_CHARS = 200
+MAX_NGRAM = 10
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def check_options(options: GenerationOptions) -> None:
         )
     if options.prompt is not None and _prompt(options.prompt) != options.prompt:
         raise InvalidOptions("prompt must be non-empty, trimmed text with single spaces")
+    _integer("no_repeat_ngram_size", options.no_repeat_ngram_size, 0, MAX_NGRAM)
+    _integer("ood_no_repeat_ngram_size", options.ood_no_repeat_ngram_size, 0, MAX_NGRAM)
     if not 0.0 < options.length_penalty <= 5.0:
         raise InvalidOptions(f"length_penalty must be in (0, 5], got {options.length_penalty}")
 

@@ -23,6 +23,12 @@ class GenerationOptions:
     """A caption prefix (BLIP's conditional captioning); style presets resolve to one."""
     length_penalty: float = 1.0
     """Beam search's length normalisation exponent: > 1 favours longer captions, < 1 shorter ones."""
+    no_repeat_ngram_size: int = 5
+    """No word n-gram of this size twice in a caption (0: off), for images in distribution or unscored.
+    5 is the smallest size that no true scene caption repeats ("a large red circle above a large red
+    square" repeats "a large red"), so held-out scenes keep their captions."""
+    ood_no_repeat_ngram_size: int = 3
+    """The same for images scored out of distribution (the model babbles on those): no trigram twice."""
 
 
 @dataclass(frozen=True)
@@ -39,3 +45,7 @@ class Caption:
     text: str
     confidence: float
     suggestions: tuple[Suggestion, ...]
+    ood_score: float | None = None
+    """How unusual the image is for the model, in [0, 1] (``None``: the model has no reference yet)."""
+    in_distribution: bool | None = None
+    """``ood_score`` at most the model's threshold (``None`` with no score)."""

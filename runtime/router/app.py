@@ -1,9 +1,10 @@
 """The router's aiohttp application: the runtime's public API, proxied, plus the router's own endpoints.
 
 Routes: ``POST /v1/caption`` and ``POST /v1/caption/batch`` (proxied to the version picked by the
-routing table), ``GET /healthz``, ``GET /readyz`` (a version can take traffic and the router is not
-draining), ``GET /metrics``, ``GET /v1/models`` (the routing table), ``GET /v1/router/stats`` (per-version
-figures over a window, for the operator's rollout analysis) and ``GET /openapi.json`` (a runtime's API
+routing table), the job API ``/v1/jobs*`` (``jobs.py``: to the version a job id names),
+``GET /healthz``, ``GET /readyz`` (a version can take traffic and the router is not draining),
+``GET /metrics``, ``GET /v1/models`` (the routing table), ``GET /v1/router/stats`` (per-version figures
+over a window, for the operator's rollout analysis) and ``GET /openapi.json`` (a runtime's API
 description with the router's additions).
 
 Every answer carries ``X-Request-Id``; a proxied one also ``X-Routed-Version``. The router's own errors
@@ -15,22 +16,23 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from captionfleet.names import API_KEY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
+from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
+from captionfleet.runtime.router.jobs import JobRoutes
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
-from captionfleet.runtime.router.proxy import Forwarder, Outgoing, forwarded_headers
+from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, forwarded_headers
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
-from captionfleet.runtime.router.table import RoutingTable
+from captionfleet.runtime.router.table import RoutingTable, Version
 from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
 from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
@@ -40,6 +42,10 @@ from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.router import RouterSettings
 
 log = logging.getLogger(__name__)
+
+Replier = Callable[[Outgoing, Callable[[str], None]], Awaitable[web.StreamResponse]]
+"""Sends one request to a version (the retry callback counts second attempts) and builds the answer."""
+Rewrite = Callable[[UpstreamAnswer], UpstreamAnswer]
 
 
 class Router:
@@ -111,22 +117,52 @@ class Router:
         )
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        arrived = request[ARRIVED]
+        """``POST /v1/caption`` and ``/v1/caption/batch``: to the version of the user (``X-User-Id``),
+        else a weighted random one."""
+        bulk = is_bulk(request)
+        body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
+        version = self.pick(request, request.headers.get(USER_ID_HEADER, "").strip() or None, bulk=bulk)
+        return await self.route(
+            request, version, body, request.rel_url.raw_path_qs, self.buffered(version), bulk
+        )
+
+    async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
+        """The API key checked and the whole body read (once, through the edge's budget: it may be sent
+        twice), or the edge error, counted without a version."""
         try:
             self.guard.authenticate(request.headers.get(API_KEY_HEADER), request.remote)
-            body = await self._body(request)
-            pick = self.holder.table.pick(request.headers.get(USER_ID_HEADER, "").strip() or None, self.rng)
-            if pick is None:
-                raise NoRoute("no model version can take traffic now", retry_after=1.0)
+            check_declared_size(request.content_length, limit)
+            if request.content_length is not None:
+                await request[BODY].reserve(request.content_length)
+            return await read_all(request.content, request[BODY], limit)
         except EdgeError as exc:
-            if isinstance(exc, NoRoute):
-                self.stats.record_unrouted(_ms_since(arrived))
-            self.metrics.requests.labels(version=NO_VERSION, code=str(exc.status)).inc()
+            self.count_unrouted(exc, bulk=bulk)
             raise
-        version = pick.version
+
+    def pick(self, request: web.Request, sticky: str | None, *, bulk: bool) -> Version:
+        """The version for a request: sticky by ``sticky`` (a user id, or a key), by the table's weights."""
+        pick = self.holder.table.pick(sticky, self.rng)
+        if pick is None:
+            error = NoRoute("no model version can take traffic now", retry_after=1.0)
+            if not bulk:
+                self.stats.record_unrouted(_ms_since(request[ARRIVED]))
+            self.count_unrouted(error, bulk=bulk)
+            raise error
         if pick.meant_for is not None:
             self.stats.record_fallback(pick.meant_for)
             self.metrics.fallbacks.labels(version=pick.meant_for).inc()
+        return pick.version
+
+    def count_unrouted(self, error: EdgeError, *, bulk: bool) -> None:
+        counter = self.metrics.bulk_requests if bulk else self.metrics.requests
+        counter.labels(version=NO_VERSION, code=str(error.status)).inc()
+
+    async def route(
+        self, request: web.Request, version: Version, body: bytes, path_qs: str, reply: Replier, bulk: bool
+    ) -> web.StreamResponse:
+        """The answer of ``version`` to the request sent on as ``path_qs`` with ``body``; the router's
+        own errors in the contract's body. Counted in the version's figures (bulk apart)."""
+        arrived = request[ARRIVED]
         retries = 0
 
         def on_retry(reason: str) -> None:
@@ -138,41 +174,56 @@ class Router:
         try:
             outgoing = Outgoing(
                 request.method,
-                request.rel_url.raw_path_qs,
+                path_qs,
                 forwarded_headers(request.headers, request.remote),
                 body,
                 request[REQUEST_ID],
                 request[DEADLINE],
             )
-            answer = await self.forwarder.forward(version, outgoing, on_retry)
+            response = await reply(outgoing, on_retry)
         except EdgeError as exc:
-            self._count(version.name, exc.status, error_kind(exc), arrived, retries)
-            reply = reply_for(exc, DOMAIN_STATUSES)
-            return reply.response(request[REQUEST_ID], {ROUTED_VERSION_HEADER: version.name})
+            self._count(version.name, exc.status, error_kind(exc), arrived, retries, bulk)
+            return reply_for(exc, DOMAIN_STATUSES).response(
+                request[REQUEST_ID], {ROUTED_VERSION_HEADER: version.name}
+            )
         finally:
             self.metrics.in_flight.dec()
-        self._count(
-            version.name, answer.status, "status_5xx" if answer.status >= 500 else None, arrived, retries
-        )
-        response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
-        response.headers[ROUTED_VERSION_HEADER] = version.name
+        error = "status_5xx" if response.status >= 500 else None
+        self._count(version.name, response.status, error, arrived, retries, bulk)
         return response
 
-    async def _body(self, request: web.Request) -> bytes:
-        """The whole body, read once through the edge's budget (it may be sent twice)."""
-        limit = self.settings.max_body_bytes
-        check_declared_size(request.content_length, limit)
-        if request.content_length is not None:
-            await request[BODY].reserve(request.content_length)
-        return await read_all(request.content, request[BODY], limit)
+    def buffered(self, version: Version, rewrite: Rewrite | None = None, *, once: bool = False) -> Replier:
+        """Relays the runtime's whole answer (bounded by ``max_response_bytes``), ``rewrite`` applied;
+        ``once``: a request never sent twice (``Forwarder.forward``)."""
 
-    def _count(self, version: str, status: int, error: str | None, arrived: float, retries: int) -> None:
+        async def reply(outgoing: Outgoing, on_retry: Callable[[str], None]) -> web.StreamResponse:
+            answer = await self.forwarder.forward(version, outgoing, on_retry, once=once)
+            if rewrite is not None:
+                answer = rewrite(answer)
+            response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+            response.headers[ROUTED_VERSION_HEADER] = version.name
+            return response
+
+        return reply
+
+    def _count(
+        self, version: str, status: int, error: str | None, arrived: float, retries: int, bulk: bool
+    ) -> None:
+        if bulk:
+            self.stats.record_bulk(version)
+            self.metrics.bulk_requests.labels(version=version, code=str(status)).inc()
+            return
         latency_ms = _ms_since(arrived)
         self.stats.record(version, error=error, latency_ms=latency_ms, retries=retries)
         self.metrics.requests.labels(version=version, code=str(status)).inc()
         self.metrics.latency.labels(version=version).observe(latency_ms / 1000)
         if error is not None:
             self.metrics.errors.labels(version=version, kind=error).inc()
+
+
+def is_bulk(request: web.Request) -> bool:
+    """``X-Priority: bulk``: work that must never pass for interactive demand."""
+    return request.headers.get(PRIORITY_HEADER, "").strip().lower() == "bulk"
 
 
 def _ms_since(start: float) -> float:
@@ -208,6 +259,7 @@ def build_app(
         app.cleanup_ctx.append(source_context(settings, holder, access))
     app.router.add_post("/v1/caption", router.proxy)
     app.router.add_post("/v1/caption/batch", router.proxy)
+    JobRoutes(router).add_to(app)
     add_probe_routes(app, router)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/router/stats", stats)

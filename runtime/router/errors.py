@@ -37,6 +37,14 @@ class UpstreamTimeout(EdgeError):
     code = "deadline_exceeded"
 
 
+class UnknownJob(EdgeError):
+    """A job id that names no version of the routing table (or is not one the router gave out): the
+    runtime's own answer for a job it does not have, with its code."""
+
+    status = 404
+    code = "job_not_found"
+
+
 DOMAIN_STATUSES: StatusTable = {DeadlineExceeded: 504}
 """The data plane's errors the router meets: the edge's deadline backstop."""
 

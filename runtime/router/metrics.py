@@ -26,6 +26,12 @@ class RouterMetrics(ProcessMetrics):
             "Requests answered by the router, by the version routed to and the status code returned",
             ["version", "code"],
         )
+        self.bulk_requests = self.counter(
+            "captionfleet_router_bulk_requests",
+            "Bulk requests (X-Priority: bulk, the job API) answered, by version and status code: counted "
+            "here only, never in captionfleet_router_requests or the latency histogram",
+            ["version", "code"],
+        )
         self.errors = self.counter(
             "captionfleet_router_upstream_errors",
             "Requests of a version that ended in an error, by kind: status_5xx, timeouts, connect_failures, "

@@ -19,11 +19,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -34,6 +36,7 @@ from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTime
 from captionfleet.runtime.router.table import Version
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK = 64 * 1024
 UNREACHABLE_RETRY_AFTER_S = 1.0  # a 502 for unreachable runtimes: pods restart or move within seconds
@@ -79,7 +82,12 @@ class UpstreamAnswer:
 
 
 class _ConnectFailed(Exception):
-    """One attempt could not reach its endpoint (the caller decides about the retry)."""
+    """One attempt could not reach its endpoint (the caller decides about the retry); ``unsent``: the
+    connection was never made, so the runtime cannot have acted on the request."""
+
+    def __init__(self, message: str, *, unsent: bool) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 def forwarded_headers(
@@ -138,35 +146,24 @@ class Forwarder:
         )
 
     async def forward(
-        self, version: Version, outgoing: Outgoing, on_retry: Callable[[str], None] = lambda reason: None
+        self,
+        version: Version,
+        outgoing: Outgoing,
+        on_retry: Callable[[str], None] = lambda reason: None,
+        *,
+        once: bool = False,
     ) -> UpstreamAnswer:
         """The runtime's answer; raises UpstreamTimeout, UpstreamUnreachable, NoLiveEndpoint (every
         endpoint ejected: 503) or BadUpstreamResponse.
 
         ``on_retry(reason)`` is called before the second attempt, reason ``connect`` or ``status_503``.
+        ``once``: a request that must not be carried out twice (a job's submission) is sent again only
+        after a 503 or a connection that was never made, never after one dropped once it was sent.
         """
-        first = self.balancer.choose(version)
-        try:
-            answer = await self._attempt(first, outgoing)
-        except _ConnectFailed as exc:
-            log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
-            if not self.retry:
-                raise UpstreamUnreachable(
-                    f"no runtime of version {version.name} could be reached",
-                    retry_after=UNREACHABLE_RETRY_AFTER_S,
-                ) from exc
-            on_retry("connect")
-            try:
-                return await self._attempt(self.balancer.choose(version, avoid=first), outgoing)
-            except _ConnectFailed as again:
-                log.warning(
-                    "runtime unreachable on the retry", extra={"version": version.name, "error": str(again)}
-                )
-                raise UpstreamUnreachable(
-                    f"no runtime of version {version.name} could be reached, on the retry either",
-                    retry_after=UNREACHABLE_RETRY_AFTER_S,
-                ) from again
-        if answer.status == 503 and self.retry and time.monotonic() < outgoing.deadline:
+        first, answer, retried = await self._reach(
+            version, functools.partial(self._attempt, outgoing=outgoing), on_retry, once=once
+        )
+        if not retried and answer.status == 503 and self.retry and time.monotonic() < outgoing.deadline:
             on_retry("status_503")
             try:
                 return await self._attempt(self.balancer.choose(version, avoid=first), outgoing)
@@ -174,48 +171,140 @@ class Forwarder:
                 return answer  # the first runtime's 503, with its Retry-After
         return answer
 
-    async def _attempt(self, url: str, outgoing: Outgoing) -> UpstreamAnswer:
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        version: Version,
+        outgoing: Outgoing,
+        idle_timeout_s: float,
+        on_retry: Callable[[str], None] = lambda reason: None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The runtime's response once its head is in (within the request's budget, with the retry
+        after a connection failure), for the caller to relay its body as it comes: each read waits at
+        most ``idle_timeout_s`` (``aiohttp.ServerTimeoutError``). Nothing is retried once a byte of
+        the body may have been relayed."""
+        _, response, _ = await self._reach(
+            version, functools.partial(self._open, outgoing=outgoing, idle_timeout_s=idle_timeout_s), on_retry
+        )
+        async with response:
+            yield response
+
+    async def _reach(
+        self,
+        version: Version,
+        attempt: Callable[[str], Awaitable[T]],
+        on_retry: Callable[[str], None],
+        *,
+        once: bool = False,
+    ) -> tuple[str, T, bool]:
+        """(the endpoint of the first attempt, the answer, whether it came from a retry): after a
+        connection failure, one more attempt on another endpoint of the same version."""
+        first = self.balancer.choose(version)
+        try:
+            return first, await attempt(first), False
+        except _ConnectFailed as exc:
+            log.warning("runtime unreachable", extra={"version": version.name, "error": str(exc)})
+            if once and not exc.unsent:
+                raise UpstreamUnreachable(
+                    f"the runtime of version {version.name} dropped the connection before answering; the "
+                    "request may have been carried out, so it is not sent again",
+                    retry_after=UNREACHABLE_RETRY_AFTER_S,
+                ) from exc
+            if not self.retry:
+                raise UpstreamUnreachable(
+                    f"no runtime of version {version.name} could be reached",
+                    retry_after=UNREACHABLE_RETRY_AFTER_S,
+                ) from exc
+        on_retry("connect")
+        try:
+            return first, await attempt(self.balancer.choose(version, avoid=first)), True
+        except _ConnectFailed as again:
+            log.warning(
+                "runtime unreachable on the retry", extra={"version": version.name, "error": str(again)}
+            )
+            raise UpstreamUnreachable(
+                f"no runtime of version {version.name} could be reached, on the retry either",
+                retry_after=UNREACHABLE_RETRY_AFTER_S,
+            ) from again
+
+    def _remaining(self, outgoing: Outgoing) -> float:
         remaining = outgoing.deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeout("the request's deadline passed before a runtime answered")
+        return remaining
+
+    @staticmethod
+    def _headers(outgoing: Outgoing, remaining: float) -> CIMultiDict[str]:
         sent = CIMultiDict(outgoing.headers)
         sent[REQUEST_ID_HEADER] = outgoing.request_id
         sent[TIMEOUT_HEADER] = str(max(1, int(remaining * 1000)))
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.connect_timeout_s, remaining))
+        return sent
+
+    async def _attempt(self, url: str, outgoing: Outgoing) -> UpstreamAnswer:
+        """One request and its whole answer, within the request's budget."""
+        remaining = self._remaining(outgoing)
+        try:
+            async with asyncio.timeout(remaining) as budget:
+                response = await self._open(url, outgoing, None)
+                async with response:
+                    try:
+                        content = await self.read_answer(response, url)
+                    except aiohttp.ClientConnectionError as exc:  # dropped before the answer was in
+                        self.balancer.connect_failed(url)
+                        raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=False) from exc
+                    except aiohttp.ClientPayloadError as exc:
+                        log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
+                        raise BadUpstreamResponse("the runtime's answer was cut short") from exc
+                return UpstreamAnswer(
+                    response.status, relayed_headers(response.headers.items()), content, url
+                )
+        except TimeoutError as exc:
+            self._check_budget(budget, url, remaining, exc)
+            raise
+
+    async def _open(
+        self, url: str, outgoing: Outgoing, idle_timeout_s: float | None
+    ) -> aiohttp.ClientResponse:
+        """The response once its status and headers are in, within the request's budget; its body
+        unread (each read of it waits at most ``idle_timeout_s``; None: no limit of its own)."""
+        remaining = self._remaining(outgoing)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(self.connect_timeout_s, remaining), sock_read=idle_timeout_s
+        )
         try:
             async with asyncio.timeout(remaining) as budget:
                 try:
-                    async with self.session.request(
+                    response = await self.session.request(
                         outgoing.method,
                         url + outgoing.path_qs,
-                        headers=sent,
+                        headers=self._headers(outgoing, remaining),
                         data=outgoing.body,
                         timeout=timeout,
                         allow_redirects=False,
-                    ) as response:
-                        self.balancer.succeeded(url)
-                        content = await self._read_answer(response, url)
-                        return UpstreamAnswer(
-                            response.status, relayed_headers(response.headers.items()), content, url
-                        )
+                    )
                 except aiohttp.ClientConnectionError as exc:
                     self.balancer.connect_failed(url)
-                    raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}") from exc
-                except aiohttp.ClientPayloadError as exc:
-                    log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
-                    raise BadUpstreamResponse("the runtime's answer was cut short") from exc
+                    unsent = isinstance(exc, aiohttp.ClientConnectorError)  # no connection: nothing sent
+                    raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=unsent) from exc
                 except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
                     log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})
                     raise BadUpstreamResponse("the version's endpoint address is not usable") from exc
         except TimeoutError as exc:
-            if budget.expired():
-                self.balancer.timed_out(url, remaining)
-                raise UpstreamTimeout(
-                    f"no answer from the runtime within the request's budget ({remaining * 1000:.0f} ms)"
-                ) from exc
+            self._check_budget(budget, url, remaining, exc)
             raise
+        self.balancer.succeeded(url)
+        return response
 
-    async def _read_answer(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+    def _check_budget(self, budget: asyncio.Timeout, url: str, remaining: float, exc: TimeoutError) -> None:
+        """A timeout of the request's budget is the endpoint's (504); any other one is re-raised."""
+        if budget.expired():
+            self.balancer.timed_out(url, remaining)
+            raise UpstreamTimeout(
+                f"no answer from the runtime within the request's budget ({remaining * 1000:.0f} ms)"
+            ) from exc
+
+    async def read_answer(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+        """The whole answer, up to ``max_response_bytes`` (BadUpstreamResponse beyond)."""
         declared = response.content_length
         limit = self.max_response_bytes
         if declared is not None and declared > limit:

@@ -17,7 +17,10 @@ sum of ``status_5xx`` (a runtime's 5xx answer relayed), ``timeouts`` (the budget
 ``connect_failures`` (no runtime of the version could be reached) and ``bad_responses`` (an answer that
 could not be relayed). 4xx answers are the client's, not errors. ``retries`` counts second attempts
 (which may have succeeded), ``fallbacks`` requests meant for the version that went elsewhere because it
-had no endpoints. Latency is the router's view, arrival to answer, in a fixed histogram so figures of
+had no endpoints. Bulk requests (``X-Priority: bulk`` captions and the job API's calls) are counted in
+``bulk`` and nowhere else: neither their volume, their errors nor their latency (a job's results stream
+for as long as they are long) may pass for the interactive traffic the analysis judges. Latency is the
+router's view, arrival to answer, in a fixed histogram so figures of
 several pods add up; percentiles are estimated from it (linear within a bucket, as Prometheus does).
 """
 
@@ -78,6 +81,7 @@ class Figures:
     bad_responses: int = 0
     retries: int = 0
     fallbacks: int = 0
+    bulk: int = 0  # bulk requests: counted apart, never in requests, errors or latency
     latency_sum_ms: float = 0.0
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
@@ -94,7 +98,7 @@ class Figures:
         self.latency_counts[_bucket_index(latency_ms)] += 1
 
     def add(self, other: Figures) -> None:
-        for name in ("requests", *ERROR_KINDS, "retries", "fallbacks"):
+        for name in ("requests", *ERROR_KINDS, "retries", "fallbacks", "bulk"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency_sum_ms += other.latency_sum_ms
         self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
@@ -111,6 +115,7 @@ class Figures:
             **{name: getattr(self, name) for name in ERROR_KINDS},
             "retries": self.retries,
             "fallbacks": self.fallbacks,
+            "bulk": self.bulk,
             "latency_ms": latency,
         }
 
@@ -145,6 +150,10 @@ class VersionFigures:
     def record_fallback(self, second: int) -> None:
         self._slot(second).figures.fallbacks += 1
         self.total.fallbacks += 1
+
+    def record_bulk(self, second: int) -> None:
+        self._slot(second).figures.bulk += 1
+        self.total.bulk += 1
 
     def slots(self, first: int, last: int) -> Iterable[_Slot]:
         """Slots numbered first..last, oldest first."""
@@ -190,6 +199,11 @@ class RouterStats:
     def record_fallback(self, meant_for: str) -> None:
         """A request meant for ``meant_for`` went to another version: it had no endpoints."""
         self._figures(meant_for).record_fallback(int(self._clock()))
+
+    def record_bulk(self, version: str) -> None:
+        """A bulk request (``X-Priority: bulk``, or the job API) routed to ``version`` was answered:
+        counted in ``bulk`` only, so bulk work never reads as the version's interactive traffic."""
+        self._figures(version).record_bulk(int(self._clock()))
 
     def record_unrouted(self, latency_ms: float) -> None:
         """A request no version could take (503 no_route)."""

@@ -111,13 +111,16 @@ async def _image_bytes(request: web.Request, source: ImageSource) -> bytes:
 
 def _result_body(result: CaptionResult) -> dict[str, Any]:
     caption = result.caption
-    return {
+    body: dict[str, Any] = {
         "caption": caption.text,
         "confidence": caption.confidence,
         "suggestions": [{"text": s.text, "confidence": s.confidence} for s in caption.suggestions],
         "model_version": result.model_version,
         "cached": result.cached,
     }
+    if caption.ood_score is not None:  # once the model has reference statistics (the contract)
+        body |= {"ood_score": caption.ood_score, "in_distribution": caption.in_distribution}
+    return body
 
 
 async def caption(request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     problems = settings.check()
     if settings.style and settings.style.strip().lower() not in STYLES:
         problems.append(f"style {settings.style!r} is not one of {', '.join(sorted(STYLES))}")
+    if not problems:
+        problems += _moderation_url_problems(settings)
     if problems:
         raise SystemExit("captionfleet serve: " + "; ".join(problems))
 
@@ -41,8 +43,19 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve_until_signalled(settings))
 
 
+def _moderation_url_problems(settings: ServeSettings) -> list[str]:
+    from captionfleet.runtime.server.moderation import moderation_client
+    from captionfleet.runtime.web.errors import UrlRefused
+
+    try:
+        moderation_client(settings)
+    except (UrlRefused, ValueError) as exc:
+        return [f"moderation_url may not be used: {exc}"]
+    return []
+
+
 def _public(settings: ServeSettings) -> dict[str, object]:
-    """The settings fit for a log line: no keys, no Redis password."""
+    """The settings fit for a log line: no keys, no passwords in the Redis or moderation URL."""
     from dataclasses import asdict
 
     from captionfleet.runtime.serving.cache import redact_url
@@ -50,4 +63,5 @@ def _public(settings: ServeSettings) -> dict[str, object]:
     shown = asdict(settings)
     shown["api_keys"] = f"<{len(settings.api_keys)} keys>"
     shown["redis_url"] = redact_url(settings.redis_url) if settings.redis_url else ""
+    shown["moderation_url"] = redact_url(settings.moderation_url) if settings.moderation_url else ""
     return shown

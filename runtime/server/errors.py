@@ -16,9 +16,11 @@ from captionfleet.runtime.engine.errors import (
     UnsupportedImageFormat,
 )
 from captionfleet.runtime.serving.errors import (
+    ContentBlocked,
     DeadlineExceeded,
     Draining,
     InferenceFailed,
+    ModerationUnavailable,
     NotReady,
     QueueFull,
 )
@@ -30,11 +32,13 @@ DOMAIN_STATUSES: StatusTable = {
     ImageTooLarge: 400,  # too many pixels (decompression bomb guard); bytes over the limit are 413
     InvalidOptions: 400,
     UnsupportedImageFormat: 415,
+    ContentBlocked: 422,  # well-formed, but the moderation service refused it: resending will not help
     # The server's own state or faults.
     InferenceFailed: 500,
     ModelLoadError: 500,
     QueueFull: 503,
     Draining: 503,
     NotReady: 503,
+    ModerationUnavailable: 503,  # under failurePolicy Fail; always with Retry-After
     DeadlineExceeded: 504,
 }

@@ -20,6 +20,8 @@ from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.server.app import ServerState, build_app
 from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
+from captionfleet.runtime.server.moderation import moderation_client
+from captionfleet.runtime.serving.moderation import build_moderation
 from captionfleet.runtime.serving.service import CaptionService, build_cache
 from captionfleet.runtime.web.body import BodyBudget
 from captionfleet.runtime.web.keys import KeyGuard, RateLimiter
@@ -62,6 +64,7 @@ class Server:
                 max_redirects=settings.url_max_redirects,
             ),
         )
+        self.moderation_client = moderation_client(settings)  # a refused URL stops the start here
         # Answers written by the end of the grace period still get a second to reach their clients.
         self.listener = Listener(build_app(self.state), settings, close_timeout_s=1.0)
         self.loading: asyncio.Task[None] | None = None
@@ -97,19 +100,26 @@ class Server:
             metrics.model = version
             info = captioner.info()
             metrics.describe_model(str(info["name"]), str(info["device"]), str(info["dtype"]))
-            service = CaptionService(captioner, self.settings, metrics, build_cache(self.settings))
+            client = self.moderation_client
+            moderation = build_moderation(self.settings, client, metrics) if client is not None else None
+            service = CaptionService(
+                captioner, self.settings, metrics, build_cache(self.settings), moderation=moderation
+            )
             self.state.service = service
+            if self.settings.ood:
+                metrics.watch_drift(service.drift.state)
             await service.start()
         except Exception as exc:
             self.state.load_error = f"the model failed to load: {exc}"
             log.error("%s", self.state.load_error, exc_info=True)
             raise
         log.info(
-            "ready: model %s (%s) on %s, cache %s, in %.1f s",
+            "ready: model %s (%s) on %s, cache %s, moderation %s, in %.1f s",
             version,
             info["name"],
             info["device"],
             service.cache.kind if service.cache is not None else "off",
+            f"on ({self.settings.moderation_failure_policy})" if moderation is not None else "off",
             time.monotonic() - started,
         )
 

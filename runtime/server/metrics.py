@@ -7,9 +7,10 @@ service report their stages without knowing Prometheus.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from captionfleet.runtime.engine.types import Caption
+from captionfleet.runtime.serving.drift import DriftState
 from captionfleet.runtime.web.metrics import ProcessMetrics
 
 
@@ -21,6 +22,7 @@ class ServerMetrics(ProcessMetrics):
         self._request_metrics()
         self._pipeline_metrics(max_batch_size)
         self._model_metrics()
+        self._moderation_metrics()
 
     def _request_metrics(self) -> None:
         """What a client sees: answers by route and status, and the latency of the captioned ones."""
@@ -91,6 +93,54 @@ class ServerMetrics(ProcessMetrics):
             ["model", "name", "device", "dtype"],
         )
         self.ready = self.gauge("captionfleet_ready", "1 when the model is warm and the server not draining")
+        self._ood_metrics()
+
+    def _ood_metrics(self) -> None:
+        """Out-of-distribution requests and the drift window (``serving/drift.py``)."""
+        self.ood_requests = self.counter(
+            "captionfleet_ood_requests",
+            "Answered requests whose image was scored out of the model's distribution",
+            ["model"],
+        )
+        self.feature_drift = self.gauge(
+            "captionfleet_feature_drift",
+            "Excess share of out-of-distribution requests in the drift window over the reference's own "
+            "(0: like the reference; alert above 0.2)",
+            ["model"],
+        )
+        self.confidence_window_mean = self.gauge(
+            "captionfleet_confidence_window_mean",
+            "Mean caption confidence over the drift window's requests",
+            ["model"],
+        )
+
+    def watch_drift(self, state: Callable[[], DriftState]) -> None:
+        """Export the drift window's figures; read when /metrics is rendered."""
+        self.feature_drift.labels(self.model).set_function(lambda: state().drift)
+        self.confidence_window_mean.labels(self.model).set_function(lambda: state().confidence_mean or 0.0)
+
+    def _moderation_metrics(self) -> None:
+        """Calls to the moderation service by outcome, their time, cached verdicts, unmoderated captions."""
+        self.moderation_checks = self.counter(
+            "captionfleet_moderation_checks",
+            "Calls to the moderation service by outcome: allowed, blocked, unavailable (down, slow, bad)",
+            ["model", "outcome"],
+        )
+        self.moderation_latency = self.histogram(
+            "captionfleet_moderation_duration_seconds",
+            "Time of one call to the moderation service",
+            ["model"],
+        )
+        self.moderation_cache_hits = self.counter(
+            "captionfleet_moderation_cache_hits",
+            "Moderation verdicts taken from the verdict cache",
+            ["model"],
+        )
+        self.moderation_bypassed_total = self.counter(
+            "captionfleet_moderation_bypassed",
+            "Images captioned without a verdict: moderation unavailable under failure policy Ignore",
+            ["model"],
+        )
 
     def describe_model(self, name: str, device: str, dtype: str) -> None:
         self.model_info.labels(model=self.model, name=name, device=device, dtype=dtype).set(1)
@@ -112,6 +162,21 @@ class ServerMetrics(ProcessMetrics):
     def cache_lookup(self, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).labels(self.model).inc()
 
+    def answered(self, caption: Caption) -> None:
+        if caption.in_distribution is False:
+            self.ood_requests.labels(self.model).inc()
+
     def captioned(self, caption: Caption) -> None:
         self.confidence.labels(self.model).observe(caption.confidence)
         self.caption_words.labels(self.model).observe(len(caption.text.split()))
+
+    # The moderation's observer protocol (ModerationObserver).
+    def moderation_checked(self, outcome: str, seconds: float) -> None:
+        self.moderation_checks.labels(self.model, outcome).inc()
+        self.moderation_latency.labels(self.model).observe(seconds)
+
+    def moderation_cache_hit(self) -> None:
+        self.moderation_cache_hits.labels(self.model).inc()
+
+    def moderation_bypassed(self) -> None:
+        self.moderation_bypassed_total.labels(self.model).inc()

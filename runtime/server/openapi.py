@@ -13,9 +13,10 @@ _ERROR_CODES = {
     "401": "Missing or unknown X-API-Key",
     "413": "Body (or fetched image) larger than the limit",
     "415": "Not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF; sniffed from the bytes)",
+    "422": "content_blocked: the moderation service refused the image (the reason in the message)",
     "429": "Rate limit of the API key exceeded (see Retry-After)",
     "500": "Server fault",
-    "503": "Queue full, draining or not ready (see Retry-After)",
+    "503": "Queue full, draining, not ready, or moderation_unavailable (see Retry-After)",
     "504": "The request's deadline passed while it waited",
 }
 
@@ -187,6 +188,19 @@ def _probe_paths() -> dict[str, Any]:
     }
 
 
+def _ood_fields() -> dict[str, Any]:
+    """Present once the model has reference statistics (absent before, and with --ood false)."""
+    return {
+        "ood_score": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "How unusual the image is for the model (its quantile among reference images)",
+        },
+        "in_distribution": {"type": "boolean", "description": "ood_score at most the model's threshold"},
+    }
+
+
 def _schemas() -> dict[str, Any]:
     suggestion = {
         "type": "object",
@@ -211,7 +225,7 @@ def _schemas() -> dict[str, Any]:
         "CaptionResponse": {
             "type": "object",
             "required": [*caption_fields, "request_id"],
-            "properties": {**caption_fields, "request_id": {"type": "string"}},
+            "properties": {**caption_fields, **_ood_fields(), "request_id": {"type": "string"}},
         },
         "BatchResponse": {
             "type": "object",

@@ -86,10 +86,14 @@ def settings_argv(settings: ServeSettings) -> list[str]:
 
 
 class ServeProcess:
-    """``captionfleet serve`` in a subprocess on a free loopback port, its JSON logs in a file."""
+    """``captionfleet serve`` in a subprocess on a free loopback port, its JSON logs in a file.
+
+    The settings' port is used only when it is not the default (8080), which another process on a
+    shared machine may hold."""
 
     def __init__(self, settings: ServeSettings, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = settings.port or free_port()
+        default_port = ServeSettings.__dataclass_fields__["port"].default
+        self.port = free_port() if settings.port in (0, default_port) else settings.port
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=self.port)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -35,6 +35,7 @@ synthetic scenes fill about 130 buckets, the busiest with 28 (plain white backgr
 KEY_PREFIX = "captionfleet:captions:v1"
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,21 @@ def caption_to_dict(caption: Caption) -> dict[str, object]:
         "text": caption.text,
         "confidence": caption.confidence,
         "suggestions": [{"text": s.text, "confidence": s.confidence} for s in caption.suggestions],
+        "ood_score": caption.ood_score,
+        "in_distribution": caption.in_distribution,
     }
 
 
 def caption_from_dict(data: dict[str, object]) -> Caption:
     suggestions = data["suggestions"]
     assert isinstance(suggestions, list)
+    score = data.get("ood_score")  # absent in entries written before scores existed
     return Caption(
         text=str(data["text"]),
         confidence=float(data["confidence"]),  # type: ignore[arg-type]
         suggestions=tuple(Suggestion(str(s["text"]), float(s["confidence"])) for s in suggestions),
+        ood_score=float(score) if isinstance(score, (int, float)) else None,
+        in_distribution=bool(data["in_distribution"]) if isinstance(score, (int, float)) else None,
     )
 
 
@@ -100,14 +106,17 @@ def closest(signature: bytes, candidates: Iterable[tuple[bytes, T]]) -> T | None
 
 
 @dataclass
-class _Entry:
+class _Entry(Generic[V]):
     signature: bytes
-    caption: Caption
+    value: V
     expires: float
 
 
-class MemoryCache:
-    """An LRU of buckets with a TTL per entry, bounded by the number of captions held."""
+class MemoryCache(Generic[V]):
+    """An LRU of buckets with a TTL per entry, bounded by the number of entries held.
+
+    The values are captions for the result cache (``MemoryCache[Caption]``), and moderation verdicts
+    for the moderation's cache (the same perceptual key, another namespace)."""
 
     kind = "memory"
 
@@ -115,16 +124,16 @@ class MemoryCache:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self._clock = clock
-        self._buckets: OrderedDict[str, list[_Entry]] = OrderedDict()
+        self._buckets: OrderedDict[str, list[_Entry[V]]] = OrderedDict()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    async def get(self, lookup: CacheLookup) -> Caption | None:
+    async def get(self, lookup: CacheLookup) -> V | None:
         now = self._clock()
         candidates = [
-            (entry.signature, (name, entry.caption))
+            (entry.signature, (name, entry.value))
             for name in lookup.buckets()
             for entry in self._buckets.get(name, ())
             if entry.expires > now
@@ -132,11 +141,11 @@ class MemoryCache:
         found = closest(lookup.image.signature, candidates)
         if found is None:
             return None
-        name, caption = found
+        name, value = found
         self._buckets.move_to_end(name)
-        return caption
+        return value
 
-    async def put(self, lookup: CacheLookup, caption: Caption) -> None:
+    async def put(self, lookup: CacheLookup, value: V) -> None:
         if self.max_entries <= 0:
             return
         now = self._clock()
@@ -144,7 +153,7 @@ class MemoryCache:
         old = self._buckets.pop(name, [])
         signature = lookup.image.signature
         kept = [e for e in old if e.expires > now and not same_image(e.signature, signature)]
-        kept.append(_Entry(signature, caption, now + self.ttl_s))
+        kept.append(_Entry(signature, value, now + self.ttl_s))
         kept = kept[-BUCKET_ENTRIES:]
         self._size += len(kept) - len(old)
         self._buckets[name] = kept

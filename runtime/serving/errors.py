@@ -45,3 +45,17 @@ class InferenceFailed(ServingError):
     """The model call failed or returned the wrong number of results: a server fault, not the input's."""
 
     code = "inference_failed"
+
+
+class ContentBlocked(ServingError):
+    """The moderation service did not allow the image: it is never captioned. The message gives the
+    service's reason."""
+
+    code = "content_blocked"
+
+
+class ModerationUnavailable(ServingError):
+    """The moderation service could not judge the image: down, slower than its timeout, or an answer
+    that is not ``{"allowed": bool, "reason": str}``. Raised to the client under the ``Fail`` policy."""
+
+    code = "moderation_unavailable"

@@ -23,8 +23,10 @@ from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
+from captionfleet.runtime.serving.drift import DriftMonitor
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
+from captionfleet.runtime.serving.moderation import Moderation, moderation_jpeg
 from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ class ServiceObserver(BatchObserver, Protocol):
     def cache_lookup(self, hit: bool) -> None: ...
 
     def captioned(self, caption: Caption) -> None: ...
+
+    def answered(self, caption: Caption) -> None:
+        """Every answered request, cached or not (the out-of-distribution count)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,15 +62,29 @@ class CaptionService:
         settings: ServeSettings,
         observer: ServiceObserver,
         cache: ResultCache | None = None,
+        moderation: Moderation | None = None,
     ) -> None:
         self.captioner = captioner
         self.settings = settings
         self.model_version = settings.model_version or captioner.version
         self.defaults = GenerationOptions(
-            num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens
+            num_beams=settings.num_beams,
+            max_new_tokens=settings.max_new_tokens,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
+        )
+        captioner.score_ood = settings.ood
+        captioner.ood_threshold = settings.ood_threshold
+        if settings.ood:
+            captioner.build_reference_from_requests(settings.ood_reference_requests)
+        self.drift = DriftMonitor(
+            settings.drift_window, 1.0 - settings.ood_threshold, settings.drift_significance
         )
         self.cache = cache
-        self._key_memo = KeyMemo(settings.cache_size) if cache is not None else None
+        self.moderation = moderation
+        # The perceptual key serves the result cache and the moderation's verdicts.
+        keyed = cache is not None or (moderation is not None and moderation.cache is not None)
+        self._key_memo = KeyMemo(max(settings.cache_size, settings.moderation_cache_size)) if keyed else None
         self._observer = observer
         self._pool = ThreadPoolExecutor(
             settings.resolved_preprocess_workers(), thread_name_prefix="preprocess"
@@ -93,6 +113,13 @@ class CaptionService:
             "max_new_tokens": self.defaults.max_new_tokens,
         }
         info["cache"] = self.cache.kind if self.cache is not None else "off"
+        if self.settings.ood:
+            info["drift"] = self.drift.state().as_dict()
+        info["moderation"] = (
+            {"failure_policy": self.moderation.failure_policy, "timeout_ms": self.moderation.timeout_s * 1000}
+            if self.moderation is not None
+            else "off"
+        )
         info["ready"] = self.ready
         return info
 
@@ -112,7 +139,7 @@ class CaptionService:
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, blank)
         warm = replace(self.defaults, suggestions=1)
         # On the model's own thread, but not through the queue: no waiting for companions, no metrics.
-        await loop.run_in_executor(self.batcher.executor, self._run_batch, [pixels], warm)
+        await loop.run_in_executor(self.batcher.executor, self._warm_batch, pixels, warm)
         self.ready = True
         log.info("model %s warmed up in %.2f s", self.model_version, time.monotonic() - started)
 
@@ -145,6 +172,8 @@ class CaptionService:
         started = time.monotonic()
         image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
         decoding_s = time.monotonic() - started
+        if self.moderation is not None:  # before the result cache: a refused image gets no caption at all
+            image = await self._moderate(data, image, key, deadline)
         lookup = None
         if self.cache is not None and key is not None:
             lookup = CacheLookup.of(self.model_version, options, key)
@@ -152,6 +181,7 @@ class CaptionService:
             self._observer.cache_lookup(cached is not None)
             if cached is not None:
                 self._observer.preprocessed(decoding_s)
+                self._answered(cached)
                 return CaptionResult(cached, self.model_version, cached=True)
         started = time.monotonic()
         if image is None:  # a body seen before: its key came from the memo, the image is needed now
@@ -162,9 +192,31 @@ class CaptionService:
             raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
         caption = await self.batcher.submit(pixels, options, deadline=deadline)
         self._observer.captioned(caption)
+        self._answered(caption)
         if lookup is not None and self.cache is not None:
             await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
         return CaptionResult(caption, self.model_version, cached=False)
+
+    def _answered(self, caption: Caption) -> None:
+        self.drift.observe(caption)
+        self._observer.answered(caption)
+
+    async def _moderate(
+        self, data: bytes, image: Image.Image | None, key: ImageKey | None, deadline: float | None
+    ) -> Image.Image | None:
+        """Raise unless moderation allows the image; returns it decoded if moderation had to decode it."""
+        assert self.moderation is not None
+        loop = asyncio.get_running_loop()
+        decoded = image
+
+        async def jpeg() -> bytes:
+            nonlocal decoded
+            if decoded is None:  # a body seen before: its key came from the memo
+                decoded = await loop.run_in_executor(self._pool, self._decode_only, data)
+            return await loop.run_in_executor(self._pool, moderation_jpeg, decoded)
+
+        await self.moderation.check(key, jpeg, deadline)
+        return decoded
 
     def flush(self) -> None:
         """Draining: queued requests run as soon as the model is free."""
@@ -178,6 +230,8 @@ class CaptionService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             await self.cache.close()
+        if self.moderation is not None:
+            await self.moderation.close()
         return left
 
     def _decode_only(self, data: bytes) -> Image.Image:
@@ -200,6 +254,10 @@ class CaptionService:
     def _run_batch(self, items: list[torch.Tensor], options: GenerationOptions) -> list[Caption]:
         return self.captioner.caption_pixels(torch.stack(items), options)
 
+    def _warm_batch(self, pixels: torch.Tensor, options: GenerationOptions) -> list[Caption]:
+        """Warm-up's blank image: not a request, so never part of a reference built from requests."""
+        return self.captioner.caption_pixels(pixels[None], options, learn=False)
+
 
 def build_cache(settings: ServeSettings) -> ResultCache | None:
     """Redis when ``redis_url`` is set, else an in-memory LRU; ``None`` when ``cache_size`` is 0."""
@@ -207,4 +265,4 @@ def build_cache(settings: ServeSettings) -> ResultCache | None:
         return RedisCache(settings.redis_url, settings.cache_ttl_s)
     if settings.cache_size <= 0:
         return None
-    return MemoryCache(settings.cache_size, settings.cache_ttl_s)
+    return MemoryCache[Caption](settings.cache_size, settings.cache_ttl_s)

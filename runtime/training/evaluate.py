@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captionfleet.runtime.engine.images import DEFAULT_MAX_PIXELS
 from captionfleet.runtime.engine.types import GenerationOptions
+from captionfleet.runtime.training.calibration import Calibration, calibration
 from captionfleet.runtime.training.metrics import Scores, normalise_text, score_captions
 from captionfleet.runtime.training.scenes import SCENE_SIZE, scene_at
 
@@ -69,6 +70,10 @@ class EvalReport(Scores):
     """The first few images: id, caption, references."""
     mistakes: list[dict[str, Any]] = field(default_factory=list)
     """Up to 20 images whose caption matched no reference."""
+    calibration: Calibration | None = None
+    """How well the confidence predicts an exact match (``calibration.py``)."""
+    reference: str = ""
+    """The OOD reference file written by ``--write-reference`` (empty: none written)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False)
@@ -158,6 +163,8 @@ def evaluate(
     from tqdm import tqdm
 
     candidates: dict[str, str] = {}
+    confidences: list[float] = []
+    flags: list[bool | None] = []
     seconds = 0.0
     batches = range(0, len(dataset.items), batch_size)
     for start in tqdm(batches, desc="captioning", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -168,7 +175,13 @@ def evaluate(
         seconds += time.perf_counter() - began
         for item, caption in zip(batch, captions, strict=True):
             candidates[item.key] = caption.text
+            confidences.append(caption.confidence)
+            flags.append(caption.in_distribution)
     references = {item.key: list(item.references) for item in dataset.items}
+    correct = [
+        normalise_text(candidates[item.key]) in {normalise_text(r) for r in item.references}
+        for item in dataset.items
+    ]
     scores = score_captions(candidates, references)
     examples = [
         {"id": item.key, "caption": candidates[item.key], "references": list(item.references)}
@@ -176,8 +189,8 @@ def evaluate(
     ]
     mistakes = [
         {"id": item.key, "caption": candidates[item.key], "references": list(item.references)}
-        for item in dataset.items
-        if normalise_text(candidates[item.key]) not in {normalise_text(r) for r in item.references}
+        for item, right in zip(dataset.items, correct, strict=True)
+        if not right
     ][:20]
     return EvalReport(
         **asdict(scores),
@@ -193,6 +206,7 @@ def evaluate(
         skipped=dataset.skipped,
         examples=examples,
         mistakes=mistakes,
+        calibration=calibration(confidences, correct, flags),
     )
 
 
@@ -234,8 +248,15 @@ def format_table(report: EvalReport) -> str:
             f"batch {report.batch_size}, beams {report.num_beams})",
         ),
     ]
+    rows += _calibration_rows(report)
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    if report.calibration is not None:
+        lines.append("reliability (confidence bin: images, mean confidence, exact match):")
+        lines += [
+            f"  {row.low:.1f}-{row.high:.1f}: {row.count:>5}  {row.mean_confidence:.4f}  {row.accuracy:.4f}"
+            for row in report.calibration.table
+        ]
     for title, entries in (("examples", report.examples), ("mistakes", report.mistakes[:5])):
         if entries:
             lines.append(f"{title}:")
@@ -246,22 +267,50 @@ def format_table(report: EvalReport) -> str:
     return "\n".join(lines)
 
 
+def _calibration_rows(report: EvalReport) -> list[tuple[str, str]]:
+    rows = [("OOD reference", f"written to {report.reference}")] if report.reference else []
+    found = report.calibration
+    if found is None:
+        return rows
+    rows.append(("ECE", f"{found.ece:.4f}"))
+    if found.ece_with_ood_gate is not None:
+        accuracy = found.accuracy_out_of_distribution
+        shown = "" if accuracy is None else f", exact match among them {accuracy:.4f}"
+        rows.append(
+            (
+                "ECE, OOD gate",
+                f"{found.ece_with_ood_gate:.4f} ({found.out_of_distribution} images OOD{shown})",
+            )
+        )
+    return rows
+
+
 def score_model(settings: EvalSettings) -> EvalReport:
     """``captionfleet eval``: load the model through the engine, build the set, score it."""
     import torch
 
+    from captionfleet.runtime.engine.errors import ModelLoadError
     from captionfleet.runtime.engine.loading import bundled_model_dir, load_captioner, read_manifest
 
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     source = settings.model or str(bundled_model_dir())
+    if settings.write_reference and not Path(source).is_dir():
+        raise ModelLoadError(f"--write-reference needs a model directory, not {source!r}")
     captioner = load_captioner(source, device=settings.device, dtype=settings.precision)
     if settings.images:
         dataset = coco_set(Path(settings.images), Path(settings.captions), settings.limit)
     else:
         dataset = synthetic_set(settings.seed, settings.scenes)
-    options = GenerationOptions(num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens)
+    written = _write_reference(captioner, source, settings) if settings.write_reference else ""
+    options = GenerationOptions(
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
+    )
     report = evaluate(captioner, dataset, options, batch_size=settings.batch_size, progress=settings.progress)
+    report = replace(report, reference=written)
     if not settings.images:
         trained_on = read_manifest(Path(source)).get("training", {}) if Path(source).is_dir() else {}
         if trained_on.get("settings", {}).get("seed") == settings.seed:
@@ -269,3 +318,21 @@ def score_model(settings: EvalSettings) -> EvalReport:
                 f"seed {settings.seed} is this model's training seed: these scenes are not held out"
             )
     return report
+
+
+def _write_reference(captioner: Captioner, source: str, settings: EvalSettings) -> str:
+    """``--write-reference``: the model directory's OOD reference, from scenes or the image folder."""
+    from captionfleet.runtime.training.reference import write_reference, write_scene_reference
+
+    directory = Path(source)
+    if not settings.images:
+        seed, count = settings.reference_seed, settings.reference_scenes
+        return str(write_scene_reference(captioner, directory, seed, count))
+    folder = coco_set(Path(settings.images), Path(settings.captions), settings.limit)
+    images = (_image(captioner, item) for item in folder.items)
+    return str(write_reference(captioner, directory, images, folder.description))
+
+
+def _image(captioner: Captioner, item: EvalItem) -> Image.Image:
+    assert item.path is not None
+    return captioner.preprocessor.decode(item.path.read_bytes(), max_pixels=DEFAULT_MAX_PIXELS)

@@ -115,10 +115,22 @@ def _save_and_score(
     # Name and version first, so the engine reports them while scoring the staged folder; written again
     # with the scores (and the time they took) once they are known.
     manifest(None)
+    _reference(staged, settings)
     report = _score(staged, settings)
     written = manifest(report)
     write_model_card(staged, written, report, eval_seed=settings.eval_seed)
     return written, report
+
+
+def _reference(staged: Path, settings: TrainSettings) -> None:
+    """The OOD reference from the first training scenes, before scoring (so the scores use it)."""
+    if not settings.reference_scenes:
+        return
+    from captionfleet.runtime.engine.captioner import load_captioner
+    from captionfleet.runtime.training.reference import write_scene_reference
+
+    captioner = load_captioner(str(staged), device="cpu", dtype="float32")
+    write_scene_reference(captioner, staged, settings.seed, settings.reference_scenes)
 
 
 def _score(staged: Path, settings: TrainSettings) -> EvalReport | None:

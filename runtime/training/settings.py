@@ -50,6 +50,11 @@ class TrainSettings:
         500, "Held-out scenes scored after training (recorded in the model card); 0: skip."
     )
     eval_seed: int = setting(HELD_OUT_SEED, "Seed of the held-out scenes scored after training.")
+    reference_scenes: int = setting(
+        3000,
+        "Training scenes the out-of-distribution reference (ood_reference.safetensors) is built from; "
+        "0: none.",
+    )
     progress: bool = setting(True, "Show a progress bar on stderr.")
     image_size: int = setting(_ARCH.image_size, "Model input size in pixels (square).")
     patch_size: int = setting(_ARCH.patch_size, "Vision transformer patch size in pixels.")
@@ -100,6 +105,8 @@ class TrainSettings:
                 problems.append(
                     f"--{hidden.replace('_', '-')} must be a multiple of --{heads.replace('_', '-')}"
                 )
+        if self.reference_scenes != 0 and self.reference_scenes < 30:
+            problems.append("--reference-scenes must be 0 or at least 30")
         if self.eval_scenes and self.eval_seed == self.seed:
             problems.append("--eval-seed must differ from --seed (held-out scenes)")
         if not self.output_dir.strip():
@@ -125,6 +132,14 @@ class EvalSettings:
     max_new_tokens: int = setting(
         _GENERATION.max_new_tokens, "Most generated tokens per caption (default: the serving default)."
     )
+    no_repeat_ngram_size: int = setting(
+        _GENERATION.no_repeat_ngram_size,
+        "No word n-gram of this size twice in a caption, in-distribution images (default: serving's).",
+    )
+    ood_no_repeat_ngram_size: int = setting(
+        _GENERATION.ood_no_repeat_ngram_size,
+        "The same for out-of-distribution images (default: the serving default).",
+    )
     device: str = setting("auto", "Torch device (cpu, cuda, cuda:1); auto: CUDA when available, else CPU.")
     precision: str = setting(
         "auto",
@@ -133,9 +148,22 @@ class EvalSettings:
     )
     threads: int = setting(0, "Torch intra-op threads; 0: torch's default.")
     progress: bool = setting(True, "Show a progress bar on stderr.")
+    write_reference: bool = setting(
+        False,
+        "Write the model directory's out-of-distribution reference (ood_reference.safetensors) before "
+        "scoring: from --reference-scenes scenes of --reference-seed, or from the --images folder.",
+    )
+    reference_scenes: int = setting(
+        3000, "Synthetic scenes the reference is fitted on (2/3) and calibrated on."
+    )
+    reference_seed: int = setting(
+        TRAIN_SEED, "Seed of the reference scenes (the training seed: the distribution learnt)."
+    )
 
     def check(self) -> list[str]:
         problems = []
+        if self.write_reference and not self.images and self.reference_scenes < 30:
+            problems.append("--reference-scenes must be at least 30")
         if bool(self.images) != bool(self.captions):
             problems.append("--images and --captions go together")
         if not self.images and self.scenes < 1:

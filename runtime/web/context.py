@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -15,7 +16,18 @@ DEADLINE = web.RequestKey("deadline", float)
 """Monotonic seconds by which the request must be answered; inf: none."""
 BODY = web.RequestKey("body", BodyAllowance)
 """The request's share of the process's body budget (``web.body``)."""
+BACKSTOP = web.RequestKey("backstop", asyncio.Timeout)
+"""The edge's deadline timer of the request (absent without a deadline): see :func:`head_sent`."""
 
 
 def ms_since(start: float) -> float:
     return round((time.monotonic() - start) * 1000, 3)
+
+
+def head_sent(request: web.Request) -> None:
+    """A streamed answer's status and headers are out: the deadline bounded getting there, and the
+    edge's timer must not cut the body short (which could only truncate it: no error can follow a
+    200). The handler bounds the time between its chunks instead."""
+    timer = request.get(BACKSTOP)
+    if timer is not None:
+        timer.reschedule(None)

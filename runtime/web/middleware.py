@@ -9,7 +9,8 @@ For every request:
   ``X-Request-Timeout-Ms``. Handlers read it (``request[DEADLINE]``) for their own checks, which answer
   first; the edge's own timer, ``DEADLINE_BACKSTOP_S`` later, is the backstop for anything that does
   not check (a cache hit stuck behind a busy decoder pool, a slow body): past it the answer is 504,
-  never a late 200.
+  never a late 200. A handler that streams its answer stops the timer once the head is out
+  (``context.head_sent``) and bounds the gaps between chunks itself.
 - **Body budget**: ``request[BODY]``, the request's share of ``max_body_bytes_in_flight``, given back
   when the answer is ready.
 - **Errors**: every exception becomes the contract's JSON error (:func:`~captionfleet.runtime.web.errors.
@@ -38,7 +39,7 @@ from aiohttp.typedefs import Middleware
 from captionfleet.names import REQUEST_ID_HEADER, ROUTED_VERSION_HEADER
 from captionfleet.runtime.serving.errors import DeadlineExceeded
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget
-from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
+from captionfleet.runtime.web.context import ARRIVED, BACKSTOP, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import StatusTable, UnsupportedMediaType, reply_for
 from captionfleet.runtime.web.logs import request_id_var
 from captionfleet.runtime.web.protocol import EdgeProtocol
@@ -134,7 +135,7 @@ async def _answer(request: web.Request, handler: Handler, policy: EdgePolicy) ->
         request[DEADLINE] = request[BODY].deadline = deadline
         if deadline == float("inf"):
             return await handler(request)
-        backstop = asyncio.timeout(deadline + DEADLINE_BACKSTOP_S - time.monotonic())
+        request[BACKSTOP] = backstop = asyncio.timeout(deadline + DEADLINE_BACKSTOP_S - time.monotonic())
         try:
             async with backstop:
                 return await handler(request)

@@ -27,6 +27,7 @@ HEADLINE_KEYS = (
     "decoder_agreement",
     "int8_speedup",
     "int8_agreement",
+    "ood_cost_c32",
 )
 
 
@@ -52,6 +53,7 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--preprocess-megapixels", "12", "--preprocess-rounds", "1",
         "--cache-requests", "40", "--cache-concurrency", "8", "--router-requests", "10",
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8", "--engine-rounds", "1",
+        "--ood-rounds", "2", "--ood-concurrency", "4",
     ]  # fmt: skip
     document = _run(argv, cwd=tmp_path)
 
@@ -73,6 +75,9 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
     assert cache["sent"] == 40 and cache["cached"] == cache["ok"] == 40, cache
     router = document["router"]
     assert router["direct"]["ok"] == router["routed"]["ok"] == 10, router
+    ood = document["ood"]
+    assert ood["rounds"] == 2 and ood["concurrency"] == 4, ood
+    assert ood["scored_rps"] > 0 and ood["unscored_rps"] > 0, ood
     sides = {entry["side"] for entry in document["preprocess"]}
     assert sides == {32, 384}  # the tiny model's input size and BLIP-base's
     assert all(_is_number(entry["ratio"]) for entry in document["preprocess"])

@@ -36,6 +36,8 @@ ALERTS = {
     "CaptionFleetHighErrorRate",
     "CaptionFleetQueueBacklog",
     "CaptionFleetRolledBack",
+    "CaptionFeatureDrift",
+    "CaptionConfidenceDrop",
 }
 
 
@@ -89,6 +91,7 @@ _KEYWORDS = {
 def selectors(expr: str) -> Iterator[tuple[str, set[str]]]:
     """(series name, label names matched) for every series selector in a PromQL expression."""
     text = re.sub(r"\[[^\]]*\]", "", expr)  # range durations
+    text = re.sub(r"\boffset\s+[0-9a-z]+", " ", text)  # offsets
     text = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", text)  # grouping label lists
     for match in _SELECTOR.finditer(text):
         name, braces = match.group(1), match.group(3)
@@ -184,6 +187,31 @@ def test_alert_thresholds_and_switches_come_from_values(render: Render) -> None:
     assert latency["labels"]["severity"] == "critical"
     assert rules["CaptionFleetHighErrorRate"]["expr"].endswith("> 0.2")
     assert rules["CaptionFleetQueueBacklog"]["expr"].endswith("> 12")
+
+
+def test_the_drift_and_confidence_alerts_take_their_thresholds_from_values(render: Render) -> None:
+    alerts = {
+        "featureDrift": {"threshold": 0.35, "for": "1h", "severity": "critical"},
+        "confidenceDrop": {"dropShare": 0.25, "window": "30m", "minCaptions": 40, "for": "2h"},
+    }
+    values = {"metrics": {"prometheusRule": {"enabled": True, "alerts": alerts}}}
+    rules = {
+        rule["alert"]: rule
+        for group in _prometheus_rule(render, values)["spec"]["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    drift = rules["CaptionFeatureDrift"]
+    assert drift["expr"].endswith("> 0.35") and drift["for"] == "1h"
+    assert drift["labels"]["severity"] == "critical"
+    drop = rules["CaptionConfidenceDrop"]
+    assert "< (1 - 0.25)" in drop["expr"] and drop["expr"].endswith(">= 40") and drop["for"] == "2h"
+    assert drop["expr"].count("[30m] offset 1d") == 2 and drop["expr"].count("[30m])") == 3
+    assert "more than 25 % below" in drop["annotations"]["description"]
+    switched_off = {"featureDrift": {"enabled": False}, "confidenceDrop": {"enabled": False}}
+    off = {"metrics": {"prometheusRule": {"enabled": True, "alerts": switched_off}}}
+    names = {r.get("alert") for g in _prometheus_rule(render, off)["spec"]["groups"] for r in g["rules"]}
+    assert not names & {"CaptionFeatureDrift", "CaptionConfidenceDrop"}
 
 
 def _fleet_services() -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -18,6 +17,9 @@ from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_
 from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.traffic import Share
 from captionfleet.settings import env_name
+from captionfleet.settings.serve import ServeSettings
+
+from .conftest import KEDA_SCHEMAS, schema_problems
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -29,48 +31,12 @@ CONFIG = ClusterConfig(
     prometheus_url="http://prometheus:9090",
 )
 
-# KEDA's ScaledObject is a CRD that kubernetes-validate has no schema for: these are the parts of
-# KEDA's own CRD schema (keda.sh/v1alpha1) that the builder fills in.
-SCALED_OBJECT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "ScaledObject"},
-        "spec": {
-            "type": "object",
-            "required": ["scaleTargetRef", "triggers"],
-            "additionalProperties": False,
-            "properties": {
-                "scaleTargetRef": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "name": {"type": "string"},
-                    },
-                },
-                "minReplicaCount": {"type": "integer", "minimum": 0},
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "pollingInterval": {"type": "integer"},
-                "cooldownPeriod": {"type": "integer"},
-                "triggers": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["type", "metadata"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "type": {"type": "string"},
-                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                        },
-                    },
-                },
-            },
-        },
-    },
+JOBS: dict[str, Any] = {
+    "redisUrlSecret": {"name": "queue", "key": "url"},
+    "redisAddress": "redis-master.data.svc:6379",
+    "redisPasswordSecret": {"name": "queue", "key": "password"},
+    "redisDatabase": 2,
+    "targetPendingItems": 40,
 }
 
 
@@ -87,10 +53,15 @@ def example(name: str) -> dict[str, Any]:
 def variations() -> list[tuple[str, dict[str, Any]]]:
     cases = [(path.name, yaml.safe_load(path.read_text())["spec"]) for path in EXAMPLES]
     ab = example("ab-canary.yaml")
-    cases.append(("keda", ab | {"autoscaling": ab["autoscaling"] | {"provider": "keda", "minReplicas": 0}}))
+    keda = ab | {"autoscaling": ab["autoscaling"] | {"provider": "keda", "minReplicas": 0}}
+    cases.append(("keda", keda))
+    cases.append(("keda with jobs", keda | {"jobs": JOBS}))
+    cases.append(("hpa with jobs", ab | {"jobs": {"redisUrlSecret": JOBS["redisUrlSecret"]}}))
     cases.append(("fixed replicas", ab | {"autoscaling": {"provider": "none", "minReplicas": 3}}))
     cases.append(("file model, NodePort router", {"versions": [{"name": "v1", "model": "file:///opt/m"}],
                   "router": {"serviceType": "NodePort", "port": 8443}}))  # fmt: skip
+    moderated = {"url": "http://moderation.ml.svc:8080/v1/moderate", "allowPrivateAddresses": True}
+    cases.append(("moderation", example("minimal.yaml") | {"moderation": moderated}))
     return cases
 
 
@@ -99,8 +70,9 @@ def test_every_manifest_is_valid_for_kubernetes(case: str, raw: dict[str, Any]) 
     manifests = builders.fleet(context(raw))
     assert manifests
     for manifest in manifests:
-        if manifest["kind"] == "ScaledObject":
-            jsonschema.validate(manifest, SCALED_OBJECT_SCHEMA)
+        if manifest["kind"] in KEDA_SCHEMAS:  # CRDs that kubernetes-validate has no schema for
+            assert manifest["apiVersion"] == "keda.sh/v1alpha1"
+            assert schema_problems(manifest) == []
         else:
             kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
         meta = manifest["metadata"]
@@ -254,3 +226,89 @@ def test_env_values_are_escaped_and_secrets_are_references() -> None:
         "name": "CAPTIONFLEET_REDIS_URL",
         "valueFrom": {"secretKeyRef": {"name": "redis", "key": "url"}},
     }
+
+
+def _runtime_env(manifest: dict[str, Any]) -> dict[str, Any]:
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_jobs_reach_every_runtime_as_a_secret_reference_and_a_stream_per_version() -> None:
+    raw = example("ab-canary.yaml") | {"jobs": JOBS}
+    deployments = [m for m in builders.fleet(context(raw)) if m["kind"] == "Deployment"]
+    runtimes = [m for m in deployments if m["metadata"]["labels"]["app.kubernetes.io/component"] == "runtime"]
+    streams = set()
+    for manifest in runtimes:
+        env = _runtime_env(manifest)
+        assert env["CAPTIONFLEET_JOBS_REDIS_URL"] == {"secretKeyRef": {"name": "queue", "key": "url"}}
+        version = manifest["metadata"]["labels"]["captionfleet.io/version"]
+        assert env["CAPTIONFLEET_JOBS_STREAM"] == f"captionfleet:jobs:ml:fleet:{version}"
+        streams.add(env["CAPTIONFLEET_JOBS_STREAM"])
+    assert len(streams) == len(runtimes) == 3
+    router = next(m for m in deployments if m["metadata"]["name"] == "fleet-router")
+    assert not any(name.startswith("CAPTIONFLEET_JOBS") for name in _runtime_env(router))
+    plain = next(m for m in builders.fleet(context(example("ab-canary.yaml"))) if m["kind"] == "Deployment")
+    assert not any(name.startswith("CAPTIONFLEET_JOBS") for name in _runtime_env(plain))
+
+
+def test_keda_watches_the_job_backlog_after_the_interactive_queue() -> None:
+    ab = example("ab-canary.yaml")
+    raw = ab | {"autoscaling": {"provider": "keda"}, "jobs": JOBS}
+    ctx = context(raw)
+    manifests = builders.fleet(ctx)
+    scaled = next(
+        m for m in manifests if m["kind"] == "ScaledObject" and m["metadata"]["name"] == "fleet-base"
+    )
+    types = [t["type"] for t in scaled["spec"]["triggers"]]
+    assert types == ["prometheus", "cpu", "redis-streams"]  # the interactive queue depth first
+    backlog = scaled["spec"]["triggers"][2]
+    assert backlog["metadata"] == {
+        "address": "redis-master.data.svc:6379",
+        "stream": "captionfleet:jobs:ml:fleet:base",  # the same stream the version's runtimes read
+        "streamLength": "40",
+        "databaseIndex": "2",
+        "enableTLS": "false",
+    }
+    assert "consumerGroup" not in backlog["metadata"]  # with one, KEDA would count only delivered items
+    (auth,) = [
+        m for m in manifests if m["kind"] == "TriggerAuthentication" and m["metadata"]["name"] == "fleet-base"
+    ]
+    assert backlog["authenticationRef"] == {"name": "fleet-base"}
+    assert auth["spec"] == {
+        "secretTargetRef": [{"parameter": "password", "name": "queue", "key": "password"}]
+    }
+    kinds = [m["kind"] for m in manifests if m["metadata"]["name"] == "fleet-base"]
+    assert kinds.index("TriggerAuthentication") < kinds.index("ScaledObject")
+
+
+def test_no_password_no_credentials_and_no_keda_no_backlog_trigger() -> None:
+    ab = example("ab-canary.yaml")
+    open_queue = {k: v for k, v in JOBS.items() if k != "redisPasswordSecret"}
+    manifests = builders.fleet(context(ab | {"autoscaling": {"provider": "keda"}, "jobs": open_queue}))
+    assert not any(m["kind"] == "TriggerAuthentication" for m in manifests)
+    backlogs = [t for m in manifests if m["kind"] == "ScaledObject" for t in m["spec"]["triggers"][2:]]
+    assert len(backlogs) == 3 and not any("authenticationRef" in t for t in backlogs)
+    with_hpa = builders.fleet(context(ab | {"jobs": JOBS}))
+    assert not any(m["kind"] in ("TriggerAuthentication", "ScaledObject") for m in with_hpa)
+
+
+def test_moderation_reaches_the_runtimes_as_their_settings() -> None:
+    raw = example("minimal.yaml")
+    raw["moderation"] = {"url": "https://mod.example.com/v1/check?x=$(HOME)", "timeoutMs": 750,
+                         "failurePolicy": "Ignore"}  # fmt: skip
+    ctx = context(raw)
+    env = runtime.deployment(ctx, ctx.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]["env"]
+    values = {e["name"]: e["value"] for e in env if "value" in e}
+    settings = ServeSettings(
+        moderation_url=values["CAPTIONFLEET_MODERATION_URL"].replace("$$", "$"),
+        moderation_timeout_ms=float(values["CAPTIONFLEET_MODERATION_TIMEOUT_MS"]),
+        moderation_failure_policy=values["CAPTIONFLEET_MODERATION_FAILURE_POLICY"],
+    )
+    assert settings.moderation_url == "https://mod.example.com/v1/check?x=$(HOME)"
+    assert settings.moderation_timeout_ms == 750 and settings.moderation_failure_policy == "Ignore"
+    assert values["CAPTIONFLEET_MODERATION_ALLOW_PRIVATE"] == "false" and not settings.check()
+    # Without moderation in the spec, the runtimes get none of its settings.
+    plain = context(example("minimal.yaml"))
+    pod = runtime.deployment(plain, plain.spec.versions[0])["spec"]["template"]["spec"]
+    env = pod["containers"][0]["env"]
+    assert not [e for e in env if "MODERATION" in e["name"]]

@@ -98,6 +98,26 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "contain '..'",
     ),
     (
+        "moderation credentials",
+        {"versions": [v("a")], "moderation": {"url": "https://user:pw@mod.example.com/check"}},
+        "spec.moderation.url: holds credentials",
+    ),
+    (
+        "moderation in the cluster",
+        {"versions": [v("a")], "moderation": {"url": "http://moderation.ml.svc:8080/check"}},
+        "spec.moderation.url: 'moderation.ml.svc' is a private, loopback or cluster-internal address",
+    ),
+    (
+        "moderation on a private address",
+        {"versions": [v("a")], "moderation": {"url": "http://10.1.2.3/check"}},
+        "spec.moderation.url: '10.1.2.3' is a private",
+    ),
+    (
+        "moderation by a bare Service name",
+        {"versions": [v("a")], "moderation": {"url": "http://moderation:8080/check"}},
+        "spec.moderation.url: 'moderation' is a private",
+    ),
+    (
         "long child names",
         {"versions": [v("a-long-version-name-indeed")]},
         "child name 'a-fleet-name-that-is-quite-long-already-a-long-version-name-indeed' is longer",
@@ -110,6 +130,29 @@ def test_each_rule_names_the_field_and_the_fix(case: str, raw: dict[str, Any], m
     name = "a-fleet-name-that-is-quite-long-already" if case == "long child names" else "fleet"
     _, problems = validation.check(name, raw, CONFIG)
     assert any(p.startswith(message) for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "moderation",
+    [
+        {"url": "https://moderation.example.com/check", "failurePolicy": "Ignore", "timeoutMs": 500},
+        {"url": "http://moderation.ml.svc:8080/check", "allowPrivateAddresses": True},
+        {"url": "http://8.8.8.8/check"},
+    ],
+)
+def test_usable_moderation_urls(moderation: dict[str, Any]) -> None:
+    spec, problems = validation.check("fleet", {"versions": [v("a")], "moderation": moderation}, CONFIG)
+    assert problems == [] and spec is not None and spec.moderation is not None
+
+
+@pytest.mark.parametrize(
+    "moderation",
+    [{"url": "ftp://mod.example.com/"}, {"url": "https://x.example.com", "failurePolicy": "fail"},
+     {"url": "https://x.example.com", "timeoutMs": 0}, {"timeoutMs": 100}],
+)  # fmt: skip
+def test_the_schema_refuses_unusable_moderation(moderation: dict[str, Any]) -> None:
+    spec, problems = validation.check("fleet", {"versions": [v("a")], "moderation": moderation}, CONFIG)
+    assert spec is None and any(p.startswith("spec.moderation") for p in problems), problems
 
 
 def test_keda_needs_the_operator_to_know_a_prometheus() -> None:
@@ -151,3 +194,31 @@ def test_model_sources() -> None:
     assert spec.parse_model_source("file:///opt/models/blip") == spec.ModelSource("file", "/opt/models/blip")
     with pytest.raises(ValueError, match="is not hf://org/name"):
         spec.parse_model_source("s3://bucket/key")
+
+
+QUEUE = {"redisUrlSecret": {"name": "queue", "key": "url"}}
+
+
+def test_jobs_with_keda_need_the_queue_address_keda_can_read() -> None:
+    keda = {"versions": [v("a")], "autoscaling": {"provider": "keda"}}
+    (problem,) = validation.check("fleet", keda | {"jobs": QUEUE}, CONFIG)[1]
+    assert problem.startswith("spec.jobs.redisAddress: autoscaling.provider keda") and "host:port" in problem
+    assert validation.check("fleet", {"versions": [v("a")], "jobs": QUEUE}, CONFIG)[1] == []  # hpa: no need
+    addressed = keda | {"jobs": QUEUE | {"redisAddress": "redis.data:6379"}}
+    assert validation.check("fleet", addressed, CONFIG)[1] == []
+    (port,) = validation.check("fleet", keda | {"jobs": QUEUE | {"redisAddress": "redis:70000"}}, CONFIG)[1]
+    assert port == "spec.jobs.redisAddress: port 70000 is not in 1..65535"
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        {},  # the runtimes' URL is required
+        QUEUE | {"redisAddress": "redis://redis:6379"},  # a URL, not host:port
+        QUEUE | {"redisAddress": "redis"},  # no port
+        QUEUE | {"targetPendingItems": 0},
+    ],
+)
+def test_the_schema_refuses_jobs_it_cannot_use(jobs: dict[str, Any]) -> None:
+    parsed, problems = validation.check("fleet", {"versions": [v("a")], "jobs": jobs}, CONFIG)
+    assert parsed is None and problems and all(p.startswith("spec.jobs") for p in problems), problems

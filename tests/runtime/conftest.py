@@ -8,18 +8,26 @@
 - ``serve_process``: ``captionfleet serve`` as a subprocess, for signals and exit codes.
 - ``redis_url``: a ``redis-server`` subprocess on a free port (Debian's package; ``make test``
   installs it).
+- ``moderation_service``: a real moderation service (aiohttp on loopback) that blocks mostly-red images,
+  and can be made slow, malformed or stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import skimage.data
 import torch
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from captionfleet.runtime.engine.captioner import Captioner
@@ -74,6 +82,8 @@ def tiny_settings(model_dir: Path | str, **overrides: Any) -> ServeSettings:
         "max_new_tokens": 8,
         "preprocess_workers": 2,
         "drain_grace_s": 20.0,
+        # The session shares one tiny captioner: no server may leave it a reference built from requests.
+        "ood_reference_requests": 0,
     }
     values.update(overrides)
     return ServeSettings(**values)
@@ -120,3 +130,57 @@ def serve_process(tmp_path: Path) -> Iterator[StartProcess]:
     yield start
     for process in processes:
         process.stop()
+
+
+@dataclass
+class ModerationService:
+    """A moderation service as the runtime expects one: it blocks images that are mostly red.
+
+    It records what it received (content types, image sizes); ``answer`` replaces its verdict with any
+    JSON value or raw bytes (a malformed service), ``status`` its HTTP status, ``slow`` makes it hold
+    every call until the test ends."""
+
+    server: TestServer
+    url: str = ""
+    content_types: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    answer: object = None
+    status: int = 200
+    slow: bool = False
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def calls(self) -> int:
+        return len(self.content_types)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        data = await request.read()
+        self.content_types.append(request.content_type)
+        image = Image.open(io.BytesIO(data))
+        self.sizes.append(image.size)
+        if self.slow:
+            await self.released.wait()
+        if isinstance(self.answer, bytes):
+            return web.Response(body=self.answer, status=self.status, content_type="application/json")
+        if self.answer is not None:
+            return web.json_response(self.answer, status=self.status)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        red = (pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 100)
+        if red.mean() > 0.5:
+            return web.json_response({"allowed": False, "reason": "mostly red"}, status=self.status)
+        return web.json_response({"allowed": True, "reason": ""}, status=self.status)
+
+    async def stop(self) -> None:
+        self.released.set()
+        await self.server.close()
+
+
+@pytest.fixture
+async def moderation_service() -> AsyncIterator[ModerationService]:
+    app = web.Application()
+    service = ModerationService(TestServer(app, host="127.0.0.1"))
+    app.router.add_post("/v1/moderate", service.handle)
+    await service.server.start_server()
+    service.url = str(service.server.make_url("/v1/moderate"))
+    yield service
+    await service.stop()

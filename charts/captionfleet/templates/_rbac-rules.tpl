@@ -37,9 +37,9 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "create", "patch", "delete"]
-# autoscaling.provider: keda, one ScaledObject per version
+# autoscaling.provider: keda, one ScaledObject per version (and with jobs.redisPasswordSecret a TriggerAuthentication naming that Secret key)
 - apiGroups: ["keda.sh"]
-  resources: ["scaledobjects"]
+  resources: ["scaledobjects", "triggerauthentications"]
   verbs: ["get", "list", "create", "patch", "delete"]
 # the router's ServiceAccount
 - apiGroups: [""]

@@ -256,6 +256,7 @@ CHILD_RESOURCES = (
     "v1/services",
     "autoscaling/v2/horizontalpodautoscalers",
     "keda.sh/v1alpha1/scaledobjects",
+    "keda.sh/v1alpha1/triggerauthentications",
     "v1/serviceaccounts",
     "rbac.authorization.k8s.io/v1/roles",
     "rbac.authorization.k8s.io/v1/rolebindings",

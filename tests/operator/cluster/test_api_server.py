@@ -68,3 +68,36 @@ async def test_lists_select_by_the_fields_the_kind_allows_and_refuse_others(clus
     async with cluster.api.request("GET", f"{events}?fieldSelector=message=x") as response:
         assert response.status == 400
         assert "field label not supported" in (await response.json())["message"]
+
+
+async def send(cluster: Any, path: str, body: Any) -> tuple[int, str]:
+    async with cluster.api.request("PATCH", path, json=body, headers={"Content-Type": APPLY}) as response:
+        return response.status, await response.text()
+
+
+async def test_kedas_kinds_are_checked_against_their_schemas(cluster: Any) -> None:
+    cluster.api.install_keda()
+    base = f"/apis/keda.sh/v1alpha1/namespaces/{NAMESPACE}"
+    trigger = {
+        "type": "redis-streams",
+        "metadata": {"address": "redis:6379", "stream": "s", "streamLength": 5},
+    }
+    scaled = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "so", "namespace": NAMESPACE},
+        "spec": {"scaleTargetRef": {"name": "web"}, "triggers": [trigger]},
+    }
+    path = f"{base}/scaledobjects/so?fieldManager=test"
+    status, text = await send(cluster, path, scaled)
+    assert status == 422 and "is not of type 'string'" in text  # KEDA's trigger metadata: strings only
+    trigger["metadata"]["streamLength"] = "5"
+    assert (await send(cluster, path, scaled))[0] in (200, 201)
+    auth = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": {"name": "ta", "namespace": NAMESPACE},
+        "spec": {"secretTargetRef": [{"parameter": "password", "name": "queue"}]},  # no key
+    }
+    status, text = await send(cluster, f"{base}/triggerauthentications/ta?fieldManager=test", auth)
+    assert status == 422 and "'key' is a required property" in text

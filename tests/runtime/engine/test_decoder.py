@@ -183,3 +183,49 @@ def test_int8_is_refused_on_cuda_with_the_reason() -> None:
     with pytest.raises(ModelLoadError, match=r"int8.*CPU only"):
         pick_dtype("int8", torch.device("cuda"))
     assert pick_dtype("INT8", torch.device("cpu")) == torch.float32
+
+
+def _repeats(rows: torch.Tensor, bos: int, eos: int, size: int) -> list[bool]:
+    """Per row (BOS, then the generated tokens up to the end): does a token n-gram occur twice?"""
+    found = []
+    for row in rows.tolist():
+        tokens = [bos, *(row[: row.index(eos) + 1] if eos in row else row)]
+        grams = [tuple(tokens[i : i + size]) for i in range(len(tokens) - size + 1)]
+        found.append(len(grams) != len(set(grams)))
+    return found
+
+
+@pytest.mark.parametrize(("size", "beams"), [(2, 1), (3, 1), (2, 3), (3, 4)])
+def test_no_ngram_twice_and_both_decoders_agree(tiny_model_dir: Path, size: int, beams: int) -> None:
+    """The tiny random model babbles (the same word over and over): the bans must bite, alike in both.
+    (Checked on token ids: its random captions hold special tokens that the text leaves out.)"""
+    native = load_captioner(str(tiny_model_dir))
+    reference = native.with_decoder("transformers")
+    pixels = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(size * 10 + beams))
+    for prompt in (None, "a picture of"):
+        options = dataclasses.replace(
+            GenerationOptions(),
+            no_repeat_ngram_size=size,
+            num_beams=beams,
+            suggestions=min(beams, 2),
+            max_new_tokens=16,
+            prompt=prompt,
+        )
+        assert (
+            compare(native.caption_pixels(pixels, options), reference.caption_pixels(pixels, options)) == 1.0
+        )
+    decoder = native._native
+    assert decoder is not None
+    runs = {
+        ban: decoder.generate(
+            pixels,
+            [decoder.bos_id],
+            num_beams=beams,
+            max_new_tokens=16,
+            num_return_sequences=min(beams, 2),
+            no_repeat_ngram_sizes=[ban] * 12,
+        ).tokens
+        for ban in (size, 0)
+    }
+    assert not any(_repeats(runs[size], decoder.bos_id, decoder.eos_id, size))
+    assert any(_repeats(runs[0], decoder.bos_id, decoder.eos_id, size))  # without the ban it does repeat

@@ -1,15 +1,18 @@
 """Fixtures of the router tests: fake runtimes on loopback and the real router app in front of them.
 
 A fake runtime is a small aiohttp app that answers like ``captionfleet serve`` (``model_version`` in the
-JSON body) and records what it received; a test scripts its answers (status codes, hanging until
+JSON body, and the job API's shapes with a store of its own, as each version has) and records what it
+received; a test scripts its answers (status codes, hanging until
 released) to inject faults. Everything listens on 127.0.0.1 with a free port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,6 +48,56 @@ class FakeRuntime:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = True  # what GET /readyz says (200 or 503)
     probes: int = 0  # GET /readyz received
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # the version's job store
+    result_lines: int = 3  # lines of every job's results
+    line_gap: asyncio.Event | None = None  # set: the results wait for it between lines (cleared after each)
+    die_after_lines: int | None = None  # the results connection is dropped after this many lines
+    job_id_in_answer: bool = True
+    drop_job_answers: bool = False  # the connection is closed once a submission is read: no answer
+
+    async def create_job(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.received.append(Received(request.rel_url.raw_path_qs, CIMultiDict(request.headers), body))
+        if self.drop_job_answers and request.transport is not None:
+            request.transport.close()
+            return web.Response()
+        job_id = uuid.uuid4().hex
+        job = {"id": job_id, "status": "queued", "counts": {"total": 2, "done": 0, "failed": 0}}
+        self.jobs[job_id] = {**job, "key": request.headers.get("X-API-Key")}
+        shown = job if self.job_id_in_answer else {k: v for k, v in job.items() if k != "id"}
+        return web.json_response(shown, status=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    def _job(self, request: web.Request) -> dict[str, Any] | None:
+        self.received.append(Received(request.rel_url.raw_path_qs, CIMultiDict(request.headers), b""))
+        job = self.jobs.get(request.match_info["job_id"])
+        return job if job is not None and job["key"] == request.headers.get("X-API-Key") else None
+
+    async def job_status(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        if job is None:
+            error = {"error": {"code": "job_not_found", "message": "no such job"}, "request_id": ""}
+            return web.json_response(error, status=404)
+        if request.method == "DELETE":
+            job["status"] = "cancelled"
+        return web.json_response({k: v for k, v in job.items() if k != "key"})
+
+    async def job_results(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        if job is None:
+            return await self.job_status(request)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for index in range(self.result_lines):
+            if index == self.die_after_lines and request.transport is not None:
+                request.transport.close()
+                return response
+            if self.line_gap is not None:
+                await self.line_gap.wait()
+                self.line_gap.clear()
+            line = {"index": index, "id": None, "result": {"caption": f"{self.version} {index} " + "x" * 200}}
+            await response.write(json.dumps(line).encode() + b"\n")
+        await response.write_eof()
+        return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -96,6 +149,10 @@ async def start_runtime() -> AsyncIterator[StartRuntime]:
         app.router.add_post("/v1/caption/batch", runtime.handle)
         app.router.add_get("/openapi.json", runtime.openapi)
         app.router.add_get("/readyz", runtime.readyz)
+        app.router.add_post("/v1/jobs", runtime.create_job)
+        app.router.add_get("/v1/jobs/{job_id}", runtime.job_status)
+        app.router.add_delete("/v1/jobs/{job_id}", runtime.job_status)
+        app.router.add_get("/v1/jobs/{job_id}/results", runtime.job_results)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         runtime.url = str(server.make_url("")).rstrip("/")

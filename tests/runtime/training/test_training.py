@@ -188,13 +188,14 @@ def test_train_command_saves_a_model_the_engine_and_transformers_load(
     output = tmp_path / "tiny-scenes"
     argv = ["train", "--output-dir", str(output), "--name", "tiny-scenes", "--train-scenes", "64"]
     argv += ["--steps", "12", "--batch-size", "16", "--eval-scenes", "8", "--progress", "false"]
-    assert main(argv + TINY_OPTIONS) == 0
+    assert main([*argv, "--reference-scenes", "60", *TINY_OPTIONS]) == 0
     printed = capsys.readouterr().out
     assert "saved tiny-scenes" in printed and "held-out: exact match" in printed
 
     names = {path.name for path in output.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     assert {"tokenizer_config.json", "preprocessor_config.json", "captionfleet.json", "README.md"} <= names
+    assert "ood_reference.safetensors" in names
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     manifest = json.loads((output / "captionfleet.json").read_text())
     assert manifest["name"] == "tiny-scenes"
@@ -225,6 +226,8 @@ def test_train_command_saves_a_model_the_engine_and_transformers_load(
     assert captioner.version == manifest["version"]
     (caption,) = captioner.caption_images([scene_at(0, 0).render()], GenerationOptions())
     assert 0 < caption.confidence <= 1
+    assert captioner.reference is not None and captioner.reference.metadata["calibration"] == 20
+    assert caption.ood_score is not None and 0 <= caption.ood_score <= 1
 
 
 def test_train_command_replaces_its_own_model_but_never_foreign_files(tmp_path: Path) -> None:
@@ -232,7 +235,7 @@ def test_train_command_replaces_its_own_model_but_never_foreign_files(tmp_path: 
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     argv = ["train", "--train-scenes", "16", "--steps", "2", "--batch-size", "8", "--eval-scenes", "0"]
-    argv += ["--progress", "false", *TINY_OPTIONS]
+    argv += ["--reference-scenes", "0", "--progress", "false", *TINY_OPTIONS]
     with pytest.raises(SystemExit, match="not empty"):
         main([*argv, "--output-dir", str(foreign)])
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
@@ -257,6 +260,7 @@ def test_train_command_replaces_its_own_model_but_never_foreign_files(tmp_path: 
         (["--eval-seed", "0"], "--eval-seed must differ"),
         (["--prompt-fraction", "1.5"], "--prompt-fraction"),
         (["--text-hidden", "30", "--text-heads", "4"], "--text-hidden must be a multiple"),
+        (["--reference-scenes", "5"], "--reference-scenes must be 0 or at least 30"),
     ],
 )
 def test_train_command_rejects_bad_settings(options: list[str], message: str) -> None:
