@@ -49,6 +49,12 @@ USER_ID_HEADER = "X-User-Id"
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 PRIORITY_HEADER = "X-Priority"
 ROUTED_VERSION_HEADER = "X-Routed-Version"
+WEBHOOK_SIGNATURE_HEADER = "X-Captionfleet-Signature"
+"""On a job's webhook POST: ``sha256=<hex HMAC-SHA256 of the body>``."""
+
+# The job API's Redis stream (its name is the serve setting ``jobs_stream``) is read by this consumer
+# group on every runtime pod; KEDA's redis-streams trigger watches the same group.
+JOBS_CONSUMER_GROUP = "captionfleet"
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 """Prometheus latency buckets (seconds) of the runtime and the router: a cache hit takes about 1 ms, a

@@ -69,30 +69,11 @@ def build_model(spec: BlipSpec, tokenizer: Any, new_tokens: int) -> Any:
     """A random ``BlipForConditionalGeneration`` whose captions are exactly ``new_tokens`` long.
 
     Built on the current default device (``with torch.device("cuda"):`` initialises on the GPU)."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
+    from transformers import BlipForConditionalGeneration
 
-    config = BlipConfig(
-        vision_config={
-            "hidden_size": spec.vision_hidden,
-            "intermediate_size": spec.vision_hidden * spec.mlp_ratio,
-            "num_hidden_layers": spec.vision_layers,
-            "num_attention_heads": spec.vision_heads,
-            "image_size": spec.image_size,
-            "patch_size": spec.patch_size,
-        },
-        text_config={
-            "vocab_size": spec.vocab_size,
-            "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.text_hidden * spec.mlp_ratio,
-            "num_hidden_layers": spec.text_layers,
-            "num_attention_heads": spec.text_heads,
-            "max_position_embeddings": 512,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
-    )
+    from captionfleet.runtime.training.model import blip_config
+
+    config = blip_config(spec, tokenizer, vocab_size=spec.vocab_size, max_positions=512)
     model = BlipForConditionalGeneration(config)
     generation = model.generation_config
     generation.bos_token_id = tokenizer.bos_token_id

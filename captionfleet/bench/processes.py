@@ -8,16 +8,19 @@ polled on ``/readyz`` with a deadline, killed on exit.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Protocol
 
-from captionfleet.runtime.server.testing import STARTUP_DEADLINE_S, ServeProcess, free_port
+from captionfleet.runtime.server.testing import (
+    STARTUP_DEADLINE_S,
+    ServeProcess,
+    free_port,
+    own_env,
+    readyz_answers_200,
+)
 from captionfleet.settings.serve import ServeSettings
 
 
@@ -38,22 +41,16 @@ class Subprocess:
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
-        full_env.update(env or {})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", *argv], stdout=self._log, stderr=subprocess.STDOUT, env=full_env
+            [sys.executable, "-m", *argv], stdout=self._log, stderr=subprocess.STDOUT, env=own_env(env)
         )
 
     def is_ready(self) -> bool:
         if self.process.poll() is not None:
             log = self.log_path.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{log}")
-        try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return readyz_answers_200(self.url)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -15,6 +15,8 @@ The headline keys (always present; ``null`` when that part was not measured):
   ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
   two on the bundled model's held-out scenes;
 - ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
+- ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one, and
+  ``bulk_share_under_load``: the job's items per second under that load over its rate alone (``jobs.py``).
 - ``ood_cost_c32``: the share of served throughput the out-of-distribution score costs at 32 clients
   (1 - scored / ``--ood false``; ``ood.py``).
 """
@@ -25,6 +27,8 @@ import dataclasses
 import math
 from typing import Any
 
+from captionfleet.bench.jobs import BulkResult
+from captionfleet.bench.loadgen import LoadResult
 from captionfleet.bench.preprocess import BLIP_BASE_SIDE
 from captionfleet.bench.suite import BenchResults
 
@@ -63,6 +67,8 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "decoder_agreement": _number(engine.decoder_agreement if engine else None, 4),
         "int8_speedup": _number(engine.int8_speedup if engine else None),
         "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
+        "bulk_p99_ratio_c8": _number(results.bulk.p99_ratio if results.bulk else None, 3),
+        "bulk_share_under_load": _number(results.bulk.bulk_share if results.bulk else None, 3),
         "ood_cost_c32": _number(results.ood.cost if results.ood else None, 4),
     }
 
@@ -78,6 +84,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "serving": [row.summary() for row in results.serving],
         "cache": results.cache.summary() if results.cache else None,
         "router": results.router.summary() if results.router else None,
+        "bulk": results.bulk.summary() if results.bulk else None,
         "engine": results.engine.summary() if results.engine else None,
         "ood": results.ood.summary() if results.ood else None,
         "settings": dataclasses.asdict(results.settings),
@@ -131,10 +138,7 @@ def _serving_lines(results: BenchResults) -> list[str]:
         for serving in serving_rows:
             ours, naive = serving.ours, serving.naive
             lines.append(
-                f"  {serving.concurrency:>7} | {ours.throughput:>10.2f} {_fmt(ours.percentile_ms(50)):>7} "
-                f"{_fmt(ours.percentile_ms(95)):>7} {_fmt(ours.percentile_ms(99)):>7} | "
-                f"{naive.throughput:>11.2f} {_fmt(naive.percentile_ms(50)):>7} "
-                f"{_fmt(naive.percentile_ms(95)):>7} {_fmt(naive.percentile_ms(99)):>7} | "
+                f"  {serving.concurrency:>7} | {_load_cells(ours, 10)} | {_load_cells(naive, 11)} | "
                 f"{_fmt(serving.ratio, 2):>5}x"
             )
             for label, result in (("ours", ours), ("naive", naive)):
@@ -144,6 +148,12 @@ def _serving_lines(results: BenchResults) -> list[str]:
                         f"{dict(result.statuses)} {dict(result.failures)}"
                     )
     return lines
+
+
+def _load_cells(result: LoadResult, width: int) -> str:
+    """One server's cells of a serving row: requests/s in ``width`` columns, then p50, p95, p99 (ms)."""
+    percentiles = " ".join(f"{_fmt(result.percentile_ms(p)):>7}" for p in (50, 95, 99))
+    return f"{result.throughput:>{width}.2f} {percentiles}"
 
 
 def _other_lines(results: BenchResults) -> list[str]:
@@ -164,6 +174,8 @@ def _other_lines(results: BenchResults) -> list[str]:
             f"{_fmt(router.routed.percentile_ms(50), 2)} ms routed: {router.overhead_ms_p50:+.2f} ms "
             f"({router.direct.sent} requests each way, one at a time)"
         )
+    if results.bulk is not None:
+        lines += _bulk_lines(results.bulk)
     if results.engine is not None:
         engine = results.engine
         lines += [
@@ -185,3 +197,17 @@ def _other_lines(results: BenchResults) -> list[str]:
             f"at {ood.concurrency} clients ({len(ood.scored)} rounds each): cost {ood.cost:+.1%}",
         ]
     return lines
+
+
+def _bulk_lines(bulk: BulkResult) -> list[str]:
+    idle, busy = bulk.interactive_idle, bulk.interactive_busy
+    return [
+        "",
+        f"Bulk vs interactive ({idle.concurrency} interactive clients): "
+        f"p99 {_fmt(idle.percentile_ms(99))} ms alone, {_fmt(busy.percentile_ms(99))} ms with a job "
+        f"running (x{bulk.p99_ratio:.2f}; p50 {_fmt(idle.percentile_ms(50))} -> "
+        f"{_fmt(busy.percentile_ms(50))} ms)",
+        f"  job alone {bulk.bulk_idle_rps:.1f} items/s; under interactive load {bulk.bulk_busy_rps:.1f} "
+        f"items/s ({bulk.bulk_share:.1%} of alone)"
+        + ("" if bulk.busy_job_outlasted else "; the job ended before the interactive run did"),
+    ]

@@ -51,6 +51,13 @@ class BenchSettings:
     router_requests: int = setting(
         400, "Requests through the router and directly (each), one at a time, alternating in blocks."
     )
+    bulk_clients: int = setting(
+        8, "Interactive clients of the bulk comparison (with and without a job running)."
+    )
+    bulk_requests: int = setting(128, "Interactive requests per run of the bulk comparison.")
+    bulk_items: int = setting(
+        64, "Items of the job measured alone; the job running under interactive load has eight times as many."
+    )
     speed_model: str = setting(
         "blip-mini-random",
         "Random model of the decoder and int8 speed ratios (blip-tiny-random: smoke tests only).",
@@ -100,6 +107,9 @@ class BenchSettings:
             "cache_requests",
             "cache_concurrency",
             "router_requests",
+            "bulk_clients",
+            "bulk_requests",
+            "bulk_items",
             "agreement_scenes",
             "engine_rounds",
         ):
@@ -135,6 +145,8 @@ QUICK: dict[str, object] = {
     "preprocess_rounds": 2,
     "cache_requests": 600,
     "router_requests": 150,
+    "bulk_requests": 48,
+    "bulk_items": 32,
     "agreement_scenes": 200,
     "ood_rounds": 2,
     "engine_rounds": 2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from captionfleet.bench import processes
 from captionfleet.bench.cache import measure_cache_hits
 from captionfleet.bench.engine import EngineResult, measure_engine
+from captionfleet.bench.jobs import BulkResult, measure_bulk
 from captionfleet.bench.loadgen import LoadResult, Payload
 from captionfleet.bench.models import BLIP_MINI, save_random_blip
 from captionfleet.bench.ood import OodCost, measure_ood_cost
@@ -23,6 +25,8 @@ from captionfleet.bench.preprocess import PreprocessResult, measure_preprocessin
 from captionfleet.bench.router import RouterResult, measure_router_overhead
 from captionfleet.bench.serving import ServingRow, compare_serving, progress
 from captionfleet.bench.settings import BenchSettings
+from captionfleet.runtime.server.testing import RedisProcess
+from captionfleet.settings.serve import ServeSettings
 
 if TYPE_CHECKING:
     from captionfleet.settings.serve import ServeSettings
@@ -42,6 +46,8 @@ class BenchResults:
     router: RouterResult | None = None
     engine: EngineResult | None = None
     """The engine without HTTP: the offline ceiling, decoder and int8 ratios."""
+    bulk: BulkResult | None = None
+    """Interactive latency with and without a job running, and the job's share of idle throughput."""
     ood: OodCost | None = None
     """Served throughput with the out-of-distribution score and without."""
     elapsed_s: float = 0.0
@@ -103,6 +109,7 @@ async def run_suite(settings: BenchSettings, quick: bool) -> BenchResults:
         progress("engine: offline pipeline, decoders, int8 (no server running)")
         results.engine = measure_engine(model_dir, payloads, settings)
         await _main_model(results, model_dir, workdir, payloads)
+        results.bulk = await _bulk(model_dir, workdir, settings, payloads)
         if settings.larger_model and not quick:
             progress(f"writing the random {BLIP_MINI.name}")
             larger = save_random_blip(workdir / BLIP_MINI.name, BLIP_MINI, LARGER_MODEL_TOKENS)
@@ -158,8 +165,6 @@ async def _ood_cost(
 
 def _serve_base(settings: BenchSettings) -> ServeSettings:
     """Our servers' settings in every run (each then sets its model, port, cache)."""
-    from captionfleet.settings.serve import ServeSettings
-
     return ServeSettings(
         host="127.0.0.1",
         num_beams=settings.num_beams,
@@ -168,6 +173,36 @@ def _serve_base(settings: BenchSettings) -> ServeSettings:
         torch_threads=settings.torch_threads,
         request_timeout_ms=0.0,  # the baseline has no deadline either; slow runs must not turn into 504s
     )
+
+
+async def _bulk(
+    model_dir: Path, workdir: Path, settings: BenchSettings, payloads: list[Payload]
+) -> BulkResult | None:
+    """Ours with the job API on a throw-away redis-server; ``None`` (said) without redis-server."""
+    if shutil.which("redis-server") is None:
+        progress("bulk vs interactive: skipped, no redis-server on PATH (`make redis-server`)")
+        return None
+    progress("bulk vs interactive")
+    (workdir / "redis").mkdir(exist_ok=True)
+    redis = RedisProcess(workdir / "redis")
+    try:
+        base = replace(_serve_base(settings), jobs_redis_url=redis.url)
+        server = processes.start_ours(
+            model_dir, workdir, cache=False, base=base, name="ours-jobs", env=settings.environment()
+        )
+        try:
+            processes.wait_all_ready([server])
+            return await measure_bulk(
+                server.url,
+                payloads,
+                clients=settings.bulk_clients,
+                requests=settings.bulk_requests,
+                items=settings.bulk_items,
+            )
+        finally:
+            server.stop()
+    finally:
+        redis.stop()
 
 
 @contextlib.contextmanager

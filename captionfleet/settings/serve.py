@@ -51,6 +51,14 @@ class ServeSettings(EdgeSettings):
     max_queue_delay_ms: float = setting(
         10.0, "Longest a request waits for companions, counted from the oldest waiting request."
     )
+    max_bulk_batch_size: int = setting(
+        0,
+        "Most bulk items (job items, X-Priority: bulk) filling room in an interactive batch, and the size "
+        "of the first bulk-only batch after interactive traffic (each next one doubles, up to "
+        "max_batch_size): amid interactive traffic a request waits behind at most that much bulk work. "
+        "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
+        "max_batch_size gives bulk work all the room.",
+    )
     max_queue_size: int = setting(
         256, "Requests waiting for the model before new ones get 503 + Retry-After."
     )
@@ -150,9 +158,43 @@ class ServeSettings(EdgeSettings):
         "Redis stream of the job items; job state and results use it as their key prefix. One per model "
         "version, so that each version captions the jobs sent to it.",
     )
+    jobs_max_items: int = setting(10000, "Most items in one POST /v1/jobs (400 beyond).")
+    jobs_max_bytes: int = setting(
+        64 * MB, "Largest POST /v1/jobs body (413 beyond); counts against max_body_bytes_in_flight."
+    )
+    jobs_result_ttl_s: float = setting(
+        86400.0, "Seconds a job's state and results stay in Redis, from its creation and again once it ends."
+    )
+    jobs_claim_timeout_s: float = setting(
+        60.0,
+        "Seconds an item may stay unacknowledged by a replica that stopped renewing it (it died) before "
+        "another replica claims it (XAUTOCLAIM); live replicas renew theirs every third of it.",
+    )
+    jobs_prefetch: int = setting(
+        0,
+        "Job items one replica holds at once (decoding, queued as bulk, on the model); 0: 2*max_batch_size.",
+    )
+    jobs_webhook_secret: str = setting(
+        "",
+        "Key of the HMAC-SHA256 signature of webhook bodies (X-Captionfleet-Signature: sha256=<hex>) for "
+        "jobs that bring no webhook_secret of their own; empty: those go unsigned.",
+    )
+    jobs_webhook_retries: int = setting(5, "Retries of a webhook that failed (no answer, or not 2xx).")
+    jobs_webhook_backoff_s: float = setting(
+        1.0, "Seconds before a webhook's first retry; each further retry waits twice as long."
+    )
+    jobs_webhook_timeout_s: float = setting(10.0, "Time allowed for one webhook POST.")
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
+
+    def resolved_max_bulk_batch_size(self) -> int:
+        if self.max_bulk_batch_size > 0:
+            return min(self.max_bulk_batch_size, self.max_batch_size)
+        return max(1, self.max_batch_size // 16)
+
+    def resolved_jobs_prefetch(self) -> int:
+        return self.jobs_prefetch if self.jobs_prefetch > 0 else 2 * self.max_batch_size
 
     def resolved_rate_limit_burst(self) -> int:
         return self.rate_limit_burst if self.rate_limit_burst > 0 else max(1, round(self.rate_limit_rps))
@@ -160,7 +202,17 @@ class ServeSettings(EdgeSettings):
     def check(self) -> list[str]:
         """Problems that make these settings unusable, as messages (empty: fine)."""
         problems = super().check()
-        positive = ("max_batch_size", "max_queue_size", "max_pixels", "max_batch_images")
+        positive = (
+            "max_batch_size",
+            "max_queue_size",
+            "max_pixels",
+            "max_batch_images",
+            "jobs_max_items",
+            "jobs_max_bytes",
+            "jobs_result_ttl_s",
+            "jobs_claim_timeout_s",
+            "jobs_webhook_timeout_s",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
@@ -168,11 +220,17 @@ class ServeSettings(EdgeSettings):
             "max_queue_delay_ms",
             "cache_ttl_s",
             "rate_limit_rps",
+            "jobs_prefetch",
+            "max_bulk_batch_size",
+            "jobs_webhook_retries",
+            "jobs_webhook_backoff_s",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
+        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
+            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
         problems += self._ood_problems()
         problems += self._moderation_problems()
         if self.precision == "int8" and self.device.startswith("cuda"):

@@ -38,9 +38,14 @@ def hpa(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     autoscaling = ctx.spec.autoscaling
     low, high = replica_bounds(ctx.spec, ctx.share(version.name))
     return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": common.metadata(ctx, common.version_name(ctx, version.name), COMPONENT, version.name),
+        **common.head(
+            ctx,
+            "autoscaling/v2",
+            "HorizontalPodAutoscaler",
+            common.version_name(ctx, version.name),
+            COMPONENT,
+            version.name,
+        ),
         "spec": {
             "scaleTargetRef": _target(ctx, version),
             "minReplicas": max(low, 1),  # the HPA cannot scale to zero; validation refuses 0 with it
@@ -87,9 +92,7 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
         f'pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}}[1m]))'
     )
     return {
-        "apiVersion": "keda.sh/v1alpha1",
-        "kind": "ScaledObject",
-        "metadata": common.metadata(ctx, name, COMPONENT, version.name),
+        **common.head(ctx, "keda.sh/v1alpha1", "ScaledObject", name, COMPONENT, version.name),
         "spec": {
             "scaleTargetRef": _target(ctx, version),
             "minReplicaCount": low,

@@ -133,6 +133,13 @@ def owner_reference(ctx: FleetContext) -> dict[str, Any]:
     }
 
 
+def head(
+    ctx: FleetContext, api_version: str, kind: str, name: str, component: str, version: str | None = None
+) -> dict[str, Any]:
+    """``apiVersion``, ``kind`` and ``metadata`` of a child object: the start of every manifest built."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": metadata(ctx, name, component, version)}
+
+
 def metadata(ctx: FleetContext, name: str, component: str, version: str | None = None) -> dict[str, Any]:
     return {
         "name": name,

@@ -20,19 +20,13 @@ MI = 1024 * 1024
 
 
 def service_account(ctx: common.FleetContext) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": common.metadata(ctx, common.router_name(ctx), COMPONENT),
-    }
+    return common.head(ctx, "v1", "ServiceAccount", common.router_name(ctx), COMPONENT)
 
 
 def role(ctx: common.FleetContext) -> dict[str, Any]:
     """Read-only: the CaptionModels (weights in status) and the versions' endpoints."""
     return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": common.metadata(ctx, common.router_name(ctx), COMPONENT),
+        **common.head(ctx, "rbac.authorization.k8s.io/v1", "Role", common.router_name(ctx), COMPONENT),
         "rules": as_manifests(ROUTER_RULES),
     }
 
@@ -40,9 +34,7 @@ def role(ctx: common.FleetContext) -> dict[str, Any]:
 def role_binding(ctx: common.FleetContext) -> dict[str, Any]:
     name = common.router_name(ctx)
     return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": common.metadata(ctx, name, COMPONENT),
+        **common.head(ctx, "rbac.authorization.k8s.io/v1", "RoleBinding", name, COMPONENT),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
     }
@@ -108,9 +100,7 @@ def pod_spec(ctx: common.FleetContext) -> dict[str, Any]:
 
 def deployment(ctx: common.FleetContext) -> dict[str, Any]:
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": common.metadata(ctx, common.router_name(ctx), COMPONENT),
+        **common.head(ctx, "apps/v1", "Deployment", common.router_name(ctx), COMPONENT),
         "spec": {
             "replicas": ctx.spec.router.replicas,
             "selector": {"matchLabels": common.selector_labels(ctx, COMPONENT)},
@@ -124,9 +114,7 @@ def deployment(ctx: common.FleetContext) -> dict[str, Any]:
 def service(ctx: common.FleetContext) -> dict[str, Any]:
     """The public endpoint; named after the CaptionModel itself."""
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": common.metadata(ctx, common.public_service_name(ctx), COMPONENT),
+        **common.head(ctx, "v1", "Service", common.public_service_name(ctx), COMPONENT),
         "spec": {
             "type": ctx.spec.router.service_type,
             "selector": common.selector_labels(ctx, COMPONENT),

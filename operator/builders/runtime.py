@@ -133,9 +133,9 @@ def deployment(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any
         keep_one = not share.retired and ctx.spec.autoscaling.provider == "keda"
         deployment_spec["replicas"] = max(low, 1) if keep_one else low
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": common.metadata(ctx, common.version_name(ctx, version.name), COMPONENT, version.name),
+        **common.head(
+            ctx, "apps/v1", "Deployment", common.version_name(ctx, version.name), COMPONENT, version.name
+        ),
         "spec": deployment_spec,
     }
 
@@ -143,9 +143,7 @@ def deployment(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any
 def service(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     """ClusterIP Service of one version; the router balances over its EndpointSlices."""
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": common.metadata(ctx, common.version_name(ctx, version.name), COMPONENT, version.name),
+        **common.head(ctx, "v1", "Service", common.version_name(ctx, version.name), COMPONENT, version.name),
         "spec": {
             "type": "ClusterIP",
             "selector": common.selector_labels(ctx, COMPONENT, version.name),

@@ -10,6 +10,10 @@ can be tested.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from captionfleet.runtime.engine.types import Caption
 
 TINY_WORDS = (
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
@@ -66,3 +70,17 @@ def save_tiny_blip(directory: Path, *, image_size: int = 32, seed: int = 0, eos_
     tokenizer.save_pretrained(directory)
     BlipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(directory)
     return directory
+
+
+def check_ranked_suggestions(caption: Caption, wanted: int) -> None:
+    """The contract of ``suggestions``: 1 to ``wanted``, the caption first, sorted by confidence in
+    (0, 1], no two the same once normalised."""
+    from captionfleet.runtime.engine.captioner import normalise_caption
+
+    assert 1 <= len(caption.suggestions) <= wanted
+    assert caption.suggestions[0].text == caption.text
+    confidences = [s.confidence for s in caption.suggestions]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(0 < c <= 1 for c in confidences)
+    keys = [normalise_caption(s.text) for s in caption.suggestions]
+    assert len(set(keys)) == len(keys)

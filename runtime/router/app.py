@@ -72,6 +72,7 @@ class Router:
         holder.on_change(self._table_changed)
         holder.on_change(self.balancer.table_changed)
         self.metrics.watch_balancer(self.balancer)
+        self.metrics.watch_sources(holder)
 
     def _table_changed(self, table: RoutingTable) -> None:
         self.metrics.table_changed(table, self.holder.updated_at)

@@ -47,6 +47,8 @@ class NoLiveEndpoint(NoRoute, UpstreamUnreachable):
     """Every endpoint of the chosen version is ejected: 503 ``no_route`` with Retry-After (NoRoute's
     status and code), counted in the version's figures as a connect failure (UpstreamUnreachable's)."""
 
+    code = NoRoute.code
+
 
 @dataclass(frozen=True)
 class OutlierPolicy:
@@ -167,23 +169,27 @@ class Balancer:
 
     def connect_failed(self, endpoint: str) -> None:
         """An attempt could not reach ``endpoint`` (refused, reset, connect timeout)."""
-        health = self._health.setdefault(endpoint, _Health())
-        if health.out_until is not None:
-            return
-        health.connect_failures += 1
-        if 0 < self.policy.connect_failures <= health.connect_failures:
-            self._eject(endpoint, health, "connect")
+        self._failed(endpoint, "connect")
 
     def timed_out(self, endpoint: str, budget_s: float) -> None:
         """An attempt that had ``budget_s`` got no (whole) answer from ``endpoint`` within it."""
-        if budget_s < self.policy.timeout_min_budget_s:
-            return
+        if budget_s >= self.policy.timeout_min_budget_s:
+            self._failed(endpoint, "timeout")
+
+    def _failed(self, endpoint: str, cause: str) -> None:
+        """One more failure of ``cause`` in a row; ejected once the policy's limit for it is reached
+        (a limit of 0: never). Failures of an endpoint already out do not count."""
         health = self._health.setdefault(endpoint, _Health())
         if health.out_until is not None:
             return
-        health.timeouts += 1
-        if 0 < self.policy.timeouts <= health.timeouts:
-            self._eject(endpoint, health, "timeout")
+        if cause == "connect":
+            health.connect_failures += 1
+            in_a_row, limit = health.connect_failures, self.policy.connect_failures
+        else:
+            health.timeouts += 1
+            in_a_row, limit = health.timeouts, self.policy.timeouts
+        if 0 < limit <= in_a_row:
+            self._eject(endpoint, health, cause)
 
     def succeeded(self, endpoint: str) -> None:
         """``endpoint`` answered (any status): the failures in a row end; an ejected one is back."""

@@ -9,31 +9,21 @@ from captionfleet.runtime.serving.errors import DeadlineExceeded
 from captionfleet.runtime.web.errors import EdgeError, StatusTable
 
 
-class NoRoute(EdgeError):
+class NoRoute(EdgeError, status=503):
     """No version can take traffic: no routing table yet, every weight 0, or no live endpoints."""
 
-    status = 503
-    code = "no_route"
 
-
-class UpstreamUnreachable(EdgeError):
+class UpstreamUnreachable(EdgeError, status=502):
     """The version's runtimes refused or dropped the connection, on the retry too."""
 
-    status = 502
-    code = "upstream_unreachable"
 
-
-class BadUpstreamResponse(EdgeError):
+class BadUpstreamResponse(EdgeError, status=502):
     """The runtime's answer could not be relayed: cut short, or larger than ``max_response_bytes``."""
 
-    status = 502
-    code = "bad_upstream_response"
 
-
-class UpstreamTimeout(EdgeError):
+class UpstreamTimeout(EdgeError, status=504):
     """The request's budget was spent before the runtime answered."""
 
-    status = 504
     code = "deadline_exceeded"
 
 

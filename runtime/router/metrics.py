@@ -6,82 +6,86 @@ counts. ``version`` is ``none`` for requests answered before a version was chose
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from captionfleet.runtime.router.balancer import Balancer
+from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.table import RoutingTable
-from captionfleet.runtime.web.metrics import ProcessMetrics
+from captionfleet.runtime.web.metrics import Declared, ProcessMetrics
 
 NO_VERSION = "none"
 
 
 class RouterMetrics(ProcessMetrics):
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests = self.counter(
-            "captionfleet_router_requests",
-            "Requests answered by the router, by the version routed to and the status code returned",
-            ["version", "code"],
-        )
-        self.bulk_requests = self.counter(
-            "captionfleet_router_bulk_requests",
-            "Bulk requests (X-Priority: bulk, the job API) answered, by version and status code: counted "
-            "here only, never in captionfleet_router_requests or the latency histogram",
-            ["version", "code"],
-        )
-        self.errors = self.counter(
-            "captionfleet_router_upstream_errors",
-            "Requests of a version that ended in an error, by kind: status_5xx, timeouts, connect_failures, "
-            "bad_responses",
-            ["version", "kind"],
-        )
-        self.retries = self.counter(
-            "captionfleet_router_retries",
-            "Second attempts on another endpoint, by version and reason (connect, status_503)",
-            ["version", "reason"],
-        )
-        self.fallbacks = self.counter(
-            "captionfleet_router_fallbacks",
-            "Requests meant for a version without ready endpoints, sent to another version",
-            ["version"],
-        )
-        self.latency = self.histogram(
-            "captionfleet_router_request_duration_seconds",
-            "Latency of routed requests as the router sees it, from arrival to answer (retries included)",
-            ["version"],
-        )
-        self.in_flight = self.gauge(
-            "captionfleet_router_requests_in_flight", "Requests being proxied right now"
-        )
-        self.weight = self.gauge(
-            "captionfleet_router_version_weight",
-            "Effective weight (percent) of each version in the routing table",
-            ["version", "role"],
-        )
-        self.endpoints = self.gauge(
-            "captionfleet_router_version_endpoints",
-            "Endpoints (ready runtime pods, or the Service) the router knows per version",
-            ["version"],
-        )
-        self.table_updates = self.counter(
-            "captionfleet_router_table_updates",
-            "Routing tables applied (from the CaptionModel or a file)",
-        )
-        self.table_timestamp = self.gauge(
-            "captionfleet_router_table_updated_timestamp_seconds",
-            "Unix time the current routing table was applied",
-        )
-        self.ready = self.gauge(
-            "captionfleet_router_ready",
-            "1 when a version can take traffic and the router is not draining",
-        )
+    requests = Declared.counter(
+        "captionfleet_router_requests",
+        "Requests answered by the router, by the version routed to and the status code returned",
+        "version",
+        "code",
+    )
+    bulk_requests = Declared.counter(
+        "captionfleet_router_bulk_requests",
+        "Bulk requests (X-Priority: bulk, the job API) answered, by version and status code: counted "
+        "here only, never in captionfleet_router_requests or the latency histogram",
+        "version",
+        "code",
+    )
+    errors = Declared.counter(
+        "captionfleet_router_upstream_errors",
+        "Requests of a version that ended in an error, by kind: status_5xx, timeouts, connect_failures, "
+        "bad_responses",
+        "version",
+        "kind",
+    )
+    retries = Declared.counter(
+        "captionfleet_router_retries",
+        "Second attempts on another endpoint, by version and reason (connect, status_503)",
+        "version",
+        "reason",
+    )
+    fallbacks = Declared.counter(
+        "captionfleet_router_fallbacks",
+        "Requests meant for a version without ready endpoints, sent to another version",
+        "version",
+    )
+    latency = Declared.histogram(
+        "captionfleet_router_request_duration_seconds",
+        "Latency of routed requests as the router sees it, from arrival to answer (retries included)",
+        "version",
+    )
+    in_flight = Declared.gauge("captionfleet_router_requests_in_flight", "Requests being proxied right now")
+    weight = Declared.gauge(
+        "captionfleet_router_version_weight",
+        "Effective weight (percent) of each version in the routing table",
+        "version",
+        "role",
+    )
+    endpoints = Declared.gauge(
+        "captionfleet_router_version_endpoints",
+        "Endpoints (ready runtime pods, or the Service) the router knows per version",
+        "version",
+    )
+    table_updates = Declared.counter(
+        "captionfleet_router_table_updates", "Routing tables applied (from the CaptionModel or a file)"
+    )
+    table_timestamp = Declared.gauge(
+        "captionfleet_router_table_updated_timestamp_seconds",
+        "Unix time the current routing table was applied",
+    )
+    ready = Declared.gauge(
+        "captionfleet_router_ready", "1 when a version can take traffic and the router is not draining"
+    )
 
     def watch_balancer(self, balancer: Balancer) -> None:
         """Export the balancer's outlier figures, read at each scrape."""
-        self.registry.register(_OutlierCollector(balancer))
+        self.collect_at_scrape(functools.partial(_outlier_figures, balancer))
+
+    def watch_sources(self, holder: TableHolder) -> None:
+        """Export the count of failed reads of the table's source (a routes file), read at each scrape."""
+        self.collect_at_scrape(functools.partial(_source_figures, holder))
 
     def table_changed(self, table: RoutingTable, timestamp: float) -> None:
         self.weight.clear()
@@ -93,35 +97,36 @@ class RouterMetrics(ProcessMetrics):
         self.table_timestamp.set(timestamp)
 
 
-class _OutlierCollector(Collector):
+def _outlier_figures(balancer: Balancer) -> Iterator[Metric]:
     """Outlier ejection (``router/balancer.py``): counts since start, and the endpoints out now."""
+    counts = balancer.counts
+    ejections = CounterMetricFamily(
+        "captionfleet_router_endpoint_ejections",
+        "Endpoints taken out of rotation, by cause (connect: refused or reset; timeout: no answer)",
+        labels=["cause"],
+    )
+    for cause, count in counts.ejections.items():
+        ejections.add_metric([cause], count)
+    yield ejections
+    yield CounterMetricFamily(
+        "captionfleet_router_endpoint_probe_failures",
+        "Probes (GET /readyz) of ejected endpoints that failed",
+        value=counts.probe_failures,
+    )
+    yield CounterMetricFamily(
+        "captionfleet_router_endpoint_returns", "Ejected endpoints back in rotation", value=counts.returns
+    )
+    yield GaugeMetricFamily(
+        "captionfleet_router_endpoints_ejected",
+        "Endpoints out of rotation now",
+        value=len(balancer.ejected_endpoints()),
+    )
 
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
 
-    def describe(self) -> list[Metric]:
-        return []  # no fixed description: the registry then calls collect() at scrape time only
-
-    def collect(self) -> Iterator[Metric]:
-        counts = self.balancer.counts
-        ejections = CounterMetricFamily(
-            "captionfleet_router_endpoint_ejections",
-            "Endpoints taken out of rotation, by cause (connect: refused or reset; timeout: no answer)",
-            labels=["cause"],
-        )
-        for cause, count in counts.ejections.items():
-            ejections.add_metric([cause], count)
-        yield ejections
-        yield CounterMetricFamily(
-            "captionfleet_router_endpoint_probe_failures",
-            "Probes (GET /readyz) of ejected endpoints that failed",
-            value=counts.probe_failures,
-        )
-        yield CounterMetricFamily(
-            "captionfleet_router_endpoint_returns", "Ejected endpoints back in rotation", value=counts.returns
-        )
-        yield GaugeMetricFamily(
-            "captionfleet_router_endpoints_ejected",
-            "Endpoints out of rotation now",
-            value=len(self.balancer.ejected_endpoints()),
-        )
+def _source_figures(holder: TableHolder) -> Iterator[Metric]:
+    """Reads of the routing table's source that failed (the last good table stayed), since start."""
+    yield CounterMetricFamily(
+        "captionfleet_router_table_source_errors",
+        "Reads of the routing table's source (a routes file) that failed; the last good table stays",
+        value=holder.source_errors,
+    )

@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aiohttp
@@ -124,26 +124,19 @@ async def probe_readyz(session: aiohttp.ClientSession, endpoint: str, timeout_s:
         return False
 
 
+@dataclass(eq=False)  # one per router, compared by identity
 class Forwarder:
     """Sends requests to runtimes over one pooled HTTP client (which the balancer's probes use too)."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        balancer: Balancer,
-        *,
-        connect_timeout_s: float,
-        retry: bool,
-        max_response_bytes: int,
-    ) -> None:
-        self.session = session
-        self.balancer = balancer
-        self.connect_timeout_s = connect_timeout_s
-        self.retry = retry
-        self.max_response_bytes = max_response_bytes
-        balancer.use_probe(
-            functools.partial(probe_readyz, session, timeout_s=balancer.policy.probe_timeout_s)
-        )
+    session: aiohttp.ClientSession
+    balancer: Balancer
+    connect_timeout_s: float = field(kw_only=True)
+    retry: bool = field(kw_only=True)
+    max_response_bytes: int = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        probe_timeout_s = self.balancer.policy.probe_timeout_s
+        self.balancer.use_probe(functools.partial(probe_readyz, self.session, timeout_s=probe_timeout_s))
 
     async def forward(
         self,

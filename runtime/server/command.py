@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from captionfleet.exits import exit_on_problems
 from captionfleet.settings import add_options, from_args
 from captionfleet.settings.serve import ServeSettings
 
@@ -25,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"style {settings.style!r} is not one of {', '.join(sorted(STYLES))}")
     if not problems:
         problems += _moderation_url_problems(settings)
-    if problems:
-        raise SystemExit("captionfleet serve: " + "; ".join(problems))
+    exit_on_problems("serve", problems)
 
     from captionfleet.runtime.server.lifecycle import serve_until_signalled
     from captionfleet.runtime.web.logs import configure_logging

@@ -20,6 +20,8 @@ from captionfleet.runtime.serving.errors import (
     DeadlineExceeded,
     Draining,
     InferenceFailed,
+    JobNotFound,
+    JobsUnavailable,
     ModerationUnavailable,
     NotReady,
     QueueFull,
@@ -32,6 +34,7 @@ DOMAIN_STATUSES: StatusTable = {
     ImageTooLarge: 400,  # too many pixels (decompression bomb guard); bytes over the limit are 413
     InvalidOptions: 400,
     UnsupportedImageFormat: 415,
+    JobNotFound: 404,
     ContentBlocked: 422,  # well-formed, but the moderation service refused it: resending will not help
     # The server's own state or faults.
     InferenceFailed: 500,
@@ -39,6 +42,7 @@ DOMAIN_STATUSES: StatusTable = {
     QueueFull: 503,
     Draining: 503,
     NotReady: 503,
+    JobsUnavailable: 503,
     ModerationUnavailable: 503,  # under failurePolicy Fail; always with Retry-After
     DeadlineExceeded: 504,
 }

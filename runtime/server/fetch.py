@@ -140,6 +140,29 @@ def check_url(url: URL, allow_private: bool) -> None:
         raise UrlRefused(f"the URL's host may not be fetched: {reason}")
 
 
+def guarded_session(allow_private: bool, timeout_s: float, *, connections: int) -> aiohttp.ClientSession:
+    """A client session whose connections go only to addresses the guard allows, with one total time
+    limit per request and no proxy from the environment."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(allow_private), limit=connections)
+    return aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        headers={"User-Agent": "captionfleet-runtime"},
+    )
+
+
+def absolute_url(text: str, what: str = "the URL") -> URL:
+    """``text`` as an absolute URL, or :class:`UrlRefused`."""
+    try:
+        url = URL(text.strip())
+    except (ValueError, TypeError) as exc:
+        raise UrlRefused(f"{what} is not a valid URL: {exc}") from exc
+    if not url.is_absolute():
+        raise UrlRefused(f"{what} must be absolute (http:// or https://)")
+    return url
+
+
 class UrlFetcher:
     def __init__(self, *, allow_private: bool, timeout_s: float, max_bytes: int, max_redirects: int) -> None:
         self.allow_private = allow_private
@@ -150,13 +173,7 @@ class UrlFetcher:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.allow_private), limit=64)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                trust_env=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                headers={"User-Agent": "captionfleet-runtime"},
-            )
+            self._session = guarded_session(self.allow_private, self.timeout_s, connections=64)
         return self._session
 
     async def close(self) -> None:
@@ -167,12 +184,7 @@ class UrlFetcher:
     async def fetch(self, url_text: str, allowance: BodyAllowance | None = None) -> bytes:
         """The bytes at ``url_text``; raises UrlRefused, UrlFetchFailed or PayloadTooLarge. With the
         request's ``allowance``, the fetched bytes count against the process's body budget too."""
-        try:
-            url = URL(url_text.strip())
-        except (ValueError, TypeError) as exc:
-            raise UrlRefused(f"not a valid URL: {exc}") from exc
-        if not url.is_absolute():
-            raise UrlRefused("the URL must be absolute (http:// or https://)")
+        url = absolute_url(url_text)
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._follow(url, allowance)

@@ -17,10 +17,14 @@ import logging
 import time
 
 from captionfleet.runtime.engine.captioner import Captioner
-from captionfleet.runtime.server.app import ServerState, build_app
+from captionfleet.runtime.server.app import build_app
 from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
 from captionfleet.runtime.server.moderation import moderation_client
+from captionfleet.runtime.server.state import ServerState
+from captionfleet.runtime.server.webhooks import WebhookSender
+from captionfleet.runtime.serving.job_worker import JobWorker
+from captionfleet.runtime.serving.jobs import JobStore
 from captionfleet.runtime.serving.moderation import build_moderation
 from captionfleet.runtime.serving.service import CaptionService, build_cache
 from captionfleet.runtime.web.body import BodyBudget
@@ -109,6 +113,7 @@ class Server:
             if self.settings.ood:
                 metrics.watch_drift(service.drift.state)
             await service.start()
+            self._start_jobs(service)
         except Exception as exc:
             self.state.load_error = f"the model failed to load: {exc}"
             log.error("%s", self.state.load_error, exc_info=True)
@@ -122,6 +127,25 @@ class Server:
             f"on ({self.settings.moderation_failure_policy})" if moderation is not None else "off",
             time.monotonic() - started,
         )
+
+    def _start_jobs(self, service: CaptionService) -> None:
+        """With ``jobs_redis_url``: the job API's store, and this replica's consumer of the stream."""
+        settings = self.settings
+        if not settings.jobs_redis_url:
+            return
+        store = JobStore(settings.jobs_redis_url, settings.jobs_stream, settings.jobs_result_ttl_s)
+        fetcher = self.state.fetcher
+        worker = JobWorker(
+            store,
+            service,
+            settings,
+            fetch=lambda url: fetcher.fetch(url),
+            notifier=WebhookSender(settings),
+            observer=self.state.metrics,
+        )
+        worker.start()
+        self.state.jobs, self.state.job_worker = store, worker
+        log.info("job API on, consuming %s as %s", settings.jobs_stream, worker.consumer)
 
     async def drain(self) -> int:
         """Stop taking requests, finish the accepted ones within the grace period, stop listening.
@@ -140,6 +164,8 @@ class Server:
             await asyncio.wait_for(self.state.idle.wait(), timeout=grace)
         except TimeoutError:
             log.warning("grace period over with %d requests in flight", self.state.in_flight)
+        if self.state.job_worker is not None:  # its held items run now, as bulk: nothing else waits
+            await self.state.job_worker.close(max(0.0, ends - time.monotonic()))
         left = 0
         if self.state.service is not None:
             left = await self.state.service.close(max(0.0, ends - time.monotonic()))

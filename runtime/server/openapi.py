@@ -16,7 +16,7 @@ _ERROR_CODES = {
     "422": "content_blocked: the moderation service refused the image (the reason in the message)",
     "429": "Rate limit of the API key exceeded (see Retry-After)",
     "500": "Server fault",
-    "503": "Queue full, draining, not ready, or moderation_unavailable (see Retry-After)",
+    "503": "Queue full, draining, not ready, no job store, or moderation_unavailable (see Retry-After)",
     "504": "The request's deadline passed while it waited",
 }
 
@@ -109,6 +109,7 @@ def openapi_document() -> dict[str, Any]:
                 "One result per image, in order",
                 "BatchResponse",
             ),
+            **_job_paths(),
             **_probe_paths(),
         },
         "components": {"schemas": _schemas()},
@@ -157,6 +158,83 @@ def _batch_bodies() -> dict[str, Any]:
     return {
         "multipart/form-data": {"schema": _with_options("images", files)},
         "application/json": {"schema": _with_options("images", {"type": "array", "items": _source_schema()})},
+    }
+
+
+def _job_paths() -> dict[str, Any]:
+    """The job API: submit, state, results (JSON Lines in input order), cancel."""
+    job = {"application/json": {"schema": _ref("Job")}}
+    item = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string", "format": "uri"},
+            "image_base64": {"type": "string"},
+        },
+    }
+    submission = {
+        "type": "object",
+        "required": ["items"],
+        "properties": {
+            "items": {"type": "array", "items": item},
+            "options": {"type": "object", "properties": _options_properties()},
+            "webhook": {"type": "string", "format": "uri"},
+            "webhook_secret": {"type": "string"},
+        },
+    }
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    one = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    missing = {
+        "description": "No such job (never made, expired, or another key's)",
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    found = {"200": {"description": "The job", "content": job}, "404": missing, **_errors()}
+    return {
+        "/v1/jobs": {
+            "post": {
+                "summary": "Submit a job of many images, captioned with the fleet's spare capacity",
+                "parameters": _HEADERS,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": submission},
+                        "multipart/form-data": {"schema": _with_options("images", files)},
+                    },
+                },
+                "responses": {"202": {"description": "Accepted", "content": job}, **_errors()},
+            }
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {"summary": "The job's status and counts", "parameters": one, "responses": found},
+            "delete": {"summary": "Cancel the items not started", "parameters": one, "responses": found},
+        },
+        "/v1/jobs/{job_id}/results": {
+            "get": {
+                "summary": "One JSON line per finished item, in input order: {index, id, result|error}",
+                "parameters": one,
+                "responses": {
+                    "200": {"description": "JSON Lines", "content": {"application/x-ndjson": {}}},
+                    "404": missing,
+                },
+            }
+        },
+    }
+
+
+def _job_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["id", "status", "counts"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "counts": {
+                "type": "object",
+                "properties": {k: {"type": "integer"} for k in ("total", "done", "failed")},
+            },
+            "created_at": {"type": "string", "format": "date-time"},
+            "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        },
     }
 
 
@@ -253,6 +331,7 @@ def _schemas() -> dict[str, Any]:
                 "request_id": {"type": "string"},
             },
         },
+        "Job": _job_schema(),
         "Error": {
             "type": "object",
             "required": ["error", "request_id"],

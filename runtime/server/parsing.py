@@ -19,6 +19,7 @@ import binascii
 import json
 import re
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,27 +88,43 @@ async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch:
     return parsed
 
 
-async def _parse_multipart(
-    request: web.BaseRequest, allowance: BodyAllowance, limit: int, batch: bool
-) -> ParsedRequest:
-    image_field = "images" if batch else "image"
+async def multipart_parts(request: web.BaseRequest) -> AsyncIterator[BodyPartReader]:
+    """The parts of a multipart body, one after the other; a malformed body is :class:`InvalidRequest`."""
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, HttpProcessingError) as exc:  # no or a bad boundary
         raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
-    images: list[ImageSource] = []
-    fields: dict[str, Any] = {}
-    seen: list[str] = []
-    budget = limit
     while True:
         try:
             part = await reader.next()
         except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # bad part headers
             raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
         if part is None:
-            break
+            return
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not supported", code="invalid_multipart")
+        yield part
+
+
+async def text_field(part: BodyPartReader, allowance: BodyAllowance) -> str:
+    """A multipart text field (an option, a URL): UTF-8, at most 4 KiB."""
+    name = part.name or ""
+    raw = await read_all(part, allowance, _MAX_FIELD_BYTES, what=f"field {name!r}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"field {name!r} is not UTF-8 text", code="invalid_field") from exc
+
+
+async def _parse_multipart(
+    request: web.BaseRequest, allowance: BodyAllowance, limit: int, batch: bool
+) -> ParsedRequest:
+    image_field = "images" if batch else "image"
+    images: list[ImageSource] = []
+    fields: dict[str, Any] = {}
+    seen: list[str] = []
+    budget = limit
+    async for part in multipart_parts(request):
         name = part.name or ""
         seen.append(name)
         if name == image_field or (batch and name == "image"):
@@ -115,11 +132,7 @@ async def _parse_multipart(
             budget -= len(data)
             images.append(ImageSource(data=data))
         elif name in OPTION_FIELDS:
-            raw = await read_all(part, allowance, _MAX_FIELD_BYTES, what=f"field {name!r}")
-            try:
-                fields[name] = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidRequest(f"field {name!r} is not UTF-8 text", code="invalid_field") from exc
+            fields[name] = await text_field(part, allowance)
         else:
             budget -= len(await read_all(part, allowance, budget))  # drain it: the next part follows it
     if not images:
@@ -135,7 +148,8 @@ async def _parse_multipart(
     return ParsedRequest(images, fields)
 
 
-def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object (nesting bounded before parsing), or :class:`InvalidRequest`."""
     _check_nesting(body)
     try:
         document = json.loads(body)
@@ -143,6 +157,11 @@ def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
         raise InvalidRequest(f"the body is not valid JSON: {_short(exc)}", code="invalid_json") from exc
     if not isinstance(document, dict):
         raise InvalidRequest("the JSON body must be an object", code="invalid_json")
+    return document
+
+
+def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
+    document = json_object(body)
     allowed = {*OPTION_FIELDS, *(("images",) if batch else SOURCE_FIELDS)}
     unknown = sorted(set(document) - allowed)
     if unknown:
@@ -161,8 +180,8 @@ def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
                 '"images" must be a non-empty list of {"url"} or {"image_base64"} objects',
                 code="missing_image",
             )
-        return ParsedRequest([_json_source(entry, f"images[{i}]") for i, entry in enumerate(entries)], fields)
-    return ParsedRequest([_json_source(document, "body")], fields)
+        return ParsedRequest([json_source(entry, f"images[{i}]") for i, entry in enumerate(entries)], fields)
+    return ParsedRequest([json_source(document, "body")], fields)
 
 
 MAX_JSON_DEPTH = 16
@@ -190,7 +209,8 @@ def _short(error: BaseException, most: int = 200) -> str:
     return text if len(text) <= most else text[: most - 3] + "..."
 
 
-def _json_source(entry: object, where: str) -> ImageSource:
+def json_source(entry: object, where: str) -> ImageSource:
+    """``{"url": ...}`` or ``{"image_base64": ...}`` (other fields are the caller's to check)."""
     if not isinstance(entry, dict):
         raise InvalidRequest(f"{where} must be an object with 'url' or 'image_base64'", code="invalid_field")
     given = [name for name in SOURCE_FIELDS if entry.get(name) is not None]

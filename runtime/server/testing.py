@@ -14,19 +14,38 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from aiohttp import web
 from PIL import Image, ImageDraw
 
 from captionfleet.settings.serve import ServeSettings
 
 STARTUP_DEADLINE_S = 180.0
+
+
+def own_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child server, without our settings (``CAPTIONFLEET_*``) but
+    for those in ``env``: a developer's exported options must not change what a test starts."""
+    chosen = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
+    return chosen | (env or {})
+
+
+def readyz_answers_200(url: str) -> bool:
+    """Whether ``GET {url}/readyz`` answers 200 now (not listening yet, or 503: False)."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def free_port() -> int:
@@ -53,6 +72,16 @@ async def eventually(condition: Callable[[], bool], deadline_s: float, what: str
         await asyncio.sleep(0.02)
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve a small aiohttp app (an image host, a webhook receiver) on a free loopback port; returns
+    its runner (``await runner.cleanup()`` stops it) and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
     buffer = io.BytesIO()
     (image.convert("RGB") if fmt == "JPEG" else image).save(buffer, fmt, **params)
@@ -71,6 +100,24 @@ def shapes_image(index: int, size: int = 96) -> Image.Image:
     x, y = (index * 3) % 6 * step, (index * 5) % 6 * step
     ImageDraw.Draw(image).rectangle([x, y, x + 2 * step + index % 3 * step, y + 2 * step], fill=fill)
     return image
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 MP) that is only ~50 KB on the wire."""
+    row = b"\x00" * (1 + (side + 7) // 8)
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def settings_argv(settings: ServeSettings) -> list[str]:
@@ -98,10 +145,8 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         argv = [sys.executable, "-m", "captionfleet", "serve", *settings_argv(self.settings)]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
-        full_env.update(env or {})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=own_env(env))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -109,11 +154,7 @@ class ServeProcess:
     def is_ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log_text()}")
-        try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return readyz_answers_200(self.url)
 
     def wait_ready(self, deadline_s: float = STARTUP_DEADLINE_S) -> None:
         wait_until(self.is_ready, deadline_s, "/readyz of captionfleet serve")
@@ -132,21 +173,31 @@ class ServeProcess:
 
 
 class RedisProcess:
-    """A throw-away ``redis-server`` on a free loopback port, without persistence."""
+    """A throw-away ``redis-server`` on a free loopback port; without persistence unless ``appendonly``
+    (then every write is fsynced to the append-only file, and :meth:`restart` keeps the data)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is missing: `make redis-server` installs Debian's package")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
+        )
+        self.argv = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                     "--dir", str(workdir)]  # fmt: skip
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._answers, 30, "redis-server to answer PING")
+        return self.process
+
+    def restart(self) -> None:
+        """Stop (SIGTERM: redis-server writes out what it holds) and start again on the same port."""
+        self.stop()
+        self._start()
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:

@@ -17,7 +17,19 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
   :class:`DeadlineExceeded` when the deadline passes, and is never sent to the model;
 - requests whose caller went away (the awaiting task was cancelled) are skipped;
 - the model runs in one worker thread, so the event loop, and the preprocessing of the next requests
-  in their own pool, go on while a batch runs.
+  in their own pool, go on while a batch runs;
+- two priorities, as Triton's priority levels: *interactive* requests form the batches (their size,
+  their delay, the idle fast path), and *bulk* requests only fill the room an interactive batch
+  leaves, or run on an idle model: no interactive request queued or being prepared (``preparing``),
+  and none arrived or answered within ``max_queue_delay``. A batch never waits for bulk work, and
+  bulk delays an interactive request by at most the one batch already running. Bulk items fill an
+  interactive batch by at most ``max_bulk_batch_size``, and bulk-only batches start at that size
+  and double with each one that follows without interactive traffic, up to ``max_batch_size``: on a
+  CPU, where a batch's time grows with its size, an interactive request arriving amid steady
+  interactive traffic waits behind a small bulk batch at most, and a long calm still uses the
+  model's full batches. Bulk requests have their
+  own queue (bounded by ``max_queue_size`` too) and do not count in the reported queue depth: they
+  are not interactive demand.
 
 Why not a ``processing`` flag: a second batch that finds the flag set returns early and strands the
 queue until the next arrival. Here one consumer owns the queue for its whole life.
@@ -29,9 +41,10 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -61,6 +74,13 @@ class _NoObserver:
         pass
 
 
+class Priority(enum.Enum):
+    """A request's priority (the ``X-Priority`` header's values)."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
 class _State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -74,6 +94,7 @@ class _Request(Generic[ItemT, GroupT, ResultT]):
     future: asyncio.Future[ResultT]
     enqueued: float
     deadline: float | None
+    priority: Priority = Priority.INTERACTIVE
     state: _State = field(default=_State.QUEUED)
 
 
@@ -94,6 +115,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         observer: BatchObserver | None = None,
         name: str = "inference",
         idle_dispatch: bool = True,
+        max_bulk_batch_size: int | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -103,7 +125,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self.max_queue_size = max_queue_size
         self._observer: BatchObserver = observer or _NoObserver()
         self._name = name
-        self._queue: deque[_Request[ItemT, GroupT, ResultT]] = deque()
+        self._queue: deque[_Request[ItemT, GroupT, ResultT]] = deque()  # interactive
+        self._bulk: deque[_Request[ItemT, GroupT, ResultT]] = deque()
         self._running: list[_Request[ItemT, GroupT, ResultT]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -112,8 +135,12 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         # One thread: the model serves one batch at a time; a second would only contend for it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._last_batch_s = 0.0
-        self._last_batch_size = 0
+        self._last_batch_size = 0  # its interactive requests: bulk filler is no sign of companions
         self.idle_dispatch = idle_dispatch
+        self.max_bulk_batch_size = max_bulk_batch_size or max_batch_size
+        self._preparing = 0  # interactive requests being decoded and preprocessed, not submitted yet
+        self._last_interactive = -math.inf  # when one last arrived or was answered
+        self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -122,12 +149,17 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch (not counting the batch on the model)."""
+        """Interactive requests waiting for a batch (not counting the batch on the model)."""
         return len(self._queue)
 
     @property
+    def bulk_depth(self) -> int:
+        """Bulk requests waiting for room on the model."""
+        return len(self._bulk)
+
+    @property
     def in_flight(self) -> int:
-        return len(self._queue) + len(self._running)
+        return len(self._queue) + len(self._bulk) + len(self._running)
 
     def start(self) -> None:
         if self._consumer is None:
@@ -135,21 +167,32 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 self._consume(), name=f"{self._name}-batcher"
             )
 
-    async def submit(self, item: ItemT, group: GroupT, *, deadline: float | None = None) -> ResultT:
+    async def submit(
+        self,
+        item: ItemT,
+        group: GroupT,
+        *,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> ResultT:
         """Queue one item and wait for its result (or its error)."""
         if self._closing or self._consumer is None:
             raise Draining("the server is shutting down", retry_after=1.0)
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before it reached the queue")
-        if len(self._queue) >= self.max_queue_size:
+        queue = self._queue if priority is Priority.INTERACTIVE else self._bulk
+        if len(queue) >= self.max_queue_size:
             raise QueueFull(
-                f"the queue holds {self.max_queue_size} requests already", retry_after=self._retry_hint()
+                f"the {priority.value} queue holds {self.max_queue_size} requests already",
+                retry_after=self._retry_hint(),
             )
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        request = _Request(item, group, future, now, deadline)
-        self._queue.append(request)
-        self._observer.queue_depth(len(self._queue))
+        request = _Request(item, group, future, now, deadline, priority)
+        queue.append(request)
+        if priority is Priority.INTERACTIVE:
+            self._interactive_seen()
+            self._observer.queue_depth(len(self._queue))
         self._wakeup.set()
         try:
             if deadline is not None:
@@ -165,6 +208,18 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 self._remove(request)
             future.cancel()
             raise
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around an interactive request's decoding and preprocessing, before :meth:`submit`: an idle
+        model starts no bulk batch meanwhile, so the request does not arrive to find one running."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            self._interactive_seen()
+            self._wakeup.set()
 
     def flush(self) -> None:
         """From now on run batches as soon as the model is free, without waiting for companions.
@@ -187,12 +242,13 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             if done and not self._consumer.cancelled() and self._consumer.exception() is not None:
                 log.error("the batcher's consumer had failed: %r", self._consumer.exception())
             if not done:
-                stranded = [*self._running, *self._queue]
+                stranded = [*self._running, *self._queue, *self._bulk]
                 left = sum(1 for r in stranded if not r.future.done())
                 log.warning("drain grace period over: %d requests unanswered, failing them", left)
                 for request in stranded:
                     _fail(request, Draining("the server shut down before this request finished"))
                 self._queue.clear()
+                self._bulk.clear()
                 self._consumer.cancel()
                 await asyncio.wait((self._consumer,))
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -205,7 +261,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
 
     def _remove(self, request: _Request[ItemT, GroupT, ResultT]) -> None:
         try:
-            self._queue.remove(request)
+            (self._queue if request.priority is Priority.INTERACTIVE else self._bulk).remove(request)
         except ValueError:
             return
         request.state = _State.FINISHED
@@ -222,9 +278,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             raise
         except BaseException:  # a bug here must not strand requests silently
             log.exception("the batcher's consumer failed; failing every waiting request")
-            for request in [*self._running, *self._queue]:
+            for request in [*self._running, *self._queue, *self._bulk]:
                 _fail(request, InferenceFailed("the batcher failed"))
             self._queue.clear()
+            self._bulk.clear()
             self._closing = True
             raise
 
@@ -233,14 +290,15 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         while True:
             self._drop_unwanted()
             if not self._queue:
-                if self._closing:
+                if self._closing and not self._bulk:
                     return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                bulk = await self._bulk_batch()
+                if bulk:
+                    return bulk
                 continue
             now = time.monotonic()
             oldest = self._queue[0]
-            members = self._members(oldest.group)
+            members = self._members(self._queue, oldest.group)
             due = oldest.enqueued + self.max_queue_delay_s
             enough = len(members) >= self.max_batch_size or (
                 self.idle_dispatch and len(members) >= self._last_batch_size
@@ -248,27 +306,73 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
             if members:
-                for request in members:
-                    request.state = _State.RUNNING
-                taken = set(map(id, members))
-                self._queue = deque(r for r in self._queue if id(r) not in taken)
-                self._observer.queue_depth(len(self._queue))
-                return members
+                room = min(self.max_batch_size - len(members), self.max_bulk_batch_size)
+                return self._take(members, self._members(self._bulk, members[0].group, room))
             self._wakeup.clear()
             wait_s = due - now
-            next_deadline = min((r.deadline for r in self._queue if r.deadline is not None), default=None)
+            next_deadline = min(
+                (r.deadline for r in (*self._queue, *self._bulk) if r.deadline is not None), default=None
+            )
             if next_deadline is not None:
                 wait_s = min(wait_s, max(0.0, next_deadline - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
 
-    def _members(self, group: GroupT) -> list[_Request[ItemT, GroupT, ResultT]]:
-        members = []
-        for request in self._queue:
+    async def _bulk_batch(self) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """No interactive request waits: a bulk batch if the model is idle, else wait (empty list).
+
+        Idle means: no interactive request is being prepared, and none arrived or was answered for
+        ``max_queue_delay`` (the clients of the last batch send their next requests in that time; a
+        bulk batch started in the gap would hold all of them up)."""
+        quiet_in = self._quiet_in()
+        if self._bulk and (quiet_in <= 0 or self._closing or self._flushing):
+            group = self._bulk[0].group
+            size = self._bulk_run
+            self._bulk_run = min(self.max_batch_size, 2 * size)  # the longer the calm, the larger
+            return self._take([], self._members(self._bulk, group, size))
+        self._wakeup.clear()
+        timeout = quiet_in if self._bulk and math.isfinite(quiet_in) else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+        return []
+
+    def _interactive_seen(self) -> None:
+        self._last_interactive = time.monotonic()
+        self._bulk_run = self.max_bulk_batch_size
+
+    def _quiet_in(self) -> float:
+        """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
+        if self._preparing:
+            return math.inf
+        return self._last_interactive + self.max_queue_delay_s - time.monotonic()
+
+    def _take(
+        self,
+        interactive: list[_Request[ItemT, GroupT, ResultT]],
+        bulk: list[_Request[ItemT, GroupT, ResultT]],
+    ) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """Take these requests off their queues as one batch, the interactive ones first."""
+        batch = [*interactive, *bulk]
+        for request in batch:
+            request.state = _State.RUNNING
+        taken = set(map(id, batch))
+        if interactive:
+            self._queue = deque(r for r in self._queue if id(r) not in taken)
+            self._observer.queue_depth(len(self._queue))
+        if bulk:
+            self._bulk = deque(r for r in self._bulk if id(r) not in taken)
+        return batch
+
+    def _members(
+        self, queue: deque[_Request[ItemT, GroupT, ResultT]], group: GroupT, most: int | None = None
+    ) -> list[_Request[ItemT, GroupT, ResultT]]:
+        most = self.max_batch_size if most is None else most
+        members: list[_Request[ItemT, GroupT, ResultT]] = []
+        for request in queue:
+            if len(members) >= most:
+                break
             if request.group == group:
                 members.append(request)
-                if len(members) == self.max_batch_size:
-                    break
         return members
 
     def _full_group(self) -> list[_Request[ItemT, GroupT, ResultT]] | None:
@@ -276,14 +380,24 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         for request in self._queue:
             counts[request.group] = counts.get(request.group, 0) + 1
             if counts[request.group] >= self.max_batch_size:
-                return self._members(request.group)
+                return self._members(self._queue, request.group)
         return None
 
     def _drop_unwanted(self) -> None:
         """Answer expired requests and forget cancelled ones, so neither reaches the model."""
+        kept = self._unwanted_dropped(self._queue)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._observer.queue_depth(len(kept))
+        self._bulk = self._unwanted_dropped(self._bulk)
+
+    @staticmethod
+    def _unwanted_dropped(
+        queue: deque[_Request[ItemT, GroupT, ResultT]],
+    ) -> deque[_Request[ItemT, GroupT, ResultT]]:
         now = time.monotonic()
         kept: deque[_Request[ItemT, GroupT, ResultT]] = deque()
-        for request in self._queue:
+        for request in queue:
             if request.future.done():  # cancelled by its caller, or expired by its own waiter
                 request.state = _State.FINISHED
             elif request.deadline is not None and request.deadline <= now:
@@ -291,9 +405,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 request.future.set_exception(DeadlineExceeded(_expired_message(request)))
             else:
                 kept.append(request)
-        if len(kept) != len(self._queue):
-            self._queue = kept
-            self._observer.queue_depth(len(kept))
+        return kept if len(kept) != len(queue) else queue
 
     async def _run(self, batch: list[_Request[ItemT, GroupT, ResultT]]) -> None:
         started = time.monotonic()
@@ -326,7 +438,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._running = []
         elapsed = time.monotonic() - started
         self._last_batch_s = elapsed
-        self._last_batch_size = len(batch)
+        interactive = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
+        if interactive:  # a bulk-only batch says nothing of how many interactive companions come
+            self._last_batch_size = interactive
+            self._interactive_seen()  # its clients are about to send their next requests
         self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
 
 

@@ -9,6 +9,7 @@ goes on while the model runs a batch in the batcher's thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from PIL import Image
 from captionfleet.runtime.engine.captioner import Captioner
 from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
-from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher
+from captionfleet.runtime.serving.batcher import BatchObserver, DynamicBatcher, Priority
 from captionfleet.runtime.serving.cache import CacheLookup, MemoryCache, RedisCache, ResultCache
 from captionfleet.runtime.serving.drift import DriftMonitor
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
@@ -51,6 +52,20 @@ class CaptionResult:
     caption: Caption
     model_version: str
     cached: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The contract's caption body, without the per-request fields (latency, request id)."""
+        caption = self.caption
+        body: dict[str, Any] = {
+            "caption": caption.text,
+            "confidence": caption.confidence,
+            "suggestions": [{"text": s.text, "confidence": s.confidence} for s in caption.suggestions],
+            "model_version": self.model_version,
+            "cached": self.cached,
+        }
+        if caption.ood_score is not None:  # once the model has reference statistics (the contract)
+            body |= {"ood_score": caption.ood_score, "in_distribution": caption.in_distribution}
+        return body
 
 
 class CaptionService:
@@ -95,6 +110,7 @@ class CaptionService:
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=observer,
+            max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
         )
         self.ready = False
         self.draining = False
@@ -162,12 +178,43 @@ class CaptionService:
         ]
         return arrived + min(timeouts) / 1000 if timeouts else None
 
-    async def caption(self, data: bytes, options: GenerationOptions, deadline: float | None) -> CaptionResult:
-        """Caption one image given as bytes; raises engine and serving errors."""
+    def arriving(self, priority: Priority) -> contextlib.AbstractContextManager[None]:
+        """Around an interactive request's decoding and preprocessing, on its way to the batcher: the
+        model, though idle, starts no bulk batch meanwhile (:meth:`DynamicBatcher.preparing`)."""
+        return self.batcher.preparing() if priority is Priority.INTERACTIVE else contextlib.nullcontext()
+
+    async def caption(
+        self,
+        data: bytes,
+        options: GenerationOptions,
+        deadline: float | None,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> CaptionResult:
+        """Caption one image given as bytes; raises engine and serving errors. Bulk requests only fill
+        the model's spare room (:class:`DynamicBatcher`)."""
         if self.draining:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
+        with self.arriving(priority):
+            prepared = await self._prepare(data, options, deadline)
+        if isinstance(prepared, CaptionResult):
+            return prepared
+        pixels, lookup = prepared
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
+        caption = await self.batcher.submit(pixels, options, deadline=deadline, priority=priority)
+        self._observer.captioned(caption)
+        self._answered(caption)
+        if lookup is not None and self.cache is not None:
+            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
+        return CaptionResult(caption, self.model_version, cached=False)
+
+    async def _prepare(
+        self, data: bytes, options: GenerationOptions, deadline: float | None
+    ) -> CaptionResult | tuple[torch.Tensor, CacheLookup | None]:
+        """Decode, moderate, look the image up in the cache, preprocess: a cached result, or the pixels
+        and where to store the caption."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         image, key = await loop.run_in_executor(self._pool, self._key_and_image, data)
@@ -188,14 +235,7 @@ class CaptionService:
             image = await loop.run_in_executor(self._pool, self._decode_only, data)
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
-        caption = await self.batcher.submit(pixels, options, deadline=deadline)
-        self._observer.captioned(caption)
-        self._answered(caption)
-        if lookup is not None and self.cache is not None:
-            await self.cache.put(lookup, caption)  # awaited: the next identical request finds it
-        return CaptionResult(caption, self.model_version, cached=False)
+        return pixels, lookup
 
     def _answered(self, caption: Caption) -> None:
         self.drift.observe(caption)

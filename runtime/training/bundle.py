@@ -24,16 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captionfleet.runtime.engine.loading import MANIFEST, content_hash
+from captionfleet.runtime.training import scenes
 from captionfleet.runtime.training.model import parameter_count
-from captionfleet.runtime.training.scenes import (
-    BACKGROUND_COLOURS,
-    OBJECT_COLOURS,
-    PROMPTS,
-    RELATIONS,
-    SCENE_SIZE,
-    SHAPES,
-    SIZES,
-)
 
 if TYPE_CHECKING:
     from captionfleet.runtime.training.evaluate import EvalReport
@@ -190,16 +182,18 @@ def _card_data(settings: dict[str, Any]) -> list[str]:
         "## Data",
         "",
         f"Scenes from `captionfleet.runtime.training.scenes`, drawn per (seed, index) and rendered at "
-        f"{SCENE_SIZE} px:",
-        f"shapes {', '.join(SHAPES)}; colours {', '.join(OBJECT_COLOURS)}; sizes {', '.join(SIZES)};",
-        f"backgrounds {', '.join(BACKGROUND_COLOURS)}; two shapes are related by "
-        f"{' / '.join(repr(words) for words in RELATIONS.values())}, the upper or left one named first.",
+        f"{scenes.SCENE_SIZE} px:",
+        f"shapes {', '.join(scenes.SHAPES)}; colours {', '.join(scenes.OBJECT_COLOURS)}; "
+        f"sizes {', '.join(scenes.SIZES)};",
+        f"backgrounds {', '.join(scenes.BACKGROUND_COLOURS)}; two shapes are related by "
+        f"{' / '.join(repr(words) for words in scenes.RELATIONS.values())}, "
+        "the upper or left one named first.",
         "Example captions: *a large red circle above a small blue square on a white background*, *a small",
         "green star on a black background*.",
         "",
         f"Training: {settings['train_scenes']} scenes of seed {settings['seed']}; "
         f"{settings['prompt_fraction']:.0%} of them",
-        f"behind a prompt ({', '.join(repr(p) for p in PROMPTS)}) that is context, not a target, so",
+        f"behind a prompt ({', '.join(repr(p) for p in scenes.PROMPTS)}) that is context, not a target, so",
         "prompted captioning (the `photo` and `picture` styles) continues sensibly.",
         f"Held-out evaluation: seed {settings['eval_seed']} (no scene in common with training).",
         "",

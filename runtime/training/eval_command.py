@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from captionfleet.exits import exit_on, exit_on_problems
 from captionfleet.runtime.training.settings import EvalSettings
 from captionfleet.settings import add_options, env_name, from_args
 
@@ -30,16 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(EvalSettings, args)
-    problems = settings.check()
-    if problems:
-        raise SystemExit("captionfleet eval: " + "; ".join(problems))
-
+    exit_on_problems("eval", settings.check())
     from captionfleet.runtime.engine.errors import EngineError
     from captionfleet.runtime.training.evaluate import DatasetError, format_table, score_model
 
-    try:
+    with exit_on("eval", DatasetError, EngineError):
         report = score_model(settings)
-    except (DatasetError, EngineError) as exc:
-        raise SystemExit(f"captionfleet eval: {exc}") from None
     print(report.to_json() if args.json else format_table(report), file=sys.stdout)
     return 0

@@ -75,35 +75,59 @@ def build_image_processor(image_size: int) -> Any:
     )
 
 
-def build_model(architecture: Architecture, tokenizer: Any) -> Any:
-    """A freshly initialised ``BlipForConditionalGeneration`` (seed torch first for repeatable weights)."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
+def blip_config(
+    shape: Any,
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    max_positions: int,
+    initializer_range: float | None = None,
+) -> Any:
+    """transformers' ``BlipConfig`` of ``shape``, with ``tokenizer``'s special tokens.
 
-    arch = architecture
-    if arch.image_size % arch.patch_size:
-        raise ValueError(f"image size {arch.image_size} is not a multiple of patch size {arch.patch_size}")
-    config = BlipConfig(
-        vision_config={
-            "hidden_size": arch.vision_hidden,
-            "intermediate_size": arch.vision_hidden * arch.mlp_ratio,
-            "num_hidden_layers": arch.vision_layers,
-            "num_attention_heads": arch.vision_heads,
-            "image_size": arch.image_size,
-            "patch_size": arch.patch_size,
-            "initializer_range": 0.02,
-        },
+    ``shape``: anything with :class:`Architecture`'s size fields (an Architecture, the benchmark's
+    ``BlipSpec`` of random models).
+
+    ``initializer_range`` of the vision tower: None keeps transformers' default.
+    """
+    from transformers import BlipConfig
+
+    vision: dict[str, Any] = {
+        "hidden_size": shape.vision_hidden,
+        "intermediate_size": shape.vision_hidden * shape.mlp_ratio,
+        "num_hidden_layers": shape.vision_layers,
+        "num_attention_heads": shape.vision_heads,
+        "image_size": shape.image_size,
+        "patch_size": shape.patch_size,
+    }
+    if initializer_range is not None:
+        vision["initializer_range"] = initializer_range
+    return BlipConfig(
+        vision_config=vision,
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": arch.text_hidden,
-            "intermediate_size": arch.text_hidden * arch.mlp_ratio,
-            "num_hidden_layers": arch.text_layers,
-            "num_attention_heads": arch.text_heads,
-            "max_position_embeddings": arch.max_positions,
+            "vocab_size": vocab_size,
+            "hidden_size": shape.text_hidden,
+            "intermediate_size": shape.text_hidden * shape.mlp_ratio,
+            "num_hidden_layers": shape.text_layers,
+            "num_attention_heads": shape.text_heads,
+            "max_position_embeddings": max_positions,
             "bos_token_id": tokenizer.bos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
             "sep_token_id": tokenizer.sep_token_id,
             "eos_token_id": tokenizer.sep_token_id,
         },
+    )
+
+
+def build_model(architecture: Architecture, tokenizer: Any) -> Any:
+    """A freshly initialised ``BlipForConditionalGeneration`` (seed torch first for repeatable weights)."""
+    from transformers import BlipForConditionalGeneration
+
+    arch = architecture
+    if arch.image_size % arch.patch_size:
+        raise ValueError(f"image size {arch.image_size} is not a multiple of patch size {arch.patch_size}")
+    config = blip_config(
+        arch, tokenizer, vocab_size=len(tokenizer), max_positions=arch.max_positions, initializer_range=0.02
     )
     model = BlipForConditionalGeneration(config)
     if arch.sincos_positions:

@@ -6,6 +6,7 @@ Each field is also an option (``--train-scenes``) and an environment variable
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from captionfleet.runtime.engine.types import GenerationOptions
@@ -67,17 +68,11 @@ class TrainSettings:
     mlp_ratio: int = setting(_ARCH.mlp_ratio, "Feed-forward width as a multiple of the hidden size.")
 
     def architecture(self) -> Architecture:
-        return Architecture(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            vision_hidden=self.vision_hidden,
-            vision_layers=self.vision_layers,
-            vision_heads=self.vision_heads,
-            text_hidden=self.text_hidden,
-            text_layers=self.text_layers,
-            text_heads=self.text_heads,
-            mlp_ratio=self.mlp_ratio,
-        )
+        """The architecture these options give: each of its fields that is an option here, by name."""
+        chosen = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture) if hasattr(self, f.name)
+        }
+        return dataclasses.replace(_ARCH, **chosen)
 
     def check(self) -> list[str]:
         """What is wrong with these settings, as messages naming the option; empty when fine."""

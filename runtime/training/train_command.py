@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from captionfleet.exits import exit_on, exit_on_problems
 from captionfleet.runtime.training.settings import TrainSettings
 from captionfleet.settings import add_options, from_args
 
@@ -17,15 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(TrainSettings, args)
-    problems = settings.check()
-    if problems:
-        raise SystemExit("captionfleet train: " + "; ".join(problems))
+    exit_on_problems("train", settings.check())
     from captionfleet.runtime.training.bundle import OutputDirError
     from captionfleet.runtime.training.pipeline import train_and_save
 
-    try:
+    with exit_on("train", OutputDirError):
         outcome = train_and_save(settings)
-    except OutputDirError as exc:
-        raise SystemExit(f"captionfleet train: {exc}") from None
     print(outcome.summary(), file=sys.stdout)
     return 0

@@ -30,73 +30,55 @@ DEFAULT_RETRY_AFTER_S = 1.0
 
 
 class EdgeError(CodedError):
-    """Base of every error the HTTP edge raises on purpose: status and code by class."""
+    """Base of every error the HTTP edge raises on purpose: status and code by class.
+
+    A subclass names its status in its header, ``class Unauthorized(EdgeError, status=401)``; without
+    one it keeps its base's.
+    """
 
     status: int = 400
     code: str = "bad_request"
 
+    def __init_subclass__(cls, status: int | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
 
-class InvalidRequest(EdgeError):
+
+class InvalidRequest(EdgeError, status=400):
     """The request is malformed: bad JSON, fields, headers or encoding; ``code`` names the problem."""
 
-    status = 400
-    code = "invalid_request"
 
-
-class UrlRefused(EdgeError):
+class UrlRefused(EdgeError, status=400):
     """The image URL is not allowed: scheme, private address, too many redirects (SSRF guard)."""
 
-    status = 400
-    code = "url_refused"
 
-
-class UrlFetchFailed(EdgeError):
+class UrlFetchFailed(EdgeError, status=400):
     """The image URL was allowed but could not be fetched: timeout, connection error, HTTP error."""
 
-    status = 400
-    code = "url_fetch_failed"
 
-
-class Unauthorized(EdgeError):
+class Unauthorized(EdgeError, status=401):
     """The API key is missing or unknown."""
 
-    status = 401
-    code = "unauthorized"
 
-
-class RequestTimeout(EdgeError):
+class RequestTimeout(EdgeError, status=408):
     """The client took too long to send its request (line and headers, or body)."""
 
-    status = 408
-    code = "request_timeout"
 
-
-class PayloadTooLarge(EdgeError):
+class PayloadTooLarge(EdgeError, status=413):
     """The body (or a fetched URL's content) is larger than the configured limit."""
 
-    status = 413
-    code = "payload_too_large"
 
-
-class UnsupportedMediaType(EdgeError):
+class UnsupportedMediaType(EdgeError, status=415):
     """The body is in a coding (``Content-Encoding``) the edge cannot decode."""
 
-    status = 415
-    code = "unsupported_media_type"
 
-
-class RateLimited(EdgeError):
+class RateLimited(EdgeError, status=429):
     """A token bucket is empty (the key's rate, or a client's failed key attempts)."""
 
-    status = 429
-    code = "rate_limited"
 
-
-class Overloaded(EdgeError):
+class Overloaded(EdgeError, status=503):
     """The process holds as many request bytes as it may (``max_body_bytes_in_flight``)."""
-
-    status = 503
-    code = "overloaded"
 
 
 @dataclass(frozen=True)

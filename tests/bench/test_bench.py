@@ -27,6 +27,8 @@ HEADLINE_KEYS = (
     "decoder_agreement",
     "int8_speedup",
     "int8_agreement",
+    "bulk_p99_ratio_c8",
+    "bulk_share_under_load",
     "ood_cost_c32",
 )
 
@@ -53,9 +55,10 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--preprocess-megapixels", "12", "--preprocess-rounds", "1",
         "--cache-requests", "40", "--cache-concurrency", "8", "--router-requests", "10",
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8", "--engine-rounds", "1",
+        "--bulk-requests", "16", "--bulk-items", "8",
         "--ood-rounds", "2", "--ood-concurrency", "4",
     ]  # fmt: skip
-    document = _run(argv, cwd=tmp_path)
+    document = _run(argv, cwd=tmp_path, timeout_s=480)  # six servers and a redis-server, in turn
 
     for key in HEADLINE_KEYS:
         assert _is_number(document[key]), (key, document[key])
@@ -73,6 +76,9 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         assert answered == run["sent"] and run["ok"] == run["sent"], run
     cache = document["cache"]
     assert cache["sent"] == 40 and cache["cached"] == cache["ok"] == 40, cache
+    bulk = document["bulk"]
+    assert bulk["interactive_idle"]["ok"] == bulk["interactive_busy"]["ok"] == 16, bulk
+    assert bulk["bulk_idle_rps"] > 0, bulk
     router = document["router"]
     assert router["direct"]["ok"] == router["routed"]["ok"] == 10, router
     ood = document["ood"]

@@ -22,6 +22,7 @@ from captionfleet.operator.metrics import OperatorMetrics
 from captionfleet.operator.settings import OperatorSettings
 from captionfleet.runtime.router.metrics import RouterMetrics
 from captionfleet.runtime.server.metrics import ServerMetrics
+from captionfleet.runtime.web.metrics import declared_metrics
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "captionfleet"
 DASHBOARD = CHART / "dashboards" / "captionfleet.json"
@@ -357,3 +358,12 @@ def test_the_operator_exports_the_rollback_series_and_is_scraped_with_its_labels
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert env["CAPTIONFLEET_METRICS"] == "http://0.0.0.0:9100/metrics"
     assert not render(None).of_kind("PodMonitor")
+
+
+def test_the_install_guide_lists_every_router_series() -> None:
+    guide = (CHART.parents[1] / "docs" / "install.md").read_text()
+    declared = [d.exposed_name for _, d in declared_metrics(RouterMetrics)]
+    scraped = ["captionfleet_router_table_source_errors_total", "captionfleet_router_endpoints_ejected"]
+    assert len(declared) >= 10
+    for name in declared + scraped:
+        assert f"| `{name}` |" in guide, f"{name} is not in docs/install.md"

@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import kmock
 import pytest
-import yaml
 
 from captionfleet.operator.crd import captionmodel_crd
 
@@ -133,19 +132,6 @@ class Fleet:
             return dict(await response.json())
 
 
-def write_kubeconfig(path: Path, server: str) -> Path:
-    cluster = {"name": "emulator", "cluster": {"server": server}}
-    user = {"name": "tester", "user": {"token": "e2e-token"}}
-    context = {
-        "name": "emulator",
-        "context": {"cluster": "emulator", "user": "tester", "namespace": NAMESPACE},
-    }
-    config = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster], "users": [user]}
-    config |= {"contexts": [context], "current-context": "emulator"}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[Any]:
     async with emulator.ApiServer() as server, kmock.Server(server):
@@ -161,7 +147,9 @@ async def api() -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def fleet(api: Any, tmp_path: Path) -> AsyncIterator[Fleet]:
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(api.url).rstrip("/"))
+    kubeconfig = emulator.write_kubeconfig(
+        tmp_path / "kubeconfig", str(api.url).rstrip("/"), "e2e-token", {"emulator": NAMESPACE}
+    )
     fleet = Fleet(api, kubeconfig, tmp_path)
     try:
         yield fleet

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 harness = sys.modules["captionfleet_e2e_harness"]
+emulator = sys.modules["captionfleet_e2e_emulator"]
 
 pytestmark = pytest.mark.e2e
 
@@ -28,39 +29,21 @@ USERS = [f"user-{index}" for index in range(60)]  # at 60 requests/s: each user 
 
 
 def model(**analysis: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "captionfleet.io/v1alpha1",
-        "kind": "CaptionModel",
-        "metadata": {"name": NAME},
-        "spec": {
-            "versions": [
-                {"name": "v1", "model": "file:///opt/captionfleet/models/scenes-blip-tiny", "weight": 90},
-                {
-                    "name": "v2",
-                    "model": "file:///opt/captionfleet/models/scenes-blip-tiny",
-                    "weight": 10,
-                    "canary": True,
-                },
-            ],
-            "autoscaling": {"provider": "none", "minReplicas": 1, "maxReplicas": 1},
-            "router": {"replicas": 1},
-            "generation": {"numBeams": 1, "maxNewTokens": 8},
-            "rollout": {
-                "analysis": {
-                    "interval": f"{int(INTERVAL_S * 1000)}ms",
-                    # Long enough that minRequests is reached at the canary's share even when a loaded
-                    # machine serves a few requests per second (2 s held every check there).
-                    "window": "10s",
-                    "minRequests": 10,
-                    "stepWeight": 25,
-                    "maxWeight": 75,
-                    "errorRateThreshold": 5,
-                    "threshold": 2,
-                    **analysis,
-                }
-            },
-        },
-    }
+    """Both versions the bundled model; short checks, so that a rollout ends within a test."""
+    bundled = "file:///opt/captionfleet/models/scenes-blip-tiny"
+    # A 10 s window reaches minRequests at the canary's share even when a loaded machine serves a few
+    # requests per second (with 2 s every check held there).
+    checks = {"interval": f"{int(INTERVAL_S * 1000)}ms", "window": "10s", "minRequests": 10, "stepWeight": 25}
+    checks |= {"maxWeight": 75, "errorRateThreshold": 5, "threshold": 2}
+    return emulator.canary_model(
+        NAME,
+        bundled,
+        bundled,
+        checks | analysis,
+        autoscaling={"provider": "none", "minReplicas": 1, "maxReplicas": 1},
+        router={"replicas": 1},
+        generation={"numBeams": 1, "maxNewTokens": 8},
+    )
 
 
 async def serving(fleet: Any, manifest: dict[str, Any], faults: dict[str, float] | None = None) -> str:

@@ -24,7 +24,8 @@ import datetime
 import itertools
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
@@ -33,6 +34,7 @@ import jsonschema
 import kmock
 import kubernetes_validate
 import pytest
+import yaml
 from kmock._internal import k8s, rendering
 
 from captionfleet.operator.crd import captionmodel_crd
@@ -545,3 +547,51 @@ async def api() -> AsyncIterator[ApiServer]:
             "metadata": {"name": "captionfleet", "namespace": NAMESPACE},
         }
         yield server
+
+
+def write_kubeconfig(
+    path: Path, server: str, token: str = "test-token", contexts: Mapping[str, str | None] | None = None
+) -> Path:
+    """A kubeconfig for ``server`` with one user of ``token`` and ``contexts`` (name -> namespace, None:
+    the default one; the first is current, ``emulator`` when none are given)."""
+    chosen = contexts or {"emulator": None}
+    listed = []
+    for name, namespace in chosen.items():
+        context = {"cluster": "emulator", "user": "tester"} | ({"namespace": namespace} if namespace else {})
+        listed.append({"name": name, "context": context})
+    config = {"apiVersion": "v1", "kind": "Config", "contexts": listed, "current-context": next(iter(chosen))}
+    config |= {"clusters": [{"name": "emulator", "cluster": {"server": server}}]}
+    config |= {"users": [{"name": "tester", "user": {"token": token}}]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(name="write_kubeconfig")
+def write_kubeconfig_fixture() -> Callable[..., Path]:
+    """:func:`write_kubeconfig` for the tests below this folder (a conftest is not imported by name)."""
+    return write_kubeconfig
+
+
+def canary_model(
+    name: str, stable: str, canary: str, analysis: Mapping[str, Any], **spec: Any
+) -> dict[str, Any]:
+    """A CaptionModel of two versions: v1 (model ``stable``, 90 %) and the canary v2 (model ``canary``,
+    10 %), rolled out by ``analysis``; ``spec``: more fields of the spec."""
+    versions = [
+        {"name": "v1", "model": stable, "weight": 90},
+        {"name": "v2", "model": canary, "weight": 10, "canary": True},
+    ]
+    rollout = {"analysis": dict(analysis)}
+    body = {"versions": versions, **spec, "rollout": rollout}
+    return {
+        "apiVersion": "captionfleet.io/v1alpha1",
+        "kind": "CaptionModel",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+@pytest.fixture(name="canary_model")
+def canary_model_fixture() -> Callable[..., dict[str, Any]]:
+    """:func:`canary_model` for the tests below this folder."""
+    return canary_model

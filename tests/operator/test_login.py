@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import kubernetes.config.incluster_config as incluster
 import pytest
-import yaml
 
 from captionfleet.operator import kube
 from captionfleet.operator.handlers import connection_info
 
 
-def kubeconfig(path: Path, server: str, token: str) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": server}}],
-                "users": [{"name": "u", "user": {"token": token}}],
-                "contexts": [
-                    {"name": "main", "context": {"cluster": "c", "user": "u"}},
-                    {"name": "other", "context": {"cluster": "c", "user": "u", "namespace": "x"}},
-                ],
-                "current-context": "main",
-            }
-        )
-    )
-    return path
+@pytest.fixture
+def kubeconfig(write_kubeconfig: Callable[..., Path]) -> Callable[[Path, str, str], Path]:
+    """A kubeconfig of two contexts: ``main`` (current) and ``other`` (namespace x)."""
+    return lambda path, server, token: write_kubeconfig(path, server, token, {"main": None, "other": "x"})
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def outside_a_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_kubeconfig_from_the_environment_read_at_call_time(
-    outside_a_cluster: Path, monkeypatch: pytest.MonkeyPatch
+    outside_a_cluster: Path, kubeconfig: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = kubeconfig(outside_a_cluster / "cfg", "https://api.example:6443", "s3cret")
     monkeypatch.setenv("KUBECONFIG", str(path))
@@ -51,21 +39,23 @@ def test_kubeconfig_from_the_environment_read_at_call_time(
     assert (info.server, info.scheme, info.token) == ("https://api.example:6443", "Bearer", "s3cret")
 
 
-def test_home_kubeconfig_when_nothing_else(outside_a_cluster: Path) -> None:
+def test_home_kubeconfig_when_nothing_else(outside_a_cluster: Path, kubeconfig: Any) -> None:
     (outside_a_cluster / ".kube").mkdir()
     kubeconfig(outside_a_cluster / ".kube" / "config", "https://home.example", "t")
     assert kube.load_configuration().host == "https://home.example"
 
 
 def test_an_explicit_kubeconfig_and_context_win(
-    outside_a_cluster: Path, monkeypatch: pytest.MonkeyPatch
+    outside_a_cluster: Path, kubeconfig: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(outside_a_cluster / "env", "https://env.example", "t")))
     explicit = kubeconfig(outside_a_cluster / "explicit", "https://explicit.example", "t")
     assert kube.load_configuration(str(explicit), "other").host == "https://explicit.example"
 
 
-def test_in_cluster_service_account_first(outside_a_cluster: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_cluster_service_account_first(
+    outside_a_cluster: Path, kubeconfig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(outside_a_cluster / "env", "https://env.example", "t")))
     token, ca = outside_a_cluster / "token", outside_a_cluster / "ca.crt"
     token.write_text("pod-token")

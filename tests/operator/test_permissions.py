@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from captionfleet.operator import builders, kube, spec
@@ -47,30 +49,25 @@ def test_every_kind_the_operator_lists_or_deletes_is_granted() -> None:
         assert {"list", "delete", "patch"} <= granted(OPERATOR_NAMESPACED_RULES, group, kind.plural)
 
 
-def test_captionmodels_are_read_and_only_their_status_written() -> None:
-    assert granted(OPERATOR_NAMESPACED_RULES, "captionfleet.io", "captionmodels") == {
-        "get",
-        "list",
-        "watch",
-        "patch",
-    }
-    assert granted(OPERATOR_NAMESPACED_RULES, "captionfleet.io", "captionmodels/status") == {"patch"}
-    assert granted(OPERATOR_NAMESPACED_RULES, "", "secrets") == set()  # Secrets are mounted, never read
+GET_LIST_WATCH_PATCH = {"get", "list", "watch", "patch"}
+# What the operator may do with its own resource (read it, write only its status; Secrets are mounted,
+# never read) and what kopf needs cluster-wide: rules, API group, resource, the verbs granted exactly.
+GRANTS = {
+    "captionmodels": (OPERATOR_NAMESPACED_RULES, "captionfleet.io", "captionmodels", GET_LIST_WATCH_PATCH),
+    "status": (OPERATOR_NAMESPACED_RULES, "captionfleet.io", "captionmodels/status", {"patch"}),
+    "no secrets": (OPERATOR_NAMESPACED_RULES, "", "secrets", set()),
+    "crds": (OPERATOR_CLUSTER_RULES, "apiextensions.k8s.io", "customresourcedefinitions", {"list", "watch"}),
+    "namespaces": (OPERATOR_CLUSTER_RULES, "", "namespaces", {"list", "watch"}),
+    "peerings": (OPERATOR_CLUSTER_RULES, "kopf.dev", "clusterkopfpeerings", GET_LIST_WATCH_PATCH),
+    "events": (OPERATOR_NAMESPACED_RULES, "", "events", {"create", "list"}),
+}
 
 
-def test_kopf_gets_what_it_needs_cluster_wide() -> None:
-    assert granted(OPERATOR_CLUSTER_RULES, "apiextensions.k8s.io", "customresourcedefinitions") == {
-        "list",
-        "watch",
-    }
-    assert granted(OPERATOR_CLUSTER_RULES, "", "namespaces") == {"list", "watch"}
-    assert granted(OPERATOR_CLUSTER_RULES, "kopf.dev", "clusterkopfpeerings") == {
-        "get",
-        "list",
-        "watch",
-        "patch",
-    }
-    assert granted(OPERATOR_NAMESPACED_RULES, "", "events") == {"create", "list"}
+@pytest.mark.parametrize(("rules", "group", "resource", "verbs"), list(GRANTS.values()), ids=list(GRANTS))
+def test_captionmodels_are_read_only_their_status_written_and_kopf_gets_what_it_needs(
+    rules: Any, group: str, resource: str, verbs: set[str]
+) -> None:
+    assert granted(rules, group, resource) == verbs
 
 
 def test_pods_are_only_listed_and_watched_and_secrets_never_read() -> None:

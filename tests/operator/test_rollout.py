@@ -50,6 +50,11 @@ def weights(
     return {s.name: (s.role, s.weight, s.retired) for s in shares(spec, state, canary_ready=canary_ready)}
 
 
+def bounds_of(spec: CaptionModelSpec, state: r.CanaryState, name: str) -> tuple[int, int]:
+    """The replica bounds of version ``name`` in ``state``."""
+    return replica_bounds(spec, next(s for s in shares(spec, state) if s.name == name))
+
+
 def test_a_new_canary_starts_at_step_weight_taking_it_from_the_stable_version_only() -> None:
     spec = spec_of()
     state = r.current(spec, None)
@@ -119,8 +124,7 @@ def test_healthy_checks_step_up_to_max_weight_then_promote() -> None:
         "ab": ("variant", 30, False),
         "v2": ("stable", 70, False),
     }
-    old = next(s for s in shares(spec, state) if s.name == "v1")
-    assert replica_bounds(spec, old) == (0, 0)
+    assert bounds_of(spec, state, "v1") == (0, 0)
     assert run(spec, state, HEALTHY).kind == "idle"  # nothing moves after promotion
 
 
@@ -189,8 +193,7 @@ def test_threshold_consecutive_failures_roll_back_with_the_figures_and_reason() 
         "ab": ("variant", 30, False),
         "v2": ("canary", 0, True),
     }
-    canary = next(s for s in shares(spec, rolled) if s.name == "v2")
-    assert replica_bounds(spec, canary) == (0, 0)
+    assert bounds_of(spec, rolled, "v2") == (0, 0)
 
 
 def test_a_pass_resets_the_failed_count_so_only_consecutive_failures_count() -> None:

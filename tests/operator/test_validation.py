@@ -21,6 +21,11 @@ def v(name: str, weight: int = 100, **more: Any) -> dict[str, Any]:
     return {"name": name, "model": f"hf://org/{name}", "weight": weight, **more}
 
 
+def moderated(url: str) -> dict[str, Any]:
+    """A spec of one version, its images checked by the moderation service at ``url``."""
+    return {"versions": [v("a")], "moderation": {"url": url}}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_the_examples_have_no_problems(path: Path) -> None:
     cr = yaml.safe_load(path.read_text())
@@ -99,22 +104,22 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "moderation credentials",
-        {"versions": [v("a")], "moderation": {"url": "https://user:pw@mod.example.com/check"}},
+        moderated("https://user:pw@mod.example.com/check"),
         "spec.moderation.url: holds credentials",
     ),
     (
         "moderation in the cluster",
-        {"versions": [v("a")], "moderation": {"url": "http://moderation.ml.svc:8080/check"}},
+        moderated("http://moderation.ml.svc:8080/check"),
         "spec.moderation.url: 'moderation.ml.svc' is a private, loopback or cluster-internal address",
     ),
     (
         "moderation on a private address",
-        {"versions": [v("a")], "moderation": {"url": "http://10.1.2.3/check"}},
+        moderated("http://10.1.2.3/check"),
         "spec.moderation.url: '10.1.2.3' is a private",
     ),
     (
         "moderation by a bare Service name",
-        {"versions": [v("a")], "moderation": {"url": "http://moderation:8080/check"}},
+        moderated("http://moderation:8080/check"),
         "spec.moderation.url: 'moderation' is a private",
     ),
     (

@@ -263,24 +263,8 @@ CHILD_RESOURCES = (
 )
 
 
-def write_kubeconfig(path: Path, server: str, token: str = "test-token") -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-                "users": [{"name": "tester", "user": {"token": token}}],
-                "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
-                "current-context": "emulator",
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture
-def cluster(api: Any, tmp_path: Path) -> Cluster:
+def cluster(api: Any, tmp_path: Path, write_kubeconfig: Callable[..., Path]) -> Cluster:
     return Cluster(api, write_kubeconfig(tmp_path / "kubeconfig", str(api.url).rstrip("/")))
 
 

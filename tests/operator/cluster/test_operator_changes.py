@@ -35,6 +35,12 @@ def phase(cluster: Any, name: str, expected: str, generation: int | None = None)
     return dict(status)
 
 
+async def acted_on(cluster: Any, name: str, spec: Any, expected: str, generation: int) -> None:
+    """Patch ``name``'s spec; wait until the operator has acted on that generation: phase ``expected``."""
+    await cluster.patch_spec(name, spec)
+    await cluster.eventually(lambda: phase(cluster, name, expected, generation=generation))
+
+
 def versions_in_status(cluster: Any, name: str, expected: list[tuple[str, int]]) -> None:
     got = [(v["name"], v["weight"]) for v in cluster.status(name).get("versions", [])]
     assert got == expected, got
@@ -51,8 +57,7 @@ async def test_weights_added_and_removed_versions_update_and_prune_children(
     # canary's weight is the rollout's (stepWeight 10), not its spec weight.
     spec = copy.deepcopy(EXAMPLES_AB["spec"])
     spec["versions"][0]["weight"], spec["versions"][1]["weight"] = 40, 50
-    await cluster.patch_spec("captions-ab", spec)
-    await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=2))
+    await acted_on(cluster, "captions-ab", spec, "Pending", generation=2)
     assert bounds(cluster, "captions-ab-base") == (1, 8)  # now an A/B variant at 40 %
     # large is now the stable version: it keeps the capacity of the whole pool (50 + the canary's 10)
     # until the canary has passed a check.
@@ -64,8 +69,7 @@ async def test_weights_added_and_removed_versions_update_and_prune_children(
     # Add a version: its Deployment, Service and HPA appear.
     spec["versions"][1]["weight"] = 40
     spec["versions"].append({"name": "tiny", "model": "file:///opt/models/tiny", "weight": 10})
-    await cluster.patch_spec("captions-ab", spec)
-    await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=3))
+    await acted_on(cluster, "captions-ab", spec, "Pending", generation=3)
     for resource in (DEPLOYMENTS, SERVICES, HPAS):
         assert "captions-ab-tiny" in cluster.names(resource)
     tiny = cluster.get(DEPLOYMENTS, "captions-ab-tiny")["spec"]["template"]["spec"]
@@ -73,8 +77,7 @@ async def test_weights_added_and_removed_versions_update_and_prune_children(
 
     # Remove two versions: exactly their children go, and Events say so.
     spec["versions"] = [spec["versions"][0] | {"weight": 70}, spec["versions"][3] | {"weight": 30}]
-    await cluster.patch_spec("captions-ab", spec)
-    await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=4))
+    await acted_on(cluster, "captions-ab", spec, "Pending", generation=4)
     assert cluster.children("captions-ab")[DEPLOYMENTS] == {
         "captions-ab-base",
         "captions-ab-tiny",
@@ -107,8 +110,7 @@ async def test_an_invalid_spec_is_reported_keeps_what_runs_and_recovers(cluster:
     broken = copy.deepcopy(EXAMPLES_AB["spec"])
     broken["versions"][0]["weight"] = 50  # 50 + 30 + 10 = 90
     broken["versions"][1]["canary"] = True  # two versions in rollout
-    await cluster.patch_spec("captions-ab", broken)
-    await cluster.eventually(lambda: phase(cluster, "captions-ab", "Invalid", generation=2))
+    await acted_on(cluster, "captions-ab", broken, "Invalid", generation=2)
     ready = cluster.condition("captions-ab", "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "weights must sum to 100, they sum to 90 (base=50, large=30, base-next=10)" in ready["message"]
@@ -127,8 +129,7 @@ async def test_an_invalid_spec_is_reported_keeps_what_runs_and_recovers(cluster:
     fixed = copy.deepcopy(EXAMPLES_AB["spec"])
     fixed["versions"][0]["weight"] = 50
     fixed["versions"][1]["weight"] = 40
-    await cluster.patch_spec("captions-ab", fixed)
-    await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=3))
+    await acted_on(cluster, "captions-ab", fixed, "Pending", generation=3)
     assert bounds(cluster, "captions-ab-large") == (1, 8)
     await cluster.eventually(lambda: _assert_event(cluster, "captions-ab", "Normal", "Recovered", ""))
 
@@ -205,8 +206,7 @@ async def test_keda_replaces_the_hpa_and_needs_a_prometheus(
         await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=1))
         spec = copy.deepcopy(EXAMPLES_AB["spec"])
         spec["autoscaling"] |= {"provider": "keda", "minReplicas": 0}
-        await cluster.patch_spec("captions-ab", spec)
-        await cluster.eventually(lambda: phase(cluster, "captions-ab", "Pending", generation=2))
+        await acted_on(cluster, "captions-ab", spec, "Pending", generation=2)
         assert cluster.children("captions-ab")[SCALED_OBJECTS] == {
             "captions-ab-base",
             "captions-ab-large",

@@ -5,9 +5,10 @@ as EndpointSlices of the router's Service)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -85,30 +86,14 @@ async def publish(cluster: Any, routers: list[FakeRouter]) -> None:
         await cluster._send("POST", "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices", slice_)
 
 
-def model(**analysis: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "captionfleet.io/v1alpha1",
-        "kind": "CaptionModel",
-        "metadata": {"name": NAME},
-        "spec": {
-            "versions": [
-                {"name": "v1", "model": "file:///models/v1", "weight": 90},
-                {"name": "v2", "model": "file:///models/v2", "weight": 10, "canary": True},
-            ],
-            "rollout": {
-                "analysis": {
-                    "interval": "500ms",  # the shortest allowed
-                    "window": "2s",
-                    "minRequests": 50,
-                    "stepWeight": 20,
-                    "maxWeight": 60,
-                    "errorRateThreshold": 5,
-                    "threshold": 2,
-                    **analysis,
-                }
-            },
-        },
-    }
+# The analysis of these tests: checks every 500 ms (the shortest allowed) over a 2 s window.
+CHECKS = {"interval": "500ms", "window": "2s", "minRequests": 50, "stepWeight": 20, "maxWeight": 60}
+CHECKS |= {"errorRateThreshold": 5, "threshold": 2}
+
+
+@pytest.fixture
+def manifest(canary_model: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return canary_model(NAME, "file:///models/v1", "file:///models/v2", CHECKS)
 
 
 def free_port() -> int:
@@ -141,8 +126,8 @@ def weights(cluster: Any) -> dict[str, tuple[str, int]]:
     return {v["name"]: (v["role"], v["weight"]) for v in cluster.status(NAME).get("versions", [])}
 
 
-async def start(cluster: Any, routers: list[FakeRouter]) -> None:
-    await cluster.create(model())
+async def start(cluster: Any, manifest: dict[str, Any], routers: list[FakeRouter]) -> None:
+    await cluster.create(copy.deepcopy(manifest))
     await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=20))
     # No traffic for the canary before it has a ready pod.
     assert weights(cluster) == {"v1": ("stable", 100), "v2": ("canary", 0)}
@@ -161,11 +146,11 @@ def events(cluster: Any, reason: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.usefixtures("operator")
-async def test_a_healthy_canary_steps_up_and_is_promoted(cluster: Any) -> None:
+async def test_a_healthy_canary_steps_up_and_is_promoted(cluster: Any, manifest: dict[str, Any]) -> None:
     async with fake_routers(2) as routers:
         for router in routers:
             router.figures = {"v1": (500, 0), "v2": (40, 0)}  # 80 together: above minRequests
-        await start(cluster, routers)
+        await start(cluster, manifest, routers)
 
         await cluster.eventually(lambda: rollout(cluster, "Promoted"), within=15)
         status = cluster.status(NAME)
@@ -188,12 +173,12 @@ async def test_a_healthy_canary_steps_up_and_is_promoted(cluster: Any) -> None:
 
 @pytest.mark.usefixtures("operator")
 async def test_an_erroring_canary_is_rolled_back_and_stays_out_until_its_spec_changes(
-    cluster: Any, metrics_port: int
+    cluster: Any, manifest: dict[str, Any], metrics_port: int
 ) -> None:
     async with fake_routers(2) as routers:
         for router in routers:
             router.figures = {"v1": (500, 0), "v2": (50, 15)}  # 30 % errors
-        await start(cluster, routers)
+        await start(cluster, manifest, routers)
 
         await cluster.eventually(lambda: rollout(cluster, "RolledBack", weight=0), within=15)
         status = cluster.status(NAME)
@@ -224,7 +209,7 @@ async def test_an_erroring_canary_is_rolled_back_and_stays_out_until_its_spec_ch
 
         # Still failing, the rolled-back version stays out; a new model for it is a new rollout.
         asked = sum(len(r.windows) for r in routers)
-        spec = model()["spec"]
+        spec = copy.deepcopy(manifest["spec"])
         spec["versions"][0]["weight"], spec["versions"][1]["weight"] = 80, 20  # not the version's content
         await cluster.patch_spec(NAME, spec)
         await cluster.eventually(lambda: _generation_seen(cluster, 2))
@@ -240,10 +225,10 @@ async def test_an_erroring_canary_is_rolled_back_and_stays_out_until_its_spec_ch
 
 
 @pytest.mark.usefixtures("operator")
-async def test_low_traffic_never_rolls_back(cluster: Any) -> None:
+async def test_low_traffic_never_rolls_back(cluster: Any, manifest: dict[str, Any]) -> None:
     async with fake_routers(1) as routers:
         routers[0].figures = {"v2": (10, 10)}  # every request fails, but 10 < minRequests 50
-        await start(cluster, routers)
+        await start(cluster, manifest, routers)
 
         def checked_often() -> None:
             assert len(routers[0].windows) >= 8
@@ -256,9 +241,11 @@ async def test_low_traffic_never_rolls_back(cluster: Any) -> None:
 
 
 @pytest.mark.usefixtures("operator")
-async def test_the_abort_annotation_rolls_back_at_once_and_is_removed(cluster: Any) -> None:
+async def test_the_abort_annotation_rolls_back_at_once_and_is_removed(
+    cluster: Any, manifest: dict[str, Any]
+) -> None:
     async with fake_routers(1) as routers:
-        await start(cluster, routers)
+        await start(cluster, manifest, routers)
         path = f"/apis/captionfleet.io/v1alpha1/namespaces/ml/captionmodels/{NAME}"
         patch = {"metadata": {"annotations": {"captionfleet.io/rollout-action": "abort"}}}
         await cluster._send("PATCH", path, patch, "application/merge-patch+json")
@@ -294,9 +281,10 @@ def _generation_seen(cluster: Any, generation: int) -> None:
 
 @pytest.mark.usefixtures("operator")
 async def test_step_weight_100_waits_for_a_ready_canary_and_the_stable_keeps_its_capacity(
-    cluster: Any,
+    cluster: Any, canary_model: Callable[..., dict[str, Any]]
 ) -> None:
-    await cluster.create(model(stepWeight=100, maxWeight=100))
+    checks = CHECKS | {"stepWeight": 100, "maxWeight": 100}
+    await cluster.create(canary_model(NAME, "file:///models/v1", "file:///models/v2", checks))
     await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=100))
     # Before the canary has a ready pod, it gets nothing and the stable all of the pool.
     assert weights(cluster) == {"v1": ("stable", 100), "v2": ("canary", 0)}
@@ -311,8 +299,10 @@ async def test_step_weight_100_waits_for_a_ready_canary_and_the_stable_keeps_its
 
 
 @pytest.mark.usefixtures("operator")
-async def test_an_unknown_rollout_action_is_named_as_unknown_and_removed(cluster: Any) -> None:
-    await cluster.create(model())
+async def test_an_unknown_rollout_action_is_named_as_unknown_and_removed(
+    cluster: Any, manifest: dict[str, Any]
+) -> None:
+    await cluster.create(copy.deepcopy(manifest))
     await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=20))
     path = f"/apis/captionfleet.io/v1alpha1/namespaces/ml/captionmodels/{NAME}"
     patch = {"metadata": {"annotations": {"captionfleet.io/rollout-action": "Restart"}}}

@@ -13,10 +13,10 @@ from captionfleet.runtime.engine.captioner import (
     Captioner,
     bundled_model_dir,
     load_captioner,
-    normalise_caption,
 )
 from captionfleet.runtime.engine.options import resolve_options
 from captionfleet.runtime.engine.preprocess import ImagePreprocessor
+from captionfleet.runtime.engine.testing import check_ranked_suggestions
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 from captionfleet.runtime.training.scenes import SCENE_SIZE, Scene, scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED
@@ -62,13 +62,7 @@ def jpeg(image: Image.Image, scale: int) -> bytes:
 def check_caption(caption: Caption, wanted: int = 1) -> None:
     assert caption.text.strip()
     assert 0 < caption.confidence <= 1
-    assert caption.suggestions[0].text == caption.text
-    assert 1 <= len(caption.suggestions) <= wanted
-    confidences = [s.confidence for s in caption.suggestions]
-    assert confidences == sorted(confidences, reverse=True)
-    assert all(0 < c <= 1 for c in confidences)
-    keys = [normalise_caption(s.text) for s in caption.suggestions]
-    assert len(set(keys)) == len(keys)
+    check_ranked_suggestions(caption, wanted)
 
 
 def test_the_bundled_model_loads_with_its_own_preprocessing(

@@ -22,7 +22,7 @@ from captionfleet.runtime.engine.captioner import Captioner, load_captioner, nor
 from captionfleet.runtime.engine.errors import InvalidOptions, ModelLoadError
 from captionfleet.runtime.engine.loading import pick_dtype, resolve_source
 from captionfleet.runtime.engine.options import resolve_options
-from captionfleet.runtime.engine.testing import save_tiny_blip
+from captionfleet.runtime.engine.testing import check_ranked_suggestions, save_tiny_blip
 from captionfleet.runtime.engine.types import Caption, GenerationOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,14 +128,8 @@ def test_empty_batch_and_bad_shapes(captioner: Captioner) -> None:
 
 
 def check_suggestions(caption: Caption, wanted: int) -> None:
-    assert 1 <= len(caption.suggestions) <= wanted
-    assert caption.suggestions[0].text == caption.text
+    check_ranked_suggestions(caption, wanted)
     assert caption.suggestions[0].confidence == caption.confidence
-    confidences = [s.confidence for s in caption.suggestions]
-    assert confidences == sorted(confidences, reverse=True)
-    assert all(0 < c <= 1 for c in confidences)
-    keys = [normalise_caption(s.text) for s in caption.suggestions]
-    assert len(set(keys)) == len(keys)
 
 
 def test_suggestions_are_distinct_and_sorted_by_confidence(

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from captionfleet.runtime.router.app import build_app
 from captionfleet.runtime.router.sources import TableHolder
@@ -208,6 +209,24 @@ class RouterUnderTest:
     async def get_json(self, path: str) -> tuple[int, Any]:
         async with self.client.get(self.url + path) as response:
             return response.status, await response.json()
+
+    async def figures(self, version: str, span: str = "total") -> dict[str, Any]:
+        """One version's figures from ``GET /v1/router/stats``: since start (``total``) or ``window``."""
+        status, stats = await self.get_json("/v1/router/stats")
+        assert status == 200
+        return dict(stats["versions"][version][span])
+
+    async def scrape(self) -> dict[str, float]:
+        """``GET /metrics`` as sample name (with its labels, as exposed) -> value."""
+        async with self.client.get(self.url + "/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
 
 
 StartRouter = Callable[..., Awaitable[RouterUnderTest]]

@@ -41,8 +41,7 @@ async def test_a_hung_endpoint_is_ejected_and_later_requests_go_to_the_healthy_o
         assert response.status == 200 and time.monotonic() - started < 1.4
     # Its probe (GET /readyz) hangs too, so it stays out: the probe's own time limit fails it.
     assert hung_url not in balancer.live_endpoints(version)
-    _, stats = await router.get_json("/v1/router/stats")
-    figures = stats["versions"]["v1"]["total"]
+    figures = await router.figures("v1")
     assert figures["timeouts"] == 2 and figures["retries"] == 0 and figures["requests"] == 14
 
 
@@ -59,8 +58,8 @@ async def test_when_every_endpoint_is_out_requests_fail_fast_with_retry_after(
     body = await response.json()
     assert set(body) == ERROR_KEYS and body["error"]["code"] == "no_route" and body["request_id"] == "r-1"
     assert response.headers["X-Routed-Version"] == "v1"
-    _, stats = await router.get_json("/v1/router/stats")
-    assert stats["versions"]["v1"]["total"]["connect_failures"] == 1  # counted against the version
+    figures = await router.figures("v1")
+    assert figures["connect_failures"] == 1  # counted against the version
     status, ready = await router.get_json("/readyz")  # nothing to route to: endpoints move elsewhere
     assert status == 503 and not ready["ready"] and "ejected" in ready["reason"]
     async with router.client.get(router.url + "/metrics") as scraped:

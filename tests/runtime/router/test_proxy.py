@@ -73,8 +73,7 @@ async def test_a_connection_failure_is_retried_once_on_another_endpoint(
         response = await router.caption()
         assert response.status == 200
     assert len(live.received) == 4
-    _, stats = await router.get_json("/v1/router/stats")
-    figures = stats["versions"]["v1"]["total"]
+    figures = await router.figures("v1")
     # One retry: after refusing a connection, the dead endpoint sits out while the others take turns.
     assert figures["requests"] == 4 and figures["errors"] == 0 and figures["retries"] == 1
 
@@ -106,8 +105,7 @@ async def test_the_second_503_is_relayed_and_counted(start_runtime: Any, start_r
     response = await router.caption()
     assert response.status == 503 and response.headers["Retry-After"] == "2"
     assert_error(await response.json(), "fake_503")  # the runtime's own body, unchanged
-    _, stats = await router.get_json("/v1/router/stats")
-    figures = stats["versions"]["v1"]["window"]
+    figures = await router.figures("v1", "window")
     assert figures["status_5xx"] == 1 and figures["errors"] == 1 and figures["retries"] == 1
 
 
@@ -120,8 +118,7 @@ async def test_4xx_and_500_are_not_retried_and_only_5xx_are_errors(
     statuses = [(await router.caption()).status for _ in range(3)]
     assert statuses == [429, 400, 500]
     assert len(a.received) == 2 and len(b.received) == 1  # no second attempts
-    _, stats = await router.get_json("/v1/router/stats")
-    figures = stats["versions"]["v1"]["total"]
+    figures = await router.figures("v1")
     assert figures["requests"] == 3 and figures["errors"] == 1 and figures["status_5xx"] == 1
     assert figures["retries"] == 0
 
@@ -134,14 +131,14 @@ async def test_unreachable_after_the_retry_is_a_502(start_router: Any, dead_url:
     body = await response.json()
     assert_error(body, "upstream_unreachable")
     assert body["request_id"] == "abc" and "127.0.0.1" not in body["error"]["message"]  # no internals
-    _, stats = await router.get_json("/v1/router/stats")
-    assert stats["versions"]["v1"]["total"]["connect_failures"] == 1
-    assert stats["versions"]["v1"]["total"]["retries"] == 1
+    figures = await router.figures("v1")
+    assert figures["connect_failures"] == 1
+    assert figures["retries"] == 1
     # With retries off, one attempt only.
     quiet = await start_router(routes=(f"v1={dead_url}",), retry=False)
     assert (await quiet.caption()).status == 502
-    _, stats = await quiet.get_json("/v1/router/stats")
-    assert stats["versions"]["v1"]["total"]["retries"] == 0
+    figures = await quiet.figures("v1")
+    assert figures["retries"] == 0
 
 
 async def test_the_deadline_is_passed_on_and_enforced(start_runtime: Any, start_router: Any) -> None:
@@ -157,9 +154,9 @@ async def test_the_deadline_is_passed_on_and_enforced(start_runtime: Any, start_
     assert response.status == 504
     assert_error(await response.json(), "deadline_exceeded")
     assert 0 < int(runtime.received[-1].headers["X-Request-Timeout-Ms"]) <= 150
-    _, stats = await router.get_json("/v1/router/stats")
-    assert stats["versions"]["v1"]["total"]["timeouts"] == 1
-    assert stats["versions"]["v1"]["total"]["retries"] == 0  # a spent budget is not retried
+    figures = await router.figures("v1")
+    assert figures["timeouts"] == 1
+    assert figures["retries"] == 0  # a spent budget is not retried
 
     for bad in ("0", "-5", "soon", "nan", "inf"):
         response = await router.caption(headers={"X-Request-Timeout-Ms": bad, "Content-Type": "image/png"})

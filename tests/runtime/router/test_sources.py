@@ -71,6 +71,28 @@ async def test_the_routes_file_is_reloaded_on_change(
     await eventually(error_cleared, what="the error to clear")
 
 
+async def test_failed_reads_of_the_routes_file_are_counted_in_the_metrics(
+    tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
+) -> None:
+    v1, _, path, router = await _router_on_a_routes_file(tmp_path, start_runtime, start_router)
+    errors = "captionfleet_router_table_source_errors_total"
+    assert (await router.scrape())[errors] == 0
+    path.write_text("versions: [{name: v1, weight: 30}]")  # weights that do not sum to 100
+
+    async def counted() -> bool:
+        return (await router.scrape())[errors] >= 1
+
+    await eventually(counted, what="the bad file counted in /metrics")
+    path.write_text(routes(v1.url, "http://127.0.0.1:99999", 100))  # a port out of range
+    failed_so_far = (await router.scrape())[errors]
+
+    async def counted_again() -> bool:
+        return (await router.scrape())[errors] > failed_so_far
+
+    await eventually(counted_again, what="the bad endpoint counted in /metrics")
+    assert (await router.caption()).status == 200  # the last good table still routes
+
+
 async def test_a_routes_file_with_a_bad_endpoint_keeps_the_last_good_table(
     tmp_path: Path, start_runtime: Any, start_router: Any, eventually: Any
 ) -> None:

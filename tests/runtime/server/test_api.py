@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from captionfleet.runtime.server.testing import encode, shapes_image
+from captionfleet.runtime.server.testing import encode, serve_app, shapes_image
 
 CAPTION_FIELDS = {
     "caption",
@@ -38,11 +38,7 @@ async def test_every_input_kind_gives_the_same_caption_in_the_contract_shape(sta
         return web.Response(body=image, content_type="image/png")
 
     image_app.router.add_get("/cat.png", serve_image)
-    runner = web.AppRunner(image_app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    image_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, image_port = await serve_app(image_app)
 
     form = aiohttp.FormData()
     form.add_field("image", image, filename="x.png", content_type="application/octet-stream")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import pytest
@@ -33,11 +33,26 @@ class ModelHold:
 
 
 @pytest.fixture
-def holds() -> Iterator[list[ModelHold]]:
+def hold_model() -> Iterator[Callable[[Server], ModelHold]]:
+    """``hold_model(server)``: occupy its model thread until ``release()`` (or the test's end)."""
     made: list[ModelHold] = []
-    yield made
-    for hold in made:  # never leave a worker blocked, whatever the test did
-        hold.release()
+
+    def hold(server: Server) -> ModelHold:
+        made.append(ModelHold(server))
+        return made[-1]
+
+    yield hold
+    for held in made:  # never leave a worker blocked, whatever the test did
+        held.release()
+
+
+async def _first_on_the_model(http: aiohttp.ClientSession, server: Server, hold: ModelHold) -> asyncio.Future:
+    """Send a request and wait until it is on the held model, with nothing queued behind it."""
+    first = asyncio.ensure_future(_status(http, server.url, IMAGES[0]))
+    await eventually(
+        lambda: hold.batcher.in_flight == 1 and hold.batcher.depth == 0, 10, "the first request on the model"
+    )
+    return first
 
 
 async def _status(http: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, dict, dict]:
@@ -45,10 +60,9 @@ async def _status(http: aiohttp.ClientSession, url: str, data: bytes) -> tuple[i
         return response.status, dict(response.headers), await response.json()
 
 
-async def test_overload_answers_every_request_with_200_or_503(start_server, http, holds) -> None:
+async def test_overload_answers_every_request_with_200_or_503(start_server, http, hold_model) -> None:
     server = await start_server(max_queue_size=8, max_batch_size=8, cache_size=0)
-    hold = ModelHold(server)
-    holds.append(hold)
+    hold = hold_model(server)
     tasks = [asyncio.ensure_future(_status(http, server.url, IMAGES[i % len(IMAGES)])) for i in range(200)]
     await eventually(
         lambda: any(t.done() and t.result()[0] == 503 for t in tasks), 30, "the first 503 from a full queue"
@@ -67,15 +81,10 @@ async def test_overload_answers_every_request_with_200_or_503(start_server, http
     assert hold.batcher.depth == 0 and hold.batcher.in_flight == 0
 
 
-async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(start_server, http, holds) -> None:
+async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(start_server, http, hold_model) -> None:
     server = await start_server(request_timeout_ms=300, cache_size=0)
-    hold = ModelHold(server)
-    holds.append(hold)
-    batcher = hold.batcher
-    first = asyncio.ensure_future(_status(http, server.url, IMAGES[0]))
-    await eventually(
-        lambda: batcher.in_flight == 1 and batcher.depth == 0, 10, "the first request on the model"
-    )
+    hold = hold_model(server)
+    first = await _first_on_the_model(http, server, hold)
     status, _, body = await asyncio.wait_for(_status(http, server.url, IMAGES[1]), 10)
     assert (status, body["error"]["code"]) == (504, "deadline_exceeded")  # answered while the model is held
     hold.release()
@@ -86,15 +95,12 @@ async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(start_serve
     )  # the first request's batch only
 
 
-async def test_a_clients_own_shorter_deadline_gets_504_and_a_bad_one_400(start_server, http, holds) -> None:
+async def test_a_clients_own_shorter_deadline_gets_504_and_a_bad_one_400(
+    start_server, http, hold_model
+) -> None:
     server = await start_server(request_timeout_ms=60_000, cache_size=0)
-    hold = ModelHold(server)
-    holds.append(hold)
-    batcher = hold.batcher
-    first = asyncio.ensure_future(_status(http, server.url, IMAGES[0]))  # on the model, behind the hold
-    await eventually(
-        lambda: batcher.in_flight == 1 and batcher.depth == 0, 10, "the first request on the model"
-    )
+    hold = hold_model(server)
+    first = await _first_on_the_model(http, server, hold)  # on the model, behind the hold
     url = server.url + "/v1/caption"
     async with http.post(url, data=IMAGES[2], headers={"X-Request-Timeout-Ms": "200"}) as response:
         assert (response.status, (await response.json())["error"]["code"]) == (504, "deadline_exceeded")
@@ -109,15 +115,11 @@ async def test_a_clients_own_shorter_deadline_gets_504_and_a_bad_one_400(start_s
         assert response.status == 200
 
 
-async def test_a_client_that_hangs_up_leaves_the_queue(start_server, http, holds) -> None:
+async def test_a_client_that_hangs_up_leaves_the_queue(start_server, http, hold_model) -> None:
     server = await start_server(cache_size=0)
-    hold = ModelHold(server)
-    holds.append(hold)
+    hold = hold_model(server)
     batcher = hold.batcher
-    first = asyncio.ensure_future(_status(http, server.url, IMAGES[0]))
-    await eventually(
-        lambda: batcher.in_flight == 1 and batcher.depth == 0, 10, "the first request on the model"
-    )
+    first = await _first_on_the_model(http, server, hold)
     gone = asyncio.ensure_future(_status(http, server.url, IMAGES[1]))
     await eventually(lambda: batcher.depth == 1, 10, "the second request in the queue")
     gone.cancel()  # closes its connection: the server cancels the handler
@@ -130,11 +132,10 @@ async def test_a_client_that_hangs_up_leaves_the_queue(start_server, http, holds
 
 
 async def test_drain_refuses_new_work_finishes_what_it_can_and_fails_the_rest(
-    start_server, http, holds
+    start_server, http, hold_model
 ) -> None:
     server = await start_server(drain_grace_s=1.0, cache_size=0)
-    hold = ModelHold(server)
-    holds.append(hold)
+    hold = hold_model(server)
     batcher = hold.batcher
     accepted = [asyncio.ensure_future(_status(http, server.url, image)) for image in IMAGES[:3]]
     await eventually(
@@ -151,10 +152,9 @@ async def test_drain_refuses_new_work_finishes_what_it_can_and_fails_the_rest(
         assert (status, body["error"]["code"]) == (503, "draining")
 
 
-async def test_drain_lets_accepted_requests_finish(start_server, http, holds) -> None:
+async def test_drain_lets_accepted_requests_finish(start_server, http, hold_model) -> None:
     server = await start_server(drain_grace_s=30.0, cache_size=0, max_queue_delay_ms=10_000)
-    hold = ModelHold(server)
-    holds.append(hold)
+    hold = hold_model(server)
     accepted = [asyncio.ensure_future(_status(http, server.url, image)) for image in IMAGES[:6]]
     await eventually(lambda: hold.batcher.in_flight == 6, 10, "6 accepted requests")
     draining = asyncio.ensure_future(server.drain())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pytest
 
 from captionfleet.runtime.server.testing import eventually
-from captionfleet.runtime.serving.batcher import DynamicBatcher
+from captionfleet.runtime.serving.batcher import DynamicBatcher, Priority
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
 
@@ -64,6 +64,7 @@ def make(model: GatedModel, *, idle_dispatch: bool = True, **kwargs: float) -> D
         max_queue_delay_s=float(options["max_queue_delay_s"]),
         max_queue_size=int(options["max_queue_size"]),
         idle_dispatch=idle_dispatch,
+        max_bulk_batch_size=int(options.get("max_bulk_batch_size", 0)) or None,
     )
     batcher.start()
     return batcher
@@ -242,3 +243,145 @@ async def test_close_fails_what_the_grace_period_cannot_finish(model: GatedModel
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, Draining) for r in results)
     model.release()  # let the worker thread finish its (abandoned) call
+
+
+BULK = Priority.BULK
+
+
+async def held_with_bulk(
+    batcher: DynamicBatcher[int, str, int],
+    model: GatedModel,
+    items: Sequence[int],
+    *,
+    first: int = 0,
+    first_priority: Priority = BULK,
+    first_group: str = "a",
+) -> tuple[asyncio.Future[int], list[asyncio.Future[int]]]:
+    """The model held inside a batch of ``first``, and ``items`` queued as bulk (group "a") behind it."""
+    model.hold()
+    running = asyncio.ensure_future(batcher.submit(first, first_group, priority=first_priority))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in items]
+    await eventually(lambda: batcher.bulk_depth == len(items), 10, f"{len(items)} bulk items queued")
+    return running, bulk
+
+
+async def test_interactive_requests_go_first_and_bulk_fills_the_room_they_leave(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 16)]
+    interactive = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
+    await eventually(lambda: batcher.depth == 3 and batcher.bulk_depth == 6, 10, "both queues filled")
+    model.release()
+    assert await asyncio.wait_for(asyncio.gather(*interactive), 10) == [10, 20, 30]
+    assert await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10) == [0, *(i * 10 for i in range(10, 16))]
+    # Queued first, the bulk items still come after the interactive ones, filling their batch's room.
+    assert [items for items, _ in model.calls] == [[0], [1, 2, 3, 10], [11, 12, 13, 14], [15]]
+    assert await batcher.close(5) == 0
+
+
+async def test_bulk_delays_an_interactive_request_by_at_most_the_running_batch(model: GatedModel) -> None:
+    batcher = make(model)
+    model.hold()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(100, 140)]
+    await model.wait_entered()  # a bulk batch is on the model, 36 more bulk items wait
+    late = asyncio.ensure_future(batcher.submit(1, "a"))
+    await eventually(lambda: batcher.depth == 1, 10, "the interactive request queued")
+    model.release()
+    assert await asyncio.wait_for(late, 10) == 10
+    assert model.calls[1][0][0] == 1  # the very next batch after the running one
+    await asyncio.wait_for(asyncio.gather(*bulk), 30)
+    assert sorted(model.seen()) == [1, *range(100, 140)]
+    await batcher.close(5)
+
+
+async def test_an_interactive_batch_never_waits_for_bulk_companions(model: GatedModel) -> None:
+    # A bulk batch of 4 ran last; the lone interactive request after it still takes the idle fast path
+    # (bulk filler is no sign that interactive companions are coming), despite a 30 s queue delay.
+    batcher = make(model, max_queue_delay_s=30)
+    blocker, bulk = await held_with_bulk(batcher, model, range(10, 14), first_group="b")
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
+    assert await asyncio.wait_for(batcher.submit(7, "a"), 10) == 70
+    assert [items for items, _ in model.calls] == [[0], [10, 11, 12, 13], [7]]
+    await batcher.close(5)
+
+
+async def test_bulk_work_is_not_interactive_demand_and_has_its_own_bound(model: GatedModel) -> None:
+    batcher = make(model, max_queue_size=2, max_batch_size=1)
+    running, bulk = await held_with_bulk(batcher, model, (1, 2), first_priority=Priority.INTERACTIVE)
+    assert batcher.depth == 0
+    with pytest.raises(QueueFull):
+        await batcher.submit(3, "a", priority=BULK)
+    interactive = asyncio.ensure_future(batcher.submit(4, "a"))  # a full bulk queue refuses no user
+    await eventually(lambda: batcher.depth == 1, 10, "the interactive request queued")
+    model.release()
+    assert await asyncio.wait_for(asyncio.gather(running, interactive, *bulk), 10) == [0, 40, 10, 20]
+    assert model.seen() == [0, 4, 1, 2]
+    await batcher.close(5)
+
+
+async def test_close_answers_queued_bulk_requests_too(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=1)
+    running, waiting = await held_with_bulk(batcher, model, (1, 2, 3))
+    assert await batcher.close(0.2) == 4  # the model stays held: the grace period runs out
+    model.release()
+    for future in (running, *waiting):
+        with pytest.raises(Draining):
+            await asyncio.wait_for(future, 10)
+
+
+async def test_bulk_work_runs_in_batches_of_at_most_its_own_size(model: GatedModel) -> None:
+    batcher = make(model, max_bulk_batch_size=2)
+    model.hold()
+    blocker = asyncio.ensure_future(batcher.submit(0, "a", priority=BULK))
+    await model.wait_entered()
+    bulk = [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in range(10, 15)]
+    interactive = asyncio.ensure_future(batcher.submit(1, "a"))
+    await eventually(lambda: batcher.depth == 1 and batcher.bulk_depth == 5, 10, "both queues filled")
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, interactive, *bulk), 10)
+    assert [items for items, _ in model.calls] == [[0], [1, 10, 11], [12, 13], [14]]
+    await batcher.close(5)
+
+
+async def test_no_bulk_batch_starts_while_an_interactive_request_is_prepared(model: GatedModel) -> None:
+    batcher = make(model)
+    with batcher.preparing():  # as the service does while it decodes and preprocesses
+        bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+        for _ in range(20):  # the consumer gets every chance to run (no timing involved)
+            await asyncio.sleep(0)
+        assert batcher.bulk_depth == 1 and not model.calls
+    interactive = asyncio.ensure_future(batcher.submit(1, "a"))
+    assert await asyncio.wait_for(asyncio.gather(interactive, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[1, 10]]
+    await batcher.close(5)
+
+
+async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: GatedModel) -> None:
+    # An interactive batch just ended: within max_queue_delay its clients send their next requests,
+    # and a bulk batch started in that gap would hold them all up.
+    batcher = make(model, max_queue_delay_s=30)
+    model.hold()
+    first = asyncio.ensure_future(batcher.submit(0, "a"))
+    await model.wait_entered()
+    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    model.release()
+    assert await asyncio.wait_for(first, 10) == 0
+    assert batcher.bulk_depth == 1  # not started alone after the batch
+    again = asyncio.ensure_future(batcher.submit(1, "a"))  # the client's next request
+    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[0], [1, 10]]
+    await batcher.close(5)
+
+
+async def test_bulk_batches_grow_while_no_interactive_request_comes(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_bulk_batch_size=2)
+    blocker, bulk = await held_with_bulk(batcher, model, range(1, 21))
+    model.release()
+    await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
+    assert [len(items) for items, _ in model.calls] == [1, 4, 8, 8]
+    await batcher.close(5)

@@ -165,20 +165,6 @@ def test_a_broken_image_file_names_the_file(tmp_path: Path, bundled: Captioner) 
         evaluate(bundled, coco_set(tmp_path, captions))
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--images", "somewhere"], "--images and --captions go together"),
-        (["--scenes", "0"], "--scenes must be at least 1"),
-        (["--num-beams", "0"], "--num-beams must be at least 1"),
-        (["--model", "/no/such/model"], "does not exist"),
-    ],
-)
-def test_eval_command_rejects_bad_options(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        main(["eval", "--progress", "false", *argv])
-
-
 def test_normalisation_ignores_case_punctuation_and_spacing() -> None:
     assert normalise_text("  A Red,  round BALL. ") == "a red round ball"
     assert normalise_text("a dog's toy -- (new)!") == "a dog s toy new"

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from captionfleet.runtime.router.app import ROUTER
-from captionfleet.runtime.server.app import STATE
+from captionfleet.runtime.server.state import STATE
 from captionfleet.runtime.server.testing import encode, shapes_image
 from captionfleet.runtime.web.testing import RawAnswer, raw_exchange, request_bytes
 
