@@ -11,8 +11,10 @@
 - ``int8_speedup``: fp32 over int8 time on ``blip-mini-random`` at batch 8 (native decoder both);
   ``int8_agreement``: share of int8 captions equal to fp32's on the held-out scenes (bundled model).
 
-Every ratio is of timings taken side by side in this run (alternating, best of the rounds each, so
-that a burst of load from another process on shared cores hits both sides alike).
+Every speed ratio is of timings taken side by side in this run: ``speed_rounds`` rounds, the two
+calls back to back in each (ABBA order), and the ratio is the median of the rounds' ratios, so that
+a burst of load from another process on shared cores either hits both timings of a round or is
+outvoted. The offline pipeline and the batch-1 time are best-of (nothing to pair them with).
 """
 
 from __future__ import annotations
@@ -72,15 +74,28 @@ def best_time(call: Callable[[], object], rounds: int) -> float:
     return min(times)
 
 
-def side_by_side(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best time of each call over ``rounds`` rounds, the calls alternating within each round."""
+def alternating(calls: dict[str, Callable[[], object]], rounds: int) -> list[dict[str, float]]:
+    """Each round's time of every call: the calls run back to back, in reversed order every other round
+    (ABBA), after one untimed warm-up each (lazy initialisation, allocator)."""
     for call in calls.values():
-        call()  # warm-up: lazy initialisation, allocator
-    best = {name: float("inf") for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            best[name] = min(best[name], best_time(call, 1))
-    return best
+        call()
+    names = list(calls)
+    timed = []
+    for index in range(rounds):
+        order = names if index % 2 == 0 else names[::-1]
+        timed.append({name: best_time(calls[name], 1) for name in order})
+    return timed
+
+
+def median_ratio(rounds: list[dict[str, float]], slower: str, faster: str) -> float:
+    """The median over rounds of ``slower``'s time over ``faster``'s in the same round. A burst of load
+    from another process hits the two timings of one round alike, and the median drops the rounds
+    where it hit only one of them (a best-of or a block of each would keep or make such a skew)."""
+    return statistics.median(times[slower] / times[faster] for times in rounds)
+
+
+def medians(rounds: list[dict[str, float]], suffix: str) -> dict[str, float]:
+    return {f"{name}_{suffix}": statistics.median(times[name] for times in rounds) for name in rounds[0]}
 
 
 def measure_engine(model_dir: Path, payloads: Sequence[Payload], settings: BenchSettings) -> EngineResult:
@@ -183,17 +198,17 @@ def _speed(result: EngineResult, settings: BenchSettings) -> None:
             "native": partial(native.caption_pixels, chunk, options),
             "transformers": partial(reference.caption_pixels, chunk, options),
         }
-        times = side_by_side(calls, settings.engine_rounds)
-        result.decoder_speedup[batch] = times["transformers"] / times["native"]
-        result.decoder_times_s.update({f"{name}_bs{batch}": value for name, value in times.items()})
+        rounds = alternating(calls, settings.speed_rounds)
+        result.decoder_speedup[batch] = median_ratio(rounds, "transformers", "native")
+        result.decoder_times_s.update(medians(rounds, f"bs{batch}"))
     int8 = make("native", quantize_int8(model))
     chunk = pixels[:INT8_BATCH]
-    times = side_by_side(
+    rounds = alternating(
         {
             "fp32": lambda: native.caption_pixels(chunk, options),
             "int8": lambda: int8.caption_pixels(chunk, options),
         },
-        settings.engine_rounds,
+        settings.speed_rounds,
     )
-    result.int8_speedup = times["fp32"] / times["int8"]
-    result.decoder_times_s.update({f"{name}_bs{INT8_BATCH}": value for name, value in times.items()})
+    result.int8_speedup = median_ratio(rounds, "fp32", "int8")
+    result.decoder_times_s.update(medians(rounds, f"bs{INT8_BATCH}"))

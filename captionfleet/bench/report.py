@@ -10,6 +10,9 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``offline_rps_c32``: the offline pipeline's images per second (decode + preprocess + batched
   captioning, no HTTP, at the server's batch size; ``engine.py``), and ``served_share_of_offline_c32``:
   our served throughput at 32 clients over it;
+- ``loadgen_cpu_share_c32``: the load generator's share of the machine's CPU time during our run at 32
+  clients (it runs on the same CPUs as the server; ``served_share_of_offline_c32`` is not corrected
+  for it), ``loadgen_ms_per_request_c32`` its CPU time per answer;
 - ``c1_p50_ms``: our p50 at one client, against ``engine_bs1_ms``, one preprocessed image's caption;
 - ``decoder_speedup_bs32``, ``decoder_speedup_bs1``: the native decoder over transformers' generate on
   ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
@@ -60,6 +63,10 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "router_overhead_ms_p50": _number(results.router.overhead_ms_p50 if results.router else None, 3),
         "offline_rps_c32": _number(offline, 1),
         "served_share_of_offline_c32": _number(share, 3),
+        "loadgen_cpu_share_c32": _number(at_32.ours.cpu_share if at_32 else None, 4),
+        "loadgen_ms_per_request_c32": _number(
+            1000 * at_32.ours.cpu_s / at_32.ours.ok if at_32 and at_32.ours.ok else None, 3
+        ),
         "c1_p50_ms": _number(at_1.ours.percentile_ms(50) if at_1 else None, 1),
         "engine_bs1_ms": _number(engine.engine_bs1_ms if engine else None, 1),
         "decoder_speedup_bs32": _number(engine.decoder_speedup.get(32) if engine else None),

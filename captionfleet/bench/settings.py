@@ -69,6 +69,11 @@ class BenchSettings:
     engine_rounds: int = setting(
         3, "Timed rounds of each engine measurement (offline pipeline, decoders, int8); best kept."
     )
+    speed_rounds: int = setting(
+        5,
+        "Alternations of the decoder and int8 timings (native/transformers, fp32/int8 back to back); "
+        "each ratio is the median of the rounds' ratios.",
+    )
     ood_concurrency: int = setting(
         32, "Clients of the OOD-cost runs (ours with the out-of-distribution score, and without)."
     )
@@ -112,6 +117,7 @@ class BenchSettings:
             "bulk_items",
             "agreement_scenes",
             "engine_rounds",
+            "speed_rounds",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
@@ -150,6 +156,7 @@ QUICK: dict[str, object] = {
     "agreement_scenes": 200,
     "ood_rounds": 2,
     "engine_rounds": 2,
+    "speed_rounds": 3,
 }
 """What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only,
-200 agreement scenes, 2 engine rounds."""
+200 agreement scenes, 2 engine rounds, 3 speed rounds."""

@@ -110,6 +110,8 @@ class CaptionService:
             max_queue_delay_s=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=observer,
+            idle_dispatch=settings.idle_dispatch,
+            wait_for_arrivals=settings.wait_for_arrivals,
             max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
         )
         self.ready = False
@@ -123,6 +125,8 @@ class CaptionService:
             "max_batch_size": self.settings.max_batch_size,
             "max_queue_delay_ms": self.settings.max_queue_delay_ms,
             "max_queue_size": self.settings.max_queue_size,
+            "idle_dispatch": self.settings.idle_dispatch,
+            "wait_for_arrivals": self.settings.wait_for_arrivals,
         }
         info["defaults"] = {
             "num_beams": self.defaults.num_beams,
@@ -196,13 +200,11 @@ class CaptionService:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
-        with self.arriving(priority):
+        with self.arriving(priority):  # a free model may wait for this one (the arrival wait)
             prepared = await self._prepare(data, options, deadline)
         if isinstance(prepared, CaptionResult):
             return prepared
         pixels, lookup = prepared
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
         caption = await self.batcher.submit(pixels, options, deadline=deadline, priority=priority)
         self._observer.captioned(caption)
         self._answered(caption)
@@ -235,6 +237,8 @@ class CaptionService:
             image = await loop.run_in_executor(self._pool, self._decode_only, data)
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
         return pixels, lookup
 
     def _answered(self, caption: Caption) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -56,7 +57,9 @@ async def model() -> GatedModel:
     return GatedModel()
 
 
-def make(model: GatedModel, *, idle_dispatch: bool = True, **kwargs: float) -> DynamicBatcher[int, str, int]:
+def make(
+    model: GatedModel, *, idle_dispatch: bool = True, wait_for_arrivals: bool = True, **kwargs: float
+) -> DynamicBatcher[int, str, int]:
     options = {"max_batch_size": 4, "max_queue_delay_s": 0.005, "max_queue_size": 64} | kwargs
     batcher: DynamicBatcher[int, str, int] = DynamicBatcher(
         model,
@@ -65,6 +68,7 @@ def make(model: GatedModel, *, idle_dispatch: bool = True, **kwargs: float) -> D
         max_queue_size=int(options["max_queue_size"]),
         idle_dispatch=idle_dispatch,
         max_bulk_batch_size=int(options.get("max_bulk_batch_size", 0)) or None,
+        wait_for_arrivals=wait_for_arrivals,
     )
     batcher.start()
     return batcher
@@ -152,6 +156,50 @@ async def test_without_the_idle_fast_path_a_lone_request_waits_the_delay(model: 
     assert not model.calls
     assert await batcher.close(5) == 0  # closing makes it due
     assert await lone == 10
+
+
+async def _lone_after_a_long_batch(batcher: DynamicBatcher[int, str, int], model: GatedModel) -> list[int]:
+    """A batch of 4 held on the model for 1 s while one more request queues and one is on its way (in
+    ``arriving``); the rest of the four clients come back once they are answered. Returns the second
+    batch (a closed loop: without the arrival wait the lone request goes alone, its delay expired)."""
+    model.hold()
+    began = time.monotonic()
+    with batcher.preparing():
+        first = asyncio.ensure_future(asyncio.gather(*(batcher.submit(i, "a") for i in range(4))))
+        await model.wait_entered()
+        lone = asyncio.ensure_future(batcher.submit(4, "a"))
+        await eventually(lambda: batcher.depth == 1, 10, "the lone request queued")
+        # The batch must outlast the test's next steps: the wait for arrivals is at most its length.
+        await eventually(lambda: time.monotonic() - began >= 1.0, 10, "a batch of 1 s")
+        model.release()
+        assert await asyncio.wait_for(first, 10) == [0, 10, 20, 30]
+        back = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (5, 6)]
+    last = asyncio.ensure_future(batcher.submit(7, "a"))  # the one that was on its way
+    assert await asyncio.wait_for(asyncio.gather(lone, *back, last), 10) == [40, 50, 60, 70]
+    return model.calls[1][0]
+
+
+async def test_a_free_model_waits_for_the_requests_on_their_way_instead_of_splitting(
+    model: GatedModel,
+) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=0.005)
+    assert await _lone_after_a_long_batch(batcher, model) == [4, 5, 6, 7]
+    assert len(model.calls) == 2
+    await batcher.close(5)
+
+
+async def test_without_the_arrival_wait_the_closed_loop_splits_into_a_lone_batch(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=0.005, wait_for_arrivals=False)
+    assert await _lone_after_a_long_batch(batcher, model) == [4]
+    await batcher.close(5)
+
+
+async def test_the_arrival_wait_is_at_most_one_batch_long(model: GatedModel) -> None:
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=0.005)
+    assert await asyncio.gather(*(batcher.submit(i, "a") for i in range(3))) == [0, 10, 20]
+    with batcher.preparing():  # on its way and never coming (e.g. a cache hit still decoding)
+        assert await asyncio.wait_for(batcher.submit(3, "a"), 10) == 30  # goes, after a short batch's time
+    await batcher.close(5)
 
 
 async def test_a_full_queue_refuses_with_a_retry_hint(model: GatedModel) -> None:
