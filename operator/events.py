@@ -27,6 +27,14 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    # Why a version's pods do not start (pods.py; Warning, once per problem).
+    SECRET_MISSING = "SecretMissing"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    VOLUME_MOUNT_FAILED = "VolumeMountFailed"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    MODEL_DOWNLOAD_FAILING = "ModelDownloadFailing"
+    CONTAINER_FAILING = "ContainerFailing"
+    UNSCHEDULABLE = "Unschedulable"
     # One per phase change of the fleet (refresh_status): the phase's own name.
     PENDING = "Pending"
     PROGRESSING = "Progressing"
@@ -37,7 +45,19 @@ class Reason(StrEnum):
 
 # What a periodic resync or an analysis check reports of a reconciliation: repairs and decisions, not
 # "all is still well" (that would repeat every interval).
-REPAIRS = frozenset({Reason.CREATED, Reason.DELETED, Reason.APPLY_FAILED})
+# A pod problem's Warning is posted once, when it is first seen, by whichever reconciliation sees it.
+POD_PROBLEMS = frozenset(
+    {
+        Reason.SECRET_MISSING,
+        Reason.CONTAINER_CONFIG_ERROR,
+        Reason.VOLUME_MOUNT_FAILED,
+        Reason.IMAGE_PULL_FAILED,
+        Reason.MODEL_DOWNLOAD_FAILING,
+        Reason.CONTAINER_FAILING,
+        Reason.UNSCHEDULABLE,
+    }
+)
+REPAIRS = frozenset({Reason.CREATED, Reason.DELETED, Reason.APPLY_FAILED}) | POD_PROBLEMS
 
 
 @dataclass(frozen=True)

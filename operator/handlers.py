@@ -27,6 +27,7 @@ from captionfleet.operator.settings import OperatorSettings
 
 FINALIZER = f"{names.GROUP}/cleanup"
 RETRY_DELAY = 30.0
+TIMER_EXIT_POLL_S = 1.0
 CAPTION_MODELS = (names.GROUP, names.VERSION, names.PLURAL)
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ async def configure(settings: kopf.OperatorSettings, memo: OperatorContext, **_:
         prefix=names.GROUP, key="last-handled-configuration"
     )
     settings.posting.reporting_component = MANAGER
+    # A deletion waits for the pod-check timer to finish a tick: look again every second, not minute.
+    settings.background.cancellation_polling = TIMER_EXIT_POLL_S
     settings.posting.level = logging.INFO
     options = memo.settings
     api = kube.Kube(kube.load_configuration(options.kubeconfig, options.context))
@@ -108,6 +111,12 @@ async def _reconcile(body: Mapping[str, Any], memo: OperatorContext, *, resync: 
 
 
 async def reconcile_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
+    await _reconcile(body, memo)
+
+
+async def rollout_action(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
+    """The rollout-action annotation was set. kopf's diff of the spec does not see it (it ignores every
+    annotation under the prefix of its own, captionfleet.io/), so no update handler runs: act now."""
     await _reconcile(body, memo)
 
 
@@ -161,13 +170,28 @@ async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None
     _post(body, events)
 
 
-async def deployment_changed(
-    namespace: str | None, labels: Mapping[str, str], memo: OperatorContext, **_: Any
-) -> None:
-    assert namespace is not None  # Deployments are namespaced
-    outcome = await reconcile.refresh_status(memo.require().kube, namespace, labels[MODEL_LABEL], memo.config)
+async def _refresh(namespace: str, name: str, memo: OperatorContext) -> None:
+    outcome = await reconcile.refresh_status(memo.require().kube, namespace, name, memo.config)
     if outcome.model is not None:
         _post(outcome.model, outcome.events)
+
+
+async def child_changed(
+    namespace: str | None, labels: Mapping[str, str], memo: OperatorContext, **_: Any
+) -> None:
+    """A Deployment or a pod of a fleet changed: its status may say something new."""
+    assert namespace is not None  # Deployments and pods are namespaced
+    await _refresh(namespace, labels[MODEL_LABEL], memo)
+
+
+async def check_pods(namespace: str | None, name: str, memo: OperatorContext, **_: Any) -> None:
+    """A fleet that is not Ready: read its pods again (a FailedMount Event changes no pod)."""
+    assert namespace is not None  # CaptionModels are namespaced
+    await _refresh(namespace, name, memo)
+
+
+def not_ready(status: Mapping[str, Any], **_: Any) -> bool:
+    return status.get("phase") not in ("Ready", "Invalid", None)
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
@@ -181,8 +205,14 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     if settings.resync_seconds > 0:
         every = settings.resync_seconds
         kopf.timer(*CAPTION_MODELS, interval=every, initial_delay=every, registry=registry)(resync)
+    action: Mapping[str, Any] = {names.ROLLOUT_ACTION_ANNOTATION: kopf.PRESENT}
+    kopf.on.event(*CAPTION_MODELS, annotations=action, registry=registry)(rollout_action)
     kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
     kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
     ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}
-    kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(deployment_changed)
+    kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(child_changed)
+    kopf.on.event("", "v1", "pods", labels=ours, registry=registry)(child_changed)
+    if settings.pod_check_seconds > 0:
+        every = settings.pod_check_seconds
+        kopf.timer(*CAPTION_MODELS, interval=every, when=not_ready, registry=registry)(check_pods)
     return registry

@@ -58,6 +58,9 @@ SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 ENDPOINT_SLICE = Kind("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
+# Read only: why a fleet's pods do not start (pods.py); never Secrets.
+POD = Kind("v1", "Pod", "pods")
+EVENT = Kind("v1", "Event", "events")
 
 # The kinds of a CaptionModel's children, in the order they are removed (traffic first).
 CHILD_KINDS = (
@@ -182,7 +185,14 @@ class Api(Protocol):
 
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
-    async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]: ...
+    async def list(
+        self,
+        kind: Kind,
+        namespace: str,
+        labels: Mapping[str, str],
+        *,
+        fields: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]: ...
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool: ...
     async def installed(self, kind: Kind, namespace: str) -> bool: ...
     async def remove_annotation(self, kind: Kind, namespace: str, name: str, key: str) -> None: ...
@@ -247,11 +257,21 @@ class Kube:
         except NotFound:
             return None
 
-    async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
-        """Objects with these labels; none when the kind itself is not installed (e.g. KEDA)."""
-        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+    async def list(
+        self,
+        kind: Kind,
+        namespace: str,
+        labels: Mapping[str, str],
+        *,
+        fields: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Objects with these labels (and field values, e.g. an Event's ``reason``); none when the kind
+        itself is not installed (e.g. KEDA)."""
+        query = [("labelSelector", ",".join(f"{key}={value}" for key, value in labels.items()))]
+        if fields:
+            query.append(("fieldSelector", ",".join(f"{key}={value}" for key, value in fields.items())))
         try:
-            result = await self._request("GET", kind.path(namespace), query=[("labelSelector", selector)])
+            result = await self._request("GET", kind.path(namespace), query=query)
         except NotFound:
             return []
         return [dict(item) for item in result.get("items") or []]

@@ -118,7 +118,20 @@ OPERATOR_NAMESPACED_RULES: tuple[PolicyRule, ...] = (
         MANAGE,
         "the router's Role (ROUTER_RULES) and its RoleBinding",
     ),
-    PolicyRule(("",), ("events",), ("create",), "Events on every decision (kopf posts core v1 events)"),
+    PolicyRule(
+        ("",),
+        ("events",),
+        ("create", "list"),
+        "Events on every decision (kopf posts core v1 events); the kubelet's FailedMount Events of "
+        "the fleet's pods are read (a missing Secret volume is reported only there)",
+    ),
+    PolicyRule(
+        ("",),
+        ("pods",),
+        ("list", "watch"),
+        "the fleet's pods, for why a version does not start (a missing Secret, an image pull, "
+        "unschedulable); Secrets themselves are never read",
+    ),
     PolicyRule(
         ("kopf.dev",),
         ("kopfpeerings",),

@@ -27,7 +27,7 @@ from captionfleet.names import (
     ROLLOUT_ACTION_ANNOTATION,
     VERSION_LABEL,
 )
-from captionfleet.operator import builders, kube, rollout, validation
+from captionfleet.operator import builders, kube, pods, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext, endpoint, version_name
 from captionfleet.operator.events import Event, Reason
 from captionfleet.operator.rollout import CanaryState
@@ -38,6 +38,8 @@ from captionfleet.operator.status import (
     Trouble,
     fleet_status,
     invalid_status,
+    problem_line,
+    problem_subject,
 )
 
 Key = tuple[str, str, str]  # apiVersion, kind, name
@@ -108,12 +110,42 @@ def canary_ready(spec: CaptionModelSpec, deployments: Sequence[Mapping[str, Any]
     return bool(found and int((found.get("status") or {}).get("readyReplicas") or 0) > 0)
 
 
+ProblemsByVersion = Mapping[str, Sequence[pods.PodProblem]]
+# The kubelet's Events on a pod whose volumes cannot be mounted (a missing Secret volume).
+MOUNT_FAILURES = {"involvedObject.kind": "Pod", "reason": "FailedMount"}
+
+
+async def pod_problems(api: kube.Api, namespace: str, name: str, spec: CaptionModelSpec) -> ProblemsByVersion:
+    """Why the fleet's pods do not start, by version (pods.py). The pods are read; the FailedMount
+    Events only while a pod waits for its volumes (a missing Secret volume shows nowhere else)."""
+    listed = await api.list(kube.POD, namespace, _labels(name))
+    failures: dict[str, list[str]] = {}
+    if pods.needs_mount_events(listed):
+        failures = pods.mount_failures(await api.list(kube.EVENT, namespace, {}, fields=MOUNT_FAILURES))
+    return pods.problems_by_version(listed, failures, pods.secret_uses(spec))
+
+
+def pod_problem_events(problems: ProblemsByVersion, previous: Mapping[str, Any]) -> list[Event]:
+    """A Warning per pod problem the last status did not name yet: once, not at every retry."""
+    conditions = previous.get("conditions") or []
+    degraded: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Degraded"), {})
+    known = str(degraded.get("message") or "") if degraded.get("status") == "True" else ""
+    events = []
+    for key, listed in problems.items():
+        for problem in listed:
+            subject = problem_subject(key, problem)
+            if subject not in known:
+                events.append(Event.warning(problem.reason, problem_line(key, problem)))
+    return events
+
+
 def _status_of(
     ctx: FleetContext,
     deployments: Sequence[Mapping[str, Any]],
     generation: int,
     previous: Mapping[str, Any],
     trouble: Trouble | None,
+    problems: ProblemsByVersion,
 ) -> CaptionModelStatus:
     versions, router = _by_version(deployments)
     return fleet_status(
@@ -127,6 +159,7 @@ def _status_of(
         now=now(),
         rollout=ctx.rollout,
         trouble=trouble,
+        pod_problems=problems,
     )
 
 
@@ -299,7 +332,9 @@ async def reconcile(
     desired = builders.fleet(ctx)
     converged = await _converge(api, Plan(ctx, desired, existing), outcome)
     deployments = [obj for obj in converged.objects if obj.get("kind") == "Deployment"]
-    outcome.status = _status_of(ctx, deployments, generation, previous, converged.trouble)
+    not_starting = await pod_problems(api, ctx.namespace, ctx.name, spec)
+    outcome.status = _status_of(ctx, deployments, generation, previous, converged.trouble, not_starting)
+    outcome.events += pod_problem_events(not_starting, previous)
     await api.patch_status(kube.CAPTION_MODEL, ctx.namespace, ctx.name, _patch(outcome.status, previous))
     if converged.trouble is None or converged.trouble.reason == "KedaNotInstalled":
         split = ", ".join(f"{share.name}={share.weight}% ({share.role})" for share in ctx.shares)
@@ -393,7 +428,8 @@ async def _refresh_once(api: kube.Api, namespace: str, name: str, config: Cluste
         canary_ready=canary_ready(spec, owned),
         keda_installed=trouble is None or trouble.reason != "KedaNotInstalled",
     )
-    status = _status_of(ctx, owned, generation, previous, trouble)
+    not_starting = await pod_problems(api, namespace, name, spec)
+    status = _status_of(ctx, owned, generation, previous, trouble, not_starting)
     if status.manifest() == CaptionModelStatus.model_validate(previous).manifest():
         return Outcome(status)
     await api.patch_status(
@@ -403,7 +439,7 @@ async def _refresh_once(api: kube.Api, namespace: str, name: str, config: Cluste
         _patch(status, previous),
         resource_version=meta.get("resourceVersion"),
     )
-    events = []
+    events = pod_problem_events(not_starting, previous)
     if status.phase != previous.get("phase") and status.phase is not None:
         ready = next(cond for cond in status.conditions if cond.type == "Ready")
         kind = Event.warning if status.phase == "Degraded" else Event.normal

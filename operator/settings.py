@@ -65,6 +65,13 @@ class OperatorSettings:
         "Every this many seconds each CaptionModel is reconciled again, repairing children changed or "
         "deleted by hand. 0: only on changes and restarts.",
     )
+    pod_check_seconds: float = setting(
+        15.0,
+        "While a CaptionModel is not Ready, every this many seconds its pods (and the FailedMount "
+        "Events of pods waiting for their volumes: a missing Secret volume shows only there) are read "
+        "again, so the status says why a version does not start. 0: only when a pod or Deployment "
+        "of the fleet changes.",
+    )
     kubeconfig: str = setting(
         "",
         "Kubeconfig file. Empty: log in like kubectl (the in-cluster service account, else "

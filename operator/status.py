@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.traffic import Role, Share
 
@@ -154,14 +155,35 @@ def _kept_rolled_back(previous: Sequence[Mapping[str, Any]], generation: int, no
     )
 
 
+def problem_subject(key: str, problem: PodProblem) -> str:
+    """``version v1: Secret redis not found``: the stable part of a pod problem's line in the status."""
+    who = "router" if key == ROUTER_KEY else f"version {key}"
+    return f"{who}: {problem.subject}"
+
+
+def problem_line(key: str, problem: PodProblem) -> str:
+    """A pod problem as the conditions and its Event say it."""
+    detail = f": {problem.detail}" if problem.detail else ""
+    return f"{problem_subject(key, problem)}{detail}; its pods cannot start"
+
+
+def _problem_lines(problems: Mapping[str, Sequence[PodProblem]]) -> list[tuple[str, str]]:
+    """(reason, line) of every pod problem, most telling reason first."""
+    order = {reason: i for i, reason in enumerate(POD_REASONS)}
+    found = [(problem, key) for key, listed in problems.items() for problem in listed]
+    found.sort(key=lambda item: order[item[0].reason])
+    return [(str(problem.reason), problem_line(key, problem)) for problem, key in found]
+
+
 @dataclass(frozen=True)
 class _Observed:
-    """The versions and what holds the fleet back, from its Deployments."""
+    """The versions and what holds the fleet back, from its Deployments and pods."""
 
     versions: list[VersionStatus]
     waiting: list[str]
     failures: list[str]
     serving: bool
+    problems: list[tuple[str, str]]  # (reason, line): why pods do not start (pods.py)
 
 
 def _observe(
@@ -169,6 +191,7 @@ def _observe(
     deployments: Mapping[str, Mapping[str, Any] | None],
     services: Mapping[str, str],
     router: Mapping[str, Any] | None,
+    problems: Mapping[str, Sequence[PodProblem]],
 ) -> _Observed:
     versions, waiting, failures = [], [], []
     for share in shares:
@@ -193,11 +216,13 @@ def _observe(
     elif router_progress.waiting:
         waiting.append(router_progress.waiting)
     serving = router_progress.ready_replicas > 0 and any(v.ready_replicas for v in versions if v.weight)
-    return _Observed(versions, waiting, failures, serving)
+    known = {share.name for share in shares} | {ROUTER_KEY}
+    lines = _problem_lines({key: listed for key, listed in problems.items() if key in known})
+    return _Observed(versions, waiting, failures, serving, lines)
 
 
 def _phase(observed: _Observed, rollout: CanaryState | None, trouble: Trouble | None) -> Phase:
-    if observed.failures or trouble is not None:
+    if observed.failures or observed.problems or trouble is not None:
         return "Degraded"
     if not observed.waiting:
         phase: Phase = "Ready"
@@ -220,10 +245,12 @@ def fleet_status(
     now: str,
     rollout: CanaryState | None = None,
     trouble: Trouble | None = None,
+    pod_problems: Mapping[str, Sequence[PodProblem]] | None = None,
 ) -> CaptionModelStatus:
     """The status of a valid spec, from the version Deployments and Service names (by version name),
-    the router's Deployment, the rollout state and what the operator found wrong (``trouble``)."""
-    observed = _observe(shares, deployments, services, router)
+    the router's Deployment, the rollout state, what the operator found wrong (``trouble``) and why
+    pods do not start (``pod_problems``, by version name or ``pods.ROUTER_KEY``)."""
+    observed = _observe(shares, deployments, services, router, pod_problems or {})
     before = list(previous.get("conditions") or [])
 
     def cond(type_: ConditionType, status: bool, reason: str, message: str) -> Condition:
@@ -260,6 +287,9 @@ def _ready(
 ) -> Condition:
     if trouble is not None:
         return cond("Ready", False, trouble.reason, trouble.message)
+    if observed.problems:
+        lines = [line for _, line in observed.problems]
+        return cond("Ready", False, observed.problems[0][0], "; ".join(lines + observed.failures))
     if phase in ("Ready", "RolledBack") and not observed.waiting:
         return cond("Ready", True, "AllReplicasReady", f"serving on {endpoint}")
     reason = "Progressing" if phase == "RolledBack" else phase
@@ -283,9 +313,12 @@ def _progressing(
 def _degraded(cond: Cond, observed: _Observed, trouble: Trouble | None) -> Condition:
     if trouble is not None:
         return cond("Degraded", True, trouble.reason, trouble.message)
+    if observed.problems:
+        lines = [line for _, line in observed.problems]
+        return cond("Degraded", True, observed.problems[0][0], "; ".join(lines + observed.failures))
     if observed.failures:
         return cond("Degraded", True, "DeploymentFailed", "; ".join(observed.failures))
-    return cond("Degraded", False, "AsExpected", "no Deployment reports a failure")
+    return cond("Degraded", False, "AsExpected", "no Deployment or pod reports a failure")
 
 
 def _rolled_back(rollout: CanaryState | None, cond: Callable[..., Condition]) -> Condition:
@@ -314,7 +347,7 @@ def invalid_status(
                 cond("Progressing", False, "InvalidSpec", "nothing is changed until the spec is fixed"),
                 Condition.model_validate(degraded)
                 if degraded
-                else cond("Degraded", False, "AsExpected", "no Deployment reports a failure"),
+                else cond("Degraded", False, "AsExpected", "no Deployment or pod reports a failure"),
                 _kept_rolled_back(before, generation, now),
             ],
         }

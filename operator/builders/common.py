@@ -206,6 +206,16 @@ def pod_security() -> dict[str, Any]:
     }
 
 
+def auth_volume(ctx: FleetContext) -> dict[str, Any] | None:
+    """The API-key Secret as a volume of its one key: a missing key then stops the mount, and the
+    kubelet's FailedMount Event names it (pods.py), instead of a runtime that finds no keys file."""
+    if ctx.spec.auth is None:
+        return None
+    key = ctx.spec.auth.key
+    secret = {"secretName": ctx.spec.auth.secret_name, "items": [{"key": key, "path": key}]}
+    return {"name": "auth", "secret": secret}
+
+
 def image_pull_secrets(ctx: FleetContext) -> list[dict[str, str]]:
     return [{"name": name} for name in ctx.spec.image_pull_secrets]
 

@@ -68,8 +68,8 @@ def pod_spec(ctx: common.FleetContext) -> dict[str, Any]:
     spec = ctx.spec
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": TMP_MOUNT}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    if spec.auth is not None:
-        volumes.append({"name": "auth", "secret": {"secretName": spec.auth.secret_name}})
+    if (auth := common.auth_volume(ctx)) is not None:
+        volumes.append(auth)
         mounts.append({"name": "auth", "mountPath": AUTH_MOUNT, "readOnly": True})
     container = {
         "name": "router",

@@ -95,8 +95,8 @@ def pod_spec(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     volumes, mounts, init_containers = _model_wiring(ctx, version)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": TMP_MOUNT})
-    if spec.auth is not None:
-        volumes.append({"name": "auth", "secret": {"secretName": spec.auth.secret_name}})
+    if (auth := common.auth_volume(ctx)) is not None:
+        volumes.append(auth)
         mounts.append({"name": "auth", "mountPath": AUTH_MOUNT, "readOnly": True})
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the runtime never calls the Kubernetes API

@@ -31,7 +31,7 @@ from captionfleet.runtime.server.state import STATE, ServerState, admit
 from captionfleet.runtime.serving.errors import JobsUnavailable
 from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
 from captionfleet.runtime.web.body import check_declared_size, read_all
-from captionfleet.runtime.web.context import BODY
+from captionfleet.runtime.web.context import BODY, head_sent
 from captionfleet.runtime.web.errors import InvalidRequest
 
 SUBMISSION_FIELDS = ("items", "options", "webhook", "webhook_secret")
@@ -68,6 +68,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     first = await anext(lines, None)  # a job that is not there is a 404 before any byte is sent
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    head_sent(request)  # a large job's results may take longer than the request's deadline to send
     if first is not None:
         await response.write(first)
         async for line in lines:

@@ -8,8 +8,10 @@ change only the status, implements server-side apply (create-or-update, removing
 applier no longer sets), and writes nothing (same ``resourceVersion``, no watch event) for an update
 that changes nothing. The subclass adds exactly these, so the product code runs unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
-upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod templates
-(tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. These
+upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
+(tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. Lists
+filter by ``fieldSelector`` too, on the fields the real server allows per kind (else 400). Pods are
+served (the kubelet and the scheduler are the tests' ``Cluster``); there are no Secrets at all. These
 rules are written here, independently of the operator's, so the tests see what a cluster would do.
 Garbage collection by owner references is not emulated: tests check the references instead.
 """
@@ -57,6 +59,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "v1/namespaces": {"kind": "Namespace", "namespaced": False},
     "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": ["status"]},
     "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering", "namespaced": False},
     "kopf.dev/v1/kopfpeerings": {"kind": "KopfPeering", "namespaced": True},
     "captionfleet.io/v1alpha1/captionmodels": {
@@ -150,7 +153,45 @@ VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
 
 K8S_VERSION = "1.33"
-VALIDATED = {"Deployment", "Service", "HorizontalPodAutoscaler", "ServiceAccount", "Role", "RoleBinding"}
+VALIDATED = {
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "Pod",
+}
+# The fields a list may select on (fieldSelector), per kind, as the API server's field label
+# conversion functions allow; any other is refused with 400.
+SELECTABLE_FIELDS = {
+    "Event": {
+        "metadata.name",
+        "metadata.namespace",
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
+        "reason",
+        "reportingComponent",
+        "source",
+        "type",
+    },
+    "Pod": {
+        "metadata.name",
+        "metadata.namespace",
+        "spec.nodeName",
+        "spec.restartPolicy",
+        "spec.schedulerName",
+        "spec.serviceAccountName",
+        "status.phase",
+        "status.podIP",
+        "status.nominatedNodeName",
+    },
+}
 # The API server's rules (k8s.io/apimachinery validation), as it applies them to a pod template.
 _QUALIFIED_NAME = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -206,8 +247,11 @@ def _container_problems(container: Mapping[str, Any], where: str) -> list[str]:
 
 
 def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
-    pod = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
-    where = "spec.template.spec"
+    template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return pod_spec_problems(template, "spec.template.spec")
+
+
+def pod_spec_problems(pod: Mapping[str, Any], where: str) -> list[str]:
     problems = []
     for i, toleration in enumerate(pod.get("tolerations") or []):
         problems += _toleration_problems(toleration, f"{where}.tolerations[{i}]")
@@ -235,6 +279,8 @@ def schema_problems(obj: Mapping[str, Any]) -> list[str]:
     except kubernetes_validate.ValidationError as e:
         caught = e.caught
         return [f"{'.'.join(str(p) for p in caught.absolute_path)}: {caught.message}"]
+    if obj.get("kind") == "Pod":
+        return pod_spec_problems(obj.get("spec") or {}, "spec")
     return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
 
 
@@ -267,6 +313,25 @@ def _matches(labels: Mapping[str, str], selector: str) -> bool:
         elif term not in labels:
             return False
     return True
+
+
+def _field_value(obj: Mapping[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return "" if value is None else str(value)
+
+
+def _field_terms(kind: str, selector: str) -> list[tuple[str, str, bool]]:
+    """(field, value, equal) of each term; 400 for a field the kind cannot be selected by."""
+    terms = []
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        equal = "!=" not in term
+        field, _, value = term.replace("!=", "=").replace("==", "=").partition("=")
+        if field not in SELECTABLE_FIELDS.get(kind, {"metadata.name", "metadata.namespace"}):
+            raise k8s.KubernetesError(400, "BadRequest", f'field label not supported: "{field}"')
+        terms.append((field, value, equal))
+    return terms
 
 
 def _replacement(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -419,6 +484,9 @@ class ApiServer(kmock.KubernetesEmulator):
         return True
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        info = self.resources.get(request.resource)
+        kind = (info.kind if info is not None else None) or ""
+        terms = _field_terms(kind, request.params.get("fieldSelector") or "")
         result: Any = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
         if selector:
@@ -427,6 +495,11 @@ class ApiServer(kmock.KubernetesEmulator):
                 for item in result["items"]
                 if _matches(item.get("metadata", {}).get("labels") or {}, selector)
             ]
+        result["items"] = [
+            item
+            for item in result["items"]
+            if all((_field_value(item, field) == value) == equal for field, value, equal in terms)
+        ]
         return result  # type: ignore[no-any-return]
 
     def seen(self) -> list[rendering.Request]:

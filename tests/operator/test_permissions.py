@@ -59,7 +59,7 @@ GRANTS = {
     "crds": (OPERATOR_CLUSTER_RULES, "apiextensions.k8s.io", "customresourcedefinitions", {"list", "watch"}),
     "namespaces": (OPERATOR_CLUSTER_RULES, "", "namespaces", {"list", "watch"}),
     "peerings": (OPERATOR_CLUSTER_RULES, "kopf.dev", "clusterkopfpeerings", GET_LIST_WATCH_PATCH),
-    "events": (OPERATOR_NAMESPACED_RULES, "", "events", {"create"}),
+    "events": (OPERATOR_NAMESPACED_RULES, "", "events", {"create", "list"}),
 }
 
 
@@ -68,6 +68,13 @@ def test_captionmodels_are_read_only_their_status_written_and_kopf_gets_what_it_
     rules: Any, group: str, resource: str, verbs: set[str]
 ) -> None:
     assert granted(rules, group, resource) == verbs
+
+
+def test_pods_are_only_listed_and_watched_and_secrets_never_read() -> None:
+    # Why a version does not start comes from its pods and the kubelet's Events, never a Secret.
+    assert granted(OPERATOR_NAMESPACED_RULES, "", "pods") == {"list", "watch"}
+    assert granted(OPERATOR_NAMESPACED_RULES, "", "secrets") == set()
+    assert not any("secrets" in rule.resources for rule in OPERATOR_CLUSTER_RULES)
 
 
 def test_the_router_reads_and_the_operator_can_grant_that() -> None:

@@ -22,6 +22,13 @@ CONFIG = ClusterConfig(
 NS = "ml"
 
 
+def field_value(obj: Mapping[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return "" if value is None else str(value)
+
+
 class FakeKube:
     """Objects in a dict, keyed by (kind, namespace, name); every call is recorded."""
 
@@ -59,13 +66,21 @@ class FakeKube:
         found = self.objects.get((kind.kind, namespace, name))
         return copy.deepcopy(found) if found is not None else None
 
-    async def list(self, kind: kube.Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def list(
+        self,
+        kind: kube.Kind,
+        namespace: str,
+        labels: Mapping[str, str],
+        *,
+        fields: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
         self.calls.append(("list", kind.kind, ""))
         return [
             copy.deepcopy(obj)
             for (k, ns, _), obj in self.objects.items()
             if k == kind.kind and ns == namespace
             and all((obj["metadata"].get("labels") or {}).get(key) == v for key, v in labels.items())
+            and all(field_value(obj, key) == v for key, v in (fields or {}).items())
         ]  # fmt: skip
 
     async def delete(self, kind: kube.Kind, namespace: str, name: str) -> bool:
@@ -201,3 +216,34 @@ async def test_a_healthy_check_steps_the_canary_once_it_is_ready() -> None:
     assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 60, "v2": 40}
     hpa = api.of("HorizontalPodAutoscaler", "fleet-v1")["spec"]  # type: ignore[index]
     assert hpa["maxReplicas"] == 3  # 60 % of 4, now that the canary passed a check
+
+
+async def test_a_pod_that_cannot_start_is_warned_once_and_no_secret_is_ever_read() -> None:
+    api = FakeKube()
+    spec = ONE | {"cache": {"redisUrlSecret": {"name": "redis", "key": "url"}}}
+    body = model(api, spec)
+    first = await reconcile.reconcile(api, body, CONFIG)
+    assert first.status is not None and first.status.phase == "Pending"
+    labels = api.of("Deployment", "fleet-v1")["spec"]["template"]["metadata"]["labels"]  # type: ignore[index]
+    waiting = {"reason": "CreateContainerConfigError", "message": "couldn't find key url in Secret ml/redis"}
+    api.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "fleet-v1-x", "namespace": NS, "labels": labels},
+            "status": {
+                "conditions": [],
+                "containerStatuses": [{"name": "runtime", "state": {"waiting": waiting}}],
+            },
+        }
+    )
+    refreshed = await reconcile.refresh_status(api, NS, "fleet", CONFIG)
+    assert refreshed.status is not None and refreshed.status.phase == "Degraded"
+    expected = "version v1: Secret redis has no key url (cache.redisUrlSecret); its pods cannot start"
+    assert [(e.type, e.reason, e.message) for e in refreshed.events] == [
+        ("Warning", "SecretMissing", expected),
+        ("Warning", "Degraded", expected),
+    ]
+    again = await reconcile.reconcile(api, api.of("CaptionModel", "fleet"), CONFIG)  # type: ignore[arg-type]
+    assert "SecretMissing" not in [e.reason for e in again.events]
+    assert not any(kind == "Secret" for _, kind, _ in api.calls)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from captionfleet.operator.events import Reason
+from captionfleet.operator.pods import PodProblem
 from captionfleet.operator.status import deployment_progress, fleet_status, invalid_status
 from captionfleet.operator.traffic import Share
 
@@ -24,7 +26,9 @@ def deployment(ready: int, replicas: int = 2, generation: int = 1, **conditions:
     }
 
 
-def compute(a: Any, b: Any, router: Any, previous: dict[str, Any] | None = None, now: str = "T1") -> Any:
+def compute(
+    a: Any, b: Any, router: Any, previous: dict[str, Any] | None = None, now: str = "T1", **extra: Any
+) -> Any:
     return fleet_status(
         shares=SHARES,
         deployments={"a": a, "b": b},
@@ -34,6 +38,7 @@ def compute(a: Any, b: Any, router: Any, previous: dict[str, Any] | None = None,
         endpoint="http://f.ml.svc",
         previous=previous or {},
         now=now,
+        **extra,
     )
 
 
@@ -122,3 +127,18 @@ def test_invalid_keeps_what_runs_and_the_rollback_record() -> None:
         "Degraded": ("False", "AsExpected"),
         "RolledBack": ("True", "AnalysisFailed"),
     }
+
+
+def test_pods_that_cannot_start_make_the_fleet_degraded_with_their_reason() -> None:
+    missing = PodProblem(Reason.SECRET_MISSING, "Secret redis not found (cache.redisUrlSecret)")
+    pull = PodProblem(Reason.IMAGE_PULL_FAILED, "image x cannot be pulled", "denied")
+    problems = {"b": [pull], "router": [missing], "gone": [pull]}
+    status = compute(deployment(2), deployment(0), deployment(2), pod_problems=problems)
+    assert status.phase == "Degraded"
+    assert conditions(status)["Ready"] == ("False", "SecretMissing")  # the most telling reason
+    assert conditions(status)["Degraded"] == ("True", "SecretMissing")
+    message = next(c.message for c in status.conditions if c.type == "Degraded")
+    assert message == (
+        "router: Secret redis not found (cache.redisUrlSecret); its pods cannot start; "
+        "version b: image x cannot be pulled: denied; its pods cannot start"
+    )  # a version no longer in the spec is not reported

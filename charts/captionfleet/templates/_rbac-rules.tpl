@@ -49,10 +49,14 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "create", "patch", "delete"]
-# Events on every decision (kopf posts core v1 events)
+# Events on every decision (kopf posts core v1 events); the kubelet's FailedMount Events of the fleet's pods are read (a missing Secret volume is reported only there)
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
+# the fleet's pods, for why a version does not start (a missing Secret, an image pull, unschedulable); Secrets themselves are never read
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 # kopf: peering (leader election) when watching chosen namespaces
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,10 +42,77 @@ async def eventually(check: Callable[[], T], within: float = 10.0, interval: flo
         await asyncio.sleep(interval)
 
 
+def caption_model(name: str, **spec: Any) -> dict[str, Any]:
+    """A CaptionModel manifest: one version unless ``versions`` is given, the rest of ``spec`` as is."""
+    versions = spec.pop("versions", [{"name": "v1", "model": "file:///opt/models/v1"}])
+    return {
+        "apiVersion": "captionfleet.io/v1alpha1",
+        "kind": "CaptionModel",
+        "metadata": {"name": name},
+        "spec": {"versions": versions, **spec},
+    }
+
+
+def pod_waiting(
+    reason: str, message: str = "", container: str = "runtime", image: str = ""
+) -> dict[str, Any]:
+    """A scheduled pod whose container ``container`` waits with ``reason`` (the kubelet's words)."""
+    waiting: dict[str, Any] = {"reason": reason, **({"message": message} if message else {})}
+    status = {"name": container, "ready": False, "restartCount": 0, "state": {"waiting": waiting}}
+    if image:
+        status["image"] = image
+    return {
+        "phase": "Pending",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+        ],
+        "containerStatuses": [status],
+    }
+
+
+def pod_crashing(container: str, exit_code: int, message: str, *, init: bool = False) -> dict[str, Any]:
+    """A container in CrashLoopBackOff after exiting with ``exit_code`` and termination ``message``."""
+    terminated = {"exitCode": exit_code, "reason": "Error", "message": message}
+    status = {
+        "name": container,
+        "ready": False,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed"}},
+        "lastState": {"terminated": terminated},
+    }
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return {
+        "phase": "Pending" if init else "Running",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+        key: [status],
+    }
+
+
+def pod_unschedulable(message: str) -> dict[str, Any]:
+    condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    return {"phase": "Pending", "conditions": [condition]}
+
+
+def pod_running() -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+        "containerStatuses": [
+            {"name": "runtime", "ready": True, "restartCount": 0, "state": {"running": {}}},
+        ],
+    }
+
+
 class Cluster:
     """What a user (kubectl) and the Deployment controller do, against the emulated API server."""
 
     eventually = staticmethod(eventually)
+    # pod statuses, as the scheduler and the kubelet report them (for ``create_pods``)
+    pod_waiting = staticmethod(pod_waiting)
+    pod_crashing = staticmethod(pod_crashing)
+    pod_unschedulable = staticmethod(pod_unschedulable)
+    pod_running = staticmethod(pod_running)
 
     def __init__(self, api: Any, kubeconfig: Path) -> None:
         self.api = api
@@ -97,6 +165,42 @@ class Cluster:
         namespace = deployment["metadata"]["namespace"]
         path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status"
         await self._send("PATCH", path, {"status": status}, "application/merge-patch+json")
+
+    # the Deployment controller, the scheduler and the kubelet, for the pods
+    async def create_pods(self, deployment: str, status: Mapping[str, Any], count: int = 1) -> list[str]:
+        """Pods of ``deployment``'s template (as its ReplicaSet makes them), then ``status`` reported
+        for each (as the scheduler and kubelet do: a pod is created without one); their names."""
+        found = self.get("apps/v1/deployments", deployment)
+        template = found["spec"]["template"]
+        namespace = found["metadata"]["namespace"]
+        names = []
+        for _ in range(count):
+            name = f"{deployment}-{uuid.uuid4().hex[:10]}"
+            metadata = {"name": name, "namespace": namespace, "labels": dict(template["metadata"]["labels"])}
+            body = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+            await self._send("POST", f"/api/v1/namespaces/{namespace}/pods", body)
+            await self.set_pod_status(name, status, namespace)
+            names.append(name)
+        return names
+
+    async def set_pod_status(self, pod: str, status: Mapping[str, Any], namespace: str = NAMESPACE) -> None:
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/status"
+        await self._send("PATCH", path, {"status": dict(status)}, "application/merge-patch+json")
+
+    async def kubelet_event(self, pod: str, reason: str, message: str, namespace: str = NAMESPACE) -> None:
+        """A Warning Event on a pod, as the kubelet posts one (e.g. FailedMount)."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{pod}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": pod, "namespace": namespace},
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "kubelet", "host": "node-1"},
+            "count": 1,
+        }
+        await self._send("POST", f"/api/v1/namespaces/{namespace}/events", body)
 
     # reading
     def get(self, resource: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
@@ -171,6 +275,7 @@ def settings(cluster: Cluster) -> OperatorSettings:
         liveness="",
         metrics="",
         resync_seconds=0,
+        pod_check_seconds=0,  # test_operator_pods.py turns the timer on; the rest need no polling
         prometheus_url="http://prometheus.monitoring.svc:9090",
         default_runtime_image="registry.test/captionfleet/runtime:1.2.3",
     )

@@ -26,6 +26,50 @@ async def test_an_apply_that_changes_nothing_writes_nothing(cluster: Any) -> Non
     assert cluster.get("v1/serviceaccounts", "reader")["automountServiceAccountToken"] is True
 
 
+def pod(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"containers": [{"name": "c", "image": "registry.test/i:1"}], **spec},
+    }
+
+
+async def test_pods_are_validated_like_a_real_servers(cluster: Any) -> None:
+    pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
+    await cluster._send("POST", pods, pod("good"))
+    for bad in (
+        pod("no-image", containers=[{"name": "c"}]),
+        pod("bad-toleration", tolerations=[{"operator": "Exists", "value": "v"}]),
+        pod("bad-selector", nodeSelector={"gpu type": "a100"}),
+    ):
+        async with cluster.api.request("POST", pods, json=bad) as response:
+            assert response.status == 422, (bad["metadata"]["name"], await response.text())
+    assert cluster.names("v1/pods") == {"good"}
+
+
+async def test_lists_select_by_the_fields_the_kind_allows_and_refuse_others(cluster: Any) -> None:
+    events = f"/api/v1/namespaces/{NAMESPACE}/events"
+    for name, reason in (("a", "FailedMount"), ("b", "Pulled")):
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "involvedObject": {"kind": "Pod", "name": "p", "namespace": NAMESPACE},
+            "reason": reason,
+        }
+        await cluster._send("POST", events, body)
+    listed = await cluster._send(
+        "GET", f"{events}?fieldSelector=involvedObject.kind=Pod,reason=FailedMount", None
+    )
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["a"]
+    listed = await cluster._send("GET", f"{events}?fieldSelector=reason!=FailedMount", None)
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["b"]
+    async with cluster.api.request("GET", f"{events}?fieldSelector=message=x") as response:
+        assert response.status == 400
+        assert "field label not supported" in (await response.json())["message"]
+
+
 async def send(cluster: Any, path: str, body: Any) -> tuple[int, str]:
     async with cluster.api.request("PATCH", path, json=body, headers={"Content-Type": APPLY}) as response:
         return response.status, await response.text()

@@ -277,3 +277,40 @@ def _phase(cluster: Any, expected: str) -> None:
 
 def _generation_seen(cluster: Any, generation: int) -> None:
     assert cluster.status(NAME).get("observedGeneration") == generation
+
+
+@pytest.mark.usefixtures("operator")
+async def test_step_weight_100_waits_for_a_ready_canary_and_the_stable_keeps_its_capacity(
+    cluster: Any, canary_model: Callable[..., dict[str, Any]]
+) -> None:
+    checks = CHECKS | {"stepWeight": 100, "maxWeight": 100}
+    await cluster.create(canary_model(NAME, "file:///models/v1", "file:///models/v2", checks))
+    await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=100))
+    # Before the canary has a ready pod, it gets nothing and the stable all of the pool.
+    assert weights(cluster) == {"v1": ("stable", 100), "v2": ("canary", 0)}
+    ceiling = cluster.get(HPAS, f"{NAME}-v1")["spec"]["maxReplicas"]
+    assert ceiling == 4  # autoscaling.maxReplicas (the default) at 100 %
+    for deployment in (f"{NAME}-v1", f"{NAME}-v2", f"{NAME}-router"):
+        await cluster.roll_out(deployment, replicas=1)
+    await cluster.eventually(lambda: _weights_are(cluster, {"v1": ("stable", 0), "v2": ("canary", 100)}))
+    # No check has passed yet (no router reports figures): the stable keeps its replica bounds.
+    assert cluster.get(HPAS, f"{NAME}-v1")["spec"]["maxReplicas"] == ceiling
+    assert rollout(cluster, "Progressing")["step"] == 1  # the first step only
+
+
+@pytest.mark.usefixtures("operator")
+async def test_an_unknown_rollout_action_is_named_as_unknown_and_removed(
+    cluster: Any, manifest: dict[str, Any]
+) -> None:
+    await cluster.create(copy.deepcopy(manifest))
+    await cluster.eventually(lambda: rollout(cluster, "Progressing", weight=20))
+    path = f"/apis/captionfleet.io/v1alpha1/namespaces/ml/captionmodels/{NAME}"
+    patch = {"metadata": {"annotations": {"captionfleet.io/rollout-action": "Restart"}}}
+    await cluster._send("PATCH", path, patch, "application/merge-patch+json")
+
+    await cluster.eventually(lambda: one_event(cluster, "RolloutAction"))
+    kind, message = one_event(cluster, "RolloutAction")
+    assert kind == "Warning" and "unknown rollout action 'restart' ignored" in message, message
+    annotations = cluster.model(NAME)["metadata"].get("annotations") or {}
+    assert "captionfleet.io/rollout-action" not in annotations
+    rollout(cluster, "Progressing", weight=20)  # nothing happened to the rollout

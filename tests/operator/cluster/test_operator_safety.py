@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import caption_model
+
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 CAPMS = "/apis/captionfleet.io/v1alpha1/namespaces/ml/captionmodels"
@@ -19,17 +21,7 @@ SECRET = "S3cr3t"
 pytestmark = pytest.mark.usefixtures("operator")
 
 
-def manifest(name: str, **spec: Any) -> dict[str, Any]:
-    versions = spec.pop("versions", [{"name": "v1", "model": "file:///opt/models/v1"}])
-    return {
-        "apiVersion": "captionfleet.io/v1alpha1",
-        "kind": "CaptionModel",
-        "metadata": {"name": name},
-        "spec": {"versions": versions, **spec},
-    }
-
-
-def phase(cluster: Any, name: str, expected: str) -> dict[str, Any]:
+def phase(cluster: Any, name: str, expected: str) -> dict[str, Any]:  # in namespace ml
     status = cluster.status(name)
     assert status.get("phase") == expected, status
     return status
@@ -50,7 +42,7 @@ async def test_an_existing_object_of_the_same_name_is_left_alone_and_reported(cl
     await cluster._send("POST", "/api/v1/namespaces/ml/services", user_service)
     before = cluster.get(SERVICES, "pg")
 
-    await cluster.create(manifest("pg"))
+    await cluster.create(caption_model("pg"))
     await cluster.eventually(lambda: phase(cluster, "pg", "Degraded"))
     ready = cluster.condition("pg", "Ready")
     assert ready["reason"] == "NameConflict"
@@ -67,9 +59,9 @@ async def test_an_existing_object_of_the_same_name_is_left_alone_and_reported(cl
 
 
 async def test_colliding_derived_names_are_detected_not_fought_over(cluster: Any) -> None:
-    first = await cluster.create(manifest("coll-x"))
+    first = await cluster.create(caption_model("coll-x"))
     await cluster.eventually(lambda: phase(cluster, "coll-x", "Pending"))
-    await cluster.create(manifest("coll", versions=[{"name": "x-router", "model": "file:///opt/m"}]))
+    await cluster.create(caption_model("coll", versions=[{"name": "x-router", "model": "file:///opt/m"}]))
     await cluster.eventually(lambda: phase(cluster, "coll", "Degraded"))
     message = cluster.condition("coll", "Ready")["message"]
     assert "Deployment coll-x-router already exists and belongs to CaptionModel coll-x" in message
@@ -91,7 +83,7 @@ async def test_a_redis_password_is_refused_and_a_secret_reference_is_used_instea
     cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    await cluster.create(manifest("cache", cache={"redisUrl": f"redis://admin:{SECRET}@redis:6379/0"}))
+    await cluster.create(caption_model("cache", cache={"redisUrl": f"redis://admin:{SECRET}@redis:6379/0"}))
     await cluster.eventually(lambda: phase(cluster, "cache", "Invalid"))
     message = cluster.condition("cache", "Ready")["message"]
     assert "spec.cache.redisUrl: holds credentials" in message and "redisUrlSecret" in message
@@ -116,7 +108,9 @@ async def test_a_redis_password_is_refused_and_a_secret_reference_is_used_instea
 
 
 async def test_env_values_are_escaped_for_kubernetes_expansion(cluster: Any) -> None:
-    await cluster.create(manifest("dollars", versions=[{"name": "v1", "model": "file:///opt/$(HOME)/m"}]))
+    await cluster.create(
+        caption_model("dollars", versions=[{"name": "v1", "model": "file:///opt/$(HOME)/m"}])
+    )
     await cluster.eventually(lambda: phase(cluster, "dollars", "Pending"))
     env = cluster.get(DEPLOYMENTS, "dollars-v1")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["name"]: e.get("value") for e in env}["CAPTIONFLEET_MODEL"] == "/opt/$$(HOME)/m"
@@ -133,7 +127,7 @@ async def test_env_values_are_escaped_for_kubernetes_expansion(cluster: Any) -> 
 async def test_analysis_intervals_and_windows_are_bounded(
     cluster: Any, analysis: dict[str, str], field: str
 ) -> None:
-    await cluster.create(manifest("bounded", rollout={"analysis": analysis}))
+    await cluster.create(caption_model("bounded", rollout={"analysis": analysis}))
     await cluster.eventually(lambda: phase(cluster, "bounded", "Invalid"))
     assert field in cluster.condition("bounded", "Ready")["message"]
     assert cluster.children("bounded") == {}
@@ -158,7 +152,7 @@ async def test_pod_spec_content_the_api_server_refuses_is_invalid_and_nothing_is
     cluster: Any, mistake: str
 ) -> None:
     spec, field = POD_SPEC_MISTAKES[mistake]
-    await cluster.create(manifest("pods", **copy.deepcopy(spec)))
+    await cluster.create(caption_model("pods", **copy.deepcopy(spec)))
     await cluster.eventually(lambda: phase(cluster, "pods", "Invalid"))
     assert field in cluster.condition("pods", "Ready")["message"]
     assert cluster.children("pods") == {}
@@ -192,8 +186,63 @@ async def test_pod_spec_content_the_api_server_refuses_is_invalid_and_nothing_is
 async def test_what_the_crd_schema_refuses_never_gets_stored(
     cluster: Any, spec: dict[str, Any], field: str
 ) -> None:
-    body = manifest("schema", **spec) | {"metadata": {"name": "schema", "namespace": "ml"}}
+    body = caption_model("schema", **spec) | {"metadata": {"name": "schema", "namespace": "ml"}}
     async with cluster.api.request("POST", CAPMS, json=body) as rsp:
         assert rsp.status == 422
         assert field in (await rsp.json())["message"]
     assert cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "ml", "schema") is None
+
+
+async def test_a_caption_model_named_kubernetes_leaves_the_api_servers_service_alone(cluster: Any) -> None:
+    kubernetes = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver"}},
+        "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 6443}]},
+    }
+    await cluster._send("POST", "/api/v1/namespaces/default/services", kubernetes)
+    before = cluster.get(SERVICES, "kubernetes", "default")
+    await cluster.create(caption_model("kubernetes"), namespace="default")
+    await cluster.eventually(lambda: phase_in(cluster, "kubernetes", "default", "Degraded"))
+    assert (
+        "Service kubernetes already exists" in cluster.condition("kubernetes", "Ready", "default")["message"]
+    )
+    await cluster.delete("kubernetes", namespace="default")
+    await cluster.eventually(
+        lambda: cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "default", "kubernetes") is None
+    )
+    assert cluster.get(SERVICES, "kubernetes", "default") == before
+
+
+async def test_a_version_service_and_another_models_public_service_do_not_fight(cluster: Any) -> None:
+    first = await cluster.create(caption_model("svc-a"))  # its public (router) Service is svc-a
+    await cluster.eventually(lambda: phase(cluster, "svc-a", "Pending"))
+    await cluster.create(caption_model("svc", versions=[{"name": "a", "model": "file:///opt/m"}]))
+    await cluster.eventually(lambda: phase(cluster, "svc", "Degraded"))
+    message = cluster.condition("svc", "Ready")["message"]
+    assert "Service svc-a already exists and belongs to CaptionModel svc-a" in message
+    await cluster.eventually(lambda: event(cluster, "svc", "NameConflict", "Service svc-a"))
+    service = cluster.get(SERVICES, "svc-a")
+    assert service["metadata"]["ownerReferences"][0]["uid"] == first["metadata"]["uid"]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+    assert cluster.children("svc") == {}
+
+
+def phase_in(cluster: Any, name: str, namespace: str, expected: str) -> None:
+    assert cluster.status(name, namespace).get("phase") == expected, cluster.status(name, namespace)
+
+
+async def test_the_router_asks_for_the_memory_its_window_needs_and_the_server_takes_it(cluster: Any) -> None:
+    for name, window in (("short", "10m"), ("long", "24h")):
+        await cluster.create(caption_model(name, rollout={"analysis": {"window": window}}))
+    for name in ("short", "long"):
+        await cluster.eventually(lambda n=name: phase(cluster, n, "Pending"))
+
+    def memory(name: str) -> tuple[str, str]:
+        resources = cluster.get(DEPLOYMENTS, f"{name}-router")["spec"]["template"]["spec"]["containers"][0]
+        return resources["resources"]["requests"]["memory"], resources["resources"]["limits"]["memory"]
+
+    short, long = memory("short"), memory("long")
+    mebibytes = [int(value.removesuffix("Mi")) for value in (*short, *long)]
+    assert mebibytes[2] > mebibytes[0] and mebibytes[3] > mebibytes[1], (short, long)
+    assert mebibytes[3] - mebibytes[2] == mebibytes[1] - mebibytes[0]  # the same headroom above
