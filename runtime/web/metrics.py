@@ -94,21 +94,6 @@ class ProcessMetrics:
         """Export what ``collect`` yields at each scrape: figures another object keeps counting."""
         self.registry.register(_ScrapeTime(collect))
 
-    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
-        return Counter(name, documentation, labels, registry=self.registry)
-
-    def gauge(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Gauge:
-        return Gauge(name, documentation, labels, registry=self.registry)
-
-    def histogram(
-        self,
-        name: str,
-        documentation: str,
-        labels: Sequence[str] = (),
-        buckets: Sequence[float] = LATENCY_BUCKETS_S,
-    ) -> Histogram:
-        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
