@@ -90,6 +90,7 @@ class ColdStarts:
             raise self._rejected(name, refused, f"{refused}: {self._limits()}")
         if not self.held.get(name):
             self.stats.record_cold_start(name)
+            self.metrics.cold_starts.labels(version=name).inc()
             self._began.setdefault(name, time.monotonic())
         self.held[name] = self.held.get(name, 0) + 1
         self.held_bytes += size

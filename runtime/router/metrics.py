@@ -83,6 +83,11 @@ class RouterMetrics(ProcessMetrics):
         "a version at zero up on this demand)",
         "version",
     )
+    cold_starts = Declared.counter(
+        "captionfleet_router_cold_starts",
+        "Holds that began while none of the version's requests was held: cold starts seen by this router",
+        "version",
+    )
     cold_start_rejections = Declared.counter(
         "captionfleet_router_cold_start_rejections",
         "Requests answered 503 cold_start, by version and reason: count (cold_start_max_held), bytes "

@@ -51,6 +51,7 @@ async def test_requests_for_a_version_at_zero_are_held_then_answered_by_its_firs
     assert not v1.received and not any(task.done() for task in tasks)
     figures = await router.figures("v1")
     assert figures["cold_starts"] == 1 and figures["cold_start_rejections"] == 0
+    assert (await router.scrape())['captionfleet_router_cold_starts_total{version="v1"}'] == 1
     router.holder.publish(cold_table(Version("v1", 100, "stable", (v1.url,), cold_start=True)))
     answers = await asyncio.gather(*tasks)
     assert [answer.status for answer in answers] == [200] * 20
