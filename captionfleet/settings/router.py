@@ -121,7 +121,7 @@ class RouterSettings(EdgeSettings):
         "answered from it, cached: true, without waking a pod. Empty: every such request is held.",
     )
     cold_start_timeout_ms: float = setting(
-        120000.0,
+        60000.0,
         "Longest a request is held for a version's first ready pod (its own deadline still counts: "
         "whichever ends first); then 503 cold_start with Retry-After.",
     )
