@@ -27,6 +27,10 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    # The quality gate (gate.py): passed (Normal), failed and rolled back, or could not run (Warning).
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    QUALITY_GATE_ERROR = "QualityGateError"
     # Why a version's pods do not start (pods.py; Warning, once per problem).
     SECRET_MISSING = "SecretMissing"
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
