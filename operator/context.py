@@ -15,7 +15,8 @@ from aiohttp import web
 from captionfleet import names
 from captionfleet.operator.analysis import Tools
 from captionfleet.operator.builders.common import ClusterConfig
-from captionfleet.operator.figures import Source
+from captionfleet.operator.demand import Polling
+from captionfleet.operator.figures import RouterStats, Source
 from captionfleet.operator.gate_run import GateClients
 from captionfleet.operator.kube import Kube
 from captionfleet.operator.metrics import OperatorMetrics
@@ -30,6 +31,7 @@ class Clients:
     http: aiohttp.ClientSession
     figures: Source
     metrics: OperatorMetrics
+    routers: RouterStats  # the demand poll always asks the routers themselves
     metrics_server: web.AppRunner | None = None
 
 
@@ -69,3 +71,8 @@ class OperatorContext:
 
         gate = GateClients(clients.http, version_pods)
         return Tools(kube, self.config, clients.figures, clients.metrics, gate)
+
+    def polling(self) -> Polling:
+        clients = self.require()
+        fast_s = max(0.05, self.settings.demand_poll_ms / 1000)
+        return Polling(clients.kube, self.config, clients.routers, fast_s, self.settings.idle_poll_seconds)
