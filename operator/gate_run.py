@@ -45,7 +45,10 @@ class GateClients:
 
 async def load_dataset(api: kube.Api, namespace: str, dataset: str) -> list[evalsets.EvalImage]:
     if dataset == evalsets.BUILTIN_SCENES:
-        return evalsets.builtin_scenes()
+        try:
+            return evalsets.builtin_scenes()
+        except OSError as exc:  # a broken install: said on the CaptionModel, not a crashed check
+            raise evalsets.DatasetError(f"{dataset} is not installed with the operator: {exc}") from exc
     name = dataset.removeprefix(evalsets.CONFIGMAP_PREFIX)
     found = await api.get(CONFIG_MAP, namespace, name)
     if found is None:
