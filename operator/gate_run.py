@@ -34,7 +34,10 @@ RETRY_DELAY_S = 0.2
 
 
 class NotReady(Exception):
-    """A version the gate needs has no ready pod (yet)."""
+    """A version the gate needs has no ready pod (yet), or refuses the gate's requests."""
+
+
+REFUSED_STATUSES = (401, 403)  # spec.auth: the operator holds no API key (it reads no Secrets)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ async def _caption(http: aiohttp.ClientSession, url: str, image: bytes, deadline
             if response.status in BUSY_STATUSES and time.monotonic() + RETRY_DELAY_S < deadline:
                 await asyncio.sleep(RETRY_DELAY_S)
                 continue
+            if response.status in REFUSED_STATUSES:
+                raise NotReady(f"{url} refused the gate's requests (HTTP {response.status}: spec.auth?)")
             if response.status != 200:
                 return None
             body: Any = await response.json()
@@ -82,15 +87,24 @@ async def caption_all(
     """Every image's caption, spread over the version's pods, CONCURRENCY at once."""
     slots = asyncio.Semaphore(CONCURRENCY)
     turn = itertools.cycle(pods)
+    refused: list[NotReady] = []
 
     async def one(item: evalsets.EvalImage) -> tuple[str, str | None]:
         async with slots:
+            if refused:
+                return item.key, None  # no point asking again
             try:
                 return item.key, await _caption(http, next(turn), item.image, deadline)
             except (aiohttp.ClientError, ValueError):
                 return item.key, None
+            except NotReady as exc:
+                refused.append(exc)
+                return item.key, None
 
-    return dict(await asyncio.gather(*(one(item) for item in images)))
+    captions = dict(await asyncio.gather(*(one(item) for item in images)))
+    if refused:
+        raise refused[0]
+    return captions
 
 
 async def _score(

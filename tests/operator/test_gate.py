@@ -204,3 +204,26 @@ async def test_a_missing_configmap_or_canary_pod_is_no_verdict() -> None:
         outcome = await gate_run.run(gate_run.GateClients(http, some_pods), FakeApi({}), body, spec, NOW)  # type: ignore[arg-type]
     assert outcome is not None and outcome.verdict == "error"
     assert "ConfigMap evalset (dataset configMap:evalset) does not exist" in outcome.message
+
+
+async def test_a_runtime_that_refuses_the_gate_is_no_verdict() -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": "unauthorized", "message": "key"}}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/v1/caption", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+
+    async def pods(namespace: str, service: str) -> list[str]:
+        return [f"http://127.0.0.1:{runner.addresses[0][1]}"]
+
+    body = {"metadata": {"namespace": "ml", "name": "fleet"}}
+    try:
+        async with aiohttp.ClientSession() as http:
+            outcome = await gate_run.run(gate_run.GateClients(http, pods), FakeApi({}), body, spec_of(), NOW)  # type: ignore[arg-type]
+    finally:
+        await runner.cleanup()
+    assert outcome is not None and outcome.verdict == "error"
+    assert "refused the gate's requests (HTTP 401" in outcome.message
