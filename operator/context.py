@@ -56,9 +56,14 @@ class OperatorContext:
     def wakeup(self, uid: str) -> asyncio.Event:
         return self.wakeups.setdefault(uid, asyncio.Event())
 
+    def demand_wakeup(self, uid: str) -> asyncio.Event:
+        """A reconciliation wakes the demand poll too (a spec may just have lowered a floor to 0)."""
+        return self.wakeups.setdefault(f"{uid}/demand", asyncio.Event())
+
     def forget(self, uid: str) -> None:
         self.locks.pop(uid, None)
         self.wakeups.pop(uid, None)
+        self.wakeups.pop(f"{uid}/demand", None)
 
     def tools(self) -> Tools:
         clients = self.require()

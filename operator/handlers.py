@@ -103,6 +103,7 @@ async def _reconcile(body: Mapping[str, Any], memo: OperatorContext, *, resync: 
     async with memo.lock(uid):
         outcome = await reconcile.reconcile(memo.require().kube, body, memo.config)
     memo.wakeup(uid).set()  # the analysis daemon looks at the new spec now, not an interval later
+    memo.demand_wakeup(uid).set()
     # A periodic resync reports only what it had to repair, not that all is still well.
     _post(body, [e for e in outcome.events if not resync or e.reason in REPAIRS])
     if outcome.retry:
@@ -154,7 +155,7 @@ async def _loop(
     uid: str,
     memo: OperatorContext,
     step: Callable[[], Awaitable[_Step]],
-    pause: Callable[[float], Awaitable[object]],
+    pause: Callable[[float], Awaitable[None]],
     what: str,
     retry_s: float,
 ) -> None:
@@ -196,6 +197,9 @@ async def watch_demand(
     """Scale to zero and back: one demand poll of the routers per interval (fast while a version is cold)."""
     assert namespace is not None  # CaptionModels are namespaced
 
+    async def pause(seconds: float) -> None:
+        await _sleep(stopped, memo.demand_wakeup(uid), seconds)
+
     def step() -> Awaitable[_Step]:
         return demand.poll_once(memo.polling(), namespace, name)
 
@@ -204,7 +208,7 @@ async def watch_demand(
         uid,
         memo,
         step,
-        stopped.wait,
+        pause,
         f"demand poll of {namespace}/{name}",
         demand.NOTHING_TO_WATCH_S,
     )

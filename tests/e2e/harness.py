@@ -147,6 +147,7 @@ class Pod:
     proxy: FaultProxy | None = None
     ready: bool = False
     published: set[str] = field(default_factory=set)  # EndpointSlice names
+    created: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
 
     @property
@@ -204,6 +205,9 @@ class Kubelet:
         self.proxies: list[FaultProxy] = []  # every proxy ever started, in order
         self.failures: list[str] = []
         self.started: dict[str, int] = {}  # Deployment name -> pods ever started
+        # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
+        # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
+        self.start_delays: dict[str, float] = {}
         self._reported: dict[str, tuple[Any, ...]] = {}
         self._counter = 0
         self._http: aiohttp.ClientSession | None = None
@@ -316,6 +320,10 @@ class Kubelet:
 
     async def _become_ready(self, pod: Pod) -> None:
         assert self._http is not None
+        pending_until = pod.created + self.start_delays.get(pod.deployment, 0.0)
+        while time.monotonic() < pending_until:  # Pending: the "node" has not started it yet
+            await asyncio.sleep(min(POLL_S, pending_until - time.monotonic()))
+            pending_until = pod.created + self.start_delays.get(pod.deployment, 0.0)
         deadline = time.monotonic() + READY_DEADLINE_S
         url = f"http://127.0.0.1:{pod.port}/readyz"
         while time.monotonic() < deadline:
