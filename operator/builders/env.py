@@ -70,6 +70,8 @@ ROUTER_ENV: dict[str, str] = {
     "stats_window_s": "the longer of 900 s and rollout.analysis.window, so every check's window "
     "is covered by the router's figures",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "cold_start_max_held": "router.coldStart.maxHeld",
+    "cold_start_timeout_ms": "router.coldStart.timeout, in milliseconds",
 }
 
 # Not ours, but needed: the weights are local (never downloaded by the server) and the root filesystem
@@ -169,6 +171,12 @@ def router_env(ctx: FleetContext) -> list[dict[str, Any]]:
         {"name": env_name("namespace"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     )
     env += env_entries(RouterSettings, stats_window_s=stats_window_s(ctx.spec))
+    cold_start = ctx.spec.router.cold_start
+    env += env_entries(
+        RouterSettings,
+        cold_start_max_held=cold_start.max_held,
+        cold_start_timeout_ms=round(seconds(cold_start.timeout) * 1000),
+    )
     if ctx.spec.auth is not None:
         env += env_entries(RouterSettings, api_keys_file=f"{AUTH_MOUNT}/{ctx.spec.auth.key}")
     return escaped(env + _foreign("HOME"))
