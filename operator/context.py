@@ -40,6 +40,7 @@ class OperatorContext:
     clients: Clients | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # one reconciliation at a time per uid
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)  # a reconciliation wakes the daemon
+    held_at: dict[tuple[str, str, str], float] = field(default_factory=dict)  # demand.Polling.held_at
 
     @classmethod
     def create(cls, settings: OperatorSettings) -> OperatorContext:
@@ -72,4 +73,5 @@ class OperatorContext:
     def polling(self) -> Polling:
         clients = self.require()
         fast_s = max(0.05, self.settings.demand_poll_ms / 1000)
-        return Polling(clients.kube, self.config, clients.routers, fast_s, self.settings.idle_poll_seconds)
+        idle_s = self.settings.idle_poll_seconds
+        return Polling(clients.kube, self.config, clients.routers, fast_s, idle_s, self.held_at)
