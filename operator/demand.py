@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captionfleet.operator import coldstart, kube, reconcile, rollout, validation
+from captionfleet.operator.builders import runtime
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext
 from captionfleet.operator.coldstart import ColdState, Demand
 from captionfleet.operator.events import REPAIRS, Event, Reason
@@ -90,6 +91,20 @@ def _with_holds(polling: Polling, key: tuple[str, str, str], demand: Demand, now
     return Demand(demand.held, held_at, demand.answered)
 
 
+async def _first_replicas(
+    polling: Polling, ctx: FleetContext, before: Mapping[str, ColdState], after: Mapping[str, ColdState]
+) -> None:
+    """A version waking from zero gets its Deployment's replicas first, before the whole reconciliation
+    (a dozen API calls): the held requests wait for the pod, not for the rest of the fleet's objects.
+    Only a Deployment the last reconciliation applied is at zero, so it is ours to apply."""
+    woken = [
+        name for name, state in after.items() if state.phase == "Waking" and before[name].phase == "Idle"
+    ]
+    awake = ctx.with_cold(coldstart.phases(after))
+    for name in woken:
+        await polling.api.apply(runtime.deployment(awake, ctx.spec.version(name)))
+
+
 def _changed(before: ColdState, after: ColdState) -> bool:
     """A new phase, or (awake: polled slowly) a last request the status would show differently."""
     if before.phase != after.phase:
@@ -122,6 +137,7 @@ async def poll_once(polling: Polling, namespace: str, name: str) -> PollOutcome:
         if (event := _transition(version, before, after, demand)) is not None:
             log.info("%s/%s: %s", namespace, name, event.message)
             outcome.events.append(event)
+    await _first_replicas(polling, ctx, states, outcome.states)
     if any(_changed(states[v], outcome.states[v]) for v in states):
         result = await reconcile.reconcile(polling.api, body, polling.config, cold_states=outcome.states)
         outcome.events += [e for e in result.events if e.reason in REPAIRS]
