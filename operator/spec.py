@@ -425,7 +425,7 @@ class ColdStart(SpecModel):
         default=100, ge=1, le=100_000, description="Requests held at once per router pod, over all versions."
     )
     timeout: HoldTime = Field(
-        default="2m",
+        default="60s",
         description=f"Longest hold of one request (its own deadline still counts), {MIN_HOLD} to {MAX_HOLD}.",
     )
 

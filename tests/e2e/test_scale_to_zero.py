@@ -30,12 +30,13 @@ HPAS = "autoscaling/v2/horizontalpodautoscalers"
 DEPLOYMENTS = "apps/v1/deployments"
 
 
-def model() -> dict[str, Any]:
+def model(**more: Any) -> dict[str, Any]:
     spec = {
         "versions": [{"name": "v1", "model": "file:///opt/captionfleet/models/scenes-blip-tiny"}],
         "autoscaling": {"minReplicas": 0, "maxReplicas": 1, "scaleToZeroAfter": f"{IDLE_S}s"},
         "router": {"replicas": 1, "coldStart": {"maxHeld": MAX_HELD, "timeout": "3m"}},
         "generation": {"numBeams": 1, "maxNewTokens": 8},
+        **more,
     }
     return {
         "apiVersion": "captionfleet.io/v1alpha1",
@@ -79,17 +80,22 @@ async def caption(http: aiohttp.ClientSession, router: str, image: bytes) -> tup
         return answer.status, dict(await answer.json(content_type=None)), answer.headers.get("Retry-After")
 
 
-async def test_idle_to_zero_woken_by_held_requests_bounded_and_kept_while_pending(fleet: Any) -> None:
-    from captionfleet.runtime.server.testing import encode, shapes_image
-
-    images = [encode(shapes_image(index)) for index in range(MAX_HELD + 6)]
+async def start(fleet: Any, manifest: dict[str, Any]) -> str:
+    """The fleet's router URL, once its version has been scaled to zero (never ready: it is idle)."""
     fleet.start_kubelet()
     # Two shared CPUs start a runtime process (torch's import, the model) in tens of seconds: the
     # router's request deadline (30 s by default, which X-Request-Timeout-Ms can only shorten) is longer.
     fleet.kubelet.extra_env[f"{NAME}-router"] = {"CAPTIONFLEET_REQUEST_TIMEOUT_MS": "240000"}
     fleet.operator.start()
-    await fleet.create(model())
-    router = await fleet.router_url(NAME)
+    await fleet.create(manifest)
+    return str(await fleet.router_url(NAME))
+
+
+async def test_idle_to_zero_woken_by_held_requests_bounded_and_kept_while_pending(fleet: Any) -> None:
+    from captionfleet.runtime.server.testing import encode, shapes_image
+
+    images = [encode(shapes_image(index)) for index in range(MAX_HELD + 6)]
+    router = await start(fleet, model())
 
     # idle: 0 pods, no HPA, and the status says so
     await fleet.eventually(lambda: at_zero(fleet), 180, "the idle version at 0 pods")
@@ -134,3 +140,31 @@ async def test_idle_to_zero_woken_by_held_requests_bounded_and_kept_while_pendin
             await asyncio.sleep(0.1)
         held = await asyncio.gather(*(t for t in tasks if t not in done_first))
         assert [s for s, _, _ in held] == [200] * MAX_HELD, held
+
+
+async def test_with_redis_a_repeat_is_answered_at_zero_and_wakes_no_pod(fleet: Any, tmp_path: Any) -> None:
+    from captionfleet.runtime.server.testing import RedisProcess, encode, shapes_image
+
+    redis = RedisProcess(tmp_path)
+    try:
+        router = await start(fleet, model(cache={"redisUrl": redis.url}))
+        image = encode(shapes_image(7))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+            await fleet.eventually(lambda: at_zero(fleet), 180, "the idle version at 0 pods")
+            await router_sees_zero(fleet, router)
+            status, first, _ = await caption(http, router, image)  # wakes it: captioned by a pod
+            assert status == 200 and first["cached"] is False, first
+            await fleet.eventually(lambda: at_zero(fleet), 120, "the version at 0 pods again")
+            await router_sees_zero(fleet, router)
+            pods_started = fleet.kubelet.started[VERSION]
+            status, repeat, _ = await caption(http, router, image)
+        assert status == 200 and repeat["cached"] is True, repeat
+        assert repeat["caption"] == first["caption"] and repeat["model_version"] == "v1"
+        # a few demand polls (250 ms) later, still at zero: nothing was held, nothing woken
+        until = time.monotonic() + 2
+        while time.monotonic() < until:
+            assert version_status(fleet)["state"] == "Idle" and replicas(fleet) == 0
+            await asyncio.sleep(0.1)
+        assert fleet.kubelet.started[VERSION] == pods_started
+    finally:
+        redis.stop()
