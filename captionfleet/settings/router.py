@@ -114,8 +114,14 @@ class RouterSettings(EdgeSettings):
         "Request-body bytes held at once over all held requests; a body that does not fit gets 503 "
         "cold_start at once. At most max_body_bytes_in_flight (held bodies count against it too).",
     )
+    redis_url: str = setting(
+        "",
+        "redis://host:port/db of the runtimes' shared result cache (their redis_url): a caption for a "
+        "version with no ready pod whose image was captioned before (same bytes, same options) is "
+        "answered from it, cached: true, without waking a pod. Empty: every such request is held.",
+    )
     cold_start_timeout_ms: float = setting(
-        120000.0,
+        60000.0,
         "Longest a request is held for a version's first ready pod (its own deadline still counts: "
         "whichever ends first); then 503 cold_start with Retry-After.",
     )

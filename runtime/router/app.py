@@ -30,6 +30,7 @@ from captionfleet.runtime.router.jobs import JobRoutes
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
 from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, forwarded_headers
+from captionfleet.runtime.router.repeats import RouterRepeats
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
@@ -69,6 +70,9 @@ class Router:
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.cold = ColdStarts(settings, holder, self.stats, self.metrics)
+        self.repeats = (
+            RouterRepeats(settings.redis_url, settings.max_body_bytes) if settings.redis_url else None
+        )
         self.draining = False
         self._forwarder: Forwarder | None = None
         holder.on_change(self._table_changed)
@@ -125,7 +129,7 @@ class Router:
         bulk = is_bulk(request)
         body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
         version = self.pick(request, request.headers.get(USER_ID_HEADER, "").strip() or None, bulk=bulk)
-        reply = self.sent_to(version, self.buffered)
+        reply = self.sent_to(version, self.buffered, caption_arrived=request[ARRIVED])
         return await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
 
     async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
@@ -196,13 +200,22 @@ class Router:
         self._count(version.name, response.status, error, arrived, retries, bulk)
         return response
 
-    def sent_to(self, version: Version, replier: Callable[[Version], Replier]) -> Replier:
+    def sent_to(
+        self, version: Version, replier: Callable[[Version], Replier], *, caption_arrived: float | None = None
+    ) -> Replier:
         """``replier(version)``; for a cold version, once the request was held until the version has a
-        ready pod (``coldstart.py``): never another version's."""
+        ready pod (``coldstart.py``): never another version's. ``caption_arrived``: a caption request
+        (arrived then), which may be an exact repeat answered from Redis instead (``repeats.py``)."""
         if not version.cold:
             return replier(version)
 
         async def reply(outgoing: Outgoing, on_retry: Callable[[str], None]) -> web.StreamResponse:
+            if self.repeats is not None and caption_arrived is not None:
+                kept = await self.repeats.answer(version.name, outgoing)
+                if kept is not None:
+                    body = kept | {"cached": True, "latency_ms": _ms_since(caption_arrived)}
+                    body["request_id"] = outgoing.request_id
+                    return web.json_response(body, headers={ROUTED_VERSION_HEADER: version.name})
             ready = await self.cold.hold(version.name, len(outgoing.body), outgoing.deadline)
             return await replier(ready)(outgoing, on_retry)
 
@@ -293,6 +306,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         log.info("router started", extra={"source": settings.source()})
         yield
         await app[ROUTER].balancer.close()  # its probes, before the HTTP client they use
+        repeats = app[ROUTER].repeats
+        if repeats is not None:
+            await repeats.close()
 
 
 async def models(request: web.Request) -> web.StreamResponse:
