@@ -195,6 +195,11 @@ class ServeSettings(EdgeSettings):
         1.0, "Seconds before a webhook's first retry; each further retry waits twice as long."
     )
     jobs_webhook_timeout_s: float = setting(10.0, "Time allowed for one webhook POST.")
+    jobs_webhook_concurrency: int = setting(
+        16,
+        "Webhooks one replica delivers (or holds for a retry) at once, one connection each; the rest wait "
+        "in the Redis stream of webhooks for any replica.",
+    )
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
@@ -223,6 +228,7 @@ class ServeSettings(EdgeSettings):
             "jobs_result_ttl_s",
             "jobs_claim_timeout_s",
             "jobs_webhook_timeout_s",
+            "jobs_webhook_concurrency",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -155,6 +155,8 @@ class Server:
         grace = self.settings.drain_grace_s
         ends = time.monotonic() + grace
         self.state.draining = True
+        if self.state.job_worker is not None:
+            self.state.job_worker.stop_reading()  # the items it holds go on; no new ones
         log.info("draining: %d requests in flight, grace %.1f s", self.state.in_flight, grace)
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()
