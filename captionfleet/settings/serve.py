@@ -59,6 +59,13 @@ class ServeSettings(EdgeSettings):
         "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
         "max_batch_size gives bulk work all the room.",
     )
+    bulk_prepare_concurrency: int = setting(
+        1,
+        "Bulk items decoded and preprocessed at once, each started only while no interactive request is "
+        "being prepared: bulk decoding never queues ahead of an interactive request in the preprocessing "
+        "pool, nor takes the CPU from it, by more than this many images. 0: no limit (bulk and "
+        "interactive preparation compete).",
+    )
     idle_dispatch: bool = setting(
         True,
         "The idle fast path: a free model runs the oldest group at once when it holds as many requests "
@@ -239,6 +246,7 @@ class ServeSettings(EdgeSettings):
             "rate_limit_rps",
             "jobs_prefetch",
             "max_bulk_batch_size",
+            "bulk_prepare_concurrency",
             "jobs_webhook_retries",
             "jobs_webhook_backoff_s",
         ):

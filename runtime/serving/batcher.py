@@ -153,6 +153,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         # Interactive requests being read, decoded and preprocessed, not submitted yet: the arrival
         # wait waits for them, and an idle model starts no bulk batch meanwhile.
         self._preparing = 0
+        self._none_preparing = asyncio.Event()
+        self._none_preparing.set()
         self._last_interactive = -math.inf  # when one last arrived or was answered
         self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
 
@@ -229,12 +231,19 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         (no loop turn between leaving and submitting): the arrival wait counts it, and an idle model
         starts no bulk batch meanwhile, so the request does not arrive to find one running."""
         self._preparing += 1
+        self._none_preparing.clear()
         try:
             yield
         finally:
             self._preparing -= 1
+            if self._preparing == 0:
+                self._none_preparing.set()
             self._interactive_seen()
             self._wakeup.set()  # the last one gone may make a batch due
+
+    async def none_preparing(self) -> None:
+        """Return once no interactive request is inside :meth:`preparing` (at once if none is)."""
+        await self._none_preparing.wait()
 
     def flush(self) -> None:
         """From now on run batches as soon as the model is free, without waiting for companions.
