@@ -192,13 +192,20 @@ class StreamConsumer(abc.ABC):
 
     async def _entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         try:
-            if await self.handle(entry_id, fields):
+            if await self._handled(entry_id, fields):
                 await retrying(lambda: self._ack(entry_id))
             elif not self.stopping:
                 self._unacked.discard(entry_id)  # not renewed: claimed after the timeout, by any replica
         finally:
             self._held.pop(entry_id, None)
             self._room.set()
+
+    async def _handled(self, entry_id: str, fields: dict[bytes, bytes]) -> bool:
+        try:
+            return await self.handle(entry_id, fields)
+        except Exception:  # a bug must not leave the entry renewed, and so stuck here, for ever
+            log.exception("handling %s of %s failed; left for a later claim", entry_id, self.stream)
+            return False
 
     async def _ack(self, entry_id: str) -> None:
         async with self.store.client.pipeline(transaction=False) as pipe:
