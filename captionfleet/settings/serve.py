@@ -66,6 +66,13 @@ class ServeSettings(EdgeSettings):
         "pool, nor takes the CPU from it, by more than this many images. 0: no limit (bulk and "
         "interactive preparation compete).",
     )
+    bulk_calm_of_a_batch: bool = setting(
+        True,
+        "A bulk-only batch amid interactive traffic starts only once no interactive request arrived or "
+        "was answered for as long as the last batch took (at least max_queue_delay_ms): the clients of "
+        "the last batch come back within about that, over a real network too, and a bulk batch started "
+        "in the gap would hold them up. False: max_queue_delay_ms of calm only.",
+    )
     idle_dispatch: bool = setting(
         True,
         "The idle fast path: a free model runs the oldest group at once when it holds as many requests "

@@ -112,6 +112,7 @@ class CaptionService:
             max_queue_size=settings.max_queue_size,
             observer=observer,
             idle_dispatch=settings.idle_dispatch,
+            bulk_calm_of_a_batch=settings.bulk_calm_of_a_batch,
             wait_for_arrivals=settings.wait_for_arrivals,
             max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
         )
