@@ -51,6 +51,8 @@ PRIORITY_HEADER = "X-Priority"
 ROUTED_VERSION_HEADER = "X-Routed-Version"
 WEBHOOK_SIGNATURE_HEADER = "X-Captionfleet-Signature"
 """On a job's webhook POST: ``sha256=<hex HMAC-SHA256 of the body>``."""
+WEBHOOK_DELIVERY_HEADER = "X-Captionfleet-Delivery"
+"""On a job's webhook POST: the same id on every attempt of one delivery, so receivers can drop repeats."""
 
 # The job API's Redis stream (its name is the serve setting ``jobs_stream``) is read by this consumer
 # group on every runtime pod; KEDA's redis-streams trigger watches the same group.

@@ -59,6 +59,20 @@ class ServeSettings(EdgeSettings):
         "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
         "max_batch_size gives bulk work all the room.",
     )
+    bulk_prepare_concurrency: int = setting(
+        1,
+        "Bulk items decoded and preprocessed at once, each started only while no interactive request is "
+        "being prepared: bulk decoding never queues ahead of an interactive request in the preprocessing "
+        "pool, nor takes the CPU from it, by more than this many images. 0: no limit (bulk and "
+        "interactive preparation compete).",
+    )
+    bulk_calm_of_a_batch: bool = setting(
+        True,
+        "A bulk-only batch amid interactive traffic starts only once no interactive request arrived or "
+        "was answered for as long as the last batch took (at least max_queue_delay_ms): the clients of "
+        "the last batch come back within about that, over a real network too, and a bulk batch started "
+        "in the gap would hold them up. False: max_queue_delay_ms of calm only.",
+    )
     idle_dispatch: bool = setting(
         True,
         "The idle fast path: a free model runs the oldest group at once when it holds as many requests "
@@ -195,6 +209,11 @@ class ServeSettings(EdgeSettings):
         1.0, "Seconds before a webhook's first retry; each further retry waits twice as long."
     )
     jobs_webhook_timeout_s: float = setting(10.0, "Time allowed for one webhook POST.")
+    jobs_webhook_concurrency: int = setting(
+        16,
+        "Webhooks one replica delivers (or holds for a retry) at once, one connection each; the rest wait "
+        "in the Redis stream of webhooks for any replica.",
+    )
 
     def resolved_preprocess_workers(self) -> int:
         return self.preprocess_workers if self.preprocess_workers > 0 else min(4, os.cpu_count() or 1)
@@ -223,6 +242,7 @@ class ServeSettings(EdgeSettings):
             "jobs_result_ttl_s",
             "jobs_claim_timeout_s",
             "jobs_webhook_timeout_s",
+            "jobs_webhook_concurrency",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -233,6 +253,7 @@ class ServeSettings(EdgeSettings):
             "rate_limit_rps",
             "jobs_prefetch",
             "max_bulk_batch_size",
+            "bulk_prepare_concurrency",
             "jobs_webhook_retries",
             "jobs_webhook_backoff_s",
         ):

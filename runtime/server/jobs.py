@@ -78,10 +78,8 @@ async def job_results(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    state, store, owner = _store(request)
-    status, ended = await store.cancel(request.match_info["job_id"], owner)
-    if ended and state.job_worker is not None:
-        state.job_worker.notify_ended(status.id)
+    _, store, owner = _store(request)
+    status = await store.cancel(request.match_info["job_id"], owner)  # queues the webhook, if any
     return web.json_response(status.as_dict())
 
 

@@ -7,6 +7,8 @@ non-zero status, so Kubernetes restarts it and shows why.
 Drain (SIGTERM, SIGINT): readiness goes false and new caption requests get 503 at once; requests
 already accepted finish (their queue is flushed without waiting for companions) within
 ``drain_grace_s``; whatever is left after that is answered 503 and logged; then the process exits 0.
+With the job API, the consumer of job items stops reading at once, finishes what it holds within the
+grace and hands back the rest (another replica claims it); webhooks being delivered likewise.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class Server:
         grace = self.settings.drain_grace_s
         ends = time.monotonic() + grace
         self.state.draining = True
+        if self.state.job_worker is not None:
+            self.state.job_worker.stop_reading()  # the items it holds go on; no new ones
         log.info("draining: %d requests in flight, grace %.1f s", self.state.in_flight, grace)
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()

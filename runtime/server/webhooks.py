@@ -1,29 +1,29 @@
-"""Job webhooks: the ended job's state POSTed to the URL it gave, signed, retried, SSRF-guarded.
+"""Job webhooks: one attempt at POSTing an ended job's state to the URL it gave, signed, SSRF-guarded.
 
-- The body is the job's status JSON (``GET /v1/jobs/{id}``'s); with a secret (the job's
-  ``webhook_secret``, else the ``jobs_webhook_secret`` setting) it is signed in
+- The body is the job's status JSON (``GET /v1/jobs/{id}``'s, frozen on the first attempt); with a
+  secret (the job's ``webhook_secret``, else the ``jobs_webhook_secret`` setting) it is signed in
   ``X-Captionfleet-Signature: sha256=<hex HMAC-SHA256 of the body>``, so the receiver can check that
-  the body came from us unchanged (compare in constant time).
-- A 2xx answer delivers it; no answer, a connection error or any other status is retried after
-  ``jobs_webhook_backoff_s``, doubling, ``jobs_webhook_retries`` times.
+  the body came from us unchanged (compare in constant time); ``X-Captionfleet-Delivery`` is the
+  same on every attempt, so the receiver can drop repeats.
+- A 2xx answer delivers it; no answer, a connection error or any other status is a failure, retried
+  by the data plane's queue (:mod:`captionfleet.runtime.serving.webhook_queue`: any replica, with
+  doubling backoff, ``jobs_webhook_retries`` times).
 - The URL passes the same guard as image URLs (``fetch.check_url``, and the resolver that refuses
   private addresses after resolution); redirects are not followed. A refused URL is not retried.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import json
 import logging
-from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from captionfleet.names import WEBHOOK_SIGNATURE_HEADER
+from captionfleet.names import WEBHOOK_DELIVERY_HEADER, WEBHOOK_SIGNATURE_HEADER
 from captionfleet.runtime.server.fetch import GuardedClient, RefusedAddress, absolute_url, check_url
+from captionfleet.runtime.serving.webhook_queue import WebhookOutcome
 from captionfleet.runtime.web.errors import UrlRefused
 from captionfleet.settings.serve import ServeSettings
 
@@ -36,35 +36,26 @@ def signature(secret: str, body: bytes) -> str:
 
 
 class WebhookSender(GuardedClient):
-    connections = 16
+    """One attempt at a webhook (:class:`WebhookQueue` decides on retries, over the fleet)."""
 
     def __init__(self, settings: ServeSettings) -> None:
         super().__init__(allow_private=settings.allow_private_urls, timeout_s=settings.jobs_webhook_timeout_s)
-        self.retries = settings.jobs_webhook_retries
-        self.backoff_s = settings.jobs_webhook_backoff_s
+        self.connections = settings.jobs_webhook_concurrency
 
-    async def notify(self, url: str, secret: str | None, state: dict[str, Any]) -> None:
-        """Deliver ``state`` to ``url``; gives up (logged) after the retries."""
-        body = json.dumps(state).encode()
-        headers = {"Content-Type": "application/json"}
+    async def attempt(self, url: str, secret: str | None, body: bytes, delivery_id: str) -> WebhookOutcome:
+        headers = {"Content-Type": "application/json", WEBHOOK_DELIVERY_HEADER: delivery_id}
         if secret:
             headers[WEBHOOK_SIGNATURE_HEADER] = signature(secret, body)
-        for attempt in range(self.retries + 1):
-            try:
-                failure = await self._post(absolute_url(url, "the webhook"), body, headers)
-            except UrlRefused as exc:
-                log.warning("webhook of job %s refused: %s", state.get("id"), exc.message)
-                return
-            if failure is None:
-                log.info("webhook of job %s delivered", state.get("id"))
-                return
-            if attempt < self.retries:
-                pause = self.backoff_s * 2**attempt
-                log.info("webhook of job %s failed (%s); retry in %.1f s", state.get("id"), failure, pause)
-                await asyncio.sleep(pause)
-        log.warning(
-            "webhook of job %s not delivered after %d tries: %s", state.get("id"), attempt + 1, failure
-        )
+        try:
+            failure = await self._post(absolute_url(url, "the webhook"), body, headers)
+        except UrlRefused as exc:
+            log.warning("webhook %s refused: %s", delivery_id, exc.message)
+            return WebhookOutcome.REFUSED
+        if failure is None:
+            log.info("webhook %s delivered", delivery_id)
+            return WebhookOutcome.DELIVERED
+        log.info("webhook %s failed: %s", delivery_id, failure)
+        return WebhookOutcome.FAILED
 
     async def _post(self, url: URL, body: bytes, headers: dict[str, str]) -> str | None:
         """One attempt: ``None`` when delivered, else why not."""

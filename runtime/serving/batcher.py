@@ -30,15 +30,16 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
 - two priorities, as Triton's priority levels: *interactive* requests form the batches (their size,
   their delay, the idle fast path), and *bulk* requests only fill the room an interactive batch
   leaves, or run on an idle model: no interactive request queued or being prepared (``preparing``),
-  and none arrived or answered within ``max_queue_delay``. A batch never waits for bulk work, and
-  bulk delays an interactive request by at most the one batch already running. Bulk items fill an
-  interactive batch by at most ``max_bulk_batch_size``, and bulk-only batches start at that size
-  and double with each one that follows without interactive traffic, up to ``max_batch_size``: on a
-  CPU, where a batch's time grows with its size, an interactive request arriving amid steady
-  interactive traffic waits behind a small bulk batch at most, and a long calm still uses the
-  model's full batches. Bulk requests have their
-  own queue (bounded by ``max_queue_size`` too) and do not count in the reported queue depth: they
-  are not interactive demand.
+  and none arrived or answered within ``max_queue_delay``, or the last batch's time if longer
+  (``bulk_calm_of_a_batch``: the clients of the last batch come back within about that). A batch
+  never waits for bulk work, and bulk delays an interactive request by at most the one batch already
+  running. Bulk items fill an interactive batch by at most ``max_bulk_batch_size``, and bulk-only
+  batches start at that size and double with each one that follows without interactive traffic, up
+  to ``max_batch_size``: on a CPU, where a batch's time grows with its size, an interactive request
+  arriving amid steady interactive traffic waits behind a small bulk batch at most, and a long calm
+  still uses the model's full batches. Bulk requests have their own queue (bounded by
+  ``max_queue_size`` too) and do not count in the reported queue depth: they are not interactive
+  demand.
 
 Why not a ``processing`` flag: a second batch that finds the flag set returns early and strands the
 queue until the next arrival. Here one consumer owns the queue for its whole life.
@@ -124,6 +125,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         observer: BatchObserver | None = None,
         name: str = "inference",
         idle_dispatch: bool = True,
+        bulk_calm_of_a_batch: bool = True,
         max_bulk_batch_size: int | None = None,
         wait_for_arrivals: bool = True,
     ) -> None:
@@ -148,11 +150,14 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._last_batch_size = 0  # its interactive requests: bulk filler is no sign of companions
         self._free_since = 0.0
         self.idle_dispatch = idle_dispatch
+        self.bulk_calm_of_a_batch = bulk_calm_of_a_batch
         self.wait_for_arrivals = wait_for_arrivals
         self.max_bulk_batch_size = max_bulk_batch_size or max_batch_size
         # Interactive requests being read, decoded and preprocessed, not submitted yet: the arrival
         # wait waits for them, and an idle model starts no bulk batch meanwhile.
         self._preparing = 0
+        self._none_preparing = asyncio.Event()
+        self._none_preparing.set()
         self._last_interactive = -math.inf  # when one last arrived or was answered
         self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
 
@@ -229,12 +234,19 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         (no loop turn between leaving and submitting): the arrival wait counts it, and an idle model
         starts no bulk batch meanwhile, so the request does not arrive to find one running."""
         self._preparing += 1
+        self._none_preparing.clear()
         try:
             yield
         finally:
             self._preparing -= 1
+            if self._preparing == 0:
+                self._none_preparing.set()
             self._interactive_seen()
             self._wakeup.set()  # the last one gone may make a batch due
+
+    async def none_preparing(self) -> None:
+        """Return once no interactive request is inside :meth:`preparing` (at once if none is)."""
+        await self._none_preparing.wait()
 
     def flush(self) -> None:
         """From now on run batches as soon as the model is free, without waiting for companions.
@@ -347,8 +359,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         """No interactive request waits: a bulk batch if the model is idle, else wait (empty list).
 
         Idle means: no interactive request is being prepared, and none arrived or was answered for
-        ``max_queue_delay`` (the clients of the last batch send their next requests in that time; a
-        bulk batch started in the gap would hold all of them up)."""
+        ``max_queue_delay``, or as long as the last batch took if longer (``bulk_calm_of_a_batch``):
+        the clients of the last batch send their next requests in about that time (a round trip and
+        their decoding, which on a loaded machine or a real network exceed ``max_queue_delay``), and
+        a bulk batch started in the gap would hold all of them up."""
         quiet_in = self._quiet_in()
         if self._bulk and (quiet_in <= 0 or self._closing or self._flushing):
             group = self._bulk[0].group
@@ -369,7 +383,12 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
         if self._preparing:
             return math.inf
-        return self._last_interactive + self.max_queue_delay_s - time.monotonic()
+        calm = (
+            max(self.max_queue_delay_s, self._last_batch_s)
+            if self.bulk_calm_of_a_batch
+            else self.max_queue_delay_s
+        )
+        return self._last_interactive + calm - time.monotonic()
 
     def _take(
         self,

@@ -16,18 +16,26 @@ result and counting it is one Lua script: the result is written with ``HSETNX``,
 captioned twice (its consumer died after storing, before acknowledging) is recorded and counted once,
 and the script that counts the last item moves the job to its final status exactly once.
 
+That same script (or the cancel's) queues the job's webhook, in the same atomic step: one entry
+``{job}`` in the stream ``{stream}:webhooks``, consumed by the same group (:mod:`webhook_queue`), so a
+webhook is owed exactly once and is never lost with the replica that ended the job. The body it
+sends is frozen in the job's hash on the first attempt (``webhook_body``), so every attempt, from any
+replica, carries the same bytes and signature; ``webhook_attempts`` counts the attempts fleet-wide.
+
 Nothing here knows HTTP: the server parses requests into :class:`JobSubmission` and renders what the
 store returns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -39,6 +47,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from captionfleet.names import JOBS_CONSUMER_GROUP
 from captionfleet.runtime.serving.errors import JobNotFound, JobsUnavailable
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RETRY_FIRST_S = 0.1
+RETRY_MOST_S = 2.0
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RESULT_CHUNK = 500
 """Results read from Redis per round trip when a job's results are listed."""
@@ -93,7 +106,7 @@ class JobStatus:
 
     @classmethod
     def of(cls, job_id: str, fields: dict[bytes, bytes]) -> JobStatus:
-        text = {k.decode(): v.decode() for k, v in fields.items() if k != b"options"}
+        text = {k.decode(): v.decode() for k, v in fields.items() if k not in (b"options", b"webhook_body")}
         return cls(
             id=job_id,
             status=text["status"],
@@ -123,7 +136,7 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# KEYS: job, results, items, ids. ARGV: index, line, failed (0/1), now, ttl seconds.
+# KEYS: job, results, items, ids, webhooks. ARGV: index, line, failed (0/1), now, ttl seconds, job id.
 # Returns {1 when this call ended the job, the job's status} ({0, ""} for a job that expired).
 _RECORD = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -140,7 +153,9 @@ if done + failed >= total and (status == 'queued' or status == 'running') then
   local final = 'succeeded'
   if failed >= total then final = 'failed' end
   redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[4])
-  for i = 1, 4 do if KEYS[i] then redis.call('EXPIRE', KEYS[i], ARGV[5]) end end
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  if hook and hook ~= '' then redis.call('XADD', KEYS[5], '*', 'job', ARGV[6]) end
   return {1, final}
 end
 return {0, status}
@@ -163,16 +178,38 @@ end
 return {status, options, item_id, redis.call('HGET', KEYS[3], ARGV[1])}
 """
 
-# KEYS: job, items. ARGV: now. Returns the status before (false for a job that is gone).
+# KEYS: job, items, webhooks. ARGV: now, job id. Returns the status before (false for a job that is gone).
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
   redis.call('DEL', KEYS[2])
+  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  if hook and hook ~= '' then redis.call('XADD', KEYS[3], '*', 'job', ARGV[2]) end
 end
 return status
 """
+
+# KEYS: job. ARGV: the body to freeze unless one is already. Returns {body, attempt number}, or false
+# for a job that is gone (expired).
+_WEBHOOK_ATTEMPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'webhook_body', ARGV[1])
+local attempt = redis.call('HINCRBY', KEYS[1], 'webhook_attempts', 1)
+return {redis.call('HGET', KEYS[1], 'webhook_body'), attempt}
+"""
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One attempt at a job's webhook: where, signed with what, the frozen body, and which attempt
+    this is (counted over the fleet, from 1)."""
+
+    url: str
+    secret: str | None
+    body: bytes
+    number: int
 
 
 class JobStore:
@@ -196,6 +233,12 @@ class JobStore:
         self._record = self.client.register_script(_RECORD)
         self._begin = self.client.register_script(_BEGIN)
         self._cancel = self.client.register_script(_CANCEL)
+        self._webhook_attempt = self.client.register_script(_WEBHOOK_ATTEMPT)
+
+    @property
+    def webhook_stream(self) -> str:
+        """The stream of webhooks owed (one entry per ended job that has a webhook)."""
+        return f"{self.stream}:webhooks"
 
     def keys(self, job_id: str) -> tuple[str, str, str, str]:
         """The job's hash, results, item payloads and item ids."""
@@ -249,16 +292,15 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}")  # another key's job is nobody's business: 404 too
         return JobStatus.of(job_id, fields)
 
-    async def cancel(self, job_id: str, owner: str) -> tuple[JobStatus, bool]:
-        """Cancel the items not started yet; returns the state and whether this call ended the job."""
+    async def cancel(self, job_id: str, owner: str) -> JobStatus:
+        """Cancel the items not started yet (and queue the job's webhook if this ended it)."""
         await self.status(job_id, owner)
         job, _, items, _ = self.keys(job_id)
         try:
-            before = await self._cancel(keys=[job, items], args=[now_iso()])
+            await self._cancel(keys=[job, items, self.webhook_stream], args=[now_iso(), job_id])
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        status = await self.status(job_id, owner)
-        return status, before is not None and before.decode() in ("queued", "running")
+        return await self.status(job_id, owner)
 
     async def results(self, job_id: str, owner: str) -> AsyncIterator[bytes]:
         """The job's result lines in input order (items not finished yet are left out; those a cancel
@@ -300,15 +342,37 @@ class JobStore:
         call ended it, else ``None``."""
         line = _line(item.index, item.item_id, result=result, error=error)
         ended, status = await self._record(
-            keys=list(self.keys(item.job_id)),
-            args=[item.index, line, 1 if error is not None else 0, now_iso(), max(1, int(self.ttl_s))],
+            keys=[*self.keys(item.job_id), self.webhook_stream],
+            args=[
+                item.index,
+                line,
+                1 if error is not None else 0,
+                now_iso(),
+                max(1, int(self.ttl_s)),
+                item.job_id,
+            ],
         )
         return status.decode() if ended else None
 
-    async def ensure_group(self) -> None:
+    async def webhook_attempt(self, job_id: str) -> WebhookAttempt | None:
+        """Count one more attempt at the job's webhook and return it; ``None`` when the job is gone
+        (expired) or has no webhook."""
+        try:
+            status = await self.status(job_id, owner=None)
+        except JobNotFound:
+            return None
+        if not status.webhook:
+            return None
+        body = json.dumps(status.as_dict()).encode()
+        frozen = await self._webhook_attempt(keys=[self.keys(job_id)[0]], args=[body])
+        if not frozen:
+            return None
+        return WebhookAttempt(status.webhook, status.webhook_secret, frozen[0], int(frozen[1]))
+
+    async def ensure_group(self, stream: str) -> None:
         """The stream and its consumer group (created once; after a Redis that lost them, again)."""
         try:
-            await self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
         except RedisError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -316,6 +380,19 @@ class JobStore:
     async def pending_items(self) -> int:
         """Items not yet stored (acknowledged entries are deleted from the stream)."""
         return int(await self.client.xlen(self.stream))
+
+
+async def retrying(step: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis step until it works: Redis restarts are waited out with backoff (the caller's
+    cancellation, e.g. the drain's grace, bounds the wait)."""
+    pause = RETRY_FIRST_S
+    while True:
+        try:
+            return await step()
+        except (RedisError, OSError, JobsUnavailable) as exc:
+            log.warning("the job store does not answer (%r); retrying in %.1f s", exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(RETRY_MOST_S, pause * 2)
 
 
 def _line(

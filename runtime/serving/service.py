@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -115,11 +115,14 @@ class CaptionService:
             max_queue_size=settings.max_queue_size,
             observer=observer,
             idle_dispatch=settings.idle_dispatch,
+            bulk_calm_of_a_batch=settings.bulk_calm_of_a_batch,
             wait_for_arrivals=settings.wait_for_arrivals,
             max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
         )
         self.ready = False
         self.draining = False
+        limit = settings.bulk_prepare_concurrency
+        self._bulk_preparing = asyncio.Semaphore(limit) if limit > 0 else None
 
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about the model and how it is served."""
@@ -191,6 +194,20 @@ class CaptionService:
         model, though idle, starts no bulk batch meanwhile (:meth:`DynamicBatcher.preparing`)."""
         return self.batcher.preparing() if priority is Priority.INTERACTIVE else contextlib.nullcontext()
 
+    @contextlib.asynccontextmanager
+    async def _preparation(self, priority: Priority) -> AsyncIterator[None]:
+        """Around a request's decoding and preprocessing. Interactive: a free model may wait for it
+        (the arrival wait). Bulk: one of at most ``bulk_prepare_concurrency``, each started only while
+        no interactive request is being prepared, so bulk decoding never stands ahead of an interactive
+        request in the pool, nor takes its CPU, by more than that many images."""
+        if priority is Priority.INTERACTIVE or self._bulk_preparing is None:
+            with self.arriving(priority):
+                yield
+            return
+        async with self._bulk_preparing:
+            await self.batcher.none_preparing()
+            yield
+
     async def caption(
         self,
         data: bytes,
@@ -204,7 +221,7 @@ class CaptionService:
             raise Draining("the server is shutting down", retry_after=1.0)
         if not self.ready:
             raise NotReady("the model is still loading", retry_after=5.0)
-        with self.arriving(priority):  # a free model may wait for this one (the arrival wait)
+        async with self._preparation(priority):
             prepared = await self._prepare(data, options, deadline)
         if isinstance(prepared, CaptionResult):
             return prepared

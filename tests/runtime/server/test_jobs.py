@@ -13,18 +13,16 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import torch
-from aiohttp import web
 
-from captionfleet.names import WEBHOOK_SIGNATURE_HEADER
+from captionfleet.names import WEBHOOK_DELIVERY_HEADER, WEBHOOK_SIGNATURE_HEADER
 from captionfleet.runtime.engine.captioner import Captioner, bundled_model_dir, load_captioner
 from captionfleet.runtime.engine.types import GenerationOptions
-from captionfleet.runtime.server.testing import encode, eventually, png_bomb, serve_app, shapes_image
+from captionfleet.runtime.server.testing import encode, eventually, png_bomb, shapes_image
 from captionfleet.runtime.training.scenes import scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED
 
@@ -216,22 +214,6 @@ async def test_a_job_is_visible_only_to_the_key_that_made_it(
     assert len(await results(http, server.url, created["id"], alpha)) == 2
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[str, list[tuple[bytes, dict[str, str]]]]]:
-    """A webhook receiver on loopback that answers 500 to the first POST and 200 to the rest."""
-    received: list[tuple[bytes, dict[str, str]]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append((await request.read(), dict(request.headers)))
-        return web.Response(status=500 if len(received) == 1 else 200)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner, port = await serve_app(app)
-    yield f"http://127.0.0.1:{port}/hook", received
-    await runner.cleanup()
-
-
 async def test_the_webhook_arrives_once_signed_after_a_retry(
     start_server, http, redis_url: str, stream: str, receiver
 ) -> None:
@@ -249,6 +231,10 @@ async def test_the_webhook_arrives_once_signed_after_a_retry(
     worker = server.state.job_worker
     await eventually(lambda: worker.delivering == 0, 30, "the webhook's delivery to end")
     assert len(received) == 2  # the 500, then one delivery, and nothing after it
+    assert received[0][0] == received[1][0]  # the same bytes, so the same signature
+    deliveries = {headers[WEBHOOK_DELIVERY_HEADER] for _, headers in received}
+    assert len(deliveries) == 1 and created["id"] in deliveries.pop()  # one id: receivers can dedupe
+    assert await worker.store.client.xlen(worker.store.webhook_stream) == 0  # acknowledged and deleted
     for body, headers in received:
         expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
         assert hmac.compare_digest(headers[WEBHOOK_SIGNATURE_HEADER], expected)

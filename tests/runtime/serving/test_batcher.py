@@ -415,6 +415,26 @@ async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: 
     await batcher.close(5)
 
 
+async def test_bulk_waits_a_batch_long_for_clients_slower_than_the_queue_delay(model: GatedModel) -> None:
+    # The clients of a 1 s batch take 0.2 s to come back (a loaded machine, a real network): far past
+    # max_queue_delay, well within the batch's time. No bulk batch may start in that gap.
+    batcher = make(model, max_queue_delay_s=0.005)
+    first = await occupy(batcher, model)
+    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    held_until = time.monotonic() + 1.0
+    await eventually(lambda: time.monotonic() >= held_until, 10, "the batch to have run 1 s")
+    model.release()
+    assert await asyncio.wait_for(first, 10) == 0
+    answered = time.monotonic()
+    await eventually(lambda: time.monotonic() >= answered + 0.2, 10, "the client's round trip")
+    assert batcher.bulk_depth == 1  # not started in the gap
+    again = asyncio.ensure_future(batcher.submit(1, "a"))  # the client's next request
+    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[0], [1, 10]]
+    await batcher.close(5)
+
+
 async def test_bulk_batches_grow_while_no_interactive_request_comes(model: GatedModel) -> None:
     batcher = make(model, max_batch_size=8, max_bulk_batch_size=2)
     blocker, bulk = await held_with_bulk(batcher, model, range(1, 21))
