@@ -56,6 +56,9 @@ class VersionStatus(_StatusModel):
     service: str | None = Field(default=None, description="The version's Service, which the router uses.")
     replicas: int = 0
     ready_replicas: int = 0
+    mirror: int | None = Field(
+        default=None, description="Percent of the requests the routers copy to it (a canary's shadow phase)."
+    )
 
 
 class CaptionModelStatus(_StatusModel):
@@ -74,8 +77,12 @@ class CaptionModelStatus(_StatusModel):
     )
 
     def manifest(self) -> dict[str, Any]:
-        """The status as written into the CR."""
-        return self.model_dump(by_alias=True, mode="json")
+        """The status as written into the CR (a version's ``mirror`` only while it is mirrored to)."""
+        body = self.model_dump(by_alias=True, mode="json")
+        for version in body["versions"]:
+            if version.get("mirror") is None:
+                version.pop("mirror", None)
+        return body
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,7 @@ def _observe(
                 service=services.get(share.name),
                 replicas=progress.replicas,
                 ready_replicas=progress.ready_replicas,
+                mirror=share.mirror or None,
             )
         )
         if progress.failure:

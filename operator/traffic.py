@@ -4,7 +4,8 @@ The spec's ``weight`` is the desired split. The *effective* weights are what the
 ``status.versions[].weight`` reports. Without a canary they are the desired ones. With one, the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
 weight (but receives traffic only once it has a ready pod) and the stable version the rest of their
-pool; once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
+pool (in a shadow phase its weight is 0 and it gets ``mirror`` percent of the requests as copies
+instead); once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
 stable version with the whole pool and the old stable is retired. Retiring waits for ``drained`` (one
 check after the decision): the weight goes to 0 at once, the pods only after every router has stopped
 sending them requests. A/B variants always keep their spec weights.
@@ -18,10 +19,12 @@ table, replica bounds, status) reads the weights from here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from captionfleet.operator.rollout import CanaryState, pool
+from captionfleet.operator.shadow import mirror_percent
 from captionfleet.operator.spec import CaptionModelSpec
 
 Role = Literal["stable", "canary", "variant"]
@@ -36,6 +39,7 @@ class Share:
     weight: int
     retired: bool = False
     capacity: int | None = None  # the weight its replica bounds are sized for; None: ``weight``
+    mirror: int = 0  # percent of the requests copied to it (the canary's shadow phase)
 
     @property
     def sized_for(self) -> int:
@@ -51,8 +55,9 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
         weight = total if role == "stable" else 0
         return Share("", role, weight, retired=role == "canary" and rollout.drained)
     canary_weight = rollout.weight if canary_ready else 0
-    if role == "canary":
-        return Share("", role, canary_weight, capacity=rollout.weight)
+    if role == "canary":  # in its shadow phase: sized for the copies it gets
+        mirror = mirror_percent(rollout.shadow)
+        return Share("", role, canary_weight, capacity=rollout.weight or mirror, mirror=mirror)
     capacity = total - rollout.weight if rollout.checked else total
     return Share("", role, total - canary_weight, capacity=capacity)
 
@@ -69,7 +74,7 @@ def shares(
         role: Role = "canary" if version.canary else "stable" if stable and version is stable else "variant"
         if rollout is not None and role in ("canary", "stable"):
             share = _in_rollout(role, rollout, total, canary_ready)
-            result.append(Share(version.name, share.role, share.weight, share.retired, share.capacity))
+            result.append(dataclasses.replace(share, name=version.name))
         else:
             result.append(Share(version.name, role, version.weight))
     return result

@@ -57,6 +57,7 @@ class Version:
     weight: int  # percent of traffic (the effective weight; sums to 100 over the table)
     role: Role
     endpoints: tuple[str, ...] = ()  # base URLs: http://10.0.0.7:8080
+    mirror: int = 0  # percent of the other versions' requests copied to it in the background (shadow.py)
 
     @property
     def routable(self) -> bool:
@@ -143,6 +144,12 @@ class RoutingTable:
                 )
             if version.role not in ROLES:
                 raise TableError(f"version {version.name}: role must be one of {', '.join(ROLES)}")
+            if isinstance(version.mirror, bool) or not isinstance(version.mirror, int):
+                raise TableError(f"version {version.name}: mirror must be an integer percent")
+            if not 0 <= version.mirror <= 100:
+                raise TableError(f"version {version.name}: mirror must be in 0..100, got {version.mirror}")
+        if sum(1 for v in self.versions if v.mirror) > 1:
+            raise TableError("at most one version may be mirrored to (the canary in its shadow phase)")
         for role in ("stable", "canary"):
             holders = [v.name for v in self.versions if v.role == role]
             if len(holders) > 1:
@@ -161,6 +168,10 @@ class RoutingTable:
 
     def version(self, name: str) -> Version | None:
         return next((v for v in self.versions if v.name == name), None)
+
+    def mirror_target(self) -> Version | None:
+        """The version that receives copies of the others' requests (shadow.py), if one has endpoints."""
+        return next((v for v in self.versions if v.mirror and v.endpoints), None)
 
     def owner(self, bucket: int) -> Version | None:
         """The version that owns ``bucket`` by weight, routable or not."""
@@ -192,6 +203,7 @@ class RoutingTable:
                 "buckets": list(spans.get(v.name, (0, 0))),
                 "endpoints": len(v.endpoints),
                 "ready": v.routable,
+                "mirror": v.mirror,
             }
             for v in self.versions
         ]
@@ -205,12 +217,13 @@ def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
 def from_mapping(
     entries: Sequence[Mapping[str, Any]], *, source: str, canary: str | None = None
 ) -> RoutingTable:
-    """A table from ``[{name, weight, role?, endpoints}]`` (a routes file's or the status's shape).
+    """A table from ``[{name, weight, role?, endpoints, mirror?}]`` (a routes file's or the status's shape).
 
     Roles missing from every entry are assigned by :func:`assign_roles`; given on some, they must be on all.
     """
     versions = []
     pairs = []
+    mirrors: dict[str, Any] = {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise TableError(f"versions[{index}] must be a mapping, got {type(entry).__name__}")
@@ -227,6 +240,7 @@ def from_mapping(
             raise TableError(f"versions[{index}] ({name}).endpoints must be a list of URLs")
         pairs.append((name, weight))
         versions.append((name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints)))
+        mirrors[name] = entry.get("mirror") or 0
     given: dict[str, Role] = {}
     for name, _, role, _ in versions:
         if role is not None and role not in ROLES:
@@ -236,7 +250,7 @@ def from_mapping(
     if given and len(given) != len(versions):
         raise TableError("give a role to every version or to none")
     roles = given or assign_roles(pairs, canary)
-    return RoutingTable(tuple(Version(n, w, roles[n], e) for n, w, _, e in versions), source)
+    return RoutingTable(tuple(Version(n, w, roles[n], e, mirrors[n]) for n, w, _, e in versions), source)
 
 
 def _checked_endpoints(index: int, name: str, endpoints: Sequence[str]) -> tuple[str, ...]:
