@@ -5,6 +5,10 @@
 routers share fixed buckets), and p99 is estimated from the sum as Prometheus does. A pod that does not
 answer is left out and named in ``Reading.problems``; with no answer at all there are no figures.
 ``Prometheus`` asks a Prometheus server for the same counts from the routers' scraped metrics.
+
+Both also give the mean confidence of the answers relayed (``captionfleet_router_answer_confidence``)
+and, when ``Wanted`` asks, another version's figures (the stable's, for ``maxConfidenceDrop``) and the
+version's shadow figures (its copies: errors, dropped, agreement, token overlap, p99).
 """
 
 from __future__ import annotations

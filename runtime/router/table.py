@@ -195,18 +195,20 @@ class RoutingTable:
     def describe(self) -> list[dict[str, Any]]:
         """The table as JSON, for GET /v1/models and logs (endpoint addresses are counted, not shown)."""
         spans = {v.name: (start, end) for v, start, end in self.ranges}
-        return [
-            {
+        described = []
+        for v in self.versions:
+            entry: dict[str, Any] = {
                 "version": v.name,
                 "role": v.role,
                 "weight": v.weight,
                 "buckets": list(spans.get(v.name, (0, 0))),
                 "endpoints": len(v.endpoints),
                 "ready": v.routable,
-                "mirror": v.mirror,
             }
-            for v in self.versions
-        ]
+            if v.mirror:  # only a canary in its shadow phase
+                entry["mirror"] = v.mirror
+            described.append(entry)
+        return described
 
 
 def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
