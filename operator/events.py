@@ -28,6 +28,10 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    # The quality gate (gate.py): passed (Normal), failed and rolled back, or could not run (Warning).
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    QUALITY_GATE_ERROR = "QualityGateError"
     # Scale to zero (coldstart.py): a version went to 0 pods, is woken by held requests, is ready again.
     SCALED_TO_ZERO = "ScaledToZero"
     WAKING = "Waking"

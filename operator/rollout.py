@@ -33,6 +33,7 @@ from pydantic.alias_generators import to_camel
 from captionfleet.names import ROLLOUT_ACTION_ANNOTATION
 from captionfleet.operator import shadow as shadow_phase
 from captionfleet.operator.figures import Figures, ShadowFigures
+from captionfleet.operator.gate import GateState, pending
 from captionfleet.operator.shadow import ShadowState
 from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion
 
@@ -40,7 +41,19 @@ ACTIONS = ("abort", "promote")
 
 RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
 Verdict = Literal["pass", "fail", "hold"]
-DecisionKind = Literal["hold", "step", "promote", "fail", "rollback", "drain", "idle", "shadow"]
+DecisionKind = Literal[
+    "hold",
+    "step",
+    "promote",
+    "fail",
+    "rollback",
+    "drain",
+    "idle",
+    "gate_passed",
+    "gate_failed",
+    "gate_error",
+    "shadow",
+]
 # Fields of a version that do not make it another version: how much traffic and how many pods it gets.
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
 
@@ -84,6 +97,14 @@ class CanaryState(_Model):
         description="After promotion or rollback: the retiring version's pods are scaled to zero. Set one "
         "check after the decision, so every router has applied the new weights before those pods go.",
     )
+    gate: GateState | None = Field(
+        default=None, description="The quality gate (rollout.qualityGate), run before any traffic."
+    )
+
+    @property
+    def awaits_gate(self) -> bool:
+        """Whether a quality gate still has to pass: the canary gets no traffic until it has."""
+        return self.gate is not None and self.gate.phase != "Passed"
 
     @property
     def checked(self) -> bool:
@@ -112,19 +133,8 @@ def pool(spec: CaptionModelSpec) -> int:
 
 def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
     weight = min(spec.rollout.analysis.step_weight, pool(spec))
-    shadow = shadow_phase.start(spec.rollout.analysis)
-    if shadow is not None:
-        message = f"canary {canary.name} gets copies of {shadow.percent} % of the requests (shadow phase)"
-        return CanaryState(
-            version=canary.name,
-            spec_hash=spec_hash(canary),
-            phase="Progressing",
-            weight=0,
-            reason="Shadow",
-            message=message,
-            shadow=shadow,
-        )
-    return CanaryState(
+    quality_gate = spec.rollout.quality_gate
+    state = CanaryState(
         version=canary.name,
         spec_hash=spec_hash(canary),
         phase="Progressing",
@@ -132,6 +142,19 @@ def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
         reason="Started",
         message=f"canary {canary.name} starts at {weight} % once it has a ready pod",
     )
+    shadow = shadow_phase.start(spec.rollout.analysis)
+    if shadow is not None:  # after the gate, if any: copies first, weight 0 until the shadow checks pass
+        message = f"canary {canary.name} gets copies of {shadow.percent} % of the requests (shadow phase)"
+        state = state.model_copy(
+            update={"weight": 0, "reason": "Shadow", "message": message, "shadow": shadow}
+        )
+    if quality_gate is None:
+        return state
+    message = f"canary {canary.name} starts at {weight} % once it has passed the quality gate"
+    if shadow is not None:
+        message = f"canary {canary.name} gets copies of requests once it has passed the quality gate"
+    update = {"reason": "QualityGatePending", "message": message, "gate": pending(quality_gate)}
+    return state.model_copy(update=update)
 
 
 def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> CanaryState | None:

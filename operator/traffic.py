@@ -3,12 +3,13 @@
 The spec's ``weight`` is the desired split. The *effective* weights are what the router applies and
 ``status.versions[].weight`` reports. Without a canary they are the desired ones. With one, the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
-weight (but receives traffic only once it has a ready pod) and the stable version the rest of their
-pool (in a shadow phase its weight is 0 and it gets ``mirror`` percent of the requests as copies
-instead); once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
-stable version with the whole pool and the old stable is retired. Retiring waits for ``drained`` (one
-check after the decision): the weight goes to 0 at once, the pods only after every router has stopped
-sending them requests. A/B variants always keep their spec weights.
+weight (but receives traffic only once it has a ready pod, and has passed its quality gate when it has
+one, ``gate.py``) and the stable version the rest of their
+pool (in a shadow phase, after the gate, its weight is 0 and it gets ``mirror`` percent of the
+requests as copies instead); once rolled back the canary gets 0 and is retired (scaled to zero);
+once promoted it becomes the stable version with the whole pool and the old stable is retired.
+Retiring waits for ``drained`` (one check after the decision): the weight goes to 0 at once, the pods
+only after every router has stopped sending them requests. A/B variants always keep their spec weights.
 
 Capacity (the weight that sizes a version's replica bounds) differs from traffic in two places: a
 canary is sized for its rollout weight before it is ready (so it gets its pods), and the stable
@@ -54,10 +55,12 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
     if rollout.phase == "RolledBack":
         weight = total if role == "stable" else 0
         return Share("", role, weight, retired=role == "canary" and rollout.drained)
-    canary_weight = rollout.weight if canary_ready else 0
-    if role == "canary":  # in its shadow phase: sized for the copies it gets
-        mirror = mirror_percent(rollout.shadow)
-        return Share("", role, canary_weight, capacity=rollout.weight or mirror, mirror=mirror)
+    canary_weight = rollout.weight if canary_ready and not rollout.awaits_gate else 0
+    if role == "canary":  # in its shadow phase (after the gate): sized for the copies it gets
+        mirror = 0 if rollout.awaits_gate else mirror_percent(rollout.shadow)
+        return Share(
+            "", role, canary_weight, capacity=rollout.weight or mirror_percent(rollout.shadow), mirror=mirror
+        )
     capacity = total - rollout.weight if rollout.checked else total
     return Share("", role, total - canary_weight, capacity=capacity)
 

@@ -26,7 +26,10 @@ Requests without a user id are spread at random in proportion to the weights.
 
 A version with weight > 0 but no endpoints (no ready pods) cannot take traffic; its users are sent to
 the routable versions by the same bucket, laid out over the routable versions only (still sticky
-while the table stays put), and the answer says which version they were meant for.
+while the table stays put), and the answer says which version they were meant for. A version marked
+``cold_start`` (it may be scaled to zero) is the exception: it keeps its users, and the requests
+without a user its weight draws, while it has no endpoints; the router holds them until its first pod
+is ready (``coldstart.py``). It is *servable*: it takes traffic, by holding it.
 """
 
 from __future__ import annotations
@@ -57,11 +60,23 @@ class Version:
     weight: int  # percent of traffic (the effective weight; sums to 100 over the table)
     role: Role
     endpoints: tuple[str, ...] = ()  # base URLs: http://10.0.0.7:8080
+    cold_start: bool = False  # without endpoints, its requests are held for its first pod (no fallback)
     mirror: int = 0  # percent of the other versions' requests copied to it in the background (shadow.py)
 
     @property
     def routable(self) -> bool:
+        """Takes traffic now: a weight and ready endpoints."""
         return self.weight > 0 and bool(self.endpoints)
+
+    @property
+    def cold(self) -> bool:
+        """Its requests are held now: a cold_start version with a weight and no ready endpoint."""
+        return self.weight > 0 and self.cold_start and not self.endpoints
+
+    @property
+    def servable(self) -> bool:
+        """Takes traffic, sent on at once or held for its first pod."""
+        return self.routable or self.cold
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,7 @@ class RoutingTable:
     versions: tuple[Version, ...]
     source: str = ""  # where it came from, for /v1/models and logs
     ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
+    # Over the servable versions: those with endpoints and the cold ones, which hold their requests.
     routable_ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +171,7 @@ class RoutingTable:
             if len(holders) > 1:
                 raise TableError(f"at most one {role} version; got {', '.join(holders)}")
         object.__setattr__(self, "ranges", _ranges(self.versions))
-        object.__setattr__(self, "routable_ranges", _ranges([v for v in self.versions if v.routable]))
+        object.__setattr__(self, "routable_ranges", _ranges([v for v in self.versions if v.servable]))
 
     @classmethod
     def empty(cls, source: str = "") -> RoutingTable:
@@ -163,7 +179,7 @@ class RoutingTable:
 
     @property
     def routable(self) -> bool:
-        """At least one version can take traffic."""
+        """At least one version can take traffic (at once, or held through its cold start)."""
         return bool(self.routable_ranges)
 
     def version(self, name: str) -> Version | None:
@@ -184,7 +200,7 @@ class RoutingTable:
         if user_id:
             bucket = bucket_of(user_id)
             assigned = _find(self.ranges, bucket)
-            if assigned is not None and assigned.routable:
+            if assigned is not None and assigned.servable:
                 return Pick(assigned)
             fallback = _find(self.routable_ranges, bucket)
             assert fallback is not None  # the routable ranges cover every bucket
@@ -204,6 +220,7 @@ class RoutingTable:
                 "buckets": list(spans.get(v.name, (0, 0))),
                 "endpoints": len(v.endpoints),
                 "ready": v.routable,
+                "cold_start": v.cold_start,
             }
             if v.mirror:  # only a canary in its shadow phase
                 entry["mirror"] = v.mirror
@@ -219,7 +236,8 @@ def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
 def from_mapping(
     entries: Sequence[Mapping[str, Any]], *, source: str, canary: str | None = None
 ) -> RoutingTable:
-    """A table from ``[{name, weight, role?, endpoints, mirror?}]`` (a routes file's or the status's shape).
+    """A table from ``[{name, weight, role?, endpoints, cold_start?, mirror?}]`` (a routes file's or the
+    status's shape).
 
     Roles missing from every entry are assigned by :func:`assign_roles`; given on some, they must be on all.
     """
@@ -240,11 +258,16 @@ def from_mapping(
             endpoints = [endpoints]
         if not isinstance(endpoints, list) or not all(isinstance(e, str) and e for e in endpoints):
             raise TableError(f"versions[{index}] ({name}).endpoints must be a list of URLs")
+        cold_start = entry.get("cold_start", False)
+        if not isinstance(cold_start, bool):
+            raise TableError(f"versions[{index}] ({name}).cold_start must be true or false")
         pairs.append((name, weight))
-        versions.append((name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints)))
+        versions.append(
+            (name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints), cold_start)
+        )
         mirrors[name] = entry.get("mirror") or 0
     given: dict[str, Role] = {}
-    for name, _, role, _ in versions:
+    for name, _, role, _, _ in versions:
         if role is not None and role not in ROLES:
             raise TableError(f"version {name}: role must be one of {', '.join(ROLES)}, got {role!r}")
         if role is not None:
@@ -252,7 +275,9 @@ def from_mapping(
     if given and len(given) != len(versions):
         raise TableError("give a role to every version or to none")
     roles = given or assign_roles(pairs, canary)
-    return RoutingTable(tuple(Version(n, w, roles[n], e, mirrors[n]) for n, w, _, e in versions), source)
+    return RoutingTable(
+        tuple(Version(n, w, roles[n], e, cold, mirrors[n]) for n, w, _, e, cold in versions), source
+    )
 
 
 def _checked_endpoints(index: int, name: str, endpoints: Sequence[str]) -> tuple[str, ...]:

@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = from_args(EvalSettings, args)
     exit_on_problems("eval", settings.check())
+    from captionfleet.evalsets import DatasetError
     from captionfleet.runtime.engine.errors import EngineError
-    from captionfleet.runtime.training.evaluate import DatasetError, format_table, score_model
+    from captionfleet.runtime.training.evaluate import format_table, score_model
 
     with exit_on("eval", DatasetError, EngineError):
         report = score_model(settings)

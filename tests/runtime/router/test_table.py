@@ -120,7 +120,7 @@ def test_requests_without_a_user_are_spread_by_weight() -> None:
 @pytest.mark.parametrize("mirror", [0, 30])
 def test_zero_weight_versions_get_nothing(mirror: int) -> None:
     # A mirrored canary (its shadow phase) gets copies, never a request of its own.
-    table = RoutingTable((Version("v1", 100, "stable", EP), Version("v2", 0, "canary", EP, mirror)))
+    table = RoutingTable((Version("v1", 100, "stable", EP), Version("v2", 0, "canary", EP, mirror=mirror)))
     assert set(assignment(table).values()) == {"v1"}
     assert table.describe()[1] == {
         "version": "v2",
@@ -129,6 +129,7 @@ def test_zero_weight_versions_get_nothing(mirror: int) -> None:
         "buckets": [0, 0],
         "endpoints": 1,
         "ready": False,
+        "cold_start": False,
         **({"mirror": mirror} if mirror else {}),
     }
     assert table.mirror_target() == (table.versions[1] if mirror else None)
@@ -145,7 +146,10 @@ def test_zero_weight_versions_get_nothing(mirror: int) -> None:
 def test_mirror_is_a_percent_of_at_most_one_version(mirrors: tuple[int, int], problem: str) -> None:
     with pytest.raises(TableError, match=problem):
         RoutingTable(
-            (Version("v1", 100, "stable", EP, mirrors[0]), Version("v2", 0, "canary", EP, mirrors[1]))
+            (
+                Version("v1", 100, "stable", EP, mirror=mirrors[0]),
+                Version("v2", 0, "canary", EP, mirror=mirrors[1]),
+            )
         )
     entries = [
         {"name": "v1", "weight": 100, "endpoints": list(EP)},
