@@ -165,3 +165,17 @@ def test_router_stats_sum_the_confidence_and_the_shadow_figures_of_every_router(
     assert figures.shadow.p99_ms is not None and 10 < figures.shadow.p99_ms <= 100
     none = sum_router_stats([body((0, 0.0), None)], "v2")
     assert none.shadow is None and none.confidence is None
+
+
+def test_with_a_quality_gate_the_copies_begin_only_once_the_gate_has_passed() -> None:
+    body = spec_of(mirror=MIRROR).model_dump(by_alias=True)
+    body["rollout"]["qualityGate"] = {"dataset": "builtin:scenes", "metric": "exactMatch", "minScore": 0.5}
+    spec = parse_spec(body)
+    state = r.current(spec, None)
+    assert state is not None and state.awaits_gate and state.weight == 0
+    canary = {s.name: s for s in shares(spec, state, canary_ready=True)}["v2"]
+    assert (canary.weight, canary.mirror) == (0, 0)  # the gate first: no copies, no traffic
+    assert state.gate is not None
+    passed = state.model_copy(update={"gate": state.gate.model_copy(update={"phase": "Passed"})})
+    canary = {s.name: s for s in shares(spec, passed, canary_ready=True)}["v2"]
+    assert (canary.weight, canary.mirror) == (0, 20)  # then the shadow phase
