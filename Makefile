@@ -47,10 +47,10 @@ redis-server:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 
-# The chart's alert rules are checked and unit-tested by Prometheus' own promtool (tests/deploy); it comes
-# from Debian's prometheus package.
+# The chart's alert rules are checked and unit-tested by Prometheus' own promtool (tests/deploy), and one
+# e2e rollout reads a real Prometheus server (tests/e2e); both come from Debian's prometheus package.
 promtool:
-	@command -v promtool >/dev/null || { \
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

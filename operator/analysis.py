@@ -17,8 +17,9 @@ from typing import Any
 from captionfleet.operator import gate, gate_run, kube, reconcile, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.events import REPAIRS, Event, Reason
-from captionfleet.operator.figures import Source
+from captionfleet.operator.figures import Source, Wanted
 from captionfleet.operator.metrics import OperatorMetrics
+from captionfleet.operator.shadow import shadowing
 from captionfleet.operator.spec import seconds
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ DECISION_EVENTS = {
     "promote": (Event.normal, Reason.PROMOTED),
     "fail": (Event.warning, Reason.CHECK_FAILED),
     "rollback": (Event.warning, Reason.ROLLED_BACK),
+    "shadow": (Event.normal, Reason.SHADOW_CHECK_PASSED),
     "gate_passed": (Event.normal, Reason.QUALITY_GATE_PASSED),
     "gate_failed": (Event.warning, Reason.QUALITY_GATE_FAILED),
     "gate_error": (Event.warning, Reason.QUALITY_GATE_ERROR),
@@ -87,6 +89,15 @@ async def check_once(tools: Tools, namespace: str, name: str) -> CheckOutcome:
     return await _check(tools, body, spec, state, outcome)
 
 
+def _wanted(spec: Any, state: rollout.CanaryState) -> Wanted:
+    """The shadow figures in the shadow phase; the stable's figures too with maxConfidenceDrop."""
+    if shadowing(state.shadow):
+        return Wanted(shadow=True)
+    stable = spec.stable()
+    wants_baseline = spec.rollout.analysis.max_confidence_drop is not None and stable is not None
+    return Wanted(baseline=stable.name if wants_baseline else None)
+
+
 async def _gate(
     tools: Tools, body: dict[str, Any], spec: Any, state: rollout.CanaryState, outcome: CheckOutcome
 ) -> CheckOutcome:
@@ -117,12 +128,22 @@ async def _check(
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     analysis = spec.rollout.analysis
     window_s = max(1, round(seconds(analysis.window)))
-    reading = await tools.source.read(namespace, name, state.version, window_s)
+    wanted = _wanted(spec, state)
+    # Without shadow or baseline, the call of a source that predates them (a plugged-in one).
+    extra = () if wanted == Wanted() else (wanted,)
+    reading = await tools.source.read(namespace, name, state.version, window_s, *extra)
     for problem in reading.problems:
         log.warning(
             "rollout figures incomplete", extra={"captionmodel": f"{namespace}/{name}", "problem": problem}
         )
-    decision = rollout.check(analysis, state, reading.figures, total=rollout.pool(spec), now=reconcile.now())
+    decision = rollout.check(
+        analysis,
+        state,
+        reading.figures,
+        total=rollout.pool(spec),
+        now=reconcile.now(),
+        baseline=reading.baseline,
+    )
     outcome.decision = decision
     if decision.kind == "hold" and decision.state == state:
         return outcome  # nothing new to write (no figures at all)

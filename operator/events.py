@@ -23,6 +23,7 @@ class Reason(StrEnum):
     NAME_CONFLICT = "NameConflict"
     KEDA_NOT_INSTALLED = "KedaNotInstalled"
     CANARY_STEP = "CanaryStep"
+    SHADOW_CHECK_PASSED = "ShadowCheckPassed"
     PROMOTED = "Promoted"
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"

@@ -5,6 +5,10 @@
 routers share fixed buckets), and p99 is estimated from the sum as Prometheus does. A pod that does not
 answer is left out and named in ``Reading.problems``; with no answer at all there are no figures.
 ``Prometheus`` asks a Prometheus server for the same counts from the routers' scraped metrics.
+
+Both also give the mean confidence of the answers relayed (``captionfleet_router_answer_confidence``)
+and, when ``Wanted`` asks, another version's figures (the stable's, for ``maxConfidenceDrop``) and the
+version's shadow figures (its copies: errors, dropped, agreement, token overlap, p99).
 """
 
 from __future__ import annotations
@@ -22,12 +26,40 @@ Endpoints = Callable[[str, str], Awaitable[list[str]]]  # (namespace, service) -
 
 
 @dataclass(frozen=True)
+class ShadowFigures:
+    """The copies a version got in its shadow phase over the window, summed over every router."""
+
+    copies: int = 0
+    errors: int = 0
+    dropped: int = 0
+    compared: int = 0
+    exact: int = 0
+    overlap_sum: float = 0.0
+    p99_ms: float | None = None
+
+    @property
+    def agreement(self) -> float | None:
+        """Share of the compared copies whose caption was the primary's (after normalisation)."""
+        return self.exact / self.compared if self.compared else None
+
+    @property
+    def token_overlap(self) -> float | None:
+        return self.overlap_sum / self.compared if self.compared else None
+
+    def as_live(self) -> Figures:
+        """The copies as request figures (the error rate and p99 checks read these)."""
+        return Figures(requests=self.copies, errors=self.errors, p99_ms=self.p99_ms)
+
+
+@dataclass(frozen=True)
 class Figures:
     """One version's figures over the analysis window, summed over every router."""
 
     requests: int
     errors: int
     p99_ms: float | None = None
+    confidence: float | None = None  # mean of the 200 answers' confidence; None: none seen
+    shadow: ShadowFigures | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -45,10 +77,21 @@ class Figures:
 class Reading:
     figures: Figures | None  # None: nobody answered
     problems: list[str] = field(default_factory=list)
+    baseline: Figures | None = None  # the version asked for as ``baseline`` (the stable's confidence)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a check needs besides the version's live figures."""
+
+    baseline: str | None = None  # another version's figures too (maxConfidenceDrop: the stable)
+    shadow: bool = False  # the version's shadow figures (its shadow phase)
 
 
 class Source(Protocol):
-    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading: ...
+    async def read(
+        self, namespace: str, model: str, version: str, window_s: int, wanted: Wanted = Wanted()
+    ) -> Reading: ...
 
 
 def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
@@ -67,27 +110,82 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float 
     return float(bounds[-1])
 
 
+class _Histogram:
+    """Latency counts added up over routers; percentiles only when every router used the same bounds."""
+
+    def __init__(self) -> None:
+        self.bounds: list[float] | None = None
+        self.counts: list[int] | None = None
+
+    def add(self, bounds: list[float], counts: list[int]) -> None:
+        if not counts:
+            return
+        if self.counts is None:
+            self.bounds, self.counts = bounds, counts
+        elif bounds == self.bounds and len(counts) == len(self.counts):
+            self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        else:  # routers of different releases: counts still add up, percentiles do not
+            self.bounds = []
+
+    def p99(self) -> float | None:
+        return quantile(self.bounds, self.counts, 0.99) if self.bounds and self.counts else None
+
+
+def _counts(figures: Mapping[str, Any]) -> list[int]:
+    return [int(n) for n in (figures.get("latency_ms") or {}).get("counts") or []]
+
+
+def _sum_shadow(windows: Sequence[tuple[list[float], Mapping[str, Any]]]) -> ShadowFigures | None:
+    """The shadow figures of one version over its routers' windows; None when no router has any."""
+    totals = dict.fromkeys(("copies", "errors", "dropped", "compared", "exact_matches"), 0)
+    overlap, latency, seen = 0.0, _Histogram(), False
+    for bounds, window in windows:
+        shadow = window.get("shadow")
+        if not isinstance(shadow, Mapping):
+            continue
+        seen = True
+        for name in totals:
+            totals[name] += int(shadow.get(name) or 0)
+        overlap += float(shadow.get("token_overlap_sum") or 0.0)
+        latency.add(bounds, _counts(shadow))
+    if not seen:
+        return None
+    return ShadowFigures(
+        copies=totals["copies"],
+        errors=totals["errors"],
+        dropped=totals["dropped"],
+        compared=totals["compared"],
+        exact=totals["exact_matches"],
+        overlap_sum=overlap,
+        p99_ms=latency.p99(),
+    )
+
+
 def sum_router_stats(bodies: Sequence[Mapping[str, Any]], version: str) -> Figures:
     """The figures of ``version`` over the window, summed over the routers' stats bodies."""
-    requests = errors = 0
-    bounds: list[float] | None = None
-    counts: list[int] | None = None
-    for body in bodies:
-        window = ((body.get("versions") or {}).get(version) or {}).get("window") or {}
+    windows = [
+        (
+            [float(b) for b in body.get("latency_buckets_ms") or []],
+            ((body.get("versions") or {}).get(version) or {}).get("window") or {},
+        )
+        for body in bodies
+    ]
+    requests = errors = confidences = 0
+    confidence_sum, latency = 0.0, _Histogram()
+    for bounds, window in windows:
         requests += int(window.get("requests") or 0)
         errors += int(window.get("errors") or 0)
-        these = [int(n) for n in (window.get("latency_ms") or {}).get("counts") or []]
-        body_bounds = [float(b) for b in body.get("latency_buckets_ms") or []]
-        if not these:
-            continue
-        if counts is None:
-            bounds, counts = body_bounds, these
-        elif body_bounds == bounds and len(these) == len(counts):
-            counts = [a + b for a, b in zip(counts, these, strict=True)]
-        else:  # routers of different releases: counts still add up, percentiles do not
-            bounds = []
-    p99 = quantile(bounds, counts, 0.99) if bounds and counts else None
-    return Figures(requests=requests, errors=errors, p99_ms=p99)
+        latency.add(bounds, _counts(window))
+        confidence = window.get("confidence") or {}
+        confidences += int(confidence.get("count") or 0)
+        confidence_sum += float(confidence.get("sum") or 0.0)
+    return Figures(
+        requests=requests,
+        errors=errors,
+        p99_ms=latency.p99(),
+        confidence=confidence_sum / confidences if confidences else None,
+        shadow=_sum_shadow(windows),
+    )
 
 
 class RouterStats:
@@ -131,11 +229,14 @@ class RouterStats:
                 bodies.append(answer)
         return bodies, problems
 
-    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading:
+    async def read(
+        self, namespace: str, model: str, version: str, window_s: int, wanted: Wanted = Wanted()
+    ) -> Reading:
         bodies, problems = await self.bodies(namespace, model, window_s)
         if not bodies:
             return Reading(None, problems)
-        return Reading(sum_router_stats(bodies, version), problems)
+        baseline = sum_router_stats(bodies, wanted.baseline) if wanted.baseline else None
+        return Reading(sum_router_stats(bodies, version), problems, baseline)
 
 
 class Prometheus:
@@ -160,25 +261,55 @@ class Prometheus:
         value = float(result[0]["value"][1])
         return None if math.isnan(value) else value
 
-    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading:
-        labels = f'namespace="{namespace}",captionmodel="{model}",version="{version}"'
+    async def _increase(self, metric: str, labels: str, window_s: int) -> float:
+        return await self._scalar(f"sum(increase({metric}{{{labels}}}[{window_s}s]))") or 0.0
+
+    async def _p99_ms(self, histogram: str, labels: str, window_s: int) -> float | None:
+        p99_s = await self._scalar(
+            f"histogram_quantile(0.99, sum by (le) (rate({histogram}_bucket{{{labels}}}[{window_s}s])))"
+        )
+        return None if p99_s is None else p99_s * 1000
+
+    async def _figures(self, labels: str, window_s: int, shadow: bool) -> Figures:
+        confidences = await self._increase("captionfleet_router_answer_confidence_count", labels, window_s)
+        confidence_sum = await self._increase("captionfleet_router_answer_confidence_sum", labels, window_s)
+        return Figures(
+            requests=round(await self._increase("captionfleet_router_requests_total", labels, window_s)),
+            errors=round(await self._increase("captionfleet_router_upstream_errors_total", labels, window_s)),
+            p99_ms=await self._p99_ms("captionfleet_router_request_duration_seconds", labels, window_s),
+            confidence=confidence_sum / confidences if confidences else None,
+            shadow=await self._shadow(labels, window_s) if shadow else None,
+        )
+
+    async def _shadow(self, labels: str, window_s: int) -> ShadowFigures:
+        copies = "captionfleet_router_shadow_copies_total"
+        counts = {
+            outcome: round(await self._increase(copies, f'{labels},outcome="{outcome}"', window_s))
+            for outcome in ("agree", "differ", "error")
+        }
+        return ShadowFigures(
+            copies=sum(counts.values()),
+            errors=counts["error"],
+            dropped=round(await self._increase("captionfleet_router_shadow_dropped_total", labels, window_s)),
+            compared=counts["agree"] + counts["differ"],
+            exact=counts["agree"],
+            overlap_sum=await self._increase(
+                "captionfleet_router_shadow_token_overlap_sum", labels, window_s
+            ),
+            p99_ms=await self._p99_ms("captionfleet_router_shadow_duration_seconds", labels, window_s),
+        )
+
+    async def read(
+        self, namespace: str, model: str, version: str, window_s: int, wanted: Wanted = Wanted()
+    ) -> Reading:
+        def labels(of: str) -> str:
+            return f'namespace="{namespace}",captionmodel="{model}",version="{of}"'
+
         try:
-            requests = await self._scalar(
-                f"sum(increase(captionfleet_router_requests_total{{{labels}}}[{window_s}s]))"
-            )
-            errors = await self._scalar(
-                f"sum(increase(captionfleet_router_upstream_errors_total{{{labels}}}[{window_s}s]))"
-            )
-            p99_s = await self._scalar(
-                "histogram_quantile(0.99, sum by (le) "
-                f"(rate(captionfleet_router_request_duration_seconds_bucket{{{labels}}}[{window_s}s])))"
+            figures = await self._figures(labels(version), window_s, wanted.shadow)
+            baseline = (
+                await self._figures(labels(wanted.baseline), window_s, False) if wanted.baseline else None
             )
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError) as e:
             return Reading(None, [f"Prometheus {self.url}: {type(e).__name__}: {e}"])
-        return Reading(
-            Figures(
-                requests=round(requests or 0),
-                errors=round(errors or 0),
-                p99_ms=None if p99_s is None else p99_s * 1000,
-            )
-        )
+        return Reading(figures, baseline=baseline)

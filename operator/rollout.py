@@ -5,10 +5,14 @@ name and a hash of that version's spec, so a rolled-back or promoted version sta
 changes, and then a fresh rollout starts. One check reads the canary's figures over the window:
 
 - fewer than ``minRequests`` (or no figures at all): hold, neither pass nor fail;
-- error rate above ``errorRateThreshold`` percent, or p99 above ``latencyP99Ms`` when set: a failed
-  check; ``threshold`` failed checks in a row roll the canary back (weight 0, scaled down);
+- error rate above ``errorRateThreshold`` percent, p99 above ``latencyP99Ms`` when set, or the mean
+  confidence more than ``maxConfidenceDrop`` below the stable's when set: a failed check;
+  ``threshold`` failed checks in a row roll the canary back (weight 0, scaled down);
 - otherwise a pass, which resets the failed count: weight += ``stepWeight`` up to ``maxWeight``, and
   a pass at ``maxWeight`` promotes the canary (it becomes stable, the old stable scales to zero).
+
+With ``mirror`` the rollout begins with a shadow phase at weight 0 (``shadow.py``): its checks judge
+the copies the routers send the canary, and only once they pass does the first weight step come.
 
 Traffic moves only between the canary and the stable version: their two spec weights form the
 ``pool`` the canary grows into; A/B variants keep their weights. The canary's own spec weight is not
@@ -27,8 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from captionfleet.names import ROLLOUT_ACTION_ANNOTATION
-from captionfleet.operator.figures import Figures
+from captionfleet.operator import shadow as shadow_phase
+from captionfleet.operator.figures import Figures, ShadowFigures
 from captionfleet.operator.gate import GateState, pending
+from captionfleet.operator.shadow import ShadowState
 from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion
 
 ACTIONS = ("abort", "promote")
@@ -36,7 +42,17 @@ ACTIONS = ("abort", "promote")
 RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
 Verdict = Literal["pass", "fail", "hold"]
 DecisionKind = Literal[
-    "hold", "step", "promote", "fail", "rollback", "drain", "idle", "gate_passed", "gate_failed", "gate_error"
+    "hold",
+    "step",
+    "promote",
+    "fail",
+    "rollback",
+    "drain",
+    "idle",
+    "gate_passed",
+    "gate_failed",
+    "gate_error",
+    "shadow",
 ]
 # Fields of a version that do not make it another version: how much traffic and how many pods it gets.
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
@@ -54,6 +70,8 @@ class Check(_Model):
     errors: int = 0
     error_rate: float | None = Field(default=None, description="Percent of the requests that failed.")
     p99_ms: float | None = None
+    confidence: float | None = Field(default=None, description="The canary's mean confidence.")
+    stable_confidence: float | None = Field(default=None, description="The stable's, with maxConfidenceDrop.")
     verdict: Verdict
 
 
@@ -71,6 +89,9 @@ class CanaryState(_Model):
     reason: str = ""
     message: str = ""
     last_check: Check | None = None
+    shadow: ShadowState | None = Field(
+        default=None, description="The shadow phase (rollout.analysis.mirror), before the first weight step."
+    )
     drained: bool = Field(
         default=False,
         description="After promotion or rollback: the retiring version's pods are scaled to zero. Set one "
@@ -121,9 +142,17 @@ def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
         reason="Started",
         message=f"canary {canary.name} starts at {weight} % once it has a ready pod",
     )
+    shadow = shadow_phase.start(spec.rollout.analysis)
+    if shadow is not None:  # after the gate, if any: copies first, weight 0 until the shadow checks pass
+        message = f"canary {canary.name} gets copies of {shadow.percent} % of the requests (shadow phase)"
+        state = state.model_copy(
+            update={"weight": 0, "reason": "Shadow", "message": message, "shadow": shadow}
+        )
     if quality_gate is None:
         return state
     message = f"canary {canary.name} starts at {weight} % once it has passed the quality gate"
+    if shadow is not None:
+        message = f"canary {canary.name} gets copies of requests once it has passed the quality gate"
     update = {"reason": "QualityGatePending", "message": message, "gate": pending(quality_gate)}
     return state.model_copy(update=update)
 
@@ -154,17 +183,59 @@ def _limit(analysis: Analysis, total: int) -> int:
 
 
 def check(
-    analysis: Analysis, state: CanaryState, figures: Figures | None, *, total: int, now: str
+    analysis: Analysis,
+    state: CanaryState,
+    figures: Figures | None,
+    *,
+    total: int,
+    now: str,
+    baseline: Figures | None = None,
 ) -> Decision:
-    """One analysis check of a Progressing rollout; ``total`` is the pool (see :func:`pool`)."""
+    """One analysis check of a Progressing rollout; ``total`` is the pool (see :func:`pool`);
+    ``baseline``: the stable version's figures (its confidence, for maxConfidenceDrop)."""
     if state.phase != "Progressing":
         return Decision("idle", state, f"rollout is {state.phase}: nothing to check")
+    if shadow_phase.shadowing(state.shadow):
+        return _shadow_check(analysis, state, figures, total, now)
     if figures is None or figures.requests == 0 or figures.requests < analysis.min_requests:
         return _held(analysis, state, figures, now)
-    problems = _problems(analysis, figures)
+    problems = _problems(analysis, figures, baseline)
     if problems:
-        return _failed(analysis, state, figures, problems, now)
-    return _passed(analysis, state, figures, total, now)
+        return _failed(analysis, state, _check(figures, "fail", now, baseline), problems, figures.describe())
+    return _passed(analysis, state, figures, total, now, baseline)
+
+
+def _shadow_check(
+    analysis: Analysis, state: CanaryState, figures: Figures | None, total: int, now: str
+) -> Decision:
+    """A check of the shadow phase, on the copies' figures (``shadow.py``)."""
+    assert state.shadow is not None
+    copies = (figures.shadow if figures is not None else None) or ShadowFigures()
+    observed = shadow_phase.observed(state.shadow, copies)
+    watched = state.model_copy(update={"shadow": observed})
+    if figures is None or copies.copies == 0 or copies.copies < analysis.min_requests:
+        message = (
+            f"canary {state.version} (shadow): {copies.copies} copies in the window, below minRequests "
+            f"{analysis.min_requests}; the check neither passes nor fails"
+        )
+        last = _check(copies.as_live(), "hold", now) if figures is not None else state.last_check
+        return Decision("hold", watched.model_copy(update={"message": message, "last_check": last}), message)
+    problems = shadow_phase.problems(analysis, copies)
+    described = shadow_phase.describe(copies)
+    if problems:
+        return _failed(analysis, watched, _check(copies.as_live(), "fail", now), problems, described)
+    passed = observed.passed + 1
+    checks = analysis.mirror.checks if analysis.mirror is not None else 1
+    update: dict[str, Any] = {"failed_checks": 0, "last_check": _check(copies.as_live(), "pass", now)}
+    shadow = observed.model_copy(update={"passed": passed, "done": passed >= checks})
+    if passed < checks:
+        message = f"canary {state.version}: shadow check {passed}/{checks} passed ({described})"
+        update |= {"shadow": shadow, "reason": "ShadowHealthy", "message": message}
+        return Decision("shadow", watched.model_copy(update=update), message)
+    weight = min(analysis.step_weight, _limit(analysis, total))
+    message = f"canary {state.version}: 0 % -> {weight} % (shadow checks passed: {described})"
+    update |= {"shadow": shadow, "weight": weight, "reason": "ShadowPassed", "message": message}
+    return Decision("step", watched.model_copy(update=update), message)
 
 
 def _held(analysis: Analysis, state: CanaryState, figures: Figures | None, now: str) -> Decision:
@@ -181,9 +252,21 @@ def _held(analysis: Analysis, state: CanaryState, figures: Figures | None, now: 
     return Decision("hold", held, message)
 
 
-def _problems(analysis: Analysis, figures: Figures) -> list[tuple[str, str]]:
+def _problems(analysis: Analysis, figures: Figures, baseline: Figures | None) -> list[tuple[str, str]]:
     """(reason, sentence) for each threshold the figures cross."""
     problems = []
+    drop_limit = analysis.max_confidence_drop
+    stable = baseline.confidence if baseline is not None else None
+    if drop_limit is not None and figures.confidence is not None and stable is not None:
+        drop = stable - figures.confidence
+        if drop > drop_limit:
+            problems.append(
+                (
+                    "ConfidenceDrop",
+                    f"mean confidence {figures.confidence:.3f} is {drop:.3f} below the stable's {stable:.3f} "
+                    f"(maxConfidenceDrop {drop_limit:g})",
+                )
+            )
     rate = figures.error_rate or 0.0
     if rate > analysis.error_rate_threshold:
         problems.append(("ErrorRate", f"error rate {rate:.2f} % > {analysis.error_rate_threshold:g} %"))
@@ -194,17 +277,15 @@ def _problems(analysis: Analysis, figures: Figures) -> list[tuple[str, str]]:
 
 
 def _failed(
-    analysis: Analysis, state: CanaryState, figures: Figures, problems: list[tuple[str, str]], now: str
+    analysis: Analysis, state: CanaryState, last: Check, problems: list[tuple[str, str]], described: str
 ) -> Decision:
     """A failed check; the ``threshold``-th in a row rolls the canary back."""
     name = state.version
     failed = state.failed_checks + 1
     why = "; ".join(text for _, text in problems)
-    update: dict[str, Any] = {"failed_checks": failed, "last_check": _check(figures, "fail", now)}
+    update: dict[str, Any] = {"failed_checks": failed, "last_check": last}
     if failed >= analysis.threshold:
-        message = (
-            f"canary {name} rolled back after {failed} failed checks in a row: {why} ({figures.describe()})"
-        )
+        message = f"canary {name} rolled back after {failed} failed checks in a row: {why} ({described})"
         update |= {"phase": "RolledBack", "weight": 0, "reason": problems[0][0], "message": message}
         return Decision("rollback", state.model_copy(update=update), message)
     message = f"canary {name}: check failed ({failed}/{analysis.threshold}): {why}"
@@ -212,10 +293,12 @@ def _failed(
     return Decision("fail", state.model_copy(update=update), message)
 
 
-def _passed(analysis: Analysis, state: CanaryState, figures: Figures, total: int, now: str) -> Decision:
+def _passed(
+    analysis: Analysis, state: CanaryState, figures: Figures, total: int, now: str, baseline: Figures | None
+) -> Decision:
     """A passed check: one step more, or promotion at maxWeight."""
     name = state.version
-    passed = _check(figures, "pass", now)
+    passed = _check(figures, "pass", now, baseline)
     if state.weight >= _limit(analysis, total):
         message = f"canary {name} promoted: healthy at {state.weight} % ({figures.describe()})"
         return _promoted(state, total, message, passed)
@@ -278,13 +361,16 @@ def act(action: str, state: CanaryState, *, total: int) -> Decision:
     return Decision("rollback", aborted, message)
 
 
-def _check(figures: Figures, verdict: Verdict, now: str) -> Check:
+def _check(figures: Figures, verdict: Verdict, now: str, baseline: Figures | None = None) -> Check:
     rate = figures.error_rate
+    stable = baseline.confidence if baseline is not None else None
     return Check(
         time=now,
         requests=figures.requests,
         errors=figures.errors,
         error_rate=None if rate is None else round(rate, 4),
         p99_ms=figures.p99_ms,
+        confidence=None if figures.confidence is None else round(figures.confidence, 4),
+        stable_confidence=None if stable is None else round(stable, 4),
         verdict=verdict,
     )

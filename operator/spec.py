@@ -273,6 +273,32 @@ class Autoscaling(SpecModel):
     )
 
 
+class Mirror(SpecModel):
+    """The shadow phase: copies of live requests judged before the canary's weight leaves 0."""
+
+    percent: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="Percent of the other versions' interactive caption requests each router copies to "
+        "the canary in the background (marked bulk; the client's answer never waits for the copy).",
+    )
+    checks: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Shadow checks (on the copies' error rate, p99 and agreement, at every interval, "
+        "with minRequests copies) to pass before the first weight step.",
+    )
+    min_agreement: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="Lowest share of copies whose caption equals the stable's for the same request "
+        "(exact after normalisation: case, punctuation and spacing aside).",
+    )
+
+
 class Analysis(SpecModel):
     """Canary analysis, as in Flagger: every ``interval`` the canary's figures over ``window`` decide."""
 
@@ -301,6 +327,14 @@ class Analysis(SpecModel):
         ge=1,
         description="Highest acceptable p99 latency of the canary (ms, as the router sees it); unset: "
         "latency is not checked.",
+    )
+    mirror: Mirror | None = Field(default=None, description="A shadow phase before the first weight step.")
+    max_confidence_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Largest acceptable fall of the canary's mean caption confidence below the stable's, "
+        "over the window (both from the answers the routers relay); unset: not checked.",
     )
 
 

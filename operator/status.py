@@ -30,7 +30,7 @@ OPERATOR_TROUBLES = ("ApplyFailed", "NameConflict", "KedaNotInstalled")
 # Fields of a version's status written only when set (VersionStatus), by either of their names.
 OPTIONAL_FIELDS = frozenset(
     {"cold_start", "coldStart", "state", "state_since", "stateSince", "last_request_at", "lastRequestAt"}
-    | {"reason", "message"}
+    | {"reason", "message", "mirror"}
 )
 IDLE_MESSAGE = "no request for scaleToZeroAfter: 0 pods until one arrives (the routers hold it meanwhile)"
 
@@ -65,6 +65,9 @@ class VersionStatus(_StatusModel):
     service: str | None = Field(default=None, description="The version's Service, which the router uses.")
     replicas: int = 0
     ready_replicas: int = 0
+    mirror: int | None = Field(
+        default=None, description="Percent of the requests the routers copy to it (a canary's shadow phase)."
+    )
     cold_start: bool = Field(
         default=False,
         description="The version may scale to zero: while it has no ready pod the routers hold its "
@@ -242,6 +245,7 @@ def _observe(
                 service=services.get(share.name),
                 replicas=progress.replicas,
                 ready_replicas=progress.ready_replicas,
+                mirror=share.mirror or None,
                 **_cold_fields(share.name, state, progress, problems.get(share.name) or ()),
             )
         )

@@ -5,10 +5,11 @@ The spec's ``weight`` is the desired split. The *effective* weights are what the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
 weight (but receives traffic only once it has a ready pod, and has passed its quality gate when it has
 one, ``gate.py``) and the stable version the rest of their
-pool; once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
-stable version with the whole pool and the old stable is retired. Retiring waits for ``drained`` (one
-check after the decision): the weight goes to 0 at once, the pods only after every router has stopped
-sending them requests. A/B variants always keep their spec weights.
+pool (in a shadow phase, after the gate, its weight is 0 and it gets ``mirror`` percent of the
+requests as copies instead); once rolled back the canary gets 0 and is retired (scaled to zero);
+once promoted it becomes the stable version with the whole pool and the old stable is retired.
+Retiring waits for ``drained`` (one check after the decision): the weight goes to 0 at once, the pods
+only after every router has stopped sending them requests. A/B variants always keep their spec weights.
 
 Capacity (the weight that sizes a version's replica bounds) differs from traffic in two places: a
 canary is sized for its rollout weight before it is ready (so it gets its pods), and the stable
@@ -19,10 +20,12 @@ table, replica bounds, status) reads the weights from here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from captionfleet.operator.rollout import CanaryState, pool
+from captionfleet.operator.shadow import mirror_percent
 from captionfleet.operator.spec import CaptionModelSpec
 
 Role = Literal["stable", "canary", "variant"]
@@ -37,6 +40,7 @@ class Share:
     weight: int
     retired: bool = False
     capacity: int | None = None  # the weight its replica bounds are sized for; None: ``weight``
+    mirror: int = 0  # percent of the requests copied to it (the canary's shadow phase)
 
     @property
     def sized_for(self) -> int:
@@ -52,8 +56,11 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
         weight = total if role == "stable" else 0
         return Share("", role, weight, retired=role == "canary" and rollout.drained)
     canary_weight = rollout.weight if canary_ready and not rollout.awaits_gate else 0
-    if role == "canary":
-        return Share("", role, canary_weight, capacity=rollout.weight)
+    if role == "canary":  # in its shadow phase (after the gate): sized for the copies it gets
+        mirror = 0 if rollout.awaits_gate else mirror_percent(rollout.shadow)
+        return Share(
+            "", role, canary_weight, capacity=rollout.weight or mirror_percent(rollout.shadow), mirror=mirror
+        )
     capacity = total - rollout.weight if rollout.checked else total
     return Share("", role, total - canary_weight, capacity=capacity)
 
@@ -70,7 +77,7 @@ def shares(
         role: Role = "canary" if version.canary else "stable" if stable and version is stable else "variant"
         if rollout is not None and role in ("canary", "stable"):
             share = _in_rollout(role, rollout, total, canary_ready)
-            result.append(Share(version.name, share.role, share.weight, share.retired, share.capacity))
+            result.append(dataclasses.replace(share, name=version.name))
         else:
             result.append(Share(version.name, role, version.weight))
     return result

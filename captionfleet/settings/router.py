@@ -104,6 +104,19 @@ class RouterSettings(EdgeSettings):
     outlier_probe_timeout_ms: float = setting(
         1000.0, "Time limit of the GET /readyz probe of an ejected endpoint (a hung one fails it)."
     )
+    shadow_max_in_flight: int = setting(
+        16,
+        "Shadow copies (to a canary in its shadow phase) in flight at once per router; a copy beyond "
+        "is dropped and counted, so a hung canary costs at most this many copies and their bodies.",
+    )
+    shadow_timeout_ms: float = setting(
+        10000.0, "Longest wait for a canary's answer to a shadow copy; later counts as a timeout."
+    )
+    shadow_max_answer_bytes: int = setting(
+        64 * 1024,
+        "Largest caption answer the router parses for its caption and confidence (shadow comparison, "
+        "confidence figures); a larger one is relayed unparsed.",
+    )
     cold_start_max_held: int = setting(
         100,
         "Requests held at once (all versions) while a cold_start version has no ready pod (scaled to "
@@ -160,7 +173,10 @@ class RouterSettings(EdgeSettings):
                 problems.append(f"{name} must be > 0")
         if self.jobs_max_bytes > self.max_body_bytes_in_flight:
             problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
-        for name in ("max_response_bytes", "jobs_max_bytes", "stats_window_s", "stats_max_slots"):
+        for name in (
+            *("max_response_bytes", "jobs_max_bytes", "stats_window_s", "stats_max_slots"),
+            *("shadow_max_in_flight", "shadow_timeout_ms", "shadow_max_answer_bytes"),
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         for name in ("outlier_base_ejection_s", "outlier_max_ejection_s", "outlier_probe_timeout_ms"):

@@ -13,6 +13,8 @@ use the contract's JSON error body (``errors.py``); a runtime's answers are rela
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import random
 import time
@@ -21,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
@@ -31,6 +34,13 @@ from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
 from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, forwarded_headers
 from captionfleet.runtime.router.repeats import RouterRepeats
+from captionfleet.runtime.router.shadow import (
+    SHADOW_PATH,
+    SHADOW_REQUEST_ID_SUFFIX,
+    CopyOutcome,
+    Shadower,
+    parse_caption,
+)
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
@@ -75,6 +85,12 @@ class Router:
         )
         self.draining = False
         self._forwarder: Forwarder | None = None
+        self.shadower = Shadower(
+            settings.shadow_max_in_flight,
+            self._copy_ended,
+            self._copy_dropped,
+            answer_limit=settings.shadow_max_answer_bytes,
+        )
         holder.on_change(self._table_changed)
         holder.on_change(self.balancer.table_changed)
         self.metrics.watch_balancer(self.balancer)
@@ -130,7 +146,55 @@ class Router:
         body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
         version = self.pick(request, request.headers.get(USER_ID_HEADER, "").strip() or None, bulk=bulk)
         reply = self.sent_to(version, self.buffered, caption_arrived=request[ARRIVED])
-        return await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
+        response = await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
+        if not bulk and request.path == SHADOW_PATH and response.status == 200:
+            self.observe_caption(request, version, body, response)
+        return response
+
+    def observe_caption(
+        self, request: web.Request, version: Version, body: bytes, response: web.StreamResponse
+    ) -> None:
+        """A 200 caption answer of ``version``: its confidence counted, and a shadow copy of the
+        request sent in the background to a mirrored canary for its share of requests (shadow.py)."""
+        answer = response.body if isinstance(response, web.Response) else None
+        limit = self.settings.shadow_max_answer_bytes
+        caption = parse_caption(answer, limit) if isinstance(answer, bytes) else None
+        if caption is None:
+            return
+        if caption.confidence is not None:
+            self.stats.record_confidence(version.name, caption.confidence)
+            self.metrics.confidence.labels(version=version.name).observe(caption.confidence)
+        target = self.holder.table.mirror_target()
+        if target is None or target.name == version.name or self.rng.random() * 100 >= target.mirror:
+            return
+        outgoing = Outgoing(
+            request.method,
+            request.rel_url.raw_path_qs,
+            forwarded_headers(request.headers, request.remote),
+            body,
+            request[REQUEST_ID] + SHADOW_REQUEST_ID_SUFFIX,
+            time.monotonic() + self.settings.shadow_timeout_ms / 1000,
+        )
+        send = functools.partial(self._send_copy, target, outgoing)
+        self.shadower.offer(target.name, caption.text, outgoing.headers, send)
+
+    async def _send_copy(
+        self, target: Version, outgoing: Outgoing, headers: CIMultiDict[str]
+    ) -> tuple[int, bytes]:
+        self.metrics.shadow_in_flight.inc()
+        try:
+            answer = await self.forwarder.forward(target, dataclasses.replace(outgoing, headers=headers))
+        finally:
+            self.metrics.shadow_in_flight.dec()
+        return answer.status, answer.body
+
+    def _copy_ended(self, outcome: CopyOutcome) -> None:
+        self.stats.record_copy(outcome)
+        self.metrics.copy_ended(outcome)
+
+    def _copy_dropped(self, version: str) -> None:
+        self.stats.record_copy_dropped(version)
+        self.metrics.shadow_dropped.labels(version=version).inc()
 
     async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
         """The API key checked and the whole body read (once, through the edge's budget: it may be sent
@@ -305,6 +369,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         app[ROUTER].attach(session)
         log.info("router started", extra={"source": settings.source()})
         yield
+        await app[ROUTER].shadower.close()  # copies still out, before the HTTP client they use
         await app[ROUTER].balancer.close()  # its probes, before the HTTP client they use
         repeats = app[ROUTER].repeats
         if repeats is not None:

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from captionfleet.runtime.router.balancer import Balancer
+from captionfleet.runtime.router.shadow import CopyOutcome
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.table import RoutingTable
 from captionfleet.runtime.web.metrics import Declared, ProcessMetrics
 
 NO_VERSION = "none"
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 COLD_START_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
 """A cold start takes seconds (a cached image, a small model) to minutes (a GPU node, a model download)."""
 
@@ -104,6 +106,45 @@ class RouterMetrics(ProcessMetrics):
     ready = Declared.gauge(
         "captionfleet_router_ready", "1 when a version can take traffic and the router is not draining"
     )
+    confidence = Declared.histogram(
+        "captionfleet_router_answer_confidence",
+        "Confidence of the 200 caption answers relayed (interactive), by version: its _sum/_count is "
+        "the mean that rollout.analysis.maxConfidenceDrop compares",
+        "version",
+        buckets=CONFIDENCE_BUCKETS,
+    )
+    shadow_copies = Declared.counter(
+        "captionfleet_router_shadow_copies",
+        "Shadow copies sent to a canary in its shadow phase and ended, by version and outcome (agree: "
+        "the same caption after normalisation, differ, error)",
+        "version",
+        "outcome",
+    )
+    shadow_errors = Declared.counter(
+        "captionfleet_router_shadow_errors",
+        "Shadow copies that failed, by version and kind (as captionfleet_router_upstream_errors)",
+        "version",
+        "kind",
+    )
+    shadow_dropped = Declared.counter(
+        "captionfleet_router_shadow_dropped",
+        "Shadow copies not sent because shadow_max_in_flight copies were out already",
+        "version",
+    )
+    shadow_token_overlap = Declared.histogram(
+        "captionfleet_router_shadow_token_overlap",
+        "Token overlap (F1 of the words) between a shadow copy's caption and the primary's, by version",
+        "version",
+        buckets=CONFIDENCE_BUCKETS,
+    )
+    shadow_latency = Declared.histogram(
+        "captionfleet_router_shadow_duration_seconds",
+        "Latency of shadow copies, sent to answered (the runtime's bulk wait included)",
+        "version",
+    )
+    shadow_in_flight = Declared.gauge(
+        "captionfleet_router_shadow_in_flight", "Shadow copies in flight right now"
+    )
 
     def watch_balancer(self, balancer: Balancer) -> None:
         """Export the balancer's outlier figures, read at each scrape."""
@@ -112,6 +153,17 @@ class RouterMetrics(ProcessMetrics):
     def watch_sources(self, holder: TableHolder) -> None:
         """Export the count of failed reads of the table's source (a routes file), read at each scrape."""
         self.collect_at_scrape(functools.partial(_source_figures, holder))
+
+    def copy_ended(self, outcome: CopyOutcome) -> None:
+        """One shadow copy's figures (shadow.py)."""
+        version = outcome.version
+        self.shadow_latency.labels(version=version).observe(outcome.latency_ms / 1000)
+        if outcome.error is not None:
+            self.shadow_copies.labels(version=version, outcome="error").inc()
+            self.shadow_errors.labels(version=version, kind=outcome.error).inc()
+            return
+        self.shadow_copies.labels(version=version, outcome="agree" if outcome.exact else "differ").inc()
+        self.shadow_token_overlap.labels(version=version).observe(outcome.overlap)
 
     def table_changed(self, table: RoutingTable, timestamp: float) -> None:
         self.weight.clear()

@@ -26,6 +26,13 @@ counts holds that began while none of the version's requests was held (``coldsta
 held or sent, any priority; null before the first): what the operator's scale to zero reads. Latency is the
 router's view, arrival to answer, in a fixed histogram so figures of
 several pods add up; percentiles are estimated from it (linear within a bucket, as Prometheus does).
+
+``confidence`` sums the ``confidence`` of the 200 ``POST /v1/caption`` answers relayed (interactive
+ones), for ``rollout.analysis.maxConfidenceDrop``: the router sees every answer of every version over
+exactly the analysis window, so the canary's and the stable's means are comparable (the runtimes'
+``captionfleet_confidence_window_mean`` covers their last requests instead, whatever the window).
+``shadow`` holds the copies sent to a version in its shadow phase (``shadow.py``), apart from
+everything above.
 """
 
 from __future__ import annotations
@@ -37,43 +44,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from captionfleet.names import LATENCY_BUCKETS_S
+from captionfleet.runtime.router.histogram import (
+    LATENCY_BUCKETS_MS,
+    bucket_index,
+    empty_counts,
+    latency_json,
+)
+from captionfleet.runtime.router.histogram import (
+    quantile as quantile,
+)
+from captionfleet.runtime.router.shadow import CopyOutcome, ShadowFigures
 from captionfleet.settings.router import RouterSettings
 
-# Upper bounds in milliseconds, the Prometheus histogram's (so both estimate the same p99); the
-# histogram has one more count for everything above the last. The body names them
-# (``latency_buckets_ms``), so the operator adds up only histograms with equal bounds.
-LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(round(bound * 1000, 6) for bound in LATENCY_BUCKETS_S)
 DEFAULT_MAX_SLOTS = RouterSettings().stats_max_slots
 ERROR_KINDS = ("status_5xx", "timeouts", "connect_failures", "bad_responses")
-QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 COUNTED_APART = ("retries", "fallbacks", "bulk", "cold_starts", "cold_start_rejections")
 """Counts beside the requests: each event counted in its own field and nowhere else."""
-
-
-def _bucket_index(latency_ms: float) -> int:
-    for index, bound in enumerate(LATENCY_BUCKETS_MS):
-        if latency_ms <= bound:
-            return index
-    return len(LATENCY_BUCKETS_MS)
-
-
-def quantile(counts: list[int], q: float) -> float | None:
-    """The q-quantile (0..1) in ms estimated from histogram counts; None without samples."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(counts):
-        if count and seen + count >= rank:
-            lower = LATENCY_BUCKETS_MS[index - 1] if index > 0 else 0.0
-            if index == len(LATENCY_BUCKETS_MS):  # above the last bound: its lower edge is all we know
-                return float(lower)
-            upper = LATENCY_BUCKETS_MS[index]
-            return float(lower + (upper - lower) * (rank - seen) / count)
-        seen += count
-    return float(LATENCY_BUCKETS_MS[-1])
 
 
 @dataclass(slots=True)  # one per slot per version: no __dict__
@@ -91,7 +77,10 @@ class Figures:
     cold_starts: int = 0  # holds that began while none of the version's requests was held
     cold_start_rejections: int = 0  # 503 cold_start: too many held, too many bytes, held too long
     latency_sum_ms: float = 0.0
-    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_counts: list[int] = field(default_factory=empty_counts)
+    confidence_sum: float = 0.0  # of the 200 caption answers relayed (maxConfidenceDrop)
+    confidences: int = 0
+    shadow: ShadowFigures | None = None  # copies sent to this version (shadow.py); None: none yet
 
     @property
     def errors(self) -> int:
@@ -103,26 +92,39 @@ class Figures:
             setattr(self, error, getattr(self, error) + 1)
         self.retries += retries
         self.latency_sum_ms += latency_ms
-        self.latency_counts[_bucket_index(latency_ms)] += 1
+        self.latency_counts[bucket_index(latency_ms)] += 1
 
     def add(self, other: Figures) -> None:
         for name in ("requests", *ERROR_KINDS, *COUNTED_APART):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency_sum_ms += other.latency_sum_ms
         self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
+        self.confidence_sum += other.confidence_sum
+        self.confidences += other.confidences
+        if other.shadow is not None:
+            self.shadowing().add(other.shadow)
+
+    def shadowing(self) -> ShadowFigures:
+        """The shadow figures, allocated on first use (a version never shadowed costs nothing)."""
+        if self.shadow is None:
+            self.shadow = ShadowFigures()
+        return self.shadow
 
     def as_json(self) -> dict[str, Any]:
-        latency: dict[str, Any] = {"sum": round(self.latency_sum_ms, 3), "counts": list(self.latency_counts)}
-        for name, q in QUANTILES:
-            value = quantile(self.latency_counts, q)
-            latency[name] = None if value is None else round(value, 3)
+        mean = self.confidence_sum / self.confidences if self.confidences else None
         return {
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
             **{name: getattr(self, name) for name in ERROR_KINDS},
             **{name: getattr(self, name) for name in COUNTED_APART},
-            "latency_ms": latency,
+            "latency_ms": latency_json(self.latency_sum_ms, self.latency_counts),
+            "confidence": {
+                "count": self.confidences,
+                "sum": round(self.confidence_sum, 6),
+                "mean": None if mean is None else round(mean, 6),
+            },
+            "shadow": (self.shadow or ShadowFigures()).as_json(),
         }
 
 
@@ -153,6 +155,19 @@ class VersionFigures:
     def record(self, second: int, error: str | None, latency_ms: float, retries: int) -> None:
         self._slot(second).figures.record(error, latency_ms, retries)
         self.total.record(error, latency_ms, retries)
+
+    def record_confidence(self, second: int, confidence: float) -> None:
+        for figures in (self._slot(second).figures, self.total):
+            figures.confidence_sum += confidence
+            figures.confidences += 1
+
+    def record_shadow(self, second: int, outcome: CopyOutcome | None) -> None:
+        """One copy's outcome; None: a copy dropped."""
+        for figures in (self._slot(second).figures.shadowing(), self.total.shadowing()):
+            if outcome is None:
+                figures.dropped += 1
+            else:
+                figures.record(outcome)
 
     def count(self, second: int, name: str) -> None:
         """One more of ``name`` (one of COUNTED_APART but retries)."""
@@ -221,6 +236,18 @@ class RouterStats:
     def touch(self, version: str) -> None:
         """A request was routed to ``version`` (any priority; held or sent): its last request is now."""
         self._figures(version).last_request_at = self._clock()
+
+    def record_confidence(self, version: str, confidence: float) -> None:
+        """The confidence of a 200 caption answer of ``version`` (interactive only)."""
+        self._figures(version).record_confidence(int(self._clock()), confidence)
+
+    def record_copy(self, outcome: CopyOutcome) -> None:
+        """A shadow copy to ``outcome.version`` ended: in its shadow figures, never its live ones."""
+        self._figures(outcome.version).record_shadow(int(self._clock()), outcome)
+
+    def record_copy_dropped(self, version: str) -> None:
+        """A shadow copy to ``version`` was not sent: the router had its most copies in flight."""
+        self._figures(version).record_shadow(int(self._clock()), None)
 
     def record_unrouted(self, latency_ms: float) -> None:
         """A request no version could take (503 no_route)."""

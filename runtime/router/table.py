@@ -61,6 +61,7 @@ class Version:
     role: Role
     endpoints: tuple[str, ...] = ()  # base URLs: http://10.0.0.7:8080
     cold_start: bool = False  # without endpoints, its requests are held for its first pod (no fallback)
+    mirror: int = 0  # percent of the other versions' requests copied to it in the background (shadow.py)
 
     @property
     def routable(self) -> bool:
@@ -159,6 +160,12 @@ class RoutingTable:
                 )
             if version.role not in ROLES:
                 raise TableError(f"version {version.name}: role must be one of {', '.join(ROLES)}")
+            if isinstance(version.mirror, bool) or not isinstance(version.mirror, int):
+                raise TableError(f"version {version.name}: mirror must be an integer percent")
+            if not 0 <= version.mirror <= 100:
+                raise TableError(f"version {version.name}: mirror must be in 0..100, got {version.mirror}")
+        if sum(1 for v in self.versions if v.mirror) > 1:
+            raise TableError("at most one version may be mirrored to (the canary in its shadow phase)")
         for role in ("stable", "canary"):
             holders = [v.name for v in self.versions if v.role == role]
             if len(holders) > 1:
@@ -177,6 +184,10 @@ class RoutingTable:
 
     def version(self, name: str) -> Version | None:
         return next((v for v in self.versions if v.name == name), None)
+
+    def mirror_target(self) -> Version | None:
+        """The version that receives copies of the others' requests (shadow.py), if one has endpoints."""
+        return next((v for v in self.versions if v.mirror and v.endpoints), None)
 
     def owner(self, bucket: int) -> Version | None:
         """The version that owns ``bucket`` by weight, routable or not."""
@@ -200,8 +211,9 @@ class RoutingTable:
     def describe(self) -> list[dict[str, Any]]:
         """The table as JSON, for GET /v1/models and logs (endpoint addresses are counted, not shown)."""
         spans = {v.name: (start, end) for v, start, end in self.ranges}
-        return [
-            {
+        described = []
+        for v in self.versions:
+            entry: dict[str, Any] = {
                 "version": v.name,
                 "role": v.role,
                 "weight": v.weight,
@@ -210,8 +222,10 @@ class RoutingTable:
                 "ready": v.routable,
                 "cold_start": v.cold_start,
             }
-            for v in self.versions
-        ]
+            if v.mirror:  # only a canary in its shadow phase
+                entry["mirror"] = v.mirror
+            described.append(entry)
+        return described
 
 
 def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
@@ -222,12 +236,14 @@ def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
 def from_mapping(
     entries: Sequence[Mapping[str, Any]], *, source: str, canary: str | None = None
 ) -> RoutingTable:
-    """A table from ``[{name, weight, role?, endpoints, cold_start?}]`` (a routes file's or status's shape).
+    """A table from ``[{name, weight, role?, endpoints, cold_start?, mirror?}]`` (a routes file's or the
+    status's shape).
 
     Roles missing from every entry are assigned by :func:`assign_roles`; given on some, they must be on all.
     """
     versions = []
     pairs = []
+    mirrors: dict[str, Any] = {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise TableError(f"versions[{index}] must be a mapping, got {type(entry).__name__}")
@@ -249,6 +265,7 @@ def from_mapping(
         versions.append(
             (name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints), cold_start)
         )
+        mirrors[name] = entry.get("mirror") or 0
     given: dict[str, Role] = {}
     for name, _, role, _, _ in versions:
         if role is not None and role not in ROLES:
@@ -258,7 +275,9 @@ def from_mapping(
     if given and len(given) != len(versions):
         raise TableError("give a role to every version or to none")
     roles = given or assign_roles(pairs, canary)
-    return RoutingTable(tuple(Version(n, w, roles[n], e, cold) for n, w, _, e, cold in versions), source)
+    return RoutingTable(
+        tuple(Version(n, w, roles[n], e, cold, mirrors[n]) for n, w, _, e, cold in versions), source
+    )
 
 
 def _checked_endpoints(index: int, name: str, endpoints: Sequence[str]) -> tuple[str, ...]:

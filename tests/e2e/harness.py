@@ -465,7 +465,8 @@ class OperatorProcess:
         self.metrics_port = 0
         self.killed = False
 
-    def start(self) -> None:
+    def start(self, **options: str) -> None:
+        """Start the operator; ``options``: more of its settings, as CAPTIONFLEET_<NAME> variables."""
         assert self.process is None or self.process.poll() is not None, "already running"
         self.killed = False
         self.metrics_port = free_port()
@@ -478,6 +479,7 @@ class OperatorProcess:
             CAPTIONFLEET_METRICS=f"http://127.0.0.1:{self.metrics_port}/metrics",
             CAPTIONFLEET_RESYNC_SECONDS="0",
         )
+        env.update({f"CAPTIONFLEET_{name.upper()}": value for name, value in options.items()})
         self.process = _spawn([sys.executable, "-m", "captionfleet", "operator"], env, self.log_path)
 
     def kill(self) -> None:

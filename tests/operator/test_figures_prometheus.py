@@ -71,11 +71,13 @@ async def test_counts_and_p99_come_from_the_routers_series(prometheus) -> None:
     assert reading.problems == []
     assert reading.figures is not None
     assert (reading.figures.requests, reading.figures.errors, reading.figures.p99_ms) == (200, 6, 250.0)
-    assert len(queries) == 3
+    assert reading.figures.confidence == 1.0 and reading.figures.shadow is None  # no shadow asked for
+    assert len(queries) == 5
     for promql in queries:
         assert "{" + LABELS + "}[300s]" in promql, promql
         assert re.search(
-            r"captionfleet_router_(requests_total|upstream_errors_total|request_duration_seconds_bucket)",
+            r"captionfleet_router_(requests_total|upstream_errors_total|request_duration_seconds_bucket"
+            r"|answer_confidence_(count|sum))",
             promql,
         )
 

@@ -117,8 +117,10 @@ def test_requests_without_a_user_are_spread_by_weight() -> None:
     assert names(3, 200) != names(4, 200)
 
 
-def test_zero_weight_versions_get_nothing() -> None:
-    table = RoutingTable((Version("v1", 100, "stable", EP), Version("v2", 0, "canary", EP)))
+@pytest.mark.parametrize("mirror", [0, 30])
+def test_zero_weight_versions_get_nothing(mirror: int) -> None:
+    # A mirrored canary (its shadow phase) gets copies, never a request of its own.
+    table = RoutingTable((Version("v1", 100, "stable", EP), Version("v2", 0, "canary", EP, mirror=mirror)))
     assert set(assignment(table).values()) == {"v1"}
     assert table.describe()[1] == {
         "version": "v2",
@@ -128,7 +130,32 @@ def test_zero_weight_versions_get_nothing() -> None:
         "endpoints": 1,
         "ready": False,
         "cold_start": False,
+        **({"mirror": mirror} if mirror else {}),
     }
+    assert table.mirror_target() == (table.versions[1] if mirror else None)
+
+
+@pytest.mark.parametrize(
+    ("mirrors", "problem"),
+    [
+        ((101, 0), "mirror must be in 0..100"),
+        ((-1, 0), "mirror must be in 0..100"),
+        ((10, 10), "at most one"),
+    ],
+)
+def test_mirror_is_a_percent_of_at_most_one_version(mirrors: tuple[int, int], problem: str) -> None:
+    with pytest.raises(TableError, match=problem):
+        RoutingTable(
+            (
+                Version("v1", 100, "stable", EP, mirror=mirrors[0]),
+                Version("v2", 0, "canary", EP, mirror=mirrors[1]),
+            )
+        )
+    entries = [
+        {"name": "v1", "weight": 100, "endpoints": list(EP)},
+        {"name": "v2", "mirror": 20, "endpoints": list(EP)},
+    ]
+    assert from_mapping(entries, source="file").versions[1].mirror == 20
 
 
 def test_users_of_a_version_without_endpoints_fall_back_and_stay_put() -> None:
