@@ -27,6 +27,8 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    CASCADE_THRESHOLD = "CascadeThreshold"
+    CASCADE_CALIBRATION = "CascadeCalibrationUnavailable"
     # Why a version's pods do not start (pods.py; Warning, once per problem).
     SECRET_MISSING = "SecretMissing"
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"

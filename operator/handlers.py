@@ -19,7 +19,7 @@ import kopf
 
 from captionfleet import names
 from captionfleet.names import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL
-from captionfleet.operator import analysis, figures, kube, metrics, reconcile
+from captionfleet.operator import analysis, cascade_check, figures, kube, metrics, reconcile
 from captionfleet.operator.context import Clients, OperatorContext
 from captionfleet.operator.events import REPAIRS, Event
 from captionfleet.operator.secrecy import redacted
@@ -157,9 +157,22 @@ async def analyse_rollout(
             interval = outcome.interval_s
             if outcome.model is not None:
                 _post(outcome.model, outcome.events)
+            interval = min(interval, await _cascade(namespace, name, uid, memo))
         except kube.KubeError as e:  # the API refused or was away: try again next interval
             log.warning("rollout check of %s/%s failed: %s", namespace, name, e)
         await _sleep(stopped, memo.wakeup(uid), interval)
+
+
+async def _cascade(namespace: str, name: str, uid: str, memo: OperatorContext) -> float:
+    """The cascade's threshold and figures (cascade_check.py); when to look again."""
+    clients = memo.require()
+    async with memo.lock(uid):
+        every, events, body = await cascade_check.refresh(
+            clients.kube, clients.http, memo.config, namespace, name, reconcile.now()
+        )
+    if body is not None:
+        _post(body, events)
+    return analysis.IDLE_INTERVAL_S if every is None else every
 
 
 async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:

@@ -29,6 +29,7 @@ from captionfleet.names import (
 )
 from captionfleet.operator import builders, kube, pods, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext, endpoint, version_name
+from captionfleet.operator.cascade import cascade_status
 from captionfleet.operator.events import Event, Reason
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.spec import CaptionModelSpec
@@ -148,7 +149,7 @@ def _status_of(
     problems: ProblemsByVersion,
 ) -> CaptionModelStatus:
     versions, router = _by_version(deployments)
-    return fleet_status(
+    status = fleet_status(
         shares=ctx.shares,
         deployments=versions,
         services={v.name: version_name(ctx, v.name) for v in ctx.spec.versions},
@@ -161,6 +162,7 @@ def _status_of(
         trouble=trouble,
         pod_problems=problems,
     )
+    return status.model_copy(update={"cascade": cascade_status(ctx.spec, previous)})
 
 
 def _patch(status: CaptionModelStatus, previous: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
+from captionfleet.runtime.router.cascade import Cascade
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.jobs import JobRoutes
 from captionfleet.runtime.router.kube import KubeAccess
@@ -69,6 +70,8 @@ class Router:
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.draining = False
         self._forwarder: Forwarder | None = None
+        self.cascade = Cascade.of(self, RouterStats(settings.stats_window_s, clock, settings.stats_max_slots))
+        holder.on_change(self.cascade.table_changed)
         holder.on_change(self._table_changed)
         holder.on_change(self.balancer.table_changed)
         self.metrics.watch_balancer(self.balancer)
@@ -122,7 +125,10 @@ class Router:
         else a weighted random one."""
         bulk = is_bulk(request)
         body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
-        version = self.pick(request, request.headers.get(USER_ID_HEADER, "").strip() or None, bulk=bulk)
+        sticky = request.headers.get(USER_ID_HEADER, "").strip() or None
+        if self.cascade.plan is not None:
+            return await self.cascade.answer(request, body, sticky, bulk)
+        version = self.pick(request, sticky, bulk=bulk)
         return await self.route(
             request, version, body, request.rel_url.raw_path_qs, self.buffered(version), bulk
         )
@@ -307,7 +313,10 @@ async def stats(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("window must be a whole number of seconds > 0", code="invalid_window")
     per_second = request.query.get("seconds", "false").lower() in ("1", "true", "yes")
     names = [v.name for v in router.holder.table.versions]
-    return web.json_response(router.stats.snapshot(window, versions=names, per_second=per_second))
+    body = router.stats.snapshot(window, versions=names, per_second=per_second)
+    if router.cascade.plan is not None:
+        body["cascade"] = router.cascade.figures.snapshot(window)
+    return web.json_response(body)
 
 
 ROUTER_PATHS: dict[str, Any] = {
