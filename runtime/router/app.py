@@ -299,6 +299,8 @@ async def models(request: web.Request) -> web.StreamResponse:
             "last_error": holder.last_error,
         },
     }
+    if holder.table.cascade is not None:
+        body["cascade"] = holder.table.cascade.describe()
     return web.json_response(body)
 
 

@@ -1,0 +1,151 @@
+"""The cascade in the operator: validation, tiers, the threshold from a calibration, the status and
+the routers' figures summed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from captionfleet.operator import cascade, cascade_check, validation
+from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.spec import parse_spec
+
+CONFIG = ClusterConfig("registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "")
+
+
+def v(name: str, weight: int, **more: Any) -> dict[str, Any]:
+    return {"name": name, "model": f"hf://org/{name}", "weight": weight, **more}
+
+
+def spec_of(cascade_spec: dict[str, Any], *versions: dict[str, Any]) -> dict[str, Any]:
+    return {"versions": list(versions) or [v("f", 40), v("q", 60)], "cascade": cascade_spec}
+
+
+@pytest.mark.parametrize(
+    ("cascade_spec", "versions", "message"),
+    [
+        (
+            {"fast": "x", "quality": "q", "confidenceThreshold": 0.5},
+            (),
+            "spec.cascade.fast: 'x' is not one of",
+        ),
+        (
+            {"fast": "f", "quality": "f", "confidenceThreshold": 0.5},
+            (),
+            "fast and quality must be two different",
+        ),
+        ({"fast": "f", "quality": "q"}, (), "exactly one of confidenceThreshold and targetEscalationRate"),
+        (
+            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5, "targetEscalationRate": 0.3},
+            (),
+            "exactly one of",
+        ),
+        ({"fast": "f", "quality": "q", "targetEscalationRate": 1.5}, (), "spec.cascade.targetEscalationRate"),
+        (
+            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
+            (v("f", 0), v("q", 100)),
+            "'f' has weight 0",
+        ),
+        (
+            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
+            (v("f", 50), v("q", 40), v("c", 10, canary=True)),
+            None,
+        ),
+    ],
+)
+def test_a_bad_cascade_is_named_in_the_problems(
+    cascade_spec: dict[str, Any], versions: tuple[dict[str, Any], ...], message: str | None
+) -> None:
+    _, problems = validation.check("m", spec_of(cascade_spec, *versions), CONFIG)
+    if message is None:
+        assert problems == []
+    else:
+        assert any(message in p for p in problems), problems
+
+
+def test_a_canary_joins_the_tier_of_the_version_it_replaces_and_variants_the_quality_tier() -> None:
+    quality_canary = parse_spec(
+        spec_of(
+            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
+            v("f", 30),
+            v("q", 50),
+            v("q2", 10, canary=True),
+            v("ab", 10),
+        )
+    )
+    assert cascade.tiers(quality_canary) == (["f"], ["q", "q2", "ab"])
+    fast_canary = parse_spec(
+        spec_of(
+            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
+            v("f", 60),
+            v("q", 30),
+            v("f2", 10, canary=True),
+        )
+    )
+    assert cascade.tiers(fast_canary) == (["f", "f2"], ["q"])
+
+
+def calibration(signal: str = "confidence") -> dict[str, Any]:
+    points = [round(i / 100, 2) for i in range(101)]  # a uniform signal: the q-quantile is q
+    return {"signal": signal, "confidence_quantiles": points, "ood_quantiles": points, "rows": []}
+
+
+def test_the_threshold_is_the_quantile_of_the_target_rate() -> None:
+    assert cascade.threshold_from_calibration(calibration(), 0.3) == (0.3, "confidence")
+    assert cascade.threshold_from_calibration(calibration(), 0.305) == (0.305, "confidence")
+    assert cascade.threshold_from_calibration(calibration("ood"), 0.3) == (0.7, "ood")  # above it: escalated
+    for bad in (
+        None,
+        {"signal": "mood"},
+        {"confidence_quantiles": [0.1, 0.2]},
+        {"confidence_quantiles": [1.0] * 50 + [0.0] * 51},
+    ):
+        with pytest.raises(ValueError, match="calibration"):
+            cascade.threshold_from_calibration(bad, 0.3)
+
+
+def test_the_status_keeps_a_resolved_threshold_while_it_applies() -> None:
+    spec = parse_spec(spec_of({"fast": "f", "quality": "q", "targetEscalationRate": 0.3}))
+    first = cascade.cascade_status(spec, {})
+    assert first is not None and first.threshold is None and first.fast_versions == ["f"]
+    resolved = first.model_copy(update={"threshold": 0.42}).model_dump(by_alias=True, mode="json")
+    assert cascade.cascade_status(spec, {"cascade": resolved}).threshold == 0.42  # type: ignore[union-attr]
+    other_rate = parse_spec(spec_of({"fast": "f", "quality": "q", "targetEscalationRate": 0.2}))
+    assert cascade.cascade_status(other_rate, {"cascade": resolved}).threshold is None  # type: ignore[union-attr]
+    fixed = parse_spec(spec_of({"fast": "f", "quality": "q", "confidenceThreshold": 0.6}))
+    assert cascade.cascade_status(fixed, {}).threshold == 0.6  # type: ignore[union-attr]
+
+
+def test_the_routers_figures_add_up() -> None:
+    bounds = [10.0, 100.0, 1000.0]
+    one = {
+        "latency_buckets_ms": bounds,
+        "cascade": {
+            "requests": 10,
+            "escalated": 3,
+            "outcomes": {"deadline": 1},
+            "tiers": {
+                "fast": {"requests": 10, "counts": [10, 0, 0, 0]},
+                "quality": {"requests": 3, "counts": [0, 3, 0, 0]},
+            },
+        },
+    }
+    two = {
+        "latency_buckets_ms": bounds,
+        "cascade": {
+            "requests": 10,
+            "escalated": 1,
+            "outcomes": {"quality_failed": 1},
+            "tiers": {
+                "fast": {"requests": 10, "counts": [10, 0, 0, 0]},
+                "quality": {"requests": 1, "counts": [0, 0, 1, 0]},
+            },
+        },
+    }
+    figures = cascade_check.sum_cascade_figures([one, two], 60, "now")
+    assert (figures.requests, figures.escalated, figures.escalation_rate) == (20, 4, 0.2)
+    assert (figures.skipped_deadline, figures.skipped_quality_failed) == (1, 1)
+    assert figures.fast.requests == 20 and figures.quality.requests == 4
+    assert figures.fast.p99_ms is not None and figures.fast.p99_ms <= 10
+    assert figures.quality.p99_ms is not None and 100 < figures.quality.p99_ms <= 1000
