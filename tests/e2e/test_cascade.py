@@ -9,13 +9,11 @@ one, and the operator must show the per-tier figures in ``status.cascade``.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
 import aiohttp
 import pytest
-
 
 pytestmark = pytest.mark.e2e
 
