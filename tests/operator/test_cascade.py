@@ -117,32 +117,19 @@ def test_the_status_keeps_a_resolved_threshold_while_it_applies() -> None:
     assert cascade.cascade_status(fixed, {}).threshold == 0.6  # type: ignore[union-attr]
 
 
+def router_body(escalated: int, outcome: str, quality_counts: list[int]) -> dict[str, Any]:
+    """One router's stats body: 10 requests, all fast within 10 ms, ``escalated`` of them escalated."""
+    tiers = {
+        "fast": {"requests": 10, "counts": [10, 0, 0, 0]},
+        "quality": {"requests": escalated, "counts": quality_counts},
+    }
+    part = {"requests": 10, "escalated": escalated, "outcomes": {outcome: 1}, "tiers": tiers}
+    return {"latency_buckets_ms": [10.0, 100.0, 1000.0], "cascade": part}
+
+
 def test_the_routers_figures_add_up() -> None:
-    bounds = [10.0, 100.0, 1000.0]
-    one = {
-        "latency_buckets_ms": bounds,
-        "cascade": {
-            "requests": 10,
-            "escalated": 3,
-            "outcomes": {"deadline": 1},
-            "tiers": {
-                "fast": {"requests": 10, "counts": [10, 0, 0, 0]},
-                "quality": {"requests": 3, "counts": [0, 3, 0, 0]},
-            },
-        },
-    }
-    two = {
-        "latency_buckets_ms": bounds,
-        "cascade": {
-            "requests": 10,
-            "escalated": 1,
-            "outcomes": {"quality_failed": 1},
-            "tiers": {
-                "fast": {"requests": 10, "counts": [10, 0, 0, 0]},
-                "quality": {"requests": 1, "counts": [0, 0, 1, 0]},
-            },
-        },
-    }
+    one = router_body(3, "deadline", [0, 3, 0, 0])
+    two = router_body(1, "quality_failed", [0, 0, 1, 0])
     figures = cascade_check.sum_cascade_figures([one, two], 60, "now")
     assert (figures.requests, figures.escalated, figures.escalation_rate) == (20, 4, 0.2)
     assert (figures.skipped_deadline, figures.skipped_quality_failed) == (1, 1)
