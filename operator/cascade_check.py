@@ -1,7 +1,8 @@
-"""The cascade's part of the analysis daemon: resolve the threshold, read the figures, write them.
+"""The cascade's daemon (``handlers.watch_cascade``): resolve the threshold, read the figures, write them.
 
-Every ``rollout.analysis.interval`` while a CaptionModel has a cascade (under the same lock as the
-reconciliations, so neither overwrites the other):
+Every ``rollout.analysis.interval`` while a CaptionModel has a cascade (every second while its
+threshold is not resolved yet; a CaptionModel without one is looked at every minute), under the same
+lock as the reconciliations, so neither overwrites the other:
 
 - with ``targetEscalationRate`` and no threshold yet (or another fast version or rate), read the fast
   version's calibration from ``GET /v1/models`` of one of its ready pods (the endpoints of its Service)
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from captionfleet import names
-from captionfleet.operator import kube, validation
+from captionfleet.operator import kube, reconcile, validation
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.cascade import (
     CascadeFigures,
@@ -36,6 +38,8 @@ from captionfleet.operator.spec import CaptionModelSpec, seconds
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 5.0
+IDLE_S = 60.0  # how often a CaptionModel without a cascade is looked at again
+PENDING_S = 1.0  # ... one whose cascade has no status or threshold yet
 
 
 async def _get_json(http: aiohttp.ClientSession, url: str, params: Mapping[str, str] | None = None) -> Any:
@@ -152,23 +156,35 @@ async def _figures(
     return sum_cascade_figures(bodies, window_s, now) if bodies else None
 
 
+@dataclass
+class CascadeOutcome:
+    interval_s: float = IDLE_S  # when to look again
+    events: list[Event] = field(default_factory=list)
+    model: dict[str, Any] | None = None  # the CaptionModel the events are about
+
+
 async def refresh(
-    api: kube.Api, http: aiohttp.ClientSession, config: ClusterConfig, namespace: str, name: str, now: str
-) -> tuple[float | None, list[Event], dict[str, Any] | None]:
-    """(seconds until the next look, or None without a cascade; the Events; the CaptionModel read)."""
+    api: kube.Api, http: aiohttp.ClientSession, config: ClusterConfig, namespace: str, name: str
+) -> CascadeOutcome:
+    """One look at the cascade of CaptionModel ``name``: the threshold resolved, the figures written."""
     body = await api.get(kube.CAPTION_MODEL, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
-        return None, [], None
+        return CascadeOutcome()
     spec, problems = validation.check(name, body.get("spec"), config)
+    if problems or spec is None or spec.cascade is None:
+        return CascadeOutcome()
     stored = (body.get("status") or {}).get("cascade")
-    if problems or spec is None or spec.cascade is None or not isinstance(stored, Mapping):
-        return None, [], None
+    if not isinstance(stored, Mapping):
+        return CascadeOutcome(PENDING_S)  # the reconciliation writes it first
     status = CascadeStatus.model_validate(stored)
     patch, events = await _threshold(api, http, namespace, name, spec, status)
     window_s = max(1, round(seconds(spec.rollout.analysis.window)))
-    figures = await _figures(api, http, namespace, name, window_s, now)
+    figures = await _figures(api, http, namespace, name, window_s, reconcile.now())
     if figures is not None:
         patch["figures"] = figures.model_dump(by_alias=True, mode="json")
     if patch:
         await api.patch_status(kube.CAPTION_MODEL, namespace, name, {"cascade": patch})
-    return seconds(spec.rollout.analysis.interval), events, body
+    interval = seconds(spec.rollout.analysis.interval)
+    if status.threshold is None and "threshold" not in patch:
+        interval = min(interval, PENDING_S)  # the fast version's pods may be ready any moment
+    return CascadeOutcome(interval, events, body)

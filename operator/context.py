@@ -14,7 +14,8 @@ from aiohttp import web
 
 from captionfleet.operator.analysis import Tools
 from captionfleet.operator.builders.common import ClusterConfig
-from captionfleet.operator.figures import Source
+from captionfleet.operator.demand import Polling
+from captionfleet.operator.figures import RouterStats, Source
 from captionfleet.operator.kube import Kube
 from captionfleet.operator.metrics import OperatorMetrics
 from captionfleet.operator.settings import OperatorSettings
@@ -28,6 +29,7 @@ class Clients:
     http: aiohttp.ClientSession
     figures: Source
     metrics: OperatorMetrics
+    routers: RouterStats  # the demand poll always asks the routers themselves
     metrics_server: web.AppRunner | None = None
 
 
@@ -61,3 +63,8 @@ class OperatorContext:
     def tools(self) -> Tools:
         clients = self.require()
         return Tools(clients.kube, self.config, clients.figures, clients.metrics)
+
+    def polling(self) -> Polling:
+        clients = self.require()
+        fast_s = max(0.05, self.settings.demand_poll_ms / 1000)
+        return Polling(clients.kube, self.config, clients.routers, fast_s, self.settings.idle_poll_seconds)

@@ -29,6 +29,10 @@ class Reason(StrEnum):
     ROLLOUT_ACTION = "RolloutAction"
     CASCADE_THRESHOLD = "CascadeThreshold"
     CASCADE_CALIBRATION = "CascadeCalibrationUnavailable"
+    # Scale to zero (coldstart.py): a version went to 0 pods, is woken by held requests, is ready again.
+    SCALED_TO_ZERO = "ScaledToZero"
+    WAKING = "Waking"
+    WOKE = "Woke"
     # Why a version's pods do not start (pods.py; Warning, once per problem).
     SECRET_MISSING = "SecretMissing"
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"

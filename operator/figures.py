@@ -9,6 +9,7 @@ answer is left out and named in ``Reading.problems``; with no answer at all ther
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,11 +98,11 @@ class RouterStats:
         self.endpoints = endpoints
         self.port_name = port_name
 
-    async def _one(self, url: str, window_s: int) -> Mapping[str, Any]:
+    async def _one(self, url: str, window_s: int, timeout_s: float = TIMEOUT_S) -> Mapping[str, Any]:
         async with self.session.get(
             f"{url}/v1/router/stats",
             params={"window": str(window_s)},
-            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status}")
@@ -110,16 +111,28 @@ class RouterStats:
             raise ValueError("not a router stats body")
         return body
 
-    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading:
+    async def bodies(
+        self, namespace: str, model: str, window_s: int, timeout_s: float = TIMEOUT_S
+    ) -> tuple[list[Mapping[str, Any]], list[str]]:
+        """The stats bodies of every router pod that answered, and a line per one that did not."""
         urls = await self.endpoints(namespace, model)
         if not urls:
-            return Reading(None, [f"Service {namespace}/{model} has no ready router endpoints"])
+            return [], [f"Service {namespace}/{model} has no ready router endpoints"]
+        answers = await asyncio.gather(
+            *(self._one(url, window_s, timeout_s) for url in urls), return_exceptions=True
+        )
         bodies, problems = [], []
-        for url in urls:
-            try:
-                bodies.append(await self._one(url, window_s))
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                problems.append(f"router {url}: {type(e).__name__}: {e}")
+        for url, answer in zip(urls, answers, strict=True):
+            if isinstance(answer, aiohttp.ClientError | TimeoutError | ValueError):
+                problems.append(f"router {url}: {type(answer).__name__}: {answer}")
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                bodies.append(answer)
+        return bodies, problems
+
+    async def read(self, namespace: str, model: str, version: str, window_s: int) -> Reading:
+        bodies, problems = await self.bodies(namespace, model, window_s)
         if not bodies:
             return Reading(None, problems)
         return Reading(sum_router_stats(bodies, version), problems)

@@ -11,15 +11,15 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import aiohttp
 import kopf
 
 from captionfleet import names
 from captionfleet.names import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL
-from captionfleet.operator import analysis, cascade_check, figures, kube, metrics, reconcile
+from captionfleet.operator import analysis, cascade_check, demand, figures, kube, metrics, reconcile
 from captionfleet.operator.context import Clients, OperatorContext
 from captionfleet.operator.events import REPAIRS, Event
 from captionfleet.operator.secrecy import redacted
@@ -74,12 +74,11 @@ async def configure(settings: kopf.OperatorSettings, memo: OperatorContext, **_:
     api = kube.Kube(kube.load_configuration(options.kubeconfig, options.context))
     operator_metrics = metrics.OperatorMetrics()
     http = aiohttp.ClientSession()
-    source: figures.Source
+    routers = figures.RouterStats(http, api.router_endpoints)
+    source: figures.Source = routers
     if options.analysis_prometheus_url:
         source = figures.Prometheus(http, options.analysis_prometheus_url)
-    else:
-        source = figures.RouterStats(http, api.router_endpoints)
-    memo.clients = Clients(api, http, source, operator_metrics)
+    memo.clients = Clients(api, http, source, operator_metrics, routers)
     if options.metrics:
         memo.clients.metrics_server = await metrics.serve(operator_metrics, options.metrics)
 
@@ -144,35 +143,86 @@ async def _either(stopped: kopf.DaemonStopped, wakeup: asyncio.Event) -> None:
             waiter.cancel()
 
 
+class _Step(Protocol):
+    interval_s: float
+    events: list[Event]
+    model: dict[str, Any] | None
+
+
+async def _loop(
+    stopped: kopf.DaemonStopped,
+    uid: str,
+    memo: OperatorContext,
+    step: Callable[[], Awaitable[_Step]],
+    pause: Callable[[float], Awaitable[object]],
+    what: str,
+    retry_s: float,
+) -> None:
+    """A daemon's loop: one step under the CaptionModel's lock, its Events posted, a pause of the
+    interval it asks for (an API error is logged and the step tried again after ``retry_s``)."""
+    while not stopped:
+        interval = retry_s
+        try:
+            async with memo.lock(uid):
+                outcome = await step()
+            interval = outcome.interval_s
+            if outcome.model is not None:
+                _post(outcome.model, outcome.events)
+        except kube.KubeError as e:  # the API refused or was away: try again next interval
+            log.warning("%s failed: %s", what, e)
+        await pause(interval)
+
+
 async def analyse_rollout(
     stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
 ) -> None:
     """One check of the canary every rollout.analysis.interval while one is in rollout; idle otherwise."""
     assert namespace is not None  # CaptionModels are namespaced
-    while not stopped:
-        interval = analysis.IDLE_INTERVAL_S
-        try:
-            async with memo.lock(uid):
-                outcome = await analysis.check_once(memo.tools(), namespace, name)
-            interval = outcome.interval_s
-            if outcome.model is not None:
-                _post(outcome.model, outcome.events)
-            interval = min(interval, await _cascade(namespace, name, uid, memo))
-        except kube.KubeError as e:  # the API refused or was away: try again next interval
-            log.warning("rollout check of %s/%s failed: %s", namespace, name, e)
-        await _sleep(stopped, memo.wakeup(uid), interval)
+
+    async def pause(seconds: float) -> None:
+        await _sleep(stopped, memo.wakeup(uid), seconds)
+
+    def step() -> Awaitable[_Step]:
+        return analysis.check_once(memo.tools(), namespace, name)
+
+    await _loop(
+        stopped, uid, memo, step, pause, f"rollout check of {namespace}/{name}", analysis.IDLE_INTERVAL_S
+    )
 
 
-async def _cascade(namespace: str, name: str, uid: str, memo: OperatorContext) -> float:
-    """The cascade's threshold and figures (cascade_check.py); when to look again."""
+async def watch_demand(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
+) -> None:
+    """Scale to zero and back: one demand poll of the routers per interval (fast while a version is cold)."""
+    assert namespace is not None  # CaptionModels are namespaced
+
+    def step() -> Awaitable[_Step]:
+        return demand.poll_once(memo.polling(), namespace, name)
+
+    await _loop(
+        stopped,
+        uid,
+        memo,
+        step,
+        stopped.wait,
+        f"demand poll of {namespace}/{name}",
+        demand.NOTHING_TO_WATCH_S,
+    )
+
+
+async def watch_cascade(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
+) -> None:
+    """The cascade's threshold and figures in status.cascade, every rollout.analysis.interval."""
+    assert namespace is not None  # CaptionModels are namespaced
     clients = memo.require()
-    async with memo.lock(uid):
-        every, events, body = await cascade_check.refresh(
-            clients.kube, clients.http, memo.config, namespace, name, reconcile.now()
-        )
-    if body is not None:
-        _post(body, events)
-    return analysis.IDLE_INTERVAL_S if every is None else every
+
+    def step() -> Awaitable[_Step]:
+        return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
+
+    await _loop(
+        stopped, uid, memo, step, stopped.wait, f"cascade of {namespace}/{name}", cascade_check.IDLE_S
+    )
 
 
 async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
@@ -221,6 +271,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     action: Mapping[str, Any] = {names.ROLLOUT_ACTION_ANNOTATION: kopf.PRESENT}
     kopf.on.event(*CAPTION_MODELS, annotations=action, registry=registry)(rollout_action)
     kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
+    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_demand)
+    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_cascade)
     kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
     ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}
     kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(child_changed)

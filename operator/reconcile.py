@@ -14,6 +14,7 @@ CaptionModel's owner reference, so they never remove what the operator did not c
 from __future__ import annotations
 
 import datetime
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from captionfleet.names import (
     ROLLOUT_ACTION_ANNOTATION,
     VERSION_LABEL,
 )
-from captionfleet.operator import builders, kube, pods, rollout, validation
+from captionfleet.operator import builders, coldstart, kube, pods, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext, endpoint, version_name
 from captionfleet.operator.cascade import cascade_status
+from captionfleet.operator.coldstart import ColdState
 from captionfleet.operator.events import Event, Reason
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.spec import CaptionModelSpec
@@ -147,6 +149,7 @@ def _status_of(
     previous: Mapping[str, Any],
     trouble: Trouble | None,
     problems: ProblemsByVersion,
+    cold: Mapping[str, ColdState],
 ) -> CaptionModelStatus:
     versions, router = _by_version(deployments)
     status = fleet_status(
@@ -161,6 +164,7 @@ def _status_of(
         rollout=ctx.rollout,
         trouble=trouble,
         pod_problems=problems,
+        cold=cold,
     )
     return status.model_copy(update={"cascade": cascade_status(ctx.spec, previous)})
 
@@ -280,6 +284,19 @@ async def _context(
     deployments: Sequence[Mapping[str, Any]],
 ) -> FleetContext:
     keda = spec.autoscaling.provider != "keda" or await api.installed(kube.SCALED_OBJECT, meta["namespace"])
+    return fleet_context(meta, spec, config, state, canary_ready=canary_ready(spec, deployments), keda=keda)
+
+
+def fleet_context(
+    meta: Mapping[str, Any],
+    spec: CaptionModelSpec,
+    config: ClusterConfig,
+    state: CanaryState | None,
+    *,
+    canary_ready: bool,
+    keda: bool = True,
+) -> FleetContext:
+    """The builders' view of the CaptionModel of ``meta``."""
     return FleetContext.create(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -287,9 +304,18 @@ async def _context(
         spec=spec,
         config=config,
         rollout=state,
-        canary_ready=canary_ready(spec, deployments),
+        canary_ready=canary_ready,
         keda_installed=keda,
     )
+
+
+def _cold(
+    ctx: FleetContext, previous: Mapping[str, Any], decided: Mapping[str, ColdState] | None
+) -> dict[str, ColdState]:
+    """The scale-to-zero states: the decided ones, else the stored ones, of the versions whose floor
+    is 0 now."""
+    stored = coldstart.current(ctx, previous, time.time())
+    return {name: (decided or {}).get(name, state) for name, state in stored.items()}
 
 
 def _keda_missing(ctx: FleetContext) -> Trouble | None:
@@ -308,11 +334,13 @@ async def reconcile(
     config: ClusterConfig,
     *,
     rollout_state: CanaryState | None = None,
+    cold_states: Mapping[str, ColdState] | None = None,
 ) -> Outcome:
     """Bring the children in line with the spec of ``body`` (a CaptionModel) and write its status.
 
     The rollout state is the stored one (read afresh: the loop may have moved it since ``body`` was
-    taken) unless ``rollout_state`` gives the one an analysis check just decided.
+    taken) unless ``rollout_state`` gives the one an analysis check just decided; the same holds for
+    the scale-to-zero states and ``cold_states`` (the demand poll's decision).
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 0)
@@ -331,11 +359,13 @@ async def reconcile(
     owned = await owned_children(api, meta["namespace"], meta["name"], meta["uid"])
     existing = {_key(obj): obj for obj in owned}
     ctx = await _context(api, meta, spec, config, state, [o for o in owned if o["kind"] == "Deployment"])
+    cold = _cold(ctx, previous, cold_states)
+    ctx = ctx.with_cold(coldstart.phases(cold))
     desired = builders.fleet(ctx)
     converged = await _converge(api, Plan(ctx, desired, existing), outcome)
     deployments = [obj for obj in converged.objects if obj.get("kind") == "Deployment"]
     not_starting = await pod_problems(api, ctx.namespace, ctx.name, spec)
-    outcome.status = _status_of(ctx, deployments, generation, previous, converged.trouble, not_starting)
+    outcome.status = _status_of(ctx, deployments, generation, previous, converged.trouble, not_starting, cold)
     outcome.events += pod_problem_events(not_starting, previous)
     await api.patch_status(kube.CAPTION_MODEL, ctx.namespace, ctx.name, _patch(outcome.status, previous))
     if converged.trouble is None or converged.trouble.reason == "KedaNotInstalled":
@@ -420,18 +450,17 @@ async def _refresh_once(api: kube.Api, namespace: str, name: str, config: Cluste
     listed = await api.list(kube.DEPLOYMENT, namespace, _labels(name))
     owned = [obj for obj in listed if _owned_by(obj, meta["uid"])]
     trouble = _standing_trouble(previous)
-    ctx = FleetContext.create(
-        name=name,
-        namespace=namespace,
-        uid=meta["uid"],
-        spec=spec,
-        config=config,
-        rollout=rollout.current(spec, previous.get("rollout")),
+    ctx = fleet_context(
+        meta,
+        spec,
+        config,
+        rollout.current(spec, previous.get("rollout")),
         canary_ready=canary_ready(spec, owned),
-        keda_installed=trouble is None or trouble.reason != "KedaNotInstalled",
+        keda=trouble is None or trouble.reason != "KedaNotInstalled",
     )
+    cold = coldstart.current(ctx, previous, time.time())
     not_starting = await pod_problems(api, namespace, name, spec)
-    status = _status_of(ctx, owned, generation, previous, trouble, not_starting)
+    status = _status_of(ctx, owned, generation, previous, trouble, not_starting, cold)
     if status.manifest() == CaptionModelStatus.model_validate(previous).manifest():
         return Outcome(status)
     await api.patch_status(

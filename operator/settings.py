@@ -72,6 +72,16 @@ class OperatorSettings:
         "again, so the status says why a version does not start. 0: only when a pod or Deployment "
         "of the fleet changes.",
     )
+    demand_poll_ms: int = setting(
+        250,
+        "While a version is at zero or waking, every this many milliseconds the router pods are asked "
+        "for the requests they hold, so the first replica is asked for within a second of a request.",
+    )
+    idle_poll_seconds: float = setting(
+        5.0,
+        "How often the router pods are asked for the last request of an awake version that may scale "
+        "to zero (never less often than a tenth of its scaleToZeroAfter).",
+    )
     kubeconfig: str = setting(
         "",
         "Kubeconfig file. Empty: log in like kubectl (the in-cluster service account, else "

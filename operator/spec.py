@@ -96,6 +96,47 @@ MIN_INTERVAL, MAX_INTERVAL = "500ms", "1h"
 MIN_WINDOW, MAX_WINDOW = "1s", "24h"
 Interval = Annotated[str, _cel_within(MIN_INTERVAL, MAX_INTERVAL), _within(MIN_INTERVAL, MAX_INTERVAL)]
 Window = Annotated[str, _cel_within(MIN_WINDOW, MAX_WINDOW), _within(MIN_WINDOW, MAX_WINDOW)]
+# Scale to zero: the idle time before a version goes to 0 pods, and how long a router holds a request
+# for a version at zero. A second is the least the operator's demand poll can tell apart.
+MIN_IDLE, MAX_IDLE = "1s", "24h"
+MIN_HOLD, MAX_HOLD = "100ms", "10m"
+IdleTime = Annotated[str, _cel_within(MIN_IDLE, MAX_IDLE), _within(MIN_IDLE, MAX_IDLE)]
+HoldTime = Annotated[str, _cel_within(MIN_HOLD, MAX_HOLD), _within(MIN_HOLD, MAX_HOLD)]
+
+
+def _extended_resource(name: str) -> str:
+    """The API server's rule for an extended resource (IsExtendedResourceName): a domain-prefixed name
+    outside ``kubernetes.io/`` (those are native resources), not ``requests.``-prefixed, and valid as
+    a qualified name once prefixed by ``requests.`` (how ResourceQuota names it)."""
+    if "/" not in name or "kubernetes.io/" in name:
+        raise ValueError(
+            f"{name!r} is not an extended resource: it needs a domain prefix outside kubernetes.io"
+        )
+    if name.startswith("requests."):
+        raise ValueError(f"{name!r}: an extended resource may not start with requests.")
+    if not re.fullmatch(QUALIFIED_NAME_PATTERN, f"requests.{name}") or len(name.split("/")[0]) > 244:
+        raise ValueError(f"{name!r} is not a qualified name such as nvidia.com/gpu")
+    return name
+
+
+ExtendedResource = Annotated[
+    str,
+    AfterValidator(_extended_resource),
+    Field(
+        pattern=QUALIFIED_NAME_PATTERN,
+        max_length=316,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.contains('/') && !self.contains('kubernetes.io/') && "
+                    "!self.startsWith('requests.')",
+                    "message": "must be a domain-prefixed extended resource outside kubernetes.io, "
+                    "such as nvidia.com/gpu",
+                }
+            ]
+        },
+    ),
+]
 
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
@@ -171,7 +212,14 @@ class Generation(SpecModel):
 class Resources(SpecModel):
     """What each runtime pod asks for (requests; memory and GPUs are also the limits)."""
 
-    gpu: int = Field(default=0, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs on CPU.")
+    gpu: int = Field(default=0, ge=0, le=16, description="GPUs (gpuResource) per pod; 0 runs on CPU.")
+    gpu_resource: ExtendedResource = Field(
+        default="nvidia.com/gpu",
+        description="The extended resource a GPU is requested as (requests, limits and the toleration "
+        "key): nvidia.com/gpu for whole GPUs, e.g. nvidia.com/gpu.shared for time-slicing or MPS "
+        "(the NVIDIA device plugin with renameByDefault), nvidia.com/mig-1g.10gb for a MIG slice "
+        "(MIG strategy mixed).",
+    )
     cpu: Quantity = Field(default="1", description="CPU request per pod.")
     memory: Quantity = Field(default="4Gi", description="Memory request and limit per pod.")
 
@@ -205,7 +253,11 @@ class Autoscaling(SpecModel):
         "ScaledObject; none: fixed replicas (minReplicas of each version).",
     )
     min_replicas: int = Field(
-        default=1, ge=0, le=1000, description="Fleet-wide floor at 100 % traffic (0 needs keda)."
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fleet-wide floor at 100 % traffic; 0: a version idle for scaleToZeroAfter goes to "
+        "0 pods and wakes when a request arrives (the router holds it meanwhile).",
     )
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Fleet-wide ceiling at 100 % traffic.")
     target_queue_depth: int = Field(
@@ -213,6 +265,11 @@ class Autoscaling(SpecModel):
     )
     target_cpu_utilization: int = Field(
         default=80, ge=1, le=100, description="CPU utilisation (percent) used without the queue metric."
+    )
+    scale_to_zero_after: IdleTime = Field(
+        default="15m",
+        description=f"Idle time (no request on any router) after which a version whose floor is 0 goes "
+        f"to 0 pods, {MIN_IDLE} to {MAX_IDLE}.",
     )
 
 
@@ -360,12 +417,26 @@ class Auth(SpecModel):
     )
 
 
+class ColdStart(SpecModel):
+    """What each router pod holds while a version at zero wakes up; beyond either bound a request is
+    answered 503 cold_start with a Retry-After at once."""
+
+    max_held: int = Field(
+        default=100, ge=1, le=100_000, description="Requests held at once per router pod, over all versions."
+    )
+    timeout: HoldTime = Field(
+        default="60s",
+        description=f"Longest hold of one request (its own deadline still counts), {MIN_HOLD} to {MAX_HOLD}.",
+    )
+
+
 class Router(SpecModel):
     """The public endpoint of the fleet: the traffic-splitting router."""
 
     replicas: int = Field(default=2, ge=1, le=100)
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(default=80, ge=1, le=65535, description="Port of the router's Service.")
+    cold_start: ColdStart = Field(default_factory=ColdStart)
 
 
 class Cascade(SpecModel):

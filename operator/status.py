@@ -12,10 +12,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
 
 from captionfleet.operator.cascade import CascadeStatus
+from captionfleet.operator.coldstart import ColdState, iso
+from captionfleet.operator.events import Reason
 from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.traffic import Role, Share
@@ -25,6 +27,12 @@ ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
 # Reasons of a Degraded condition that the operator found (not a Deployment): they stand until a
 # reconciliation clears them, whatever the Deployments report meanwhile.
 OPERATOR_TROUBLES = ("ApplyFailed", "NameConflict", "KedaNotInstalled")
+# Fields of a version's status written only when set (VersionStatus), by either of their names.
+OPTIONAL_FIELDS = frozenset(
+    {"cold_start", "coldStart", "state", "state_since", "stateSince", "last_request_at", "lastRequestAt"}
+    | {"reason", "message"}
+)
+IDLE_MESSAGE = "no request for scaleToZeroAfter: 0 pods until one arrives (the routers hold it meanwhile)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,33 @@ class VersionStatus(_StatusModel):
     service: str | None = Field(default=None, description="The version's Service, which the router uses.")
     replicas: int = 0
     ready_replicas: int = 0
+    cold_start: bool = Field(
+        default=False,
+        description="The version may scale to zero: while it has no ready pod the routers hold its "
+        "requests (router.coldStart) instead of sending them to another version.",
+    )
+    state: Literal["Ready", "Idle", "Waking"] | None = Field(
+        default=None,
+        description="Only for a version that may scale to zero: Ready (in its autoscaler's range), "
+        "Idle (0 pods after scaleToZeroAfter without requests), Waking (requests held, pods starting).",
+    )
+    state_since: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    last_request_at: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="The latest request any router pod received for this version (scale to zero only).",
+    )
+    reason: str | None = Field(
+        default=None, description="Why the version has no ready pod, e.g. Unschedulable, ImagePullFailed."
+    )
+    message: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The scale-to-zero and not-ready fields only where they say something: a version that
+        cannot scale to zero and is ready reads as before."""
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if key not in OPTIONAL_FIELDS or value}
 
 
 class CaptionModelStatus(_StatusModel):
@@ -196,10 +231,12 @@ def _observe(
     services: Mapping[str, str],
     router: Mapping[str, Any] | None,
     problems: Mapping[str, Sequence[PodProblem]],
+    cold: Mapping[str, ColdState],
 ) -> _Observed:
     versions, waiting, failures = [], [], []
     for share in shares:
         progress = deployment_progress(f"version {share.name}", deployments.get(share.name))
+        state = cold.get(share.name)
         versions.append(
             VersionStatus(
                 name=share.name,
@@ -208,10 +245,13 @@ def _observe(
                 service=services.get(share.name),
                 replicas=progress.replicas,
                 ready_replicas=progress.ready_replicas,
+                **_cold_fields(share.name, state, progress, problems.get(share.name) or ()),
             )
         )
         if progress.failure:
             failures.append(progress.failure)
+        elif state is not None and state.phase == "Idle":
+            continue  # at zero on purpose: nothing to wait for
         elif share.weight > 0 and progress.waiting:  # versions without traffic do not hold the fleet back
             waiting.append(progress.waiting)
     router_progress = deployment_progress("router", router)
@@ -223,6 +263,33 @@ def _observe(
     known = {share.name for share in shares} | {ROUTER_KEY}
     lines = _problem_lines({key: listed for key, listed in problems.items() if key in known})
     return _Observed(versions, waiting, failures, serving, lines)
+
+
+def _cold_fields(
+    name: str, state: ColdState | None, progress: DeploymentProgress, problems: Sequence[PodProblem]
+) -> dict[str, Any]:
+    """A version's scale-to-zero fields, and why it has no ready pod (the pods' own reason first)."""
+    fields: dict[str, Any] = {}
+    if state is not None:
+        fields = {
+            "cold_start": True,
+            "state": state.phase,
+            "state_since": iso(state.since),
+            "last_request_at": iso(state.last_request_at),
+        }
+    if progress.ready_replicas > 0:
+        return fields
+    if problems:
+        first = min(problems, key=lambda problem: POD_REASONS.index(problem.reason))
+        return fields | {"reason": str(first.reason), "message": problem_line(name, first)}
+    if state is not None and state.phase == "Idle":
+        return fields | {"reason": str(Reason.SCALED_TO_ZERO), "message": IDLE_MESSAGE}
+    if state is not None and state.phase == "Waking":
+        return fields | {
+            "reason": str(Reason.WAKING),
+            "message": f"waking from zero: {progress.waiting or 'starting'}",
+        }
+    return fields
 
 
 def _phase(observed: _Observed, rollout: CanaryState | None, trouble: Trouble | None) -> Phase:
@@ -250,11 +317,12 @@ def fleet_status(
     rollout: CanaryState | None = None,
     trouble: Trouble | None = None,
     pod_problems: Mapping[str, Sequence[PodProblem]] | None = None,
+    cold: Mapping[str, ColdState] | None = None,
 ) -> CaptionModelStatus:
     """The status of a valid spec, from the version Deployments and Service names (by version name),
     the router's Deployment, the rollout state, what the operator found wrong (``trouble``) and why
     pods do not start (``pod_problems``, by version name or ``pods.ROUTER_KEY``)."""
-    observed = _observe(shares, deployments, services, router, pod_problems or {})
+    observed = _observe(shares, deployments, services, router, pod_problems or {}, cold or {})
     before = list(previous.get("conditions") or [])
 
     def cond(type_: ConditionType, status: bool, reason: str, message: str) -> Condition:

@@ -85,8 +85,6 @@ def _versions(spec: CaptionModelSpec) -> list[str]:
             problems.append(f"{where}.model: {e}")
         if v.min_replicas is not None and v.max_replicas is not None and v.min_replicas > v.max_replicas:
             problems.append(f"{where}: minReplicas {v.min_replicas} is above maxReplicas {v.max_replicas}")
-        if v.min_replicas == 0 and spec.autoscaling.provider != "keda":
-            problems.append(f"{where}.minReplicas: 0 needs autoscaling.provider keda (scale to zero)")
         if v.precision == "fp16" and spec.resources.gpu == 0:
             problems.append(f"{where}.precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16")
         if v.precision == "int8" and spec.resources.gpu > 0:
@@ -104,8 +102,6 @@ def _autoscaling(spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
         problems.append(
             f"spec.autoscaling: minReplicas {a.min_replicas} is above maxReplicas {a.max_replicas}"
         )
-    if a.min_replicas == 0 and a.provider != "keda":
-        problems.append("spec.autoscaling.minReplicas: 0 needs provider keda (the HPA cannot scale to zero)")
     if a.provider == "keda" and not config.prometheus_url:
         problems.append(
             "spec.autoscaling.provider: keda needs a Prometheus to query; this operator runs without "

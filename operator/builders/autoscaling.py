@@ -95,7 +95,7 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
         **common.head(ctx, "keda.sh/v1alpha1", "ScaledObject", name, COMPONENT, version.name),
         "spec": {
             "scaleTargetRef": _target(ctx, version),
-            "minReplicaCount": low,
+            "minReplicaCount": _keda_floor(ctx, version, low),
             "maxReplicaCount": high,
             "pollingInterval": 15,
             "cooldownPeriod": 300,
@@ -117,6 +117,15 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
             ],
         },
     }
+
+
+def _keda_floor(ctx: common.FleetContext, version: ModelVersion, low: int) -> int:
+    """At zero KEDA may stay there (no pod reports a queue); awake, a version that may scale to zero
+    keeps one pod, so KEDA's own cool-down never takes it to zero behind scaleToZeroAfter's back."""
+    phase = ctx.cold.get(version.name)
+    if phase is None:
+        return low
+    return 0 if phase == "Idle" else max(low, 1)
 
 
 def _backlog_triggers(ctx: common.FleetContext, version: ModelVersion) -> list[dict[str, Any]]:
@@ -160,9 +169,12 @@ def trigger_authentication(ctx: common.FleetContext, version: ModelVersion) -> d
 
 
 def autoscaler(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any] | None:
-    """The version's autoscaler; none for a retired version (scaled to zero by its Deployment)."""
+    """The version's autoscaler; none for a retired version (scaled to zero by its Deployment), nor
+    an HPA for a version at zero (an HPA cannot go below one pod)."""
     provider = ctx.autoscaler()
     if ctx.share(version.name).retired:
+        return None
+    if provider == "hpa" and ctx.cold.get(version.name) == "Idle":
         return None
     if provider == "hpa":
         return hpa(ctx, version)

@@ -7,8 +7,8 @@ to the API or mutates its input.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from captionfleet import names
 from captionfleet.names import COMPONENT_LABEL, MANAGED_BY_LABEL, MANAGER, MODEL_LABEL, VERSION_LABEL
@@ -18,6 +18,9 @@ from captionfleet.operator.spec import CaptionModelSpec, ModelVersion
 from captionfleet.operator.traffic import Share, shares
 
 PROMETHEUS_PATH = "/metrics"
+# Where a version that may scale to zero stands (operator/coldstart.py): Ready (its autoscaler's
+# range), Idle (0 pods, no HPA), Waking (requests are held: the operator sets its first replica).
+ColdPhase = Literal["Ready", "Idle", "Waking"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class FleetContext:
     config: ClusterConfig
     rollout: CanaryState | None = None
     keda_installed: bool = True  # without KEDA's CRD a keda fleet gets fixed replicas, no autoscaler
+    cold: Mapping[str, ColdPhase] = field(default_factory=dict)  # versions that may scale to zero
 
     @classmethod
     def create(
@@ -67,6 +71,9 @@ class FleetContext:
     ) -> FleetContext:
         fleet_shares = tuple(shares(spec, rollout, canary_ready=canary_ready))
         return cls(name, namespace, uid, spec, fleet_shares, config, rollout, keda_installed)
+
+    def with_cold(self, cold: Mapping[str, ColdPhase]) -> FleetContext:
+        return replace(self, cold=dict(cold))
 
     def share(self, version: str) -> Share:
         return next(share for share in self.shares if share.name == version)

@@ -11,7 +11,6 @@ from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.spec import CaptionModelSpec, ModelVersion, parse_model_source
 
 COMPONENT = "runtime"
-GPU_RESOURCE = "nvidia.com/gpu"
 
 # Run by the init container with the model's repo id, revision ("" for the default branch) and target
 # directory as arguments, never formatted into the code: the spec's text cannot inject anything.
@@ -24,12 +23,24 @@ Wiring = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
 
 def _resources(spec: CaptionModelSpec) -> dict[str, Any]:
     # No CPU limit: throttling a batch mid-flight only adds latency. Memory is both request and
-    # limit, so the scheduler reserves what the pod can use.
+    # limit, so the scheduler reserves what the pod can use. An extended resource (the GPU, a shared
+    # GPU or a MIG slice) must have equal requests and limits; both are written, as the device plugin
+    # documents it.
     requests: dict[str, Any] = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
     limits: dict[str, Any] = {"memory": str(spec.resources.memory)}
     if spec.resources.gpu > 0:
-        limits[GPU_RESOURCE] = spec.resources.gpu
+        requests[spec.resources.gpu_resource] = limits[spec.resources.gpu_resource] = spec.resources.gpu
     return {"requests": requests, "limits": limits}
+
+
+def _tolerations(spec: CaptionModelSpec) -> list[dict[str, Any]]:
+    """The spec's tolerations, plus one of the GPU resource's taint (GPU nodes are commonly tainted with
+    the resource's name, e.g. by the GPU operator or a cloud's GPU node pools) unless one is given."""
+    given = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    resource = spec.resources.gpu_resource
+    if spec.resources.gpu > 0 and not any(t.key == resource for t in spec.tolerations):
+        given.append({"key": resource, "operator": "Exists", "effect": "NoSchedule"})
+    return given
 
 
 def _model_wiring(ctx: common.FleetContext, version: ModelVersion) -> Wiring:
@@ -83,8 +94,8 @@ def _scheduling(spec: CaptionModelSpec) -> dict[str, Any]:
     placement: dict[str, Any] = {}
     if spec.node_selector:
         placement["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        placement["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if tolerations := _tolerations(spec):
+        placement["tolerations"] = tolerations
     if spec.affinity:
         placement["affinity"] = dict(spec.affinity)
     return placement
@@ -115,8 +126,30 @@ def pod_spec(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     return pod
 
 
-def deployment(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
+def _replicas(ctx: common.FleetContext, version: ModelVersion) -> int | None:
+    """The replica count the operator sets, or None where it is the autoscaler's.
+
+    With an autoscaler the count is its to set and the manifest leaves it out (server-side apply then
+    never takes the field from the HPA). A retired version has no autoscaler (an HPA cannot go below
+    one pod): it is scaled to zero here. So is a version at zero (Idle, its HPA removed), and one
+    waking gets its first pods here: an HPA does nothing for a Deployment at 0 replicas. Once Ready
+    the field is left to the autoscaler again. Without KEDA installed a keda fleet keeps at least one
+    pod per version.
+    """
     share = ctx.share(version.name)
+    low = replica_bounds(ctx.spec, share)[0]
+    phase = ctx.cold.get(version.name)
+    if phase == "Idle" or share.retired:
+        return 0
+    if phase == "Waking" or (phase == "Ready" and ctx.autoscaler() == "none"):
+        return max(low, 1)
+    if ctx.autoscaler() == "none":
+        keep_one = ctx.spec.autoscaling.provider == "keda"
+        return max(low, 1) if keep_one else low
+    return None
+
+
+def deployment(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": common.selector_labels(ctx, COMPONENT, version.name)},
         # Never below the serving capacity during an update: one extra pod at a time.
@@ -125,13 +158,9 @@ def deployment(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any
         "progressDeadlineSeconds": 900,
         "template": common.pod_template(ctx, COMPONENT, version.name, pod_spec(ctx, version)),
     }
-    if ctx.autoscaler() == "none" or share.retired:
-        # With an autoscaler the replica count is its to set; the operator leaves it alone. A retired
-        # version has no autoscaler (an HPA cannot go below one pod): it is scaled to zero here. Without
-        # KEDA installed a keda fleet keeps at least one pod per version.
-        low = replica_bounds(ctx.spec, share)[0]
-        keep_one = not share.retired and ctx.spec.autoscaling.provider == "keda"
-        deployment_spec["replicas"] = max(low, 1) if keep_one else low
+    replicas = _replicas(ctx, version)
+    if replicas is not None:
+        deployment_spec["replicas"] = replicas
     return {
         **common.head(
             ctx, "apps/v1", "Deployment", common.version_name(ctx, version.name), COMPONENT, version.name

@@ -139,7 +139,8 @@ def test_gpus_are_limits_only_when_asked_for() -> None:
     cpu_limits = runtime.deployment(cpu, cpu.spec.versions[0])["spec"]["template"]["spec"]["containers"][0]
     assert gpu_limits["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in cpu_limits["resources"]["limits"]
-    assert "nvidia.com/gpu" not in gpu_limits["resources"]["requests"]
+    assert gpu_limits["resources"]["requests"]["nvidia.com/gpu"] == 1  # extended: requests == limits
+    assert "nvidia.com/gpu" not in cpu_limits["resources"]["requests"]
 
 
 def test_the_init_container_gets_the_model_as_arguments_never_as_code() -> None:

@@ -66,16 +66,6 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.autoscaling: minReplicas 9 is above maxReplicas 3",
     ),
     (
-        "zero needs keda",
-        {"versions": [v("a")], "autoscaling": {"minReplicas": 0}},
-        "spec.autoscaling.minReplicas: 0 needs provider keda (the HPA cannot scale to zero)",
-    ),
-    (
-        "version zero needs keda",
-        {"versions": [v("a", minReplicas=0)]},
-        "spec.versions[0] (a).minReplicas: 0 needs autoscaling.provider keda (scale to zero)",
-    ),
-    (
         "fp16 on CPU",
         {"versions": [v("a", precision="fp16")]},
         "spec.versions[0] (a).precision: fp16 needs a GPU; set resources.gpu or use fp32/bf16",
