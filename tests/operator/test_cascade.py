@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from captionfleet import names
 from captionfleet.operator import cascade, cascade_check, validation
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.spec import parse_spec
+from captionfleet.runtime.web.testing import base_url, start_fake_peer
 
 CONFIG = ClusterConfig("registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "")
 
@@ -136,3 +140,87 @@ def test_the_routers_figures_add_up() -> None:
     assert figures.fast.requests == 20 and figures.quality.requests == 4
     assert figures.fast.p99_ms is not None and figures.fast.p99_ms <= 10
     assert figures.quality.p99_ms is not None and 100 < figures.quality.p99_ms <= 1000
+
+
+class StatusApi:
+    """The API calls of one look at a cascade: a stored CaptionModel, EndpointSlices by Service, and
+    merge patches of its status (a stand-in for the API server, as in test_reconcile.py)."""
+
+    def __init__(self, model: dict[str, Any], slices: dict[str, list[dict[str, Any]]]) -> None:
+        self.model = model
+        self.slices = slices
+        self.patches: list[dict[str, Any]] = []
+
+    async def get(self, kind: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.model if name == self.model["metadata"]["name"] else None
+
+    async def list(
+        self, kind: Any, namespace: str, labels: Any, *, fields: Any = None
+    ) -> list[dict[str, Any]]:
+        return self.slices.get(labels.get(names.SERVICE_NAME_LABEL), [])
+
+    async def patch_status(
+        self, kind: Any, namespace: str, name: str, status: Any, **_: Any
+    ) -> dict[str, Any]:
+        self.patches.append(dict(status))
+        stored = self.model.setdefault("status", {}).setdefault("cascade", {})
+        stored.update(status["cascade"])
+        return self.model
+
+
+def slice_of(url: str) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return {"ports": [{"name": "http", "port": int(port)}], "endpoints": [{"addresses": [host]}]}
+
+
+async def test_a_target_rate_is_resolved_from_the_fast_runtime_and_the_figures_written() -> None:
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"models": [{"version": "f", "calibration": calibration()}], "ready": True})
+
+    async def stats(request: web.Request) -> web.StreamResponse:
+        assert request.query["window"] == "60"
+        return web.json_response(router_body(3, "deadline", [0, 3, 0, 0]))
+
+    runtime = await start_fake_peer([web.get("/v1/models", models)])
+    router = await start_fake_peer([web.get("/v1/router/stats", stats)])
+    spec = spec_of({"fast": "f", "quality": "q", "targetEscalationRate": 0.25})
+    spec["rollout"] = {"analysis": {"interval": "2s", "window": "60s"}}
+    pending = cascade.cascade_status(parse_spec(spec), {})
+    assert pending is not None
+    model = {
+        "metadata": {"name": "m", "namespace": "ml", "generation": 1},
+        "spec": spec,
+        "status": {"cascade": pending.model_dump(by_alias=True, mode="json")},
+    }
+    api = StatusApi(model, {"m-f": [slice_of(base_url(runtime))], "m": [slice_of(base_url(router))]})
+    try:
+        async with aiohttp.ClientSession() as http:
+            outcome = await cascade_check.refresh(api, http, CONFIG, "ml", "m")  # type: ignore[arg-type]
+            again = await cascade_check.refresh(api, http, CONFIG, "ml", "m")  # type: ignore[arg-type]
+    finally:
+        await runtime.close()
+        await router.close()
+    shown = model["status"]["cascade"]
+    assert shown["threshold"] == 0.25 and shown["signal"] == "confidence"
+    assert [e.reason for e in outcome.events] == ["CascadeThreshold"] and again.events == []
+    assert shown["figures"]["requests"] == 10 and shown["figures"]["escalationRate"] == 0.3
+    assert outcome.interval_s == 2.0
+    assert "threshold" not in api.patches[1]["cascade"]  # resolved once, not at every look
+
+
+async def test_a_missing_calibration_is_said_once() -> None:
+    spec = spec_of({"fast": "f", "quality": "q", "targetEscalationRate": 0.25})
+    pending = cascade.cascade_status(parse_spec(spec), {})
+    assert pending is not None
+    model = {
+        "metadata": {"name": "m", "namespace": "ml"},
+        "spec": spec,
+        "status": {"cascade": pending.model_dump(by_alias=True, mode="json")},
+    }
+    api = StatusApi(model, {})
+    async with aiohttp.ClientSession() as http:
+        first = await cascade_check.refresh(api, http, CONFIG, "ml", "m")  # type: ignore[arg-type]
+        second = await cascade_check.refresh(api, http, CONFIG, "ml", "m")  # type: ignore[arg-type]
+    assert [e.reason for e in first.events] == ["CascadeCalibrationUnavailable"] and second.events == []
+    assert "no ready pod" in model["status"]["cascade"]["message"]
+    assert model["status"]["cascade"]["threshold"] is None and first.interval_s == cascade_check.PENDING_S
