@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from aiohttp import web
 
 from captionfleet.names import ROUTED_VERSION_HEADER
-from captionfleet.runtime.router.errors import error_kind
+from captionfleet.runtime.router.errors import BadUpstreamResponse, error_kind
 from captionfleet.runtime.router.proxy import Outgoing, UpstreamAnswer, forwarded_headers
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, TableError, Version
@@ -143,7 +143,7 @@ class CascadeFigures:
         self.stats = stats
         self.recent_quality_ms: deque[float] = deque(maxlen=max(1, samples))
 
-    def hop(self, tier: str, latency_ms: float, ok: bool) -> None:
+    def hop(self, tier: str, latency_ms: float, *, ok: bool) -> None:
         self.stats.record(tier, error=None if ok else "status_5xx", latency_ms=latency_ms)
         if tier == "quality" and ok:
             self.recent_quality_ms.append(latency_ms)
@@ -304,8 +304,7 @@ class Cascade:
             router.metrics.in_flight.dec()
         hop.latency_ms = (time.monotonic() - started) * 1000
         router._count(version.name, status, kind, started, retries, bulk)
-        ok = status == 200 and hop.parsed is not None
-        self.figures.hop(tier, hop.latency_ms, ok)
+        self.figures.hop(tier, hop.latency_ms, ok=status < 500 and (status != 200 or hop.parsed is not None))
         router.metrics.cascade_hop_latency.labels(tier=tier).observe(hop.latency_ms / 1000)
         if status == 200 and hop.parsed is None:
             hop.answer = None  # a 200 that is no caption JSON: treated as the tier failing
@@ -318,7 +317,7 @@ class Cascade:
             self.router.metrics.cascade_requests.labels(outcome=_outcome_of(body)).inc()
         headers = {ROUTED_VERSION_HEADER: hop.version.name}
         if hop.answer is None:
-            error = hop.error or EdgeError("the runtime's answer is not a caption")
+            error = hop.error or BadUpstreamResponse("the runtime's answer is not a caption's JSON")
             return reply_for(error, {}).response(request[REQUEST_ID], headers)
         answer = hop.answer
         payload = answer.body if body is None else json.dumps(body).encode()
