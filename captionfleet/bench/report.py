@@ -18,6 +18,8 @@ The headline keys (always present; ``null`` when that part was not measured):
   ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
   two on the bundled model's held-out scenes;
 - ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
+- ``fast_speedup_bs8``: the bundled fast model's engine throughput over the quality model's, batch 8,
+  served options (``tiers.py``);
 - ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one, and
   ``bulk_share_under_load``: the job's items per second under that load over its rate alone (``jobs.py``).
 - ``cascade_throughput_ratio_c32``: the cascade's served throughput (the fast model first, the quality
@@ -78,6 +80,7 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "decoder_agreement": _number(engine.decoder_agreement if engine else None, 4),
         "int8_speedup": _number(engine.int8_speedup if engine else None),
         "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
+        "fast_speedup_bs8": _number(engine.fast_speedup if engine else None),
         "bulk_p99_ratio_c8": _number(results.bulk.p99_ratio if results.bulk else None, 3),
         "bulk_share_under_load": _number(results.bulk.bulk_share if results.bulk else None, 3),
         "ood_cost_c32": _number(results.ood.cost if results.ood else None, 4),
@@ -207,6 +210,7 @@ def _other_lines(results: BenchResults) -> list[str]:
             + f"; identical captions on {engine.scenes} held-out scenes: {engine.decoder_agreement:.1%}",
             f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
             f"{engine.int8_agreement:.1%}",
+            f"  fast model vs quality model: x{engine.fast_speedup:.2f} at batch 8 (beam 3, 30 tokens)",
         ]
     if results.ood is not None:
         ood = results.ood

@@ -31,6 +31,7 @@ HEADLINE_KEYS = (
     "decoder_agreement",
     "int8_speedup",
     "int8_agreement",
+    "fast_speedup_bs8",
     "bulk_p99_ratio_c8",
     "bulk_share_under_load",
     "ood_cost_c32",
