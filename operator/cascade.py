@@ -24,16 +24,16 @@ same number, and the status shows it (``cascade_check.py`` reads the calibration
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from captionfleet.calibration import QUANTILES, threshold_for_rate
 from captionfleet.operator.spec import CaptionModelSpec
 
 Signal = Literal["confidence", "ood"]
-QUANTILE_POINTS = 101
 
 
 class _Model(BaseModel):
@@ -90,14 +90,6 @@ def tiers(spec: CaptionModelSpec) -> tuple[list[str], list[str]]:
     return fast, quality
 
 
-def quantile_of(points: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) of evenly spaced quantile values (points[i] is the i/(n-1)-quantile)."""
-    position = min(max(q, 0.0), 1.0) * (len(points) - 1)
-    low = int(position)
-    high = min(low + 1, len(points) - 1)
-    return float(points[low] + (points[high] - points[low]) * (position - low))
-
-
 def threshold_from_calibration(calibration: Any, rate: float) -> tuple[float, Signal]:
     """The threshold that escalates ``rate`` of the calibration images, and its signal; ValueError
     naming what is wrong with a calibration that cannot say."""
@@ -110,15 +102,14 @@ def threshold_from_calibration(calibration: Any, rate: float) -> tuple[float, Si
     points = calibration.get(key)
     if (
         not isinstance(points, list)
-        or len(points) != QUANTILE_POINTS
+        or len(points) != QUANTILES
         or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in points)
     ):
-        raise ValueError(f"calibration.{key} must be {QUANTILE_POINTS} numbers (q = 0..1)")
+        raise ValueError(f"calibration.{key} must be {QUANTILES} numbers (q = 0..1)")
     if any(b < a for a, b in itertools.pairwise(points)):
         raise ValueError(f"calibration.{key} must not decrease")
-    if signal == "confidence":
-        return round(quantile_of(points, rate), 6), "confidence"
-    return round(quantile_of(points, 1.0 - rate), 6), "ood"
+    chosen: Signal = "confidence" if signal == "confidence" else "ood"
+    return round(threshold_for_rate(points, rate, chosen), 6), chosen
 
 
 def cascade_status(spec: CaptionModelSpec, previous: Mapping[str, Any]) -> CascadeStatus | None:
