@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from captionfleet.operator import kube, reconcile, rollout, validation
+from captionfleet.operator import gate, gate_run, kube, reconcile, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.events import REPAIRS, Event, Reason
 from captionfleet.operator.figures import Source
@@ -31,6 +31,14 @@ DECISION_EVENTS = {
     "promote": (Event.normal, Reason.PROMOTED),
     "fail": (Event.warning, Reason.CHECK_FAILED),
     "rollback": (Event.warning, Reason.ROLLED_BACK),
+    "gate_passed": (Event.normal, Reason.QUALITY_GATE_PASSED),
+    "gate_failed": (Event.warning, Reason.QUALITY_GATE_FAILED),
+    "gate_error": (Event.warning, Reason.QUALITY_GATE_ERROR),
+}
+GATE_DECISIONS: dict[gate.GateVerdict, rollout.DecisionKind] = {
+    "passed": "gate_passed",
+    "failed": "gate_failed",
+    "error": "gate_error",
 }
 
 
@@ -50,6 +58,7 @@ class Tools:
     config: ClusterConfig
     source: Source
     metrics: OperatorMetrics
+    gate: gate_run.GateClients | None = None  # how the quality gate reaches the versions' pods
 
 
 async def check_once(tools: Tools, namespace: str, name: str) -> CheckOutcome:
@@ -73,7 +82,32 @@ async def check_once(tools: Tools, namespace: str, name: str) -> CheckOutcome:
     if state.phase != "Progressing":
         outcome.interval_s = IDLE_INTERVAL_S
         return outcome
+    if state.awaits_gate:
+        return await _gate(tools, body, spec, state, outcome)
     return await _check(tools, body, spec, state, outcome)
+
+
+async def _gate(
+    tools: Tools, body: dict[str, Any], spec: Any, state: rollout.CanaryState, outcome: CheckOutcome
+) -> CheckOutcome:
+    """Run the quality gate once the canary has a ready pod, and reconcile with its verdict."""
+    if tools.gate is None:
+        return outcome
+    result = await gate_run.run(tools.gate, tools.api, body, spec, reconcile.now())
+    if result is None:
+        return outcome  # the canary has no ready pod yet: look again next interval
+    new_state = gate.apply(state, result)
+    outcome.decision = rollout.Decision(GATE_DECISIONS[result.verdict], new_state, result.message)
+    reconciled = await reconcile.reconcile(tools.api, body, tools.config, rollout_state=new_state)
+    outcome.events += [e for e in reconciled.events if e.reason in CHECK_REPORTS]
+    if result.verdict != "error" or gate.is_new_problem(state.gate, result):
+        make, reason = DECISION_EVENTS[outcome.decision.kind]
+        outcome.events.append(make(reason, result.message))
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    tools.metrics.record_gate(namespace, name, state.version, result)
+    if result.verdict == "failed":
+        tools.metrics.rollbacks.labels(namespace=namespace, captionmodel=name, version=state.version).inc()
+    return outcome
 
 
 async def _check(

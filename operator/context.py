@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from captionfleet import names
 from captionfleet.operator.analysis import Tools
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.demand import Polling
 from captionfleet.operator.figures import RouterStats, Source
+from captionfleet.operator.gate_run import GateClients
 from captionfleet.operator.kube import Kube
 from captionfleet.operator.metrics import OperatorMetrics
 from captionfleet.operator.settings import OperatorSettings
@@ -62,7 +64,13 @@ class OperatorContext:
 
     def tools(self) -> Tools:
         clients = self.require()
-        return Tools(clients.kube, self.config, clients.figures, clients.metrics)
+        kube = clients.kube
+
+        async def version_pods(namespace: str, service: str) -> list[str]:
+            return await kube.ready_endpoints(namespace, service, names.HTTP_PORT_NAME)
+
+        gate = GateClients(clients.http, version_pods)
+        return Tools(kube, self.config, clients.figures, clients.metrics, gate)
 
     def polling(self) -> Polling:
         clients = self.require()

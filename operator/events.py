@@ -29,6 +29,10 @@ class Reason(StrEnum):
     ROLLOUT_ACTION = "RolloutAction"
     CASCADE_THRESHOLD = "CascadeThreshold"
     CASCADE_CALIBRATION = "CascadeCalibrationUnavailable"
+    # The quality gate (gate.py): passed (Normal), failed and rolled back, or could not run (Warning).
+    QUALITY_GATE_PASSED = "QualityGatePassed"
+    QUALITY_GATE_FAILED = "QualityGateFailed"
+    QUALITY_GATE_ERROR = "QualityGateError"
     # Scale to zero (coldstart.py): a version went to 0 pods, is woken by held requests, is ready again.
     SCALED_TO_ZERO = "ScaledToZero"
     WAKING = "Waking"

@@ -199,12 +199,19 @@ async def watch_demand(
     def step() -> Awaitable[_Step]:
         return demand.poll_once(memo.polling(), namespace, name)
 
+    async def pause(seconds: float) -> None:
+        # Not ``stopped.wait(seconds)``: kopf's time-limited wait runs in a task of its own, whose
+        # timeout can escape as the operator's TimeoutError when the daemon is cancelled at exit.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await stopped.wait()
+
     await _loop(
         stopped,
         uid,
         memo,
         step,
-        stopped.wait,
+        pause,
         f"demand poll of {namespace}/{name}",
         demand.NOTHING_TO_WATCH_S,
     )

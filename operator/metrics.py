@@ -3,7 +3,9 @@
 A registry per operator (not the global one), so several operators in one process (tests) keep their
 own counts. ``captionfleet_rollbacks_total`` counts automatic rollbacks (the analysis failed
 ``threshold`` checks in a row); the chart's ``CaptionFleetRolledBack`` alert fires on it. Rollbacks
-by hand (the abort annotation) are not counted: nobody needs to be alerted of their own action.
+by hand (the abort annotation) are not counted: nobody needs to be alerted of their own action. A
+canary failing its quality gate counts as a rollback too; the gate's runs and scores have their own
+series (``captionfleet_quality_gate_runs_total``, ``captionfleet_quality_gate_score``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from captionfleet.operator.gate import GateOutcome
 
 
 class OperatorMetrics:
@@ -24,6 +28,27 @@ class OperatorMetrics:
             ["namespace", "captionmodel", "version"],
             registry=self.registry,
         )
+        self.gate_runs = Counter(
+            "captionfleet_quality_gate_runs",
+            "Quality gate runs, by verdict (passed, failed, error: could not run)",
+            ["namespace", "captionmodel", "version", "verdict"],
+            registry=self.registry,
+        )
+        self.gate_score = Gauge(
+            "captionfleet_quality_gate_score",
+            "The last quality gate's score of a canary (role canary) and of the stable version it was "
+            "compared with (role stable), in the gate's metric",
+            ["namespace", "captionmodel", "version", "role", "metric"],
+            registry=self.registry,
+        )
+
+    def record_gate(self, namespace: str, model: str, version: str, outcome: GateOutcome) -> None:
+        labels = {"namespace": namespace, "captionmodel": model, "version": version}
+        self.gate_runs.labels(**labels, verdict=outcome.verdict).inc()
+        result = outcome.gate
+        for role, score in (("canary", result.canary_score), ("stable", result.stable_score)):
+            if score is not None:
+                self.gate_score.labels(**labels, role=role, metric=result.metric).set(score)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

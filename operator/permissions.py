@@ -133,6 +133,12 @@ OPERATOR_NAMESPACED_RULES: tuple[PolicyRule, ...] = (
         "unschedulable); Secrets themselves are never read",
     ),
     PolicyRule(
+        ("",),
+        ("configmaps",),
+        ("get",),
+        "rollout.qualityGate with dataset configMap:NAME: the evaluation images and captions are read",
+    ),
+    PolicyRule(
         ("kopf.dev",),
         ("kopfpeerings",),
         ("get", "list", "watch", "patch"),

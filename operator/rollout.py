@@ -28,13 +28,16 @@ from pydantic.alias_generators import to_camel
 
 from captionfleet.names import ROLLOUT_ACTION_ANNOTATION
 from captionfleet.operator.figures import Figures
+from captionfleet.operator.gate import GateState, pending
 from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion
 
 ACTIONS = ("abort", "promote")
 
 RolloutPhase = Literal["Progressing", "Paused", "Promoted", "RolledBack"]
 Verdict = Literal["pass", "fail", "hold"]
-DecisionKind = Literal["hold", "step", "promote", "fail", "rollback", "drain", "idle"]
+DecisionKind = Literal[
+    "hold", "step", "promote", "fail", "rollback", "drain", "idle", "gate_passed", "gate_failed", "gate_error"
+]
 # Fields of a version that do not make it another version: how much traffic and how many pods it gets.
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
 
@@ -73,6 +76,14 @@ class CanaryState(_Model):
         description="After promotion or rollback: the retiring version's pods are scaled to zero. Set one "
         "check after the decision, so every router has applied the new weights before those pods go.",
     )
+    gate: GateState | None = Field(
+        default=None, description="The quality gate (rollout.qualityGate), run before any traffic."
+    )
+
+    @property
+    def awaits_gate(self) -> bool:
+        """Whether a quality gate still has to pass: the canary gets no traffic until it has."""
+        return self.gate is not None and self.gate.phase != "Passed"
 
     @property
     def checked(self) -> bool:
@@ -101,7 +112,8 @@ def pool(spec: CaptionModelSpec) -> int:
 
 def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
     weight = min(spec.rollout.analysis.step_weight, pool(spec))
-    return CanaryState(
+    quality_gate = spec.rollout.quality_gate
+    state = CanaryState(
         version=canary.name,
         spec_hash=spec_hash(canary),
         phase="Progressing",
@@ -109,6 +121,11 @@ def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
         reason="Started",
         message=f"canary {canary.name} starts at {weight} % once it has a ready pod",
     )
+    if quality_gate is None:
+        return state
+    message = f"canary {canary.name} starts at {weight} % once it has passed the quality gate"
+    update = {"reason": "QualityGatePending", "message": message, "gate": pending(quality_gate)}
+    return state.model_copy(update=update)
 
 
 def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> CanaryState | None:

@@ -304,10 +304,56 @@ class Analysis(SpecModel):
     )
 
 
+GateMetric = Literal["exactMatch", "bleu4", "cider"]
+# builtin:scenes, or configMap:<a ConfigMap of the CaptionModel's namespace>.
+GATE_DATASET_PATTERN = r"^(builtin:scenes|configMap:[a-z0-9]([-a-z0-9.]*[a-z0-9])?)$"
+MIN_GATE_TIMEOUT, MAX_GATE_TIMEOUT = "1s", "1h"
+
+
+class QualityGate(SpecModel):
+    """Before a new canary gets any traffic, its captions on ``dataset`` are scored (as
+    ``captionfleet eval`` scores them), and so are the stable version's; failing rolls it back."""
+
+    dataset: str = Field(
+        default="builtin:scenes",
+        pattern=GATE_DATASET_PATTERN,
+        max_length=263,
+        description="builtin:scenes (40 held-out synthetic scenes, for the bundled models) or "
+        "configMap:NAME (images in binaryData, COCO-style captions in data['captions.json']; at most "
+        "500 images, and a ConfigMap holds at most 1 MiB).",
+    )
+    metric: GateMetric = Field(
+        default="exactMatch", description="The score compared: exactMatch, bleu4 or cider."
+    )
+    min_score: float | None = Field(
+        default=None, ge=0, description="Lowest acceptable score of the canary; unset: not checked."
+    )
+    max_drop: float | None = Field(
+        default=None,
+        ge=0,
+        description="Largest acceptable fall of the canary's score below the stable version's on the same "
+        "set; unset: the stable version is not scored.",
+    )
+    timeout: Annotated[
+        str, _cel_within(MIN_GATE_TIMEOUT, MAX_GATE_TIMEOUT), _within(MIN_GATE_TIMEOUT, MAX_GATE_TIMEOUT)
+    ] = Field(
+        default="5m",
+        description=f"Longest time the scoring may take ({MIN_GATE_TIMEOUT} to {MAX_GATE_TIMEOUT}); "
+        "slower fails the gate.",
+    )
+
+    @model_validator(mode="after")
+    def _judges_something(self) -> QualityGate:
+        if self.min_score is None and self.max_drop is None:
+            raise ValueError("a qualityGate needs minScore, maxDrop or both")
+        return self
+
+
 class Rollout(SpecModel):
     """Progressive delivery of the version marked ``canary``."""
 
     analysis: Analysis = Field(default_factory=Analysis)
+    quality_gate: QualityGate | None = Field(default=None, description="Score the canary before any traffic.")
     paused: bool = Field(
         default=False,
         description="Freeze the rollout where it is: no steps, no promotion, no automatic rollback.",

@@ -18,12 +18,13 @@ from pydantic.alias_generators import to_camel
 from captionfleet.operator.cascade import CascadeStatus
 from captionfleet.operator.coldstart import ColdState, iso
 from captionfleet.operator.events import Reason
+from captionfleet.operator.gate import REASONS, GateState
 from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.traffic import Role, Share
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid", "RolledBack"]
-ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack", "QualityGate"]
 # Reasons of a Degraded condition that the operator found (not a Deployment): they stand until a
 # reconciliation clears them, whatever the Deployments report meanwhile.
 OPERATOR_TROUBLES = ("ApplyFailed", "NameConflict", "KedaNotInstalled")
@@ -336,6 +337,8 @@ def fleet_status(
         _degraded(cond, observed, trouble),
         _rolled_back(rollout, cond),
     ]
+    if rollout is not None and rollout.gate is not None:
+        conditions.append(_quality_gate(rollout.gate, cond))
     return CaptionModelStatus(
         phase=phase,
         observed_generation=generation,
@@ -397,6 +400,11 @@ def _rolled_back(rollout: CanaryState | None, cond: Callable[..., Condition]) ->
     if rollout is not None and rollout.phase == "RolledBack":
         return cond("RolledBack", True, rollout.reason or "RolledBack", rollout.message)
     return cond("RolledBack", False, "NoRollback", "no canary is rolled back")
+
+
+def _quality_gate(gate: GateState, cond: Cond) -> Condition:
+    """True once the canary's quality gate has passed; its last run's scores in the message."""
+    return cond("QualityGate", gate.phase == "Passed", REASONS[gate.phase], gate.message)
 
 
 def invalid_status(

@@ -3,7 +3,8 @@
 The spec's ``weight`` is the desired split. The *effective* weights are what the router applies and
 ``status.versions[].weight`` reports. Without a canary they are the desired ones. With one, the
 rollout state (``rollout.py``, kept in ``status.rollout``) decides: the canary holds its rollout
-weight (but receives traffic only once it has a ready pod) and the stable version the rest of their
+weight (but receives traffic only once it has a ready pod, and has passed its quality gate when it has
+one, ``gate.py``) and the stable version the rest of their
 pool; once rolled back the canary gets 0 and is retired (scaled to zero); once promoted it becomes the
 stable version with the whole pool and the old stable is retired. Retiring waits for ``drained`` (one
 check after the decision): the weight goes to 0 at once, the pods only after every router has stopped
@@ -50,7 +51,7 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
     if rollout.phase == "RolledBack":
         weight = total if role == "stable" else 0
         return Share("", role, weight, retired=role == "canary" and rollout.drained)
-    canary_weight = rollout.weight if canary_ready else 0
+    canary_weight = rollout.weight if canary_ready and not rollout.awaits_gate else 0
     if role == "canary":
         return Share("", role, canary_weight, capacity=rollout.weight)
     capacity = total - rollout.weight if rollout.checked else total

@@ -104,6 +104,27 @@ class RouterSettings(EdgeSettings):
     outlier_probe_timeout_ms: float = setting(
         1000.0, "Time limit of the GET /readyz probe of an ejected endpoint (a hung one fails it)."
     )
+    cold_start_max_held: int = setting(
+        100,
+        "Requests held at once (all versions) while a cold_start version has no ready pod (scaled to "
+        "zero, starting); more get 503 cold_start with Retry-After at once. 0: none held.",
+    )
+    cold_start_max_held_bytes: int = setting(
+        64 * MB,
+        "Request-body bytes held at once over all held requests; a body that does not fit gets 503 "
+        "cold_start at once. At most max_body_bytes_in_flight (held bodies count against it too).",
+    )
+    redis_url: str = setting(
+        "",
+        "redis://host:port/db of the runtimes' shared result cache (their redis_url): a caption for a "
+        "version with no ready pod whose image was captioned before (same bytes, same options) is "
+        "answered from it, cached: true, without waking a pod. Empty: every such request is held.",
+    )
+    cold_start_timeout_ms: float = setting(
+        60000.0,
+        "Longest a request is held for a version's first ready pod (its own deadline still counts: "
+        "whichever ends first); then 503 cold_start with Retry-After.",
+    )
 
     cascade_fast: tuple[str, ...] = setting(
         (),
@@ -183,6 +204,12 @@ class RouterSettings(EdgeSettings):
         for name in ("outlier_connect_failures", "outlier_timeouts", "outlier_timeout_min_budget_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
+        if self.cold_start_max_held < 0 or self.cold_start_max_held_bytes < 0:
+            problems.append("cold_start_max_held and cold_start_max_held_bytes must be >= 0")
+        if self.cold_start_max_held_bytes > self.max_body_bytes_in_flight:
+            problems.append("cold_start_max_held_bytes must be <= max_body_bytes_in_flight")
+        if self.cold_start_timeout_ms <= 0:
+            problems.append("cold_start_timeout_ms must be > 0")
         if self.outlier_max_ejection_s < self.outlier_base_ejection_s:
             problems.append("outlier_max_ejection_s must be >= outlier_base_ejection_s")
         if not 0 < self.service_port < 65536:

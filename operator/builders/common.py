@@ -92,7 +92,12 @@ class FleetContext:
 # Child names; validation.py checks they fit in 63 characters.
 def version_name(ctx: FleetContext, version: str) -> str:
     """Deployment, Service and autoscaler of one version."""
-    return f"{ctx.name}-{version}"
+    return version_service(ctx.name, version)
+
+
+def version_service(model: str, version: str) -> str:
+    """The name of version ``version`` of CaptionModel ``model``'s children (its Service among them)."""
+    return f"{model}-{version}"
 
 
 def router_name(ctx: FleetContext) -> str:

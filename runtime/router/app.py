@@ -25,11 +25,13 @@ from aiohttp import web
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.cascade import Cascade
+from captionfleet.runtime.router.coldstart import ColdStarts
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.jobs import JobRoutes
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
 from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, forwarded_headers
+from captionfleet.runtime.router.repeats import RouterRepeats
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
@@ -68,6 +70,10 @@ class Router:
         self.guard = KeyGuard.from_settings(settings)
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
+        self.cold = ColdStarts(settings, holder, self.stats, self.metrics)
+        self.repeats = (
+            RouterRepeats(settings.redis_url, settings.max_body_bytes) if settings.redis_url else None
+        )
         self.draining = False
         self._forwarder: Forwarder | None = None
         self.cascade = Cascade.of(self, RouterStats(settings.stats_window_s, clock, settings.stats_max_slots))
@@ -93,7 +99,7 @@ class Router:
         if not table.routable:
             reason = self.holder.last_error or f"no version of {table.source or 'the table'} can take traffic"
             return False, {"reason": reason}
-        live = [v.name for v in table.versions if v.routable and self.balancer.live_endpoints(v)]
+        live = [v.name for v in table.versions if v.cold or (v.routable and self.balancer.live_endpoints(v))]
         if not live:
             return False, {"reason": "every endpoint of every version is ejected (failing or hung)"}
         return True, {"versions": live}
@@ -129,9 +135,8 @@ class Router:
         if self.cascade.plan is not None:
             return await self.cascade.answer(request, body, sticky, bulk)
         version = self.pick(request, sticky, bulk=bulk)
-        return await self.route(
-            request, version, body, request.rel_url.raw_path_qs, self.buffered(version), bulk
-        )
+        reply = self.sent_to(version, self.buffered, caption_arrived=request[ARRIVED])
+        return await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
 
     async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
         """The API key checked and the whole body read (once, through the edge's budget: it may be sent
@@ -177,6 +182,8 @@ class Router:
             retries += 1
             self.metrics.retries.labels(version=version.name, reason=reason).inc()
 
+        if not version.cold:  # a held request counts when its hold begins (coldstart.py)
+            self.stats.touch(version.name)
         self.metrics.in_flight.inc()
         try:
             outgoing = Outgoing(
@@ -198,6 +205,27 @@ class Router:
         error = "status_5xx" if response.status >= 500 else None
         self._count(version.name, response.status, error, arrived, retries, bulk)
         return response
+
+    def sent_to(
+        self, version: Version, replier: Callable[[Version], Replier], *, caption_arrived: float | None = None
+    ) -> Replier:
+        """``replier(version)``; for a cold version, once the request was held until the version has a
+        ready pod (``coldstart.py``): never another version's. ``caption_arrived``: a caption request
+        (arrived then), which may be an exact repeat answered from Redis instead (``repeats.py``)."""
+        if not version.cold:
+            return replier(version)
+
+        async def reply(outgoing: Outgoing, on_retry: Callable[[str], None]) -> web.StreamResponse:
+            if self.repeats is not None and caption_arrived is not None:
+                kept = await self.repeats.answer(version.name, outgoing)
+                if kept is not None:
+                    body = kept | {"cached": True, "latency_ms": _ms_since(caption_arrived)}
+                    body["request_id"] = outgoing.request_id
+                    return web.json_response(body, headers={ROUTED_VERSION_HEADER: version.name})
+            ready = await self.cold.hold(version.name, len(outgoing.body), outgoing.deadline)
+            return await replier(ready)(outgoing, on_retry)
+
+        return reply
 
     def buffered(self, version: Version, rewrite: Rewrite | None = None, *, once: bool = False) -> Replier:
         """Relays the runtime's whole answer (bounded by ``max_response_bytes``), ``rewrite`` applied;
@@ -284,6 +312,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         log.info("router started", extra={"source": settings.source()})
         yield
         await app[ROUTER].balancer.close()  # its probes, before the HTTP client they use
+        repeats = app[ROUTER].repeats
+        if repeats is not None:
+            await repeats.close()
 
 
 async def models(request: web.Request) -> web.StreamResponse:
@@ -315,7 +346,7 @@ async def stats(request: web.Request) -> web.StreamResponse:
         raise InvalidRequest("window must be a whole number of seconds > 0", code="invalid_window")
     per_second = request.query.get("seconds", "false").lower() in ("1", "true", "yes")
     names = [v.name for v in router.holder.table.versions]
-    body = router.stats.snapshot(window, versions=names, per_second=per_second)
+    body = router.stats.snapshot(window, versions=names, per_second=per_second, held=router.cold.held)
     if router.cascade.plan is not None:
         body["cascade"] = router.cascade.figures.snapshot(window)
     return web.json_response(body)
@@ -344,8 +375,8 @@ async def openapi(request: web.Request) -> web.StreamResponse:
     """A runtime's description of the API (the router serves the same one), plus the router's own paths."""
     router = request.app[ROUTER]
     pick = router.holder.table.pick(None, router.rng)
-    if pick is None:
-        raise NoRoute("no model version can take traffic now, and the API description comes from one")
+    if pick is None or not pick.version.endpoints:
+        raise NoRoute("no model version has a ready pod now, and the API description comes from one")
     url = router.balancer.choose(pick.version) + "/openapi.json"
     timeout = aiohttp.ClientTimeout(total=router.settings.request_timeout_ms / 1000)
     try:

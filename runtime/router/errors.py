@@ -27,6 +27,19 @@ class UpstreamTimeout(EdgeError, status=504):
     code = "deadline_exceeded"
 
 
+class ColdStart(EdgeError, status=503):
+    """A request for a version without a ready pod that cannot be held (too many held, too many bytes
+    held) or was held for ``cold_start_timeout_ms`` in vain; its ``Retry-After`` is an estimate of the
+    time left until the version is ready."""
+
+
+class HeldPastDeadline(EdgeError, status=504):
+    """The request's own deadline passed while it was held for its version's first pod (not the
+    version's fault: not counted as its timeout)."""
+
+    code = "deadline_exceeded"
+
+
 class UnknownJob(EdgeError):
     """A job id that names no version of the routing table (or is not one the router gave out): the
     runtime's own answer for a job it does not have, with its code."""

@@ -125,7 +125,9 @@ class JobRoutes:
         router = self.router
         body = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
         version = router.pick(request, sticky_key(request), bulk=True)
-        reply = router.buffered(version, named(version, required=True), once=True)  # no job twice
+        reply = router.sent_to(  # no job twice
+            version, lambda ready: router.buffered(ready, named(ready, required=True), once=True)
+        )
         return await router.route(request, version, body, request.rel_url.raw_path_qs, reply, True)
 
     async def status(self, request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,8 @@ from captionfleet.runtime.router.table import RoutingTable
 from captionfleet.runtime.web.metrics import Declared, ProcessMetrics
 
 NO_VERSION = "none"
+COLD_START_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+"""A cold start takes seconds (a cached image, a small model) to minutes (a GPU node, a model download)."""
 
 
 class RouterMetrics(ProcessMetrics):
@@ -74,6 +76,30 @@ class RouterMetrics(ProcessMetrics):
     table_timestamp = Declared.gauge(
         "captionfleet_router_table_updated_timestamp_seconds",
         "Unix time the current routing table was applied",
+    )
+    held = Declared.gauge(
+        "captionfleet_router_held_requests",
+        "Requests held now for a cold_start version's first ready pod, by version (the operator scales "
+        "a version at zero up on this demand)",
+        "version",
+    )
+    cold_starts = Declared.counter(
+        "captionfleet_router_cold_starts",
+        "Holds that began while none of the version's requests was held: cold starts seen by this router",
+        "version",
+    )
+    cold_start_rejections = Declared.counter(
+        "captionfleet_router_cold_start_rejections",
+        "Requests answered 503 cold_start, by version and reason: count (cold_start_max_held), bytes "
+        "(cold_start_max_held_bytes), timeout (held cold_start_timeout_ms in vain)",
+        "version",
+        "reason",
+    )
+    cold_start_wait = Declared.histogram(
+        "captionfleet_router_cold_start_wait_seconds",
+        "How long held requests waited, from the hold to being sent to the version's first ready pod",
+        "version",
+        buckets=COLD_START_BUCKETS_S,
     )
     ready = Declared.gauge(
         "captionfleet_router_ready", "1 when a version can take traffic and the router is not draining"

@@ -19,7 +19,11 @@ could not be relayed). 4xx answers are the client's, not errors. ``retries`` cou
 (which may have succeeded), ``fallbacks`` requests meant for the version that went elsewhere because it
 had no endpoints. Bulk requests (``X-Priority: bulk`` captions and the job API's calls) are counted in
 ``bulk`` and nowhere else: neither their volume, their errors nor their latency (a job's results stream
-for as long as they are long) may pass for the interactive traffic the analysis judges. Latency is the
+for as long as they are long) may pass for the interactive traffic the analysis judges. ``cold_starts``
+counts holds that began while none of the version's requests was held (``coldstart.py``),
+``cold_start_rejections`` its 503 ``cold_start`` answers; beside the figures each version shows
+``held`` (requests held now) and ``last_request_at`` (Unix seconds of the last request routed to it,
+held or sent, any priority; null before the first): what the operator's scale to zero reads. Latency is the
 router's view, arrival to answer, in a fixed histogram so figures of
 several pods add up; percentiles are estimated from it (linear within a bucket, as Prometheus does).
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +47,8 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(round(bound * 1000, 6) for bound i
 DEFAULT_MAX_SLOTS = RouterSettings().stats_max_slots
 ERROR_KINDS = ("status_5xx", "timeouts", "connect_failures", "bad_responses")
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+COUNTED_APART = ("retries", "fallbacks", "bulk", "cold_starts", "cold_start_rejections")
+"""Counts beside the requests: each event counted in its own field and nowhere else."""
 
 
 def _bucket_index(latency_ms: float) -> int:
@@ -82,6 +88,8 @@ class Figures:
     retries: int = 0
     fallbacks: int = 0
     bulk: int = 0  # bulk requests: counted apart, never in requests, errors or latency
+    cold_starts: int = 0  # holds that began while none of the version's requests was held
+    cold_start_rejections: int = 0  # 503 cold_start: too many held, too many bytes, held too long
     latency_sum_ms: float = 0.0
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
@@ -98,7 +106,7 @@ class Figures:
         self.latency_counts[_bucket_index(latency_ms)] += 1
 
     def add(self, other: Figures) -> None:
-        for name in ("requests", *ERROR_KINDS, "retries", "fallbacks", "bulk"):
+        for name in ("requests", *ERROR_KINDS, *COUNTED_APART):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latency_sum_ms += other.latency_sum_ms
         self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
@@ -113,9 +121,7 @@ class Figures:
             "errors": self.errors,
             "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
             **{name: getattr(self, name) for name in ERROR_KINDS},
-            "retries": self.retries,
-            "fallbacks": self.fallbacks,
-            "bulk": self.bulk,
+            **{name: getattr(self, name) for name in COUNTED_APART},
             "latency_ms": latency,
         }
 
@@ -134,6 +140,7 @@ class VersionFigures:
         self._slot_s = slot_s
         self._ring: dict[int, _Slot] = {}  # ring index -> slot; at most ``slots`` entries
         self.total = Figures()
+        self.last_request_at: float | None = None  # Unix seconds
 
     def _slot(self, second: int) -> _Slot:
         number = second // self._slot_s
@@ -147,13 +154,11 @@ class VersionFigures:
         self._slot(second).figures.record(error, latency_ms, retries)
         self.total.record(error, latency_ms, retries)
 
-    def record_fallback(self, second: int) -> None:
-        self._slot(second).figures.fallbacks += 1
-        self.total.fallbacks += 1
-
-    def record_bulk(self, second: int) -> None:
-        self._slot(second).figures.bulk += 1
-        self.total.bulk += 1
+    def count(self, second: int, name: str) -> None:
+        """One more of ``name`` (one of COUNTED_APART but retries)."""
+        figures = self._slot(second).figures
+        setattr(figures, name, getattr(figures, name) + 1)
+        setattr(self.total, name, getattr(self.total, name) + 1)
 
     def slots(self, first: int, last: int) -> Iterable[_Slot]:
         """Slots numbered first..last, oldest first."""
@@ -198,24 +203,43 @@ class RouterStats:
 
     def record_fallback(self, meant_for: str) -> None:
         """A request meant for ``meant_for`` went to another version: it had no endpoints."""
-        self._figures(meant_for).record_fallback(int(self._clock()))
+        self._figures(meant_for).count(int(self._clock()), "fallbacks")
 
     def record_bulk(self, version: str) -> None:
         """A bulk request (``X-Priority: bulk``, or the job API) routed to ``version`` was answered:
         counted in ``bulk`` only, so bulk work never reads as the version's interactive traffic."""
-        self._figures(version).record_bulk(int(self._clock()))
+        self._figures(version).count(int(self._clock()), "bulk")
+
+    def record_cold_start(self, version: str) -> None:
+        """A hold began on ``version`` while none of its requests was held: a cold start."""
+        self._figures(version).count(int(self._clock()), "cold_starts")
+
+    def record_cold_start_rejection(self, version: str) -> None:
+        """A request for ``version`` got 503 cold_start (not held, or held in vain)."""
+        self._figures(version).count(int(self._clock()), "cold_start_rejections")
+
+    def touch(self, version: str) -> None:
+        """A request was routed to ``version`` (any priority; held or sent): its last request is now."""
+        self._figures(version).last_request_at = self._clock()
 
     def record_unrouted(self, latency_ms: float) -> None:
         """A request no version could take (503 no_route)."""
         self.unrouted.record(int(self._clock()), None, latency_ms, 0)
 
     def snapshot(
-        self, window_s: int, *, versions: Iterable[str] = (), per_second: bool = False
+        self,
+        window_s: int,
+        *,
+        versions: Iterable[str] = (),
+        per_second: bool = False,
+        held: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """The JSON of GET /v1/router/stats: each version's figures over the last ``window_s`` seconds
         (at most ``max_window_s``, rounded up to whole slots; the current, partial slot included) and
         since start. ``versions`` are listed even when idle. ``per_second`` adds the slots (named so
-        when slots were seconds; ``t`` is each slot's first second, ``slot_s`` its width)."""
+        when slots were seconds; ``t`` is each slot's first second, ``slot_s`` its width). ``held``:
+        the requests held now per version."""
+        held = held or {}
         count = math.ceil(max(1, min(window_s, self.max_window_s)) / self.slot_s)
         now = self._clock()
         last = int(now) // self.slot_s
@@ -226,6 +250,10 @@ class RouterStats:
             entry: dict[str, Any] = {
                 "window": figures.window(first, last).as_json(),
                 "total": figures.total.as_json(),
+                "held": held.get(name, 0),
+                "last_request_at": None
+                if figures.last_request_at is None
+                else round(figures.last_request_at, 3),
             }
             if per_second:
                 entry["seconds"] = [

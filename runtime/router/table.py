@@ -26,7 +26,10 @@ Requests without a user id are spread at random in proportion to the weights.
 
 A version with weight > 0 but no endpoints (no ready pods) cannot take traffic; its users are sent to
 the routable versions by the same bucket, laid out over the routable versions only (still sticky
-while the table stays put), and the answer says which version they were meant for.
+while the table stays put), and the answer says which version they were meant for. A version marked
+``cold_start`` (it may be scaled to zero) is the exception: it keeps its users, and the requests
+without a user its weight draws, while it has no endpoints; the router holds them until its first pod
+is ready (``coldstart.py``). It is *servable*: it takes traffic, by holding it.
 """
 
 from __future__ import annotations
@@ -60,10 +63,22 @@ class Version:
     weight: int  # percent of traffic (the effective weight; sums to 100 over the table)
     role: Role
     endpoints: tuple[str, ...] = ()  # base URLs: http://10.0.0.7:8080
+    cold_start: bool = False  # without endpoints, its requests are held for its first pod (no fallback)
 
     @property
     def routable(self) -> bool:
+        """Takes traffic now: a weight and ready endpoints."""
         return self.weight > 0 and bool(self.endpoints)
+
+    @property
+    def cold(self) -> bool:
+        """Its requests are held now: a cold_start version with a weight and no ready endpoint."""
+        return self.weight > 0 and self.cold_start and not self.endpoints
+
+    @property
+    def servable(self) -> bool:
+        """Takes traffic, sent on at once or held for its first pod."""
+        return self.routable or self.cold
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class RoutingTable:
     source: str = ""  # where it came from, for /v1/models and logs
     cascade: CascadePlan | None = None  # the versions' two tiers, when requests cascade (cascade.py)
     ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
+    # Over the servable versions: those with endpoints and the cold ones, which hold their requests.
     routable_ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -152,7 +168,7 @@ class RoutingTable:
             if len(holders) > 1:
                 raise TableError(f"at most one {role} version; got {', '.join(holders)}")
         object.__setattr__(self, "ranges", _ranges(self.versions))
-        object.__setattr__(self, "routable_ranges", _ranges([v for v in self.versions if v.routable]))
+        object.__setattr__(self, "routable_ranges", _ranges([v for v in self.versions if v.servable]))
 
     @classmethod
     def empty(cls, source: str = "") -> RoutingTable:
@@ -160,7 +176,7 @@ class RoutingTable:
 
     @property
     def routable(self) -> bool:
-        """At least one version can take traffic."""
+        """At least one version can take traffic (at once, or held through its cold start)."""
         return bool(self.routable_ranges)
 
     def version(self, name: str) -> Version | None:
@@ -177,7 +193,7 @@ class RoutingTable:
         if user_id:
             bucket = bucket_of(user_id)
             assigned = _find(self.ranges, bucket)
-            if assigned is not None and assigned.routable:
+            if assigned is not None and assigned.servable:
                 return Pick(assigned)
             fallback = _find(self.routable_ranges, bucket)
             assert fallback is not None  # the routable ranges cover every bucket
@@ -196,6 +212,7 @@ class RoutingTable:
                 "buckets": list(spans.get(v.name, (0, 0))),
                 "endpoints": len(v.endpoints),
                 "ready": v.routable,
+                "cold_start": v.cold_start,
             }
             for v in self.versions
         ]
@@ -209,7 +226,7 @@ def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
 def from_mapping(
     entries: Sequence[Mapping[str, Any]], *, source: str, canary: str | None = None
 ) -> RoutingTable:
-    """A table from ``[{name, weight, role?, endpoints}]`` (a routes file's or the status's shape).
+    """A table from ``[{name, weight, role?, endpoints, cold_start?}]`` (a routes file's or status's shape).
 
     Roles missing from every entry are assigned by :func:`assign_roles`; given on some, they must be on all.
     """
@@ -229,10 +246,15 @@ def from_mapping(
             endpoints = [endpoints]
         if not isinstance(endpoints, list) or not all(isinstance(e, str) and e for e in endpoints):
             raise TableError(f"versions[{index}] ({name}).endpoints must be a list of URLs")
+        cold_start = entry.get("cold_start", False)
+        if not isinstance(cold_start, bool):
+            raise TableError(f"versions[{index}] ({name}).cold_start must be true or false")
         pairs.append((name, weight))
-        versions.append((name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints)))
+        versions.append(
+            (name, weight, entry.get("role"), _checked_endpoints(index, name, endpoints), cold_start)
+        )
     given: dict[str, Role] = {}
-    for name, _, role, _ in versions:
+    for name, _, role, _, _ in versions:
         if role is not None and role not in ROLES:
             raise TableError(f"version {name}: role must be one of {', '.join(ROLES)}, got {role!r}")
         if role is not None:
@@ -240,7 +262,7 @@ def from_mapping(
     if given and len(given) != len(versions):
         raise TableError("give a role to every version or to none")
     roles = given or assign_roles(pairs, canary)
-    return RoutingTable(tuple(Version(n, w, roles[n], e) for n, w, _, e in versions), source)
+    return RoutingTable(tuple(Version(n, w, roles[n], e, cold) for n, w, _, e, cold in versions), source)
 
 
 def _checked_endpoints(index: int, name: str, endpoints: Sequence[str]) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """The routing table from the cluster: the CaptionModel's status, and the endpoints of its versions.
 
 The operator writes the effective weights into ``status.versions[]`` (``name``, ``role``, ``weight``,
-``service``, ``readyReplicas``; see ``captionfleet.operator.status``). The router watches that one
+``service``, ``readyReplicas``, ``coldStart``: held through a cold start, no fallback; see
+``captionfleet.operator.status``). The router watches that one
 object and the namespace's EndpointSlices, read-only, and rebuilds its table on every change, so a
 rollback the operator writes reaches every router replica as fast as the API server tells them.
 
@@ -64,6 +65,8 @@ def table_from_status(
         entry: dict[str, Any] = {"name": version, "weight": item.get("weight", 0), "endpoints": urls}
         if item.get("role") is not None:
             entry["role"] = item["role"]
+        if item.get("coldStart") is not None:  # the operator's: the version may be scaled to zero
+            entry["cold_start"] = item["coldStart"]
         entries.append(entry)
     canary = status.get("canaryVersion")
     table = from_mapping(entries, source=f"CaptionModel {namespace}/{name}", canary=canary or None)

@@ -16,13 +16,13 @@ from aiohttp import web
 from captionfleet.runtime.server.errors import DOMAIN_STATUSES
 from captionfleet.runtime.server.jobs import add_job_routes
 from captionfleet.runtime.server.openapi import openapi_document
-from captionfleet.runtime.server.parsing import ImageSource, ParsedRequest, parse_request
 from captionfleet.runtime.server.state import STATE, ServerState, admit, priority
 from captionfleet.runtime.serving.batcher import Priority
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
 from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import InvalidRequest, reply_for
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
+from captionfleet.runtime.web.parsing import ImageSource, ParsedRequest, parse_request
 from captionfleet.runtime.web.probes import add_probe_routes
 
 
@@ -63,6 +63,8 @@ async def caption(request: web.Request) -> web.Response:
         options = service.resolve_options(parsed.fields)
         data = await _image_bytes(request, parsed.images[0])
         result = await service.caption(data, options, _deadline(request), level)
+        if parsed.images[0].data is not None:  # sent, not fetched: the router can know it again
+            await service.remember(parsed.fields, data, result)
         latency_ms = _observed_latency_ms(request, state, "/v1/caption")
         body = result.as_dict() | {"latency_ms": latency_ms, "request_id": request[REQUEST_ID]}
         return web.json_response(body)

@@ -58,7 +58,7 @@ def _public(settings: ServeSettings) -> dict[str, object]:
     """The settings fit for a log line: no keys, no passwords in the Redis or moderation URL."""
     from dataclasses import asdict
 
-    from captionfleet.runtime.serving.cache import redact_url
+    from captionfleet.runtime.serving.repeats import redact_url
 
     shown = asdict(settings)
     shown["api_keys"] = f"<{len(settings.api_keys)} keys>"

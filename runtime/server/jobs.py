@@ -19,7 +19,13 @@ from typing import Any
 from aiohttp import web
 
 from captionfleet.runtime.server.fetch import absolute_url, check_url
-from captionfleet.runtime.server.parsing import (
+from captionfleet.runtime.server.state import STATE, ServerState, admit
+from captionfleet.runtime.serving.errors import JobsUnavailable
+from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
+from captionfleet.runtime.web.body import check_declared_size, read_all
+from captionfleet.runtime.web.context import BODY, head_sent
+from captionfleet.runtime.web.errors import InvalidRequest
+from captionfleet.runtime.web.parsing import (
     OPTION_FIELDS,
     json_object,
     json_source,
@@ -27,12 +33,6 @@ from captionfleet.runtime.server.parsing import (
     query_fields,
     text_field,
 )
-from captionfleet.runtime.server.state import STATE, ServerState, admit
-from captionfleet.runtime.serving.errors import JobsUnavailable
-from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
-from captionfleet.runtime.web.body import check_declared_size, read_all
-from captionfleet.runtime.web.context import BODY, head_sent
-from captionfleet.runtime.web.errors import InvalidRequest
 
 SUBMISSION_FIELDS = ("items", "options", "webhook", "webhook_secret")
 ITEM_FIELDS = ("id", "url", "image_base64")

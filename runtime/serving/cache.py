@@ -20,12 +20,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Generic, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from captionfleet.runtime.engine.types import Caption, GenerationOptions, Suggestion
 from captionfleet.runtime.serving.image_key import TOLERANCE, ImageKey, same_image
+from captionfleet.runtime.serving.repeats import SharedRedis
 
 log = logging.getLogger(__name__)
 
@@ -166,31 +166,12 @@ class MemoryCache(Generic[V]):
         self._size = 0
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-class RedisCache:
+class RedisCache(SharedRedis):
     """Buckets as capped Redis lists of ``{"s": signature, "c": caption, "t": expiry}``, shared by replicas.
 
     Memory is bounded by the cap, the TTL and Redis's own ``maxmemory`` policy (``allkeys-lru``)."""
 
     kind = "redis"
-
-    def __init__(self, url: str, ttl_s: float, *, timeout_s: float = 0.5) -> None:
-        import redis.asyncio
-
-        self.url = redact_url(url)
-        self.ttl_s = ttl_s
-        self._client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
-        )
-        self.errors = 0
 
     async def ping(self) -> None:
         """Raise unless Redis answers (used at start-up to report a wrong URL early)."""
@@ -237,10 +218,3 @@ class RedisCache:
                 await pipe.execute()
         except Exception as exc:
             self._failed("write", exc)
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        self.errors += 1
-        log.warning("redis cache %s failed (%s): %r", what, self.url, exc)

@@ -20,7 +20,6 @@ re-encoded scene would miss. Instead, lookups go through *buckets* that tolerate
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 from collections import OrderedDict
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from captionfleet.runtime.serving.repeats import body_digest
 
 GRID = 16
 TOLERANCE = 40
@@ -116,7 +117,7 @@ class KeyMemo:
 
     @staticmethod
     def digest(data: bytes) -> bytes:
-        return hashlib.blake2b(data, digest_size=16).digest()
+        return body_digest(data)  # the one digest rule: Redis's exact repeats use it too (repeats.py)
 
     def get(self, digest: bytes) -> ImageKey | None:
         with self._lock:

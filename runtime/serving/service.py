@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from captionfleet.runtime.serving.drift import DriftMonitor
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotReady
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
 from captionfleet.runtime.serving.moderation import Moderation, moderation_jpeg
+from captionfleet.runtime.serving.repeats import RepeatStore, body_digest, repeat_key
 from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class CaptionService:
             settings.drift_window, 1.0 - settings.ood_threshold, settings.drift_significance
         )
         self.cache = cache
+        # Exact repeats beside a shared cache: what the router answers while the version has no pod.
+        self.repeats = RepeatStore(settings.redis_url, settings.cache_ttl_s) if settings.redis_url else None
         self.moderation = moderation
         # The perceptual key serves the result cache and the moderation's verdicts.
         keyed = cache is not None or (moderation is not None and moderation.cache is not None)
@@ -262,6 +266,13 @@ class CaptionService:
         await self.moderation.check(key, jpeg, deadline)
         return decoded
 
+    async def remember(self, fields: Mapping[str, object], data: bytes, result: CaptionResult) -> None:
+        """Keep ``result`` as the answer to these image bytes with these request option fields, for
+        the router to answer exact repeats from Redis (``repeats.py``); with Redis only."""
+        if self.repeats is not None:
+            key = repeat_key(self.model_version, fields, body_digest(data))
+            await self.repeats.put(key, result.as_dict())
+
     def flush(self) -> None:
         """Draining: queued requests run as soon as the model is free."""
         self.batcher.flush()
@@ -274,6 +285,8 @@ class CaptionService:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.cache is not None:
             await self.cache.close()
+        if self.repeats is not None:
+            await self.repeats.close()
         if self.moderation is not None:
             await self.moderation.close()
         return left

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from captionfleet.calibration import CALIBRATION_FILE, SIGNALS, escalates, quantiles, threshold_for_rate
-from captionfleet.runtime.training.metrics import score_captions
+from captionfleet.scoring import score_captions
 
 if TYPE_CHECKING:
     from captionfleet.runtime.engine.types import Caption

@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     exit_on_problems("eval", settings.check() + _cascade_problems(settings, args.cascade))
     if args.cascade:
         return _run_cascade(settings, args)
+    from captionfleet.evalsets import DatasetError
     from captionfleet.runtime.engine.errors import EngineError
-    from captionfleet.runtime.training.evaluate import DatasetError, format_table, score_model
+    from captionfleet.runtime.training.evaluate import format_table, score_model
 
     with exit_on("eval", DatasetError, EngineError):
         report = score_model(settings)
@@ -61,9 +62,9 @@ def _cascade_problems(settings: EvalSettings, cascade: list[str] | None) -> list
 
 
 def _run_cascade(settings: EvalSettings, args: argparse.Namespace) -> int:
+    from captionfleet.evalsets import DatasetError
     from captionfleet.runtime.engine.errors import EngineError
     from captionfleet.runtime.training.cascade import CascadeError, format_cascade, run_cascade
-    from captionfleet.runtime.training.evaluate import DatasetError
 
     with exit_on("eval", DatasetError, EngineError, CascadeError):
         report = run_cascade(settings, *args.cascade)

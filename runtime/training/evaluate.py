@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captionfleet.evalsets import DatasetError, coco_captions
 from captionfleet.runtime.engine.images import DEFAULT_MAX_PIXELS
 from captionfleet.runtime.engine.types import GenerationOptions
 from captionfleet.runtime.training.calibration import Calibration, calibration
-from captionfleet.runtime.training.metrics import Scores, normalise_text, score_captions
 from captionfleet.runtime.training.scenes import SCENE_SIZE, scene_at
+from captionfleet.scoring import Scores, normalise_text, score_captions
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
     from captionfleet.runtime.engine.captioner import Captioner
     from captionfleet.runtime.engine.types import Caption
     from captionfleet.runtime.training.settings import EvalSettings
-
-
-class DatasetError(ValueError):
-    """The image folder or the captions file cannot be used; the message says why and where."""
 
 
 @dataclass(frozen=True)
@@ -104,22 +101,7 @@ def coco_set(images_dir: Path, captions_file: Path, limit: int = 0) -> EvalSet:
         raise DatasetError(f"captions file {captions_file} does not exist") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DatasetError(f"captions file {captions_file} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{captions_file}: expected a JSON object with an 'images' list")
-    if not isinstance(data.get("annotations"), list):
-        raise DatasetError(f"{captions_file}: expected a JSON object with an 'annotations' list")
-    captions: dict[str, list[str]] = {}
-    for position, annotation in enumerate(data["annotations"]):
-        if (
-            not isinstance(annotation, dict)
-            or not isinstance(annotation.get("image_id"), (int, str))
-            or not isinstance(annotation.get("caption"), str)
-        ):
-            raise DatasetError(
-                f"{captions_file}: annotations[{position}] needs an 'image_id' (int or string) "
-                "and a 'caption' (string)"
-            )
-        captions.setdefault(str(annotation["image_id"]), []).append(annotation["caption"])
+    captions = coco_captions(data, str(captions_file))
     items: list[EvalItem] = []
     skipped = 0
     seen: set[str] = set()
@@ -136,7 +118,7 @@ def coco_set(images_dir: Path, captions_file: Path, limit: int = 0) -> EvalSet:
             raise DatasetError(f"{captions_file}: image id {key} is listed twice")
         seen.add(key)
         path = images_dir / image["file_name"]
-        references = [text for text in captions.get(key, []) if normalise_text(text)]
+        references = captions.get(key, [])
         if not path.is_file() or not references:
             skipped += 1
             continue

@@ -347,6 +347,7 @@ def test_the_operator_image_gets_the_operator_and_nothing_of_the_runtime(tmp_pat
         missing = _python_files("operator") - names
         assert not missing, f"not in the operator's wheel: {sorted(missing)}"
         assert not [n for n in names if n.startswith(("captionfleet/runtime/", "captionfleet/bench/"))]
+        assert _scene_files() <= names, "the quality gate's builtin:scenes must ship with the operator"
         heavy = {
             name: sorted(
                 m
@@ -367,6 +368,13 @@ def test_the_operator_image_gets_the_operator_and_nothing_of_the_runtime(tmp_pat
     assert not requires & {"torch", "transformers", "pillow", "numpy"}
 
 
+def _scene_files() -> set[str]:
+    """The builtin:scenes evaluation set (package data of the core: captionfleet/data/scenes)."""
+    found = {f"captionfleet/data/scenes/{p.name}" for p in (REPO / "captionfleet/data/scenes").iterdir()}
+    assert "captionfleet/data/scenes/captions.json" in found and len(found) > 10
+    return found
+
+
 def _version(wheel: zipfile.ZipFile) -> str:
     return next(line.split(":", 1)[1].strip() for line in _metadata(wheel) if line.startswith("Version:"))
 
@@ -384,6 +392,7 @@ def test_the_runtime_image_gets_the_runtime_and_the_bundled_model(tmp_path: Path
         }
         assert model_files, "no bundled model in runtime/models/"
         assert model_files <= names, sorted(model_files - names)
+        assert _scene_files() <= names
     # The command that links the bundled model to /opt/captionfleet/models, run on the installed wheel.
     site = tmp_path / "site"
     done = subprocess.run(

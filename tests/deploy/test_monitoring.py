@@ -343,8 +343,12 @@ def test_the_dashboard_panels_do_not_overlap() -> None:
 def test_the_operator_exports_the_rollback_series_and_is_scraped_with_its_labels(
     render: Render, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert set(OPERATOR_SERIES) == {"captionfleet_rollbacks_total"}
-    assert OPERATOR_SERIES["captionfleet_rollbacks_total"] == {"namespace", "captionmodel", "version"}
+    fleet = {"namespace", "captionmodel", "version"}
+    assert {
+        "captionfleet_rollbacks_total": fleet,
+        "captionfleet_quality_gate_runs_total": fleet | {"verdict"},
+        "captionfleet_quality_gate_score": fleet | {"role", "metric"},
+    } == OPERATOR_SERIES
     rendered = render(MONITORING_ON | {"operator": {"metricsPort": 9100}})
     monitor = rendered.one("PodMonitor", "-operator")["spec"]
     pod = rendered.one("Deployment")["spec"]["template"]

@@ -85,6 +85,7 @@ class FaultProxy:
         self.failure_rate = failure_rate
         self.arrivals: list[float] = []
         self.injected: list[float] = []
+        self.priorities: list[str] = []  # the X-Priority header of each caption request ("" if none)
         self.url = ""
         self._debt = 0.0
         self._runner: web.AppRunner | None = None
@@ -111,6 +112,7 @@ class FaultProxy:
         body = await request.read()
         if request.method == "POST" and request.path.startswith("/v1/caption"):
             self.arrivals.append(time.monotonic())
+            self.priorities.append(request.headers.get("X-Priority", ""))
             self._debt += self.failure_rate
             if self._debt >= 1.0:
                 self._debt -= 1.0

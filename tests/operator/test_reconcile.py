@@ -8,7 +8,9 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from captionfleet.operator import analysis, kube, reconcile
+import aiohttp
+
+from captionfleet.operator import analysis, gate_run, kube, reconcile
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.figures import Figures, Reading
 from captionfleet.operator.metrics import OperatorMetrics
@@ -247,3 +249,28 @@ async def test_a_pod_that_cannot_start_is_warned_once_and_no_secret_is_ever_read
     again = await reconcile.reconcile(api, api.of("CaptionModel", "fleet"), CONFIG)  # type: ignore[arg-type]
     assert "SecretMissing" not in [e.reason for e in again.events]
     assert not any(kind == "Secret" for _, kind, _ in api.calls)
+
+
+async def test_a_quality_gate_that_cannot_read_its_configmap_says_so_once_and_keeps_the_canary_out() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    spec = copy.deepcopy(CANARY)
+    spec["rollout"]["qualityGate"] = {"dataset": "configMap:evalset", "minScore": 0.5}
+    await reconcile.reconcile(api, model(api, spec), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+
+    async def pods(namespace: str, service: str) -> list[str]:
+        return ["http://127.0.0.1:9"]  # never called: the dataset is read first
+
+    async with aiohttp.ClientSession() as http:
+        gate = gate_run.GateClients(http, pods)
+        tools = analysis.Tools(api, CONFIG, source, OperatorMetrics(), gate)
+        first = await analysis.check_once(tools, NS, "fleet")
+        second = await analysis.check_once(tools, NS, "fleet")
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "QualityGateError")]
+    assert "ConfigMap evalset (dataset configMap:evalset) does not exist" in first.events[0].message
+    assert second.events == [] and source.reads == 0  # said once; no figures check before the gate
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 100, "v2": 0}
+    assert (status["rollout"]["phase"], status["rollout"]["gate"]["phase"]) == ("Progressing", "Error")
+    condition = next(c for c in status["conditions"] if c["type"] == "QualityGate")
+    assert (condition["status"], condition["reason"]) == ("False", "QualityGateError")

@@ -57,6 +57,10 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# rollout.qualityGate with dataset configMap:NAME: the evaluation images and captions are read
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 # kopf: peering (leader election) when watching chosen namespaces
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]

@@ -258,7 +258,7 @@ async def test_operational_endpoints(start_runtime: Any, start_router: Any) -> N
     assert await router.get_json("/readyz") == (200, {"ready": True, "versions": ["v1", "v2"]})
     status, models = await router.get_json("/v1/models")
     assert status == 200 and models["ready"] is True and models["router"]["source"] == "static options"
-    common = {"endpoints": 1, "ready": True}
+    common = {"endpoints": 1, "ready": True, "cold_start": False}
     assert models["models"] == [
         {"version": "v1", "role": "stable", "weight": 70, "buckets": [3000, 10000], **common},
         {"version": "v2", "role": "canary", "weight": 30, "buckets": [0, 3000], **common},

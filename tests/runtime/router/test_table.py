@@ -127,6 +127,7 @@ def test_zero_weight_versions_get_nothing() -> None:
         "buckets": [0, 0],
         "endpoints": 1,
         "ready": False,
+        "cold_start": False,
     }
 
 

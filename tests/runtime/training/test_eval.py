@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from captionfleet.cli import main
+from captionfleet.evalsets import DatasetError
 from captionfleet.runtime.engine.captioner import Captioner, bundled_model_dir, load_captioner
-from captionfleet.runtime.training.evaluate import DatasetError, coco_set, evaluate, synthetic_set
-from captionfleet.runtime.training.metrics import normalise_text, score_captions
+from captionfleet.runtime.training.evaluate import coco_set, evaluate, synthetic_set
 from captionfleet.runtime.training.scenes import scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED, TRAIN_SEED
+from captionfleet.scoring import normalise_text, score_captions
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +197,37 @@ def test_synthetic_sets_are_prefixes_of_each_other() -> None:
     assert (
         small.items[0].image is not None and small.items[0].image.tobytes() == large.items[0].image.tobytes()
     )
+
+
+def test_the_scorer_gives_pycocoevalcaps_numbers(held_out_json: dict[str, Any]) -> None:
+    # captionfleet.scoring is plain Python (the operator's quality gate imports it); the COCO toolkit's
+    # own BLEU and CIDEr-D are the reference, on real captions with mistakes and on odd cases.
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from captionfleet.scoring import bleu, cider
+
+    sets = [
+        {
+            "a": (
+                "a large red circle above a small blue square",
+                ["a large red circle above a small blue square"],
+            ),
+            "b": ("a small red circle", ["a large red circle on a white background", "a red circle"]),
+            "c": ("a blue star blue star blue", ["a small blue star on a gray background"]),
+            "d": (" ", ["a purple triangle"]),
+        },
+        {
+            str(i): (m["caption"], m["references"])
+            for i, m in enumerate(held_out_json["examples"] + held_out_json["mistakes"])
+        },
+    ]
+    for items in sets:
+        hypotheses = [normalise_text(h) or " " for h, _ in items.values()]
+        references = [[normalise_text(r) for r in refs] for _, refs in items.values()]
+        truth = {k: refs for k, refs in zip(items, references, strict=True)}
+        result = {k: [h] for k, h in zip(items, hypotheses, strict=True)}
+        expected_bleu, _ = Bleu(4).compute_score(truth, result, verbose=0)
+        expected_cider, _ = Cider().compute_score(truth, result)
+        assert bleu(hypotheses, references) == pytest.approx(expected_bleu, rel=1e-12, abs=1e-15)
+        assert cider(hypotheses, references) == pytest.approx(float(expected_cider), rel=1e-12, abs=1e-12)

@@ -10,23 +10,32 @@ The body is read through the edge (``captionfleet.runtime.web.body``): a declare
 every byte kept counts against the process's ``max_body_bytes_in_flight``. The query string must be
 UTF-8, like a multipart field; JSON nested deeper than any request needs is refused before Python's
 recursion limit is reached.
+
+Shared by the server and the router (which parses a body it holds already, :class:`BufferedBody`,
+to answer exact repeats from Redis while a version has no pod: ``router/repeats.py``), so both read
+the same image bytes and option fields from the same request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import re
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
+from yarl import URL
 
-from captionfleet.runtime.web.body import BodyAllowance, check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, check_declared_size, read_all
 from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
 
@@ -51,7 +60,42 @@ class ParsedRequest:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-def query_fields(request: web.BaseRequest) -> dict[str, str]:
+class BodySource(Protocol):
+    """What parsing reads of a request: an aiohttp request, or a :class:`BufferedBody`."""
+
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content(self) -> StreamReader: ...
+    @property
+    def rel_url(self) -> URL: ...
+    async def multipart(self) -> MultipartReader: ...
+
+
+class BufferedBody:
+    """A request whose body was read whole already (the router's), to be parsed as it arrived."""
+
+    def __init__(self, headers: Mapping[str, str], path_qs: str, body: bytes) -> None:
+        self.headers = CIMultiDict(headers)
+        self.rel_url = URL(path_qs)
+        self.content_length: int | None = len(body)
+        mimetype = parse_mimetype(self.headers.get("Content-Type", "application/octet-stream"))
+        self.content_type = f"{mimetype.type}/{mimetype.subtype}".lower()
+        self.content = StreamReader(BaseProtocol(asyncio.get_running_loop()), _CHUNK)
+        self.content.feed_data(body)
+        self.content.feed_eof()
+
+    async def multipart(self) -> MultipartReader:
+        return MultipartReader(self.headers, self.content)
+
+    def allowance(self) -> BodyAllowance:
+        """Room for its bytes, apart from the process's budget: they are counted there already."""
+        return BodyAllowance(BodyBudget(max(1, self.content_length or 0)), 0, None)
+
+
+def query_fields(request: BodySource) -> dict[str, str]:
     """The option fields of the query string, decoded as strict UTF-8 (as multipart fields are)."""
     try:
         pairs = urllib.parse.parse_qsl(
@@ -64,8 +108,14 @@ def query_fields(request: web.BaseRequest) -> dict[str, str]:
 
 async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch: bool) -> ParsedRequest:
     """The images and option fields of a caption (``batch=False``) or batch request."""
+    return await parse_source(request, request[BODY], max_body_bytes=max_body_bytes, batch=batch)
+
+
+async def parse_source(
+    request: BodySource, allowance: BodyAllowance, *, max_body_bytes: int, batch: bool
+) -> ParsedRequest:
+    """:func:`parse_request` of any body source, its bytes counted in ``allowance``."""
     check_declared_size(request.content_length, max_body_bytes)
-    allowance = request[BODY]
     if request.content_length is not None:
         await allowance.reserve(request.content_length)  # all of it before the first byte
     fields: dict[str, Any] = dict(query_fields(request))
@@ -88,7 +138,7 @@ async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch:
     return parsed
 
 
-async def multipart_parts(request: web.BaseRequest) -> AsyncIterator[BodyPartReader]:
+async def multipart_parts(request: BodySource) -> AsyncIterator[BodyPartReader]:
     """The parts of a multipart body, one after the other; a malformed body is :class:`InvalidRequest`."""
     try:
         reader = await request.multipart()
@@ -117,7 +167,7 @@ async def text_field(part: BodyPartReader, allowance: BodyAllowance) -> str:
 
 
 async def _parse_multipart(
-    request: web.BaseRequest, allowance: BodyAllowance, limit: int, batch: bool
+    request: BodySource, allowance: BodyAllowance, limit: int, batch: bool
 ) -> ParsedRequest:
     image_field = "images" if batch else "image"
     images: list[ImageSource] = []
