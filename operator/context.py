@@ -42,6 +42,7 @@ class OperatorContext:
     clients: Clients | None = None
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # one reconciliation at a time per uid
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)  # a reconciliation wakes the daemon
+    held_at: dict[tuple[str, str, str], float] = field(default_factory=dict)  # demand.Polling.held_at
 
     @classmethod
     def create(cls, settings: OperatorSettings) -> OperatorContext:
@@ -58,9 +59,14 @@ class OperatorContext:
     def wakeup(self, uid: str) -> asyncio.Event:
         return self.wakeups.setdefault(uid, asyncio.Event())
 
+    def demand_wakeup(self, uid: str) -> asyncio.Event:
+        """A reconciliation wakes the demand poll too (a spec may just have lowered a floor to 0)."""
+        return self.wakeups.setdefault(f"{uid}/demand", asyncio.Event())
+
     def forget(self, uid: str) -> None:
         self.locks.pop(uid, None)
         self.wakeups.pop(uid, None)
+        self.wakeups.pop(f"{uid}/demand", None)
 
     def tools(self) -> Tools:
         clients = self.require()
@@ -75,4 +81,5 @@ class OperatorContext:
     def polling(self) -> Polling:
         clients = self.require()
         fast_s = max(0.05, self.settings.demand_poll_ms / 1000)
-        return Polling(clients.kube, self.config, clients.routers, fast_s, self.settings.idle_poll_seconds)
+        idle_s = self.settings.idle_poll_seconds
+        return Polling(clients.kube, self.config, clients.routers, fast_s, idle_s, self.held_at)

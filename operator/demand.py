@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captionfleet.operator import coldstart, kube, reconcile, rollout, validation
+from captionfleet.operator.builders import runtime
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext
 from captionfleet.operator.coldstart import ColdState, Demand
 from captionfleet.operator.events import REPAIRS, Event, Reason
@@ -39,6 +40,10 @@ class Polling:
     routers: RouterStats
     fast_s: float  # demand_poll_ms
     idle_s: float  # idle_poll_seconds
+    # (namespace, model, version) -> when a poll last saw requests held: a held request is a request
+    # until it is answered, so the idle time counts from then (the routers' last_request_at is when it
+    # arrived, a whole cold start earlier). In memory: after a restart the status's time stands.
+    held_at: dict[tuple[str, str, str], float]
 
 
 @dataclass
@@ -77,9 +82,34 @@ def _transition(name: str, before: ColdState, after: ColdState, demand: Demand) 
     return Event.normal(Reason.WOKE, f"version {name}: a pod is ready, the held requests are sent")
 
 
+def _with_holds(polling: Polling, key: tuple[str, str, str], demand: Demand, now_s: float) -> Demand:
+    if demand.held > 0:
+        polling.held_at[key] = now_s
+    held_at = polling.held_at.get(key)
+    if held_at is None or (demand.last_request_at or 0.0) >= held_at:
+        return demand
+    return Demand(demand.held, held_at, demand.answered)
+
+
+async def _first_replicas(
+    polling: Polling, ctx: FleetContext, before: Mapping[str, ColdState], after: Mapping[str, ColdState]
+) -> None:
+    """A version waking from zero gets its Deployment's replicas first, before the whole reconciliation
+    (a dozen API calls): the held requests wait for the pod, not for the rest of the fleet's objects.
+    Only a Deployment the last reconciliation applied is at zero, so it is ours to apply."""
+    woken = [
+        name for name, state in after.items() if state.phase == "Waking" and before[name].phase == "Idle"
+    ]
+    awake = ctx.with_cold(coldstart.phases(after))
+    for name in woken:
+        await polling.api.apply(runtime.deployment(awake, ctx.spec.version(name)))
+
+
 def _changed(before: ColdState, after: ColdState) -> bool:
-    """A new phase, or a last request the status would show differently."""
-    return before.phase != after.phase or coldstart.iso(before.last_request_at) != coldstart.iso(
+    """A new phase, or (awake: polled slowly) a last request the status would show differently."""
+    if before.phase != after.phase:
+        return True
+    return after.phase == "Ready" and coldstart.iso(before.last_request_at) != coldstart.iso(
         after.last_request_at
     )
 
@@ -95,19 +125,19 @@ async def poll_once(polling: Polling, namespace: str, name: str) -> PollOutcome:
         return PollOutcome()
     bodies, problems = await polling.routers.bodies(namespace, name, STATS_WINDOW_S, ROUTER_TIMEOUT_S)
     for problem in problems:
-        log.warning(
-            "demand poll incomplete", extra={"captionmodel": f"{namespace}/{name}", "problem": problem}
-        )
+        log.warning("demand poll of %s/%s incomplete: %s", namespace, name, problem)
     ready = _ready_replicas(status)
     idle_after_s = coldstart.idle_after_s(ctx.spec)
     outcome = PollOutcome(model=body)
     now_s = time.time()
     for version, before in states.items():
-        demand = coldstart.demand_of(bodies, version)
+        demand = _with_holds(polling, (namespace, name, version), coldstart.demand_of(bodies, version), now_s)
         after = coldstart.decide(before, demand, ready.get(version, 0), idle_after_s, now_s)
         outcome.states[version] = after
         if (event := _transition(version, before, after, demand)) is not None:
+            log.info("%s/%s: %s", namespace, name, event.message)
             outcome.events.append(event)
+    await _first_replicas(polling, ctx, states, outcome.states)
     if any(_changed(states[v], outcome.states[v]) for v in states):
         result = await reconcile.reconcile(polling.api, body, polling.config, cold_states=outcome.states)
         outcome.events += [e for e in result.events if e.reason in REPAIRS]

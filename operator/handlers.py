@@ -103,6 +103,7 @@ async def _reconcile(body: Mapping[str, Any], memo: OperatorContext, *, resync: 
     async with memo.lock(uid):
         outcome = await reconcile.reconcile(memo.require().kube, body, memo.config)
     memo.wakeup(uid).set()  # the analysis daemon looks at the new spec now, not an interval later
+    memo.demand_wakeup(uid).set()
     # A periodic resync reports only what it had to repair, not that all is still well.
     _post(body, [e for e in outcome.events if not resync or e.reason in REPAIRS])
     if outcome.retry:
@@ -154,7 +155,7 @@ async def _loop(
     uid: str,
     memo: OperatorContext,
     step: Callable[[], Awaitable[_Step]],
-    pause: Callable[[float], Awaitable[object]],
+    pause: Callable[[float], Awaitable[None]],
     what: str,
     retry_s: float,
 ) -> None:
@@ -196,15 +197,11 @@ async def watch_demand(
     """Scale to zero and back: one demand poll of the routers per interval (fast while a version is cold)."""
     assert namespace is not None  # CaptionModels are namespaced
 
+    async def pause(seconds: float) -> None:
+        await _sleep(stopped, memo.demand_wakeup(uid), seconds)
+
     def step() -> Awaitable[_Step]:
         return demand.poll_once(memo.polling(), namespace, name)
-
-    async def pause(seconds: float) -> None:
-        # Not ``stopped.wait(seconds)``: kopf's time-limited wait runs in a task of its own, whose
-        # timeout can escape as the operator's TimeoutError when the daemon is cancelled at exit.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stopped.wait()
 
     await _loop(
         stopped,

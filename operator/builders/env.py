@@ -70,6 +70,10 @@ ROUTER_ENV: dict[str, str] = {
     "stats_window_s": "the longer of 900 s and rollout.analysis.window, so every check's window "
     "is covered by the router's figures",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "cold_start_max_held": "router.coldStart.maxHeld",
+    "cold_start_timeout_ms": "router.coldStart.timeout, in milliseconds",
+    "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache): "
+    "exact repeats are answered from it while a version is at zero",
 }
 
 # Not ours, but needed: the weights are local (never downloaded by the server) and the root filesystem
@@ -109,11 +113,7 @@ def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[d
     env: list[dict[str, Any]] = []
     if spec.generation.style:
         env += env_entries(ServeSettings, style=spec.generation.style)
-    cache = spec.cache
-    if cache is not None and cache.redis_url_secret is not None:
-        env.append(secret_entry(ServeSettings, "redis_url", cache.redis_url_secret))
-    elif cache is not None and cache.redis_url:
-        env += env_entries(ServeSettings, redis_url=cache.redis_url)
+    env += cache_entries(ServeSettings, spec)
     if spec.jobs is not None:
         env.append(secret_entry(ServeSettings, "jobs_redis_url", spec.jobs.redis_url_secret))
         env += env_entries(ServeSettings, jobs_stream=jobs_stream(ctx, version))
@@ -128,6 +128,17 @@ def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[d
     if spec.auth is not None:
         env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
     return env
+
+
+def cache_entries(cls: type[Any], spec: CaptionModelSpec) -> list[dict[str, Any]]:
+    """``redis_url`` of the shared cache for ``cls``'s process: the runtimes keep results there, the
+    routers answer exact repeats from it while a version is at zero; none without ``cache``."""
+    cache = spec.cache
+    if cache is not None and cache.redis_url_secret is not None:
+        return [secret_entry(cls, "redis_url", cache.redis_url_secret)]
+    if cache is not None and cache.redis_url:
+        return env_entries(cls, redis_url=cache.redis_url)
+    return []
 
 
 def jobs_stream(ctx: FleetContext, version: ModelVersion) -> str:
@@ -169,6 +180,13 @@ def router_env(ctx: FleetContext) -> list[dict[str, Any]]:
         {"name": env_name("namespace"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     )
     env += env_entries(RouterSettings, stats_window_s=stats_window_s(ctx.spec))
+    cold_start = ctx.spec.router.cold_start
+    env += env_entries(
+        RouterSettings,
+        cold_start_max_held=cold_start.max_held,
+        cold_start_timeout_ms=round(seconds(cold_start.timeout) * 1000),
+    )
+    env += cache_entries(RouterSettings, ctx.spec)
     if ctx.spec.auth is not None:
         env += env_entries(RouterSettings, api_keys_file=f"{AUTH_MOUNT}/{ctx.spec.auth.key}")
     return escaped(env + _foreign("HOME"))

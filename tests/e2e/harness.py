@@ -149,6 +149,7 @@ class Pod:
     proxy: FaultProxy | None = None
     ready: bool = False
     published: set[str] = field(default_factory=set)  # EndpointSlice names
+    created: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
 
     @property
@@ -206,6 +207,12 @@ class Kubelet:
         self.proxies: list[FaultProxy] = []  # every proxy ever started, in order
         self.failures: list[str] = []
         self.started: dict[str, int] = {}  # Deployment name -> pods ever started
+        # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
+        # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
+        self.start_delays: dict[str, float] = {}
+        # Deployment name -> variables added to its containers' environment (what a test needs and
+        # the CRD does not set, e.g. a longer request deadline than a loaded machine's cold start).
+        self.extra_env: dict[str, dict[str, str]] = {}
         self._reported: dict[str, tuple[Any, ...]] = {}
         self._counter = 0
         self._http: aiohttp.ClientSession | None = None
@@ -292,6 +299,7 @@ class Kubelet:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
         env.update(_container_env(container, self.namespace))
+        env.update(self.extra_env.get(deployment_name, {}))
         home = self.workdir / pod_name
         home.mkdir(parents=True, exist_ok=True)
         env.update(
@@ -318,6 +326,10 @@ class Kubelet:
 
     async def _become_ready(self, pod: Pod) -> None:
         assert self._http is not None
+        pending_until = pod.created + self.start_delays.get(pod.deployment, 0.0)
+        while time.monotonic() < pending_until:  # Pending: the "node" has not started it yet
+            await asyncio.sleep(min(POLL_S, pending_until - time.monotonic()))
+            pending_until = pod.created + self.start_delays.get(pod.deployment, 0.0)
         deadline = time.monotonic() + READY_DEADLINE_S
         url = f"http://127.0.0.1:{pod.port}/readyz"
         while time.monotonic() < deadline:

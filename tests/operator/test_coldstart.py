@@ -158,3 +158,15 @@ def test_other_names_are_refused(name: str) -> None:
     raw["resources"] = {**raw["resources"], "gpuResource": name}
     with pytest.raises(pydantic.ValidationError, match=r"gpuResource|gpu_resource"):
         spec.parse_spec(raw)
+
+
+def test_the_routers_hold_as_router_cold_start_says() -> None:
+    ctx = context(example("scale-to-zero.yaml"))
+    (router,) = [
+        m
+        for m in builders.fleet(ctx)
+        if m["kind"] == "Deployment" and m["metadata"]["name"] == "fleet-router"
+    ]
+    env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CAPTIONFLEET_COLD_START_MAX_HELD"] == "100"
+    assert env["CAPTIONFLEET_COLD_START_TIMEOUT_MS"] == "120000"  # timeout: 2m

@@ -214,8 +214,8 @@ async def test_keda_replaces_the_hpa_and_needs_a_prometheus(
         }
         assert HPAS not in cluster.children("captions-ab")
         scaled = cluster.get(SCALED_OBJECTS, "captions-ab-base-next")["spec"]
-        # minReplicas 0 is scale to zero: awake (no idle time yet) KEDA keeps one pod, so its own
-        # cool-down never takes the version to zero behind scaleToZeroAfter's back.
+        # Awake, a version that may scale to zero keeps a pod: the operator, not KEDA's cool-down,
+        # decides when it has been idle for scaleToZeroAfter (then minReplicaCount is 0).
         assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (1, 2)
         trigger = scaled["triggers"][0]["metadata"]
         assert trigger["serverAddress"] == "http://prometheus.monitoring.svc:9090"

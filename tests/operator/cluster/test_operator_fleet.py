@@ -184,7 +184,7 @@ async def test_gpu_example_gets_gpus_tolerations_affinity_and_the_pvc(cluster: A
     serve = container(deployment, "runtime")
     assert serve["image"] == "registry.example.com/captionfleet/runtime:0.1.0-cuda"
     assert serve["resources"] == {
-        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},  # request = limit
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},
         "limits": {"memory": "16Gi", "nvidia.com/gpu": 1},
     }
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
