@@ -221,11 +221,14 @@ async def watch_cascade(
     assert namespace is not None  # CaptionModels are namespaced
     clients = memo.require()
 
+    async def pause(seconds: float) -> None:
+        await stopped.wait(seconds)
+
     def step() -> Awaitable[_Step]:
         return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
 
     await _loop(
-        stopped, uid, memo, step, stopped.wait, f"cascade of {namespace}/{name}", cascade_check.IDLE_S
+        stopped, uid, memo, step, pause, f"cascade of {namespace}/{name}", cascade_check.IDLE_S
     )
 
 
