@@ -227,9 +227,7 @@ async def watch_cascade(
     def step() -> Awaitable[_Step]:
         return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
 
-    await _loop(
-        stopped, uid, memo, step, pause, f"cascade of {namespace}/{name}", cascade_check.IDLE_S
-    )
+    await _loop(stopped, uid, memo, step, pause, f"cascade of {namespace}/{name}", cascade_check.IDLE_S)
 
 
 async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
