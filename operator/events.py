@@ -28,6 +28,8 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    CASCADE_THRESHOLD = "CascadeThreshold"
+    CASCADE_CALIBRATION = "CascadeCalibrationUnavailable"
     # The quality gate (gate.py): passed (Normal), failed and rolled back, or could not run (Warning).
     QUALITY_GATE_PASSED = "QualityGatePassed"
     QUALITY_GATE_FAILED = "QualityGateFailed"

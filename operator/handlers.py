@@ -19,7 +19,7 @@ import kopf
 
 from captionfleet import names
 from captionfleet.names import MANAGED_BY_LABEL, MANAGER, MODEL_LABEL
-from captionfleet.operator import analysis, demand, figures, kube, metrics, reconcile
+from captionfleet.operator import analysis, cascade_check, demand, figures, kube, metrics, reconcile
 from captionfleet.operator.context import Clients, OperatorContext
 from captionfleet.operator.events import REPAIRS, Event
 from captionfleet.operator.secrecy import redacted
@@ -214,6 +214,22 @@ async def watch_demand(
     )
 
 
+async def watch_cascade(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
+) -> None:
+    """The cascade's threshold and figures in status.cascade, every rollout.analysis.interval."""
+    assert namespace is not None  # CaptionModels are namespaced
+    clients = memo.require()
+
+    async def pause(seconds: float) -> None:
+        await stopped.wait(seconds)
+
+    def step() -> Awaitable[_Step]:
+        return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
+
+    await _loop(stopped, uid, memo, step, pause, f"cascade of {namespace}/{name}", cascade_check.IDLE_S)
+
+
 async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
     uid = body["metadata"]["uid"]
     async with memo.lock(uid):
@@ -261,6 +277,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     kopf.on.event(*CAPTION_MODELS, annotations=action, registry=registry)(rollout_action)
     kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
     kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_demand)
+    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_cascade)
     kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
     ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}
     kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(child_changed)

@@ -30,6 +30,7 @@ from captionfleet.names import (
 )
 from captionfleet.operator import builders, coldstart, kube, pods, rollout, validation
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext, endpoint, version_name
+from captionfleet.operator.cascade import cascade_status
 from captionfleet.operator.coldstart import ColdState
 from captionfleet.operator.events import Event, Reason
 from captionfleet.operator.rollout import CanaryState
@@ -151,7 +152,7 @@ def _status_of(
     cold: Mapping[str, ColdState],
 ) -> CaptionModelStatus:
     versions, router = _by_version(deployments)
-    return fleet_status(
+    status = fleet_status(
         shares=ctx.shares,
         deployments=versions,
         services={v.name: version_name(ctx, v.name) for v in ctx.spec.versions},
@@ -165,6 +166,7 @@ def _status_of(
         pod_problems=problems,
         cold=cold,
     )
+    return status.model_copy(update={"cascade": cascade_status(ctx.spec, previous)})
 
 
 def _patch(status: CaptionModelStatus, previous: Mapping[str, Any]) -> dict[str, Any]:

@@ -519,6 +519,30 @@ class Router(SpecModel):
     cold_start: ColdStart = Field(default_factory=ColdStart)
 
 
+class Cascade(SpecModel):
+    """A fast version first, the quality version only when the fast one is unsure (operator/cascade.py):
+    name both, and exactly one of the two thresholds."""
+
+    fast: str = Field(
+        pattern=DNS_LABEL_PATTERN, max_length=30, description="The version every request goes to first."
+    )
+    quality: str = Field(
+        pattern=DNS_LABEL_PATTERN,
+        max_length=30,
+        description="The version asked, with the same request, when the fast one is unsure.",
+    )
+    confidence_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Escalate when the fast answer's confidence is below this."
+    )
+    target_escalation_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of requests to escalate; the threshold comes from the fast model's calibration "
+        "(calibration.json) and is shown in status.cascade.threshold.",
+    )
+
+
 class CaptionModelSpec(SpecModel):
     versions: list[ModelVersion] = Field(min_length=1, max_length=10)
     image: Image | None = Field(
@@ -544,6 +568,7 @@ class CaptionModelSpec(SpecModel):
     moderation: Moderation | None = None
     auth: Auth | None = None
     router: Router = Field(default_factory=Router)
+    cascade: Cascade | None = None
 
     def version(self, name: str) -> ModelVersion:
         return next(v for v in self.versions if v.name == name)

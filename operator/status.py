@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.alias_generators import to_camel
 
+from captionfleet.operator.cascade import CascadeStatus
 from captionfleet.operator.coldstart import ColdState, iso
 from captionfleet.operator.events import Reason
 from captionfleet.operator.gate import REASONS, GateState
@@ -110,6 +111,9 @@ class CaptionModelStatus(_StatusModel):
     conditions: list[Condition] = Field(default_factory=list)
     rollout: CanaryState | None = Field(
         default=None, description="Progress of the canary's rollout: weight, failed checks, last figures."
+    )
+    cascade: CascadeStatus | None = Field(
+        default=None, description="The cascade's tiers, threshold, figures."
     )
 
     def manifest(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.cascade import cascade_problems
 from captionfleet.operator.spec import (
     DNS_LABEL_PATTERN,
     CaptionModelSpec,
@@ -193,7 +194,7 @@ def _private_host(host: str) -> bool:
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
     found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
-    return found + _jobs(spec) + _moderation(spec)
+    return found + _jobs(spec) + _moderation(spec) + cascade_problems(spec)
 
 
 def check(

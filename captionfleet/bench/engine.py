@@ -49,6 +49,8 @@ class EngineResult:
     int8_agreement: float = 0.0
     scenes: int = 0
     speed_model: str = ""
+    fast_speedup: float = 0.0
+    """The bundled fast model's engine throughput over the quality model's at batch 8 (``tiers.py``)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class EngineResult:
             "int8_agreement": round(self.int8_agreement, 4),
             "scenes": self.scenes,
             "speed_model": self.speed_model,
+            "fast_speedup": round(self.fast_speedup, 2),
         }
 
 
@@ -112,6 +115,12 @@ def measure_engine(model_dir: Path, payloads: Sequence[Payload], settings: Bench
     _offline(result, captioner, payloads, options, settings)
     _agreement(result, captioner, options, settings.agreement_scenes)
     _speed(result, settings)
+    from captionfleet.bench.tiers import measure_tier_speed
+    from captionfleet.runtime.engine.loading import bundled_model_dir
+    from captionfleet.runtime.engine.types import FAST_MODEL
+
+    tiers = measure_tier_speed(bundled_model_dir(), bundled_model_dir(FAST_MODEL), settings.speed_rounds)
+    result.fast_speedup = tiers.fast_speedup
     return result
 
 

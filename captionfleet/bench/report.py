@@ -18,8 +18,13 @@ The headline keys (always present; ``null`` when that part was not measured):
   ``blip-mini-random`` (beam 3, 20 tokens); ``decoder_agreement``: share of identical captions of the
   two on the bundled model's held-out scenes;
 - ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
+- ``fast_speedup_bs8``: the bundled fast model's engine throughput over the quality model's, batch 8,
+  served options (``tiers.py``);
 - ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one, and
   ``bulk_share_under_load``: the job's items per second under that load over its rate alone (``jobs.py``).
+- ``cascade_throughput_ratio_c32``: the cascade's served throughput (the fast model first, the quality
+  model for unsure answers) over the quality model's alone at 32 clients on the same CPUs, and
+  ``cascade_exact_match_ratio``, ``cascade_escalation_rate`` (``cascade.py``);
 - ``ood_cost_c32``: the share of served throughput the out-of-distribution score costs at 32 clients
   (1 - scored / ``--ood false``; ``ood.py``).
 """
@@ -30,6 +35,7 @@ import dataclasses
 import math
 from typing import Any
 
+from captionfleet.bench.cascade import CascadeResult
 from captionfleet.bench.jobs import BulkResult
 from captionfleet.bench.loadgen import LoadResult
 from captionfleet.bench.preprocess import BLIP_BASE_SIDE
@@ -74,9 +80,17 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "decoder_agreement": _number(engine.decoder_agreement if engine else None, 4),
         "int8_speedup": _number(engine.int8_speedup if engine else None),
         "int8_agreement": _number(engine.int8_agreement if engine else None, 4),
+        "fast_speedup_bs8": _number(engine.fast_speedup if engine else None),
         "bulk_p99_ratio_c8": _number(results.bulk.p99_ratio if results.bulk else None, 3),
         "bulk_share_under_load": _number(results.bulk.bulk_share if results.bulk else None, 3),
         "ood_cost_c32": _number(results.ood.cost if results.ood else None, 4),
+        "cascade_throughput_ratio_c32": _number(results.cascade.ratio if results.cascade else None, 3),
+        "cascade_exact_match_ratio": _number(
+            results.cascade.exact_match_ratio if results.cascade else None, 4
+        ),
+        "cascade_escalation_rate": _number(
+            results.cascade.cascade.summary()["escalation_rate"] if results.cascade else None, 4
+        ),
     }
 
 
@@ -94,6 +108,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "bulk": results.bulk.summary() if results.bulk else None,
         "engine": results.engine.summary() if results.engine else None,
         "ood": results.ood.summary() if results.ood else None,
+        "cascade": results.cascade.summary() if results.cascade else None,
         "settings": dataclasses.asdict(results.settings),
     }
 
@@ -195,6 +210,7 @@ def _other_lines(results: BenchResults) -> list[str]:
             + f"; identical captions on {engine.scenes} held-out scenes: {engine.decoder_agreement:.1%}",
             f"  int8 vs fp32: x{engine.int8_speedup:.2f} at batch 8; identical captions: "
             f"{engine.int8_agreement:.1%}",
+            f"  fast model vs quality model: x{engine.fast_speedup:.2f} at batch 8 (beam 3, 30 tokens)",
         ]
     if results.ood is not None:
         ood = results.ood
@@ -203,7 +219,21 @@ def _other_lines(results: BenchResults) -> list[str]:
             f"OOD score: {ood.scored_rps:.2f} req/s scored, {ood.unscored_rps:.2f} req/s with --ood false "
             f"at {ood.concurrency} clients ({len(ood.scored)} rounds each): cost {ood.cost:+.1%}",
         ]
+    if results.cascade is not None:
+        lines += _cascade_lines(results.cascade)
     return lines
+
+
+def _cascade_lines(result: CascadeResult) -> list[str]:
+    cascade, quality = result.cascade.summary(), result.quality.summary()
+    return [
+        "",
+        f"Cascade vs quality-only at {result.clients} clients (threshold {result.threshold}, from "
+        f"{result.threshold_from}): {cascade['throughput_rps']:.2f} vs {quality['throughput_rps']:.2f} "
+        f"req/s = x{result.ratio:.2f}; p99 {cascade['p99_ms']} vs {quality['p99_ms']} ms",
+        f"  exact match {cascade['exact_match']:.1%} vs {quality['exact_match']:.1%} "
+        f"({result.exact_match_ratio:.1%} of quality-only), escalated {cascade['escalation_rate']:.1%}",
+    ]
 
 
 def _bulk_lines(bulk: BulkResult) -> list[str]:

@@ -78,6 +78,17 @@ class BenchSettings:
         32, "Clients of the OOD-cost runs (ours with the out-of-distribution score, and without)."
     )
     ood_rounds: int = setting(4, "Alternating rounds per side of the OOD-cost runs; 0: skip them.")
+    cascade_fast_model: str = setting(
+        "",
+        "Fast model of the cascade row (against --model as the quality one); empty: the bundled "
+        "scenes-blip-fast, the row skipped without it.",
+    )
+    cascade_clients: int = setting(32, "Clients of the cascade row (cascade vs the quality model alone).")
+    cascade_requests: int = setting(512, "Requests per side of the cascade row; 0: skip it.")
+    cascade_scenes: int = setting(200, "Held-out scenes sent in the cascade row (exact match against them).")
+    cascade_target_rate: float = setting(
+        0.3, "Escalation rate the cascade row's threshold is calibrated for (the fast model's calibration)."
+    )
     workdir: str = setting("", "Folder for generated models, photos and server logs; empty: a temp dir.")
 
     def concurrency_levels(self) -> list[int]:
@@ -129,6 +140,10 @@ class BenchSettings:
             problems.append("warmup_requests, torch_threads and ood_rounds must be >= 0")
         if self.ood_concurrency < 1:
             problems.append("ood_concurrency must be >= 1")
+        if self.cascade_clients < 1 or self.cascade_scenes < 1 or self.cascade_requests < 0:
+            problems.append("cascade_clients and cascade_scenes must be >= 1, cascade_requests >= 0")
+        if not 0 <= self.cascade_target_rate <= 1:
+            problems.append("cascade_target_rate must be in [0, 1]")
         return problems
 
     def quick(self) -> BenchSettings:
@@ -157,6 +172,8 @@ QUICK: dict[str, object] = {
     "ood_rounds": 2,
     "engine_rounds": 2,
     "speed_rounds": 3,
+    "cascade_requests": 192,
+    "cascade_scenes": 100,
 }
 """What ``--quick`` changes: fewer requests, concurrency 1 and 32 only, no larger model, 12 MP only,
 200 agreement scenes, 2 engine rounds, 3 speed rounds."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from captionfleet.bench import processes
 from captionfleet.bench.cache import measure_cache_hits
+from captionfleet.bench.cascade import CascadeResult, measure_cascade
 from captionfleet.bench.engine import EngineResult, measure_engine
 from captionfleet.bench.jobs import BulkResult, measure_bulk
 from captionfleet.bench.loadgen import LoadResult, Payload
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from captionfleet.settings.serve import ServeSettings
 
 LARGER_MODEL_TOKENS = 20
+BUNDLED_FAST = Path(__file__).resolve().parents[2] / "runtime" / "models" / "scenes-blip-fast"
 
 
 @dataclass
@@ -50,6 +52,8 @@ class BenchResults:
     """Interactive latency with and without a job running, and the job's share of idle throughput."""
     ood: OodCost | None = None
     """Served throughput with the out-of-distribution score and without."""
+    cascade: CascadeResult | None = None
+    """The cascade (fast model first) against the quality model alone, at 32 clients."""
     elapsed_s: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -110,6 +114,7 @@ async def run_suite(settings: BenchSettings, quick: bool) -> BenchResults:
         results.engine = measure_engine(model_dir, payloads, settings)
         await _main_model(results, model_dir, workdir, payloads)
         results.bulk = await _bulk(model_dir, workdir, settings, payloads)
+        results.cascade = await _cascade(model_dir, workdir, settings)
         if settings.larger_model and not quick:
             progress(f"writing the random {BLIP_MINI.name}")
             larger = save_random_blip(workdir / BLIP_MINI.name, BLIP_MINI, LARGER_MODEL_TOKENS)
@@ -173,6 +178,16 @@ def _serve_base(settings: BenchSettings) -> ServeSettings:
         torch_threads=settings.torch_threads,
         request_timeout_ms=0.0,  # the baseline has no deadline either; slow runs must not turn into 504s
     )
+
+
+async def _cascade(model_dir: Path, workdir: Path, settings: BenchSettings) -> CascadeResult | None:
+    """The cascade row (``cascade.py``); ``None`` (said) without a fast model or requests."""
+    fast_dir = Path(settings.cascade_fast_model) if settings.cascade_fast_model else BUNDLED_FAST
+    if settings.cascade_requests == 0 or not (fast_dir / "config.json").exists():
+        progress(f"cascade vs quality-only: skipped (no fast model at {fast_dir}, or no requests)")
+        return None
+    progress("cascade vs quality-only")
+    return await measure_cascade(fast_dir, model_dir, workdir, _serve_base(settings), settings)
 
 
 async def _bulk(

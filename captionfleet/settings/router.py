@@ -139,6 +139,33 @@ class RouterSettings(EdgeSettings):
         "whichever ends first); then 503 cold_start with Retry-After.",
     )
 
+    cascade_fast: tuple[str, ...] = setting(
+        (),
+        "Static routes only: the versions of the cascade's fast tier (every caption request goes there "
+        "first); with a CaptionModel, its status.cascade says.",
+    )
+    cascade_quality: tuple[str, ...] = setting(
+        (),
+        "Static routes only: the versions of the cascade's quality tier (asked when the fast one is unsure).",
+    )
+    cascade_threshold: float = setting(
+        -1.0, "Static routes only: escalate below this fast confidence (above it for signal ood); < 0: never."
+    )
+    cascade_signal: str = setting(
+        "confidence", "Static routes only: what the threshold applies to.", choices=("confidence", "ood")
+    )
+    cascade_latency_samples: int = setting(
+        64, "Recent quality-tier answers whose latency estimates what an escalation takes (deadline rule)."
+    )
+    cascade_latency_quantile: float = setting(
+        0.9, "Quantile of those latencies an escalation must have budget for, else the fast answer stands."
+    )
+    cascade_reserve_ms: float = setting(
+        20.0,
+        "Budget kept back from an escalation to return the fast answer should the quality tier fail or "
+        "run out of time.",
+    )
+
     def source(self) -> str:
         """Which table source these settings choose: ``captionmodel``, ``file`` or ``static``."""
         if self.routes_file:
@@ -166,6 +193,14 @@ class RouterSettings(EdgeSettings):
             )
         if self.weights and not self.routes:
             problems.append("weights apply to routes; give routes too")
+        if (self.cascade_fast or self.cascade_quality) and not self.routes:
+            problems.append("cascade_fast and cascade_quality apply to routes (a routes file has cascade:)")
+        if bool(self.cascade_fast) != bool(self.cascade_quality):
+            problems.append("give both cascade_fast and cascade_quality, or neither")
+        if not 0 < self.cascade_latency_quantile <= 1:
+            problems.append("cascade_latency_quantile must be in (0, 1]")
+        if self.cascade_latency_samples <= 0 or self.cascade_reserve_ms < 0:
+            problems.append("cascade_latency_samples must be > 0 and cascade_reserve_ms >= 0")
         if self.canary and not self.routes:
             problems.append("canary applies to routes (a routes file names roles itself)")
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):

@@ -90,6 +90,7 @@ class Captioner:
         cuda_graphs: bool = False,
         precision: str = "",
         reference: OodReference | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -115,6 +116,9 @@ class Captioner:
         self.score_ood = True
         """Off: no features, no scores (the benchmark's row without them)."""
         self._builder: ReferenceBuilder | None = None
+        self.calibration = calibration
+        """The model folder's ``calibration.json`` (``captionfleet.calibration``), as a cascade's fast
+        tier; ``None``: none."""
 
     def build_reference_from_requests(self, count: int) -> None:
         """With no reference, fit one from the next ``count`` images captioned with ``learn``."""
@@ -170,6 +174,7 @@ class Captioner:
             dtype=self.dtype,
             decoder=decoder,
             reference=self.reference,
+            calibration=self.calibration,
         )
 
     def info(self) -> dict[str, Any]:
@@ -183,6 +188,7 @@ class Captioner:
             "decoder": self.decoder,
             "image_size": [self.preprocessor.height, self.preprocessor.width],
             "ood": self.ood_info(),
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
     def caption_images(self, images: Sequence[Image.Image], options: GenerationOptions) -> list[Caption]:

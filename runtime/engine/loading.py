@@ -31,9 +31,11 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from captionfleet.calibration import CALIBRATION_FILE
 from captionfleet.runtime.engine.errors import ModelLoadError
 from captionfleet.runtime.engine.ood import REFERENCE_FILE, OodReference
 from captionfleet.runtime.engine.preprocess import ImagePreprocessor
+from captionfleet.runtime.engine.types import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from captionfleet.runtime.engine.captioner import Captioner
@@ -53,15 +55,37 @@ _DTYPES = {
 }
 
 
-def bundled_model_dir() -> Path:
-    """The bundled model: the one folder in ``runtime/models/`` holding a ``config.json``."""
-    candidates = sorted(path.parent for path in MODELS_DIR.glob("*/config.json"))
-    if not candidates:
-        raise ModelLoadError(f"no bundled model in {MODELS_DIR} (run `captionfleet train` to build it)")
-    if len(candidates) > 1:
-        names = ", ".join(path.name for path in candidates)
-        raise ModelLoadError(f"several bundled models in {MODELS_DIR}: {names}; expected one")
-    return candidates[0]
+def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The bundled model ``name``: its folder in ``runtime/models/`` (a save_pretrained folder)."""
+    directory = MODELS_DIR / name
+    if not (directory / "config.json").is_file():
+        found = ", ".join(path.name for path in bundled_model_dirs()) or "none"
+        raise ModelLoadError(
+            f"no bundled model {name!r} in {MODELS_DIR} (found: {found}; `captionfleet train` builds it)"
+        )
+    return directory
+
+
+def bundled_model_dirs() -> list[Path]:
+    """Every bundled model's folder, by name."""
+    # Hidden folders are a training run's staging folders (bundle.staging_dir), not models yet.
+    folders = (path.parent for path in MODELS_DIR.glob("*/config.json"))
+    return sorted(folder for folder in folders if not folder.name.startswith("."))
+
+
+def read_calibration(directory: Path) -> dict[str, Any] | None:
+    """The folder's ``calibration.json`` (a cascade's calibration of this model as its fast tier), or
+    ``None`` without one; a file that is not a JSON object is a :class:`ModelLoadError`."""
+    path = directory / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(found, dict) or not isinstance(found.get("rows"), list):
+        raise ModelLoadError(f"{path}: expected a JSON object with a 'rows' list")
+    return found
 
 
 def resolve_source(source: str) -> Path | str:
@@ -212,6 +236,7 @@ def load_captioner(
         model = quantize_int8(model)
     name, default_version = model_identity(location, model)
     reference = OodReference.load(location) if isinstance(location, Path) else None
+    calibration = read_calibration(location) if isinstance(location, Path) else None
     return Captioner(
         model,
         tokenizer,
@@ -225,4 +250,5 @@ def load_captioner(
         cuda_graphs=cuda_graphs,
         precision=INT8 if int8 else "",
         reference=reference,
+        calibration=calibration,
     )

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_MODEL = "scenes-blip-tiny"
+"""The bundled model ``serve`` and ``eval`` load when given none: the quality one."""
+FAST_MODEL = "scenes-blip-fast"
+"""The bundled fast model: the first tier of a cascade (``captionfleet train --preset fast``)."""
+
 
 @dataclass(frozen=True)
 class GenerationOptions:

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
+from captionfleet.runtime.router.cascade import Cascade
 from captionfleet.runtime.router.coldstart import ColdStarts
 from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamResponse, NoRoute, error_kind
 from captionfleet.runtime.router.jobs import JobRoutes
@@ -91,6 +92,8 @@ class Router:
             self._copy_dropped,
             answer_limit=settings.shadow_max_answer_bytes,
         )
+        self.cascade = Cascade.of(self, RouterStats(settings.stats_window_s, clock, settings.stats_max_slots))
+        holder.on_change(self.cascade.table_changed)
         holder.on_change(self._table_changed)
         holder.on_change(self.balancer.table_changed)
         self.metrics.watch_balancer(self.balancer)
@@ -144,7 +147,10 @@ class Router:
         else a weighted random one."""
         bulk = is_bulk(request)
         body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
-        version = self.pick(request, request.headers.get(USER_ID_HEADER, "").strip() or None, bulk=bulk)
+        sticky = request.headers.get(USER_ID_HEADER, "").strip() or None
+        if self.cascade.plan is not None:
+            return await self.cascade.answer(request, body, sticky, bulk)
+        version = self.pick(request, sticky, bulk=bulk)
         reply = self.sent_to(version, self.buffered, caption_arrived=request[ARRIVED])
         response = await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
         if not bulk and request.path == SHADOW_PATH and response.status == 200:
@@ -389,6 +395,8 @@ async def models(request: web.Request) -> web.StreamResponse:
             "last_error": holder.last_error,
         },
     }
+    if holder.table.cascade is not None:
+        body["cascade"] = holder.table.cascade.describe()
     return web.json_response(body)
 
 
@@ -404,6 +412,8 @@ async def stats(request: web.Request) -> web.StreamResponse:
     per_second = request.query.get("seconds", "false").lower() in ("1", "true", "yes")
     names = [v.name for v in router.holder.table.versions]
     body = router.stats.snapshot(window, versions=names, per_second=per_second, held=router.cold.held)
+    if router.cascade.plan is not None:
+        body["cascade"] = router.cascade.figures.snapshot(window)
     return web.json_response(body)
 
 

@@ -146,6 +146,23 @@ class RouterMetrics(ProcessMetrics):
         "captionfleet_router_shadow_in_flight", "Shadow copies in flight right now"
     )
 
+    cascade_requests = Declared.counter(
+        "captionfleet_router_cascade_requests",
+        "Caption requests through the cascade, by outcome: confident (the fast tier was sure), escalated "
+        "(the quality tier answered), deadline, quality_failed, no_threshold, no_signal (the fast answer "
+        "stood although unsure, and why)",
+        "outcome",
+    )
+    cascade_hop_latency = Declared.histogram(
+        "captionfleet_router_cascade_tier_duration_seconds",
+        "Latency of each cascade hop by tier (fast, quality), as the router sees it",
+        "tier",
+    )
+    cascade_threshold = Declared.gauge(
+        "captionfleet_router_cascade_threshold",
+        "The cascade's threshold in use (-1: not resolved yet, nothing escalated)",
+    )
+
     def watch_balancer(self, balancer: Balancer) -> None:
         """Export the balancer's outlier figures, read at each scrape."""
         self.collect_at_scrape(functools.partial(_outlier_figures, balancer))

@@ -6,6 +6,7 @@ A routes file is JSON or YAML in the shape of the CaptionModel's ``status.versio
     versions:
       - {name: v1, weight: 90, role: stable, endpoints: [http://127.0.0.1:8081, http://127.0.0.1:8083]}
       - {name: v2, weight: 10, role: canary, endpoints: [http://127.0.0.1:8082]}
+    cascade: {fast: [v2], quality: [v1], threshold: 0.6}   # optional: see cascade.py
 
 It is checked for changes every ``routes_file_poll_ms`` (a ConfigMap volume swaps a symlink, which no
 inotify watch on the file would see) and a file that does not parse leaves the last good table in place.
@@ -24,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from captionfleet.runtime.router.table import RoutingTable, TableError, check_url, from_mapping
+from captionfleet.runtime.router.cascade import with_cascade
+from captionfleet.runtime.router.table import RoutingTable, TableError, check_url, from_mapping, same_routes
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class TableHolder:
     def publish(self, table: RoutingTable) -> bool:
         """Make ``table`` current; False (and nothing happens) when it routes exactly as the current one."""
         self.last_error = None
-        if table.versions == self.table.versions and self.updates:
+        if same_routes(table, self.table) and self.updates:
             return False
         self.table = table
         self.updated_at = time.time()
@@ -118,7 +120,8 @@ def parse_routes_document(text: str, origin: str) -> RoutingTable:
     if not isinstance(document, dict) or not isinstance(document.get("versions"), list):
         raise TableError(f"{origin}: expected a mapping with a list under 'versions'")
     try:
-        return _checked(from_mapping(document["versions"], source=f"file {origin}"))
+        table = _checked(from_mapping(document["versions"], source=f"file {origin}"))
+        return with_cascade(table, document.get("cascade"))
     except TableError as exc:
         raise TableError(f"{origin}: {exc}") from exc
 

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from captionfleet.runtime.router.cascade import static_cascade, with_cascade
 from captionfleet.runtime.router.kube import KubeAccess, KubeApi, load_access
 from captionfleet.runtime.router.sources import RoutesFile, TableHolder, static_table
 from captionfleet.runtime.router.watch import CaptionModelSource
@@ -29,7 +30,8 @@ def source_context(
     source = settings.source()
     routes_file: RoutesFile | None = None
     if source == "static":
-        holder.publish(static_table(settings.routes, settings.weights, settings.canary))
+        table = static_table(settings.routes, settings.weights, settings.canary)
+        holder.publish(with_cascade(table, static_cascade(settings)))
     elif source == "file":
         routes_file = RoutesFile(settings.routes_file, holder, settings.routes_file_poll_ms / 1000)
         routes_file.load()

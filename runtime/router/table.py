@@ -40,8 +40,11 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from captionfleet.runtime.router.cascade import CascadePlan
 
 BUCKETS = 10_000
 Role = Literal["stable", "canary", "variant"]
@@ -142,6 +145,7 @@ class RoutingTable:
 
     versions: tuple[Version, ...]
     source: str = ""  # where it came from, for /v1/models and logs
+    cascade: CascadePlan | None = None  # the versions' two tiers, when requests cascade (cascade.py)
     ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
     # Over the servable versions: those with endpoints and the cold ones, which hold their requests.
     routable_ranges: tuple[tuple[Version, int, int], ...] = field(init=False, repr=False, compare=False)
@@ -229,8 +233,8 @@ class RoutingTable:
 
 
 def same_routes(a: RoutingTable, b: RoutingTable) -> bool:
-    """Equal versions, weights, roles and endpoints (the source text aside)."""
-    return a.versions == b.versions
+    """Equal versions, weights, roles, endpoints and cascade (the source text aside)."""
+    return a.versions == b.versions and a.cascade == b.cascade
 
 
 def from_mapping(

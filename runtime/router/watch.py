@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from captionfleet.names import captionmodels_path, endpoints_by_service
+from captionfleet.runtime.router.cascade import cascade_of_status, with_cascade
 from captionfleet.runtime.router.kube import KubeApi, Reflector
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.table import RoutingTable, TableError, from_mapping
@@ -71,7 +72,8 @@ def table_from_status(
             entry["cold_start"] = item["coldStart"]
         entries.append(entry)
     canary = status.get("canaryVersion")
-    return from_mapping(entries, source=f"CaptionModel {namespace}/{name}", canary=canary or None)
+    table = from_mapping(entries, source=f"CaptionModel {namespace}/{name}", canary=canary or None)
+    return with_cascade(table, cascade_of_status(status.get("cascade")))
 
 
 class CaptionModelSource:

@@ -117,11 +117,16 @@ def folder_bytes(directory: Path) -> int:
 
 
 def command_line(settings: TrainSettings) -> str:
-    """``captionfleet train`` with the output folder and every option that differs from its default."""
-    from captionfleet.runtime.training.settings import TrainSettings
+    """``captionfleet train`` with the output folder and every option that differs from its default:
+    from the preset of the same name when there is one (``--preset fast``), else from ``tiny``'s."""
+    from captionfleet.runtime.training.settings import DEFAULT_PRESET, TRAIN_PRESETS
 
-    defaults = TrainSettings()
-    parts = ["captionfleet", "train", "--output-dir", settings.output_dir]
+    preset = next(
+        (key for key, value in TRAIN_PRESETS.items() if value.name == settings.name), DEFAULT_PRESET
+    )
+    defaults = TRAIN_PRESETS[preset]
+    parts = ["captionfleet", "train", *(["--preset", preset] if preset != DEFAULT_PRESET else [])]
+    parts += ["--output-dir", settings.output_dir]
     for f in dataclasses.fields(settings):
         value = getattr(settings, f.name)
         if f.name in ("output_dir", "progress") or value == getattr(defaults, f.name):
@@ -160,12 +165,24 @@ def write_model_card(
 
 
 def _card_introduction(manifest: dict[str, Any]) -> list[str]:
+    from captionfleet.runtime.training.settings import BUNDLED_NAME
+
+    if manifest["name"] == BUNDLED_NAME:
+        role = [
+            "project's synthetic scenes: one or two coloured shapes on a plain background. It is the model",
+            "`captionfleet serve` loads by default, so the project serves real captions offline. It knows",
+        ]
+    else:
+        role = [
+            "project's synthetic scenes: one or two coloured shapes on a plain background. It is the fast",
+            "tier of a cascade (`captionfleet eval --cascade`, `calibration.json`): it answers first, and",
+            f"the quality model ({BUNDLED_NAME}) only where its confidence is low. It knows",
+        ]
     return [
         f"# {manifest['name']}",
         "",
-        "A tiny BLIP (`BlipForConditionalGeneration`) trained from scratch by `captionfleet train` on the",
-        "project's synthetic scenes: one or two coloured shapes on a plain background. It is the model",
-        "`captionfleet serve` loads by default, so the project serves real captions offline. It knows",
+        "A small BLIP (`BlipForConditionalGeneration`) trained from scratch by `captionfleet train` on the",
+        *role,
         "nothing else: on a photo it still answers with shapes and colours, and says so: every caption",
         "gets an `ood_score` against `ood_reference.safetensors` (statistics of the vision encoder's",
         "output on training scenes; `captionfleet eval --model <this folder> --write-reference true`",
@@ -216,7 +233,7 @@ def _card_architecture(directory: Path, manifest: dict[str, Any], config: dict[s
         f"{text['hidden_size']}, {text['num_attention_heads']} heads, MLP {text['intermediate_size']}, "
         f"{text['max_position_embeddings']} positions |",
         f"| vocabulary | {text['vocab_size']} word-level tokens (BERT specials, `[DEC]` as BOS, "
-        "`[SEP]` ends a caption) |",
+        f"`[SEP]` ends a caption){_phrases(manifest)} |",
         f"| parameters | {manifest['parameters']:,} |",
         f"| on disk | {size / 1e6:.2f} MB in all, weights {weights / 1e6:.2f} MB (safetensors, fp32) |",
         "",
@@ -224,6 +241,15 @@ def _card_architecture(directory: Path, manifest: dict[str, Any], config: dict[s
         f"{vision['image_size']} px, rescale 1/255, CLIP mean and std.",
         "",
     ]
+
+
+def _phrases(manifest: dict[str, Any]) -> str:
+    if not manifest["training"]["settings"].get("phrase_tokens"):
+        return ""
+    return (
+        f", {len(scenes.caption_phrases())} of them whole caption phrases ('a large red circle', "
+        "'on a white background', 'to the left of'): a caption is 3 to 5 decoder steps"
+    )
 
 
 def _card_training(training: dict[str, Any]) -> list[str]:

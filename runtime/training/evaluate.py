@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from captionfleet.runtime.engine.captioner import Captioner
+    from captionfleet.runtime.engine.types import Caption
     from captionfleet.runtime.training.settings import EvalSettings
 
 
@@ -142,28 +143,14 @@ def evaluate(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EvalReport:
     """Caption every item through the engine and score the captions."""
-    from tqdm import tqdm
-
-    candidates: dict[str, str] = {}
-    confidences: list[float] = []
-    flags: list[bool | None] = []
-    seconds = 0.0
-    batches = range(0, len(dataset.items), batch_size)
-    for start in tqdm(batches, desc="captioning", unit="batch", disable=not progress, dynamic_ncols=True):
-        batch = dataset.items[start : start + batch_size]
-        began = time.perf_counter()
-        pixels = _pixels(captioner, batch, max_pixels)
-        captions = captioner.caption_pixels(pixels, options)
-        seconds += time.perf_counter() - began
-        for item, caption in zip(batch, captions, strict=True):
-            candidates[item.key] = caption.text
-            confidences.append(caption.confidence)
-            flags.append(caption.in_distribution)
+    captioned, seconds = caption_set(
+        captioner, dataset, options, batch_size=batch_size, progress=progress, max_pixels=max_pixels
+    )
+    candidates = {item.key: caption.text for item, caption in zip(dataset.items, captioned, strict=True)}
+    confidences = [caption.confidence for caption in captioned]
+    flags = [caption.in_distribution for caption in captioned]
     references = {item.key: list(item.references) for item in dataset.items}
-    correct = [
-        normalise_text(candidates[item.key]) in {normalise_text(r) for r in item.references}
-        for item in dataset.items
-    ]
+    correct = [is_exact(candidates[item.key], item.references) for item in dataset.items]
     scores = score_captions(candidates, references)
     examples = [
         {"id": item.key, "caption": candidates[item.key], "references": list(item.references)}
@@ -190,6 +177,36 @@ def evaluate(
         mistakes=mistakes,
         calibration=calibration(confidences, correct, flags),
     )
+
+
+def caption_set(
+    captioner: Captioner,
+    dataset: EvalSet,
+    options: GenerationOptions,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Caption], float]:
+    """Every item's caption through the engine, in order, and the seconds it took (decoding,
+    preprocessing and generation)."""
+    from tqdm import tqdm
+
+    captioned: list[Caption] = []
+    seconds = 0.0
+    batches = range(0, len(dataset.items), batch_size)
+    for start in tqdm(batches, desc="captioning", unit="batch", disable=not progress, dynamic_ncols=True):
+        batch = dataset.items[start : start + batch_size]
+        began = time.perf_counter()
+        pixels = _pixels(captioner, batch, max_pixels)
+        captioned += captioner.caption_pixels(pixels, options)
+        seconds += time.perf_counter() - began
+    return captioned, seconds
+
+
+def is_exact(caption: str, references: Sequence[str]) -> bool:
+    """The scorer's exact match for one image (``metrics.score_captions`` counts the same way)."""
+    return normalise_text(caption) in {normalise_text(reference) for reference in references}
 
 
 def _pixels(captioner: Captioner, batch: Sequence[EvalItem], max_pixels: int) -> torch.Tensor:
@@ -280,17 +297,9 @@ def score_model(settings: EvalSettings) -> EvalReport:
     if settings.write_reference and not Path(source).is_dir():
         raise ModelLoadError(f"--write-reference needs a model directory, not {source!r}")
     captioner = load_captioner(source, device=settings.device, dtype=settings.precision)
-    if settings.images:
-        dataset = coco_set(Path(settings.images), Path(settings.captions), settings.limit)
-    else:
-        dataset = synthetic_set(settings.seed, settings.scenes)
+    dataset = eval_dataset(settings)
     written = _write_reference(captioner, source, settings) if settings.write_reference else ""
-    options = GenerationOptions(
-        num_beams=settings.num_beams,
-        max_new_tokens=settings.max_new_tokens,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
-    )
+    options = generation_options(settings)
     report = evaluate(captioner, dataset, options, batch_size=settings.batch_size, progress=settings.progress)
     report = replace(report, reference=written)
     if not settings.images:
@@ -300,6 +309,22 @@ def score_model(settings: EvalSettings) -> EvalReport:
                 f"seed {settings.seed} is this model's training seed: these scenes are not held out"
             )
     return report
+
+
+def eval_dataset(settings: EvalSettings) -> EvalSet:
+    """The held-out scenes, or the ``--images`` folder with its ``--captions``."""
+    if settings.images:
+        return coco_set(Path(settings.images), Path(settings.captions), settings.limit)
+    return synthetic_set(settings.seed, settings.scenes)
+
+
+def generation_options(settings: EvalSettings) -> GenerationOptions:
+    return GenerationOptions(
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
+    )
 
 
 def _write_reference(captioner: Captioner, source: str, settings: EvalSettings) -> str:

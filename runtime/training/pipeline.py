@@ -91,6 +91,7 @@ def _train(settings: TrainSettings) -> TrainResult:
         weight_decay=settings.weight_decay,
         prompt_fraction=settings.prompt_fraction,
         patch_loss_weight=settings.patch_loss_weight,
+        phrase_tokens=settings.phrase_tokens,
         progress=settings.progress,
     )
 

@@ -129,6 +129,16 @@ def caption_vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def caption_phrases() -> list[str]:
+    """Every multi-word piece a caption is built of: each shape's words (``a large red circle``), each
+    background's (``on a white background``) and the relations of more than one word."""
+    objects = [
+        f"a {size} {colour} {shape}" for size in SIZES for colour in OBJECT_COLOURS for shape in SHAPES
+    ]
+    backgrounds = [f"on a {background} background" for background in BACKGROUND_COLOURS]
+    return objects + backgrounds + [words for words in RELATIONS.values() if " " in words]
+
+
 def scene_at(seed: int, index: int) -> Scene:
     """Scene number ``index`` of the set drawn from ``seed`` (independent of every other scene)."""
     rng = random.Random(f"captionfleet-scenes:{seed}:{index}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from captionfleet.runtime.engine.types import GenerationOptions
+from captionfleet.calibration import SIGNALS
+from captionfleet.runtime.engine.types import DEFAULT_MODEL, FAST_MODEL, GenerationOptions
 from captionfleet.runtime.training.model import Architecture
 from captionfleet.settings import setting
 
@@ -17,7 +18,8 @@ TRAIN_SEED = 0
 """The bundled model's training seed: scenes, initial weights and batch order all follow from it."""
 HELD_OUT_SEED = 1_000_003
 """The evaluation scenes' seed. Scenes are drawn per (seed, index), so other seeds share no scene."""
-BUNDLED_NAME = "scenes-blip-tiny"
+BUNDLED_NAME = DEFAULT_MODEL
+FAST_NAME = FAST_MODEL
 
 _ARCH = Architecture()
 _GENERATION = GenerationOptions()
@@ -66,6 +68,11 @@ class TrainSettings:
     text_layers: int = setting(_ARCH.text_layers, "Text decoder layers.")
     text_heads: int = setting(_ARCH.text_heads, "Text decoder attention heads.")
     mlp_ratio: int = setting(_ARCH.mlp_ratio, "Feed-forward width as a multiple of the hidden size.")
+    phrase_tokens: bool = setting(
+        False,
+        "Add each caption phrase ('a large red circle', 'on a white background', 'to the left of') to the "
+        "vocabulary as one token: a caption takes 3-5 decoder steps instead of 8-14.",
+    )
 
     def architecture(self) -> Architecture:
         """The architecture these options give: each of its fields that is an option here, by name."""
@@ -107,6 +114,34 @@ class TrainSettings:
         if not self.output_dir.strip():
             problems.append("--output-dir must not be empty")
         return problems
+
+
+TRAIN_PRESETS: dict[str, TrainSettings] = {
+    "tiny": TrainSettings(),
+    # The cascade's fast tier: 64 px in 4x4 patches, one decoder layer, a phrase vocabulary (a caption
+    # in 3-5 decoder steps), trained on one thread so that a shared 2-core machine does not slow it
+    # down by oversubscription.
+    "fast": TrainSettings(
+        output_dir=f"out/{FAST_NAME}",
+        name=FAST_NAME,
+        seed=TRAIN_SEED,
+        train_scenes=30_000,
+        steps=1_500,
+        batch_size=64,
+        learning_rate=2e-3,
+        warmup_steps=100,
+        threads=1,
+        image_size=64,
+        vision_hidden=128,
+        vision_layers=2,
+        text_hidden=128,
+        text_layers=1,
+        phrase_tokens=True,
+    ),
+}
+"""``captionfleet train --preset NAME``: named sets of defaults, each explicit and seeded; the options
+given on the command line (or in the environment) override them. ``tiny`` is ``TrainSettings()``."""
+DEFAULT_PRESET = "tiny"
 
 
 @dataclass(frozen=True)
@@ -154,9 +189,26 @@ class EvalSettings:
     reference_seed: int = setting(
         TRAIN_SEED, "Seed of the reference scenes (the training seed: the distribution learnt)."
     )
+    threshold: float | None = setting(
+        None, "With --cascade: score the cascade at this threshold of the signal (default: 30 % escalation)."
+    )
+    target_escalation_rate: float | None = setting(
+        None, "With --cascade: pick the threshold that sends this share of the images to the quality model."
+    )
+    signal: str = setting(
+        "auto",
+        "With --cascade: what escalates, the fast model's confidence (below the threshold) or its OOD score "
+        "(above it); auto: the one whose cascade has the higher exact match at 30 % escalation.",
+        choices=("auto", *SIGNALS),
+    )
+    write_calibration: bool = setting(
+        False,
+        "With --cascade: write calibration.json (the signal's quantiles and the sweep) into the fast "
+        "model's folder, where `serve` shows it in GET /v1/models.",
+    )
 
     def check(self) -> list[str]:
-        problems = []
+        problems = self._cascade_problems()
         if self.write_reference and not self.images and self.reference_scenes < 30:
             problems.append("--reference-scenes must be at least 30")
         if bool(self.images) != bool(self.captions):
@@ -169,4 +221,24 @@ class EvalSettings:
         for name in ("threads", "limit"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must not be negative")
+        return problems
+
+    def cascade_options_given(self) -> bool:
+        """Whether an option that only a cascade uses differs from its default."""
+        return (
+            self.threshold is not None
+            or self.target_escalation_rate is not None
+            or self.signal != "auto"
+            or self.write_calibration
+        )
+
+    def _cascade_problems(self) -> list[str]:
+        problems = []
+        if self.threshold is not None and self.target_escalation_rate is not None:
+            problems.append("--threshold and --target-escalation-rate exclude each other")
+        rate = self.target_escalation_rate
+        if rate is not None and not 0 <= rate <= 1:
+            problems.append("--target-escalation-rate must be in [0, 1]")
+        if self.write_calibration and self.images:
+            problems.append("--write-calibration calibrates on the held-out scenes, not --images")
         return problems

@@ -212,11 +212,12 @@ def train(
     weight_decay: float = 0.01,
     prompt_fraction: float = 0.0,
     patch_loss_weight: float = 0.0,
+    phrase_tokens: bool = False,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Build and train a model; returns it in eval mode with its tokenizer and image processor."""
-    tokenizer, image_processor, preprocessor, model = _untrained(seed, architecture)
+    tokenizer, image_processor, preprocessor, model = _untrained(seed, architecture, phrase_tokens)
 
     started = time.perf_counter()
     data = prepare_data(
@@ -257,14 +258,16 @@ def train(
     )
 
 
-def _untrained(seed: int, architecture: Architecture) -> tuple[Any, Any, ImagePreprocessor, Any]:
+def _untrained(
+    seed: int, architecture: Architecture, phrase_tokens: bool = False
+) -> tuple[Any, Any, ImagePreprocessor, Any]:
     """Tokenizer, image processor (and the engine's preprocessor of its settings) and the model with
     its initial weights, the first draws after seeding torch's global generator."""
     # Reproducibility rests on the order of the draws from that generator: the model's initial
     # weights, then the auxiliary head's (made even when unused, see _Stepper.build), then what the
     # steps draw. Keep it.
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(architecture.max_positions)
+    tokenizer = build_tokenizer(architecture.max_positions, phrases=phrase_tokens)
     image_processor = build_image_processor(architecture.image_size)
     preprocessor = ImagePreprocessor.from_config(image_processor.to_dict())
     model = build_model(architecture, tokenizer)
@@ -392,8 +395,8 @@ def _patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _words(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of lower-case words (the vocabulary is word-level, so no tokenizer call is needed)."""
-    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(text.split())]
+    """Token ids of a caption or prompt, as the tokenizer splits it (words, or the phrase tokens first)."""
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
     if int(tokenizer.unk_token_id) in ids:
         raise ValueError(f"{text!r} has words outside the vocabulary")
     return ids

@@ -31,6 +31,7 @@ HEADLINE_KEYS = (
     "decoder_agreement",
     "int8_speedup",
     "int8_agreement",
+    "fast_speedup_bs8",
     "bulk_p99_ratio_c8",
     "bulk_share_under_load",
     "ood_cost_c32",
@@ -62,6 +63,7 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--engine-rounds", "1", "--speed-rounds", "1",
         "--bulk-requests", "16", "--bulk-items", "8",
         "--ood-rounds", "2", "--ood-concurrency", "4",
+        "--cascade-requests", "0",  # its own test: test_cascade_bench.py
     ]  # fmt: skip
     document = _run(argv, cwd=tmp_path, timeout_s=480)  # six servers and a redis-server, in turn
 

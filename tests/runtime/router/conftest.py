@@ -56,6 +56,8 @@ class FakeRuntime:
     die_after_lines: int | None = None  # the results connection is dropped after this many lines
     job_id_in_answer: bool = True
     drop_job_answers: bool = False  # the connection is closed once a submission is read: no answer
+    confidences: list[float] = field(default_factory=list)  # answered in turn, then 0.9
+    answer_delay_s: float = 0.0  # a slow model: each caption takes this long
 
     async def create_job(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -107,6 +109,8 @@ class FakeRuntime:
         request_id = request.headers.get("X-Request-Id", "")
         if self.hang:
             await self.release.wait()
+        if self.answer_delay_s:
+            await asyncio.sleep(self.answer_delay_s)  # the model's work, not a synchronisation
         status = self.statuses.pop(0) if self.statuses else 200
         if status != 200:
             error = {"error": {"code": f"fake_{status}", "message": "scripted"}, "request_id": request_id}
@@ -115,7 +119,7 @@ class FakeRuntime:
         return web.json_response(
             {
                 "caption": f"a caption by {self.version}",
-                "confidence": 0.9,
+                "confidence": self.confidences.pop(0) if self.confidences else 0.9,
                 "suggestions": [],
                 "model_version": self.version,
                 "cached": False,
