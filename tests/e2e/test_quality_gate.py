@@ -105,7 +105,8 @@ async def test_a_good_canary_passes_the_gate_and_then_steps_up(fleet: Any, image
     fleet.start_kubelet({f"{NAME}-v2": 0.0})
     fleet.operator.start()
     async with harness.StatusLog(fleet.api, "ml", NAME) as log:
-        await fleet.create(gated_model("file:///opt/captionfleet/models/scenes-blip-tiny"))
+        # A 20 s window: minRequests at the canary's 25 % even when a loaded machine serves few per second.
+        await fleet.create(gated_model("file:///opt/captionfleet/models/scenes-blip-tiny", window="20s"))
         router = await fleet.router_url(NAME)
         async with harness.Traffic(router, USERS, images, 20):
 
