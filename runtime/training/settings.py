@@ -120,13 +120,14 @@ TRAIN_PRESETS: dict[str, TrainSettings] = {
     "tiny": TrainSettings(),
     # The cascade's fast tier: 64 px in 4x4 patches, one decoder layer, a phrase vocabulary (a caption
     # in 3-5 decoder steps), trained on one thread so that a shared 2-core machine does not slow it
-    # down by oversubscription.
+    # down by oversubscription. 3000 steps, not 1500: at 1500 the model was still underfit (held-out
+    # exact match 0.566, loss 0.23), too unsure to pick out its own mistakes for the cascade.
     "fast": TrainSettings(
         output_dir=f"out/{FAST_NAME}",
         name=FAST_NAME,
         seed=TRAIN_SEED,
         train_scenes=30_000,
-        steps=1_500,
+        steps=3_000,
         batch_size=64,
         learning_rate=2e-3,
         warmup_steps=100,
