@@ -22,7 +22,7 @@ async def test_the_cascade_row_answers_every_request_on_both_sides(
     shutil.copytree(tiny_model_dir, fast)
     # Every confidence is below 2.0: the calibration's 0.3-quantile escalates every request.
     (fast / "calibration.json").write_text(
-        json.dumps({"signal": "confidence", "confidence_quantiles": [2.0] * 101})
+        json.dumps({"signal": "confidence", "confidence_quantiles": [2.0] * 101, "rows": []})
     )
     assert calibrated_threshold(fast, 0.3) == 2.0
     settings = BenchSettings(cascade_clients=4, cascade_requests=16, cascade_scenes=4)

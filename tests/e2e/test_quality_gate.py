@@ -44,17 +44,7 @@ def perturbed_model(folder: Path, noise: float = NOISE, seed: int = 0) -> Path:
 
 
 def gated_model(canary: str, **analysis: Any) -> dict[str, Any]:
-    bundled = "file:///opt/captionfleet/models/scenes-blip-tiny"
-    checks = {"interval": "500ms", "window": "10s", "minRequests": 10, "stepWeight": 25, "maxWeight": 75}
-    manifest: dict[str, Any] = emulator.canary_model(
-        NAME,
-        bundled,
-        canary,
-        checks | analysis,
-        autoscaling={"provider": "none", "minReplicas": 1, "maxReplicas": 1},
-        router={"replicas": 1},
-        generation={"numBeams": 1},
-    )
+    manifest: dict[str, Any] = emulator.one_pod_canary(NAME, canary, analysis, generation={"numBeams": 1})
     manifest["spec"]["rollout"]["qualityGate"] = GATE
     return manifest
 

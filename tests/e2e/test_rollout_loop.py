@@ -30,20 +30,11 @@ USERS = [f"user-{index}" for index in range(60)]  # at 60 requests/s: each user 
 
 def model(**analysis: Any) -> dict[str, Any]:
     """Both versions the bundled model; short checks, so that a rollout ends within a test."""
-    bundled = "file:///opt/captionfleet/models/scenes-blip-tiny"
     # A 10 s window reaches minRequests at the canary's share even when a loaded machine serves a few
     # requests per second (with 2 s every check held there).
-    checks = {"interval": f"{int(INTERVAL_S * 1000)}ms", "window": "10s", "minRequests": 10, "stepWeight": 25}
-    checks |= {"maxWeight": 75, "errorRateThreshold": 5, "threshold": 2}
-    return emulator.canary_model(
-        NAME,
-        bundled,
-        bundled,
-        checks | analysis,
-        autoscaling={"provider": "none", "minReplicas": 1, "maxReplicas": 1},
-        router={"replicas": 1},
-        generation={"numBeams": 1, "maxNewTokens": 8},
-    )
+    checks = {"interval": f"{int(INTERVAL_S * 1000)}ms", "errorRateThreshold": 5, "threshold": 2}
+    generation = {"numBeams": 1, "maxNewTokens": 8}
+    return emulator.one_pod_canary(NAME, emulator.BUNDLED_IN_IMAGE, checks | analysis, generation=generation)
 
 
 async def serving(fleet: Any, manifest: dict[str, Any], faults: dict[str, float] | None = None) -> str:

@@ -34,22 +34,13 @@ emulator = sys.modules["captionfleet_e2e_emulator"]
 pytestmark = pytest.mark.e2e
 
 NAME = "captions"
-BUNDLED = "file:///opt/captionfleet/models/scenes-blip-tiny"
+BUNDLED = emulator.BUNDLED_IN_IMAGE
 USERS = [f"user-{index}" for index in range(40)]
 
 
 def manifest(canary: str = BUNDLED, **analysis: Any) -> dict[str, Any]:
-    checks = {"interval": "500ms", "window": "10s", "minRequests": 10, "stepWeight": 25, "maxWeight": 75}
-    checks |= {"errorRateThreshold": 5, "threshold": 2}
-    return emulator.canary_model(
-        NAME,
-        BUNDLED,
-        canary,
-        checks | analysis,
-        autoscaling={"provider": "none", "minReplicas": 1, "maxReplicas": 1},
-        router={"replicas": 1},
-        generation={"numBeams": 1, "maxNewTokens": 8},
-    )
+    checks = {"errorRateThreshold": 5, "threshold": 2} | analysis
+    return emulator.one_pod_canary(NAME, canary, checks, generation={"numBeams": 1, "maxNewTokens": 8})
 
 
 def rollout(fleet: Any) -> dict[str, Any]:

@@ -591,6 +591,22 @@ def canary_model(
     }
 
 
+BUNDLED_IN_IMAGE = "file:///opt/captionfleet/models/scenes-blip-tiny"
+"""The bundled model where the runtime image holds it (the e2e kubelet maps the folder)."""
+QUICK_CHECKS = {"interval": "500ms", "window": "10s", "minRequests": 10, "stepWeight": 25, "maxWeight": 75}
+"""Short rollout checks, so that a rollout ends within an e2e test."""
+
+
+def one_pod_canary(
+    name: str, canary: str, analysis: Mapping[str, Any], *, stable: str = BUNDLED_IN_IMAGE, **spec: Any
+) -> dict[str, Any]:
+    """:func:`canary_model` with one pod per version and one router pod (no autoscaler), as the
+    e2e tests run fleets on two CPUs; ``analysis`` over :data:`QUICK_CHECKS`."""
+    one_pod = {"autoscaling": {"provider": "none", "minReplicas": 1, "maxReplicas": 1}}
+    one_pod |= {"router": {"replicas": 1}}
+    return canary_model(name, stable, canary, QUICK_CHECKS | dict(analysis), **(one_pod | spec))
+
+
 @pytest.fixture(name="canary_model")
 def canary_model_fixture() -> Callable[..., dict[str, Any]]:
     """:func:`canary_model` for the tests below this folder."""
