@@ -1,9 +1,11 @@
 """The cascade against the quality model alone, on the same CPUs: served throughput and exact match.
 
-Two runtimes (the fast model, the quality model: the bundled ``scenes-blip-fast`` and
-``scenes-blip-tiny``) and two routers: one cascading (``--cascade-fast/--cascade-quality``, the
-threshold the fast model's ``calibration.json`` gives for ``cascade_target_rate``, else that quantile
-of its confidences on the scenes sent, said in the row) and one routing everything to the quality
+Two runtimes for the cascade (the fast model, the quality model: the bundled ``scenes-blip-fast``
+and ``scenes-blip-tiny``, one torch thread each, as the tiers share the CPUs), one for quality-only
+(the quality model with every thread) and two routers: one cascading
+(``--cascade-fast/--cascade-quality``, the threshold the fast model's ``calibration.json`` gives for
+``cascade_target_rate``, else that quantile of its confidences on the scenes sent, said in the row)
+and one routing everything to the quality-only
 runtime. Both get the same held-out scenes from ``cascade_clients`` clients, in alternating rounds
 (quality-only, cascade, ...) so that a machine that gets busier mid-run weighs on both; throughputs
 are summed per side. Exact match is the served captions' against the scenes' references.
@@ -12,6 +14,7 @@ are summed per side. Exact match is the served captions' against the scenes' ref
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import math
@@ -171,11 +174,15 @@ async def measure_cascade(
     """Both sides on one machine: the runtimes and routers started, the rounds run, all stopped."""
     env = settings.environment()
     scenes = held_out_scenes(settings.cascade_scenes)
-    fast = processes.start_ours(fast_dir, workdir, cache=False, base=base, name="cascade-fast", env=env)
+    # The two tiers share the CPUs, one torch thread each (two processes of two threads on two cores
+    # stall each other's parallel regions); quality-only gets its own runtime with every thread.
+    tier = dataclasses.replace(base, torch_threads=1)
+    fast = processes.start_ours(fast_dir, workdir, cache=False, base=tier, name="cascade-fast", env=env)
     quality = processes.start_ours(
-        quality_dir, workdir, cache=False, base=base, name="cascade-quality", env=env
+        quality_dir, workdir, cache=False, base=tier, name="cascade-quality", env=env
     )
-    started: list[processes.Server] = [fast, quality]
+    solo = processes.start_ours(quality_dir, workdir, cache=False, base=base, name="quality-only", env=env)
+    started: list[processes.Server] = [fast, quality, solo]
     try:
         processes.wait_all_ready(list(started))
         threshold = calibrated_threshold(fast_dir, settings.cascade_target_rate)
@@ -190,7 +197,7 @@ async def measure_cascade(
         cascade_flags = ["--weights", "fast=50,quality=50", "--cascade-fast", "fast", "--cascade-quality"]
         cascade_flags += ["quality", "--cascade-threshold", str(threshold)]
         cascading = _router("router-cascade", workdir, routes, cascade_flags)
-        alone = _router("router-quality", workdir, [f"quality={quality.url}"], [])
+        alone = _router("router-quality", workdir, [f"quality={solo.url}"], [])
         started += [cascading, alone]
         processes.wait_all_ready([cascading, alone])
         result = CascadeResult(settings.cascade_clients, round(threshold, 6), threshold_from)
