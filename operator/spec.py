@@ -102,6 +102,9 @@ MIN_IDLE, MAX_IDLE = "1s", "24h"
 MIN_HOLD, MAX_HOLD = "100ms", "10m"
 IdleTime = Annotated[str, _cel_within(MIN_IDLE, MAX_IDLE), _within(MIN_IDLE, MAX_IDLE)]
 HoldTime = Annotated[str, _cel_within(MIN_HOLD, MAX_HOLD), _within(MIN_HOLD, MAX_HOLD)]
+# The router's deadline per request: a held request's counts on through its cold start.
+MIN_DEADLINE, MAX_DEADLINE = "1s", "1h"
+Deadline = Annotated[str, _cel_within(MIN_DEADLINE, MAX_DEADLINE), _within(MIN_DEADLINE, MAX_DEADLINE)]
 
 
 def _extended_resource(name: str) -> str:
@@ -516,6 +519,13 @@ class Router(SpecModel):
     replicas: int = Field(default=2, ge=1, le=100)
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     port: int = Field(default=80, ge=1, le=65535, description="Port of the router's Service.")
+    request_timeout: Deadline = Field(
+        default="30s",
+        description="The router's deadline per request, arrival to answer, "
+        f"{MIN_DEADLINE} to {MAX_DEADLINE} (a client's X-Request-Timeout-Ms may only shorten it). "
+        "A request held through a cold start keeps counting it: with a version that may scale to "
+        "zero, make it longer than the cold start (and coldStart.timeout), else held requests get 504.",
+    )
     cold_start: ColdStart = Field(default_factory=ColdStart)
 
 

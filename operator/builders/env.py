@@ -70,6 +70,7 @@ ROUTER_ENV: dict[str, str] = {
     "stats_window_s": "the longer of 900 s and rollout.analysis.window, so every check's window "
     "is covered by the router's figures",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "request_timeout_ms": "router.requestTimeout, in milliseconds",
     "cold_start_max_held": "router.coldStart.maxHeld",
     "cold_start_timeout_ms": "router.coldStart.timeout, in milliseconds",
     "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache): "
@@ -183,6 +184,7 @@ def router_env(ctx: FleetContext) -> list[dict[str, Any]]:
     cold_start = ctx.spec.router.cold_start
     env += env_entries(
         RouterSettings,
+        request_timeout_ms=round(seconds(ctx.spec.router.request_timeout) * 1000),
         cold_start_max_held=cold_start.max_held,
         cold_start_timeout_ms=round(seconds(cold_start.timeout) * 1000),
     )

@@ -170,3 +170,22 @@ def test_the_routers_hold_as_router_cold_start_says() -> None:
     env = {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["CAPTIONFLEET_COLD_START_MAX_HELD"] == "100"
     assert env["CAPTIONFLEET_COLD_START_TIMEOUT_MS"] == "120000"  # timeout: 2m
+
+
+def test_the_routers_deadline_is_router_request_timeout_longer_than_the_hold_in_the_example() -> None:
+    def router_env(raw: dict[str, Any]) -> dict[str, Any]:
+        (router,) = [
+            m
+            for m in builders.fleet(context(raw))
+            if m["kind"] == "Deployment" and m["metadata"]["name"] == "fleet-router"
+        ]
+        return {e["name"]: e.get("value") for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    raw = example("scale-to-zero.yaml")
+    assert router_env(raw)["CAPTIONFLEET_REQUEST_TIMEOUT_MS"] == "180000"  # requestTimeout: 3m
+    del raw["router"]["requestTimeout"]
+    assert router_env(raw)["CAPTIONFLEET_REQUEST_TIMEOUT_MS"] == "30000"  # the router's own default
+    for bad in ("0s", "2h", "soon"):
+        raw["router"]["requestTimeout"] = bad
+        with pytest.raises(pydantic.ValidationError, match=r"requestTimeout|request_timeout"):
+            spec.parse_spec(raw)
