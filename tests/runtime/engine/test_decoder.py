@@ -229,3 +229,21 @@ def test_no_ngram_twice_and_both_decoders_agree(tiny_model_dir: Path, size: int,
     }
     assert not any(_repeats(runs[size], decoder.bos_id, decoder.eos_id, size))
     assert any(_repeats(runs[0], decoder.bos_id, decoder.eos_id, size))  # without the ban it does repeat
+
+
+def test_the_vocabulary_projection_matches_its_linear_and_falls_back_where_it_must() -> None:
+    """The packed oneDNN matmul (fp32 CPU) gives the module's logits to the last bits; a module it
+    cannot pack (int8-quantised) is called as it is."""
+    from captionfleet.runtime.engine.decoder import VocabularyProjection
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 1000)
+    hidden = torch.randn(7, 48)
+    projection = VocabularyProjection(linear)
+    assert (projection.packed is not None) == torch.backends.mkldnn.is_available()
+    with torch.inference_mode():
+        assert torch.allclose(projection(hidden), linear(hidden), rtol=0, atol=1e-5)
+        quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear})
+        fallback = VocabularyProjection(quantized[0])
+        assert fallback.packed is None
+        assert torch.equal(fallback(hidden), quantized[0](hidden))
