@@ -6,13 +6,12 @@ Each field is also an option (``--train-scenes``) and an environment variable
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from captionfleet.calibration import SIGNALS
 from captionfleet.runtime.engine.types import DEFAULT_MODEL, FAST_MODEL, GenerationOptions
 from captionfleet.runtime.training.model import Architecture
-from captionfleet.settings import setting
+from captionfleet.settings import overlay, setting
 
 TRAIN_SEED = 0
 """The bundled model's training seed: scenes, initial weights and batch order all follow from it."""
@@ -76,10 +75,7 @@ class TrainSettings:
 
     def architecture(self) -> Architecture:
         """The architecture these options give: each of its fields that is an option here, by name."""
-        chosen = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture) if hasattr(self, f.name)
-        }
-        return dataclasses.replace(_ARCH, **chosen)
+        return overlay(_ARCH, self)
 
     def check(self) -> list[str]:
         """What is wrong with these settings, as messages naming the option; empty when fine."""
