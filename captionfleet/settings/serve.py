@@ -184,9 +184,6 @@ class ServeSettings(EdgeSettings):
         "version, so that each version captions the jobs sent to it.",
     )
     jobs_max_items: int = setting(10000, "Most items in one POST /v1/jobs (400 beyond).")
-    jobs_max_bytes: int = setting(
-        64 * MB, "Largest POST /v1/jobs body (413 beyond); counts against max_body_bytes_in_flight."
-    )
     jobs_result_ttl_s: float = setting(
         86400.0, "Seconds a job's state and results stay in Redis, from its creation and again once it ends."
     )
@@ -238,7 +235,6 @@ class ServeSettings(EdgeSettings):
             "max_pixels",
             "max_batch_images",
             "jobs_max_items",
-            "jobs_max_bytes",
             "jobs_result_ttl_s",
             "jobs_claim_timeout_s",
             "jobs_webhook_timeout_s",
@@ -261,8 +257,6 @@ class ServeSettings(EdgeSettings):
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
-        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
-            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
         problems += self._ood_problems()
         problems += self._moderation_problems()
         if self.precision == "int8" and self.device.startswith("cuda"):
