@@ -4,7 +4,8 @@ Every field is also a command-line option (``--max-batch-size``) and an environm
 (``CAPTIONFLEET_MAX_BATCH_SIZE``). The operator sets these variables in the Deployments it builds,
 deriving each name from the field (``captionfleet.settings.env_entries``), so the class lives here,
 below both, with no dependency on the runtime. The edge's fields (listening, API keys, body and
-header limits, deadline, drain) come from :class:`EdgeSettings`.
+header limits, deadline, drain) come from :class:`EdgeSettings`, the default generation options
+from :class:`GenerationSettings`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 
 from captionfleet.settings import setting
 from captionfleet.settings.edge import MB, EdgeSettings
+from captionfleet.settings.generation import GenerationSettings
 
 MODERATION_FAILURE_POLICIES = ("Fail", "Ignore")
 """What a failed moderation check does, named as Kubernetes' admission webhooks' failurePolicy."""
 
 
 @dataclass(frozen=True)
-class ServeSettings(EdgeSettings):
+class ServeSettings(EdgeSettings, GenerationSettings):
     model: str = setting(
         "",
         "Model: a save_pretrained directory, a file:// URL or a Hugging Face id; empty: the bundled model.",
@@ -143,17 +145,7 @@ class ServeSettings(EdgeSettings):
     moderation_max_connections: int = setting(
         32, "Connections open to the moderation service at once; further checks wait within the timeout."
     )
-    num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
-    max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
-    no_repeat_ngram_size: int = setting(
-        5,
-        "No word n-gram of this size twice in a caption (0: off), for images in distribution or not "
-        "scored; 5: the smallest that no true scene caption repeats.",
-    )
-    ood_no_repeat_ngram_size: int = setting(
-        3, "The same for images scored out of distribution (the model repeats itself on those)."
-    )
     ood: bool = setting(
         True,
         "Score every image's distance to the model's reference images (ood_score, in_distribution, "
