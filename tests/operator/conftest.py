@@ -78,6 +78,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
     "v1/serviceaccounts": {"kind": "ServiceAccount", "namespaced": True},
+    "v1/secrets": {"kind": "Secret", "namespaced": True},  # made by the tests; the kubelet mounts them
     "rbac.authorization.k8s.io/v1/roles": {"kind": "Role", "namespaced": True},
     "rbac.authorization.k8s.io/v1/rolebindings": {"kind": "RoleBinding", "namespaced": True},
 }
