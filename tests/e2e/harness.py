@@ -217,9 +217,6 @@ class Kubelet:
         # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
         # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
         self.start_delays: dict[str, float] = {}
-        # Deployment name -> variables added to its containers' environment (what a test needs and
-        # the CRD does not set, e.g. a longer request deadline than a loaded machine's cold start).
-        self.extra_env: dict[str, dict[str, str]] = {}
         self._reported: dict[str, tuple[Any, ...]] = {}
         self._counter = 0
         self._http: aiohttp.ClientSession | None = None
@@ -309,7 +306,6 @@ class Kubelet:
         home.mkdir(parents=True, exist_ok=True)
         mounts = self._secret_volumes(template["spec"], container, home)
         env.update({k: _map_path(v, mounts) for k, v in _container_env(container, self.namespace).items()})
-        env.update(self.extra_env.get(deployment_name, {}))
         env.update(
             CAPTIONFLEET_HOST="127.0.0.1",
             CAPTIONFLEET_PORT=str(port),
