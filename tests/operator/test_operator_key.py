@@ -8,6 +8,9 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -189,3 +192,16 @@ async def test_a_pod_that_does_not_take_the_key_yet_is_no_verdict(
     outcome = await _gate_run(KEY, stale, seen)
     assert outcome is not None and outcome.verdict == "error", outcome
     assert "does not take the operator's key yet" in outcome.message and len(seen) <= gate_run.CONCURRENCY
+
+
+def test_the_operator_will_not_start_with_an_unusable_key_file(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("too-short\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
+    argv = [sys.executable, "-m", "captionfleet", "operator", "--operator-key-file", str(short)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"captionfleet operator: the operator key file {short} holds 9 characters; at least 32 are needed "
+        "(e.g. `openssl rand -hex 32`)"
+    )
