@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -60,7 +60,7 @@ class Caller:
     all carry (the operator's key with spec.auth: never logged, never in a message)."""
 
     http: aiohttp.ClientSession
-    headers: dict[str, str]
+    headers: dict[str, str] = field(repr=False)
 
     @classmethod
     def of(cls, clients: GateClients, namespace: str, model: str, spec: CaptionModelSpec) -> Caller:
