@@ -9,9 +9,18 @@ self-attention cache at every step. Here:
   per *image*, and the queries of all of an image's beams attend to them in one batched matmul;
 - the self-attention cache is preallocated at its final length (prompt + ``max_new_tokens``), written in
   place, and reordered along the beam dimension only over the positions already written;
-- beam search and greedy decoding are whole-batch tensor operations: one ``topk`` over every image's
-  ``beams x vocabulary`` candidates, no per-beam or per-image Python loop; the loop stops when every
-  beam of every image has finished (one host sync per step).
+- beam search and greedy decoding are whole-batch tensor operations: the best ``2 x beams`` candidates
+  of every image's ``beams x vocabulary`` in two ``topk`` stages (each beam's best tokens, then the best
+  of those with the beam scores added), no per-beam or per-image Python loop; the loop stops when every
+  beam of every image has finished (one host sync per step);
+- the vocabulary projection, the largest matmul of a step, runs on a weight packed once for oneDNN
+  (:class:`VocabularyProjection`), and the n-gram bans are set sparsely, in place.
+
+Where a CPU step's time goes (``torch.profiler``, ``blip-mini-random``, batch 32, beam 3, one thread):
+the vocabulary projection first, then the cross-attention's small batched matmuls and the 4 layers'
+linears, then ``log_softmax`` and ``topk`` over the vocabulary; the beam bookkeeping and the cache
+reorder are a few per cent. Those are the same arithmetic as transformers'; what it does besides is reorder the
+cross-attention cache of every beam at every step and recompute the prompt's work per beam.
 
 The math mirrors ``transformers.models.blip.modeling_blip_text`` exactly: the same ``nn.Linear``,
 ``LayerNorm`` and head modules of the loaded model are called (so int8-quantised linears work too),
