@@ -59,6 +59,14 @@ class ServeSettings(EdgeSettings):
         "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
         "max_batch_size gives bulk work all the room.",
     )
+    bulk_time_share: float = setting(
+        0.1,
+        "Most share of an interactive batch's predicted time (from the measured per-item cost) that bulk "
+        "items filling its room may add; a share of an item carries over to the next batch. Amid steady "
+        "interactive traffic bulk work gets about this share of the model, and an interactive request "
+        "waits about that much longer (on a CPU a batch's time grows with its size; on a GPU, where it "
+        "hardly does, bulk items fill the room). 0: bulk work only on an idle model.",
+    )
     bulk_prepare_concurrency: int = setting(
         1,
         "Bulk items decoded and preprocessed at once, each started only while no interactive request is "
@@ -253,6 +261,7 @@ class ServeSettings(EdgeSettings):
             "rate_limit_rps",
             "jobs_prefetch",
             "max_bulk_batch_size",
+            "bulk_time_share",
             "bulk_prepare_concurrency",
             "jobs_webhook_retries",
             "jobs_webhook_backoff_s",

@@ -33,7 +33,14 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
   and none arrived or answered within ``max_queue_delay``, or the last batch's time if longer
   (``bulk_calm_of_a_batch``: the clients of the last batch come back within about that). A batch
   never waits for bulk work, and bulk delays an interactive request by at most the one batch already
-  running. Bulk items fill an interactive batch by at most ``max_bulk_batch_size``, and bulk-only
+  running. Bulk items fill an interactive batch by at most ``max_bulk_batch_size``, and within a time
+  budget (``bulk_time_share``): each interactive batch earns that share of its predicted time, from
+  the measured batch times (:class:`BatchCost`), in items of the measured per-item cost, and a share
+  of an item carries over. Why: on a CPU a batch's time grows about linearly with its size, so the
+  "room" is not free: two bulk items in a batch of 8 made it a quarter longer, and every request in
+  it waited that much more; amid steady traffic bulk work now gets about that share of the model and
+  an interactive request waits about that share longer (on a GPU, where a batch costs about the same
+  at any size, the items cost nothing and fill the room). Bulk-only
   batches start at that size and double with each one that follows without interactive traffic, up
   to ``max_batch_size``: on a CPU, where a batch's time grows with its size, an interactive request
   arriving amid steady interactive traffic waits behind a small bulk batch at most, and a long calm
@@ -59,6 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from captionfleet.runtime.serving.batch_cost import BatchCost
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
 log = logging.getLogger(__name__)
@@ -128,9 +136,12 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         bulk_calm_of_a_batch: bool = True,
         max_bulk_batch_size: int | None = None,
         wait_for_arrivals: bool = True,
+        bulk_time_share: float = math.inf,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0 or not bulk_time_share >= 0:
+            raise ValueError(
+                "max_batch_size and max_queue_size must be >= 1, max_queue_delay_s and bulk_time_share >= 0"
+            )
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -160,6 +171,9 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._none_preparing.set()
         self._last_interactive = -math.inf  # when one last arrived or was answered
         self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
+        self.bulk_time_share = bulk_time_share
+        self.cost = BatchCost()  # the model's measured batch times, for the bulk filler's budget
+        self._bulk_credit = 0.0  # bulk items earned by interactive batches and not spent yet
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -333,8 +347,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
             if members:
-                room = min(self.max_batch_size - len(members), self.max_bulk_batch_size)
-                return self._take(members, self._members(self._bulk, members[0].group, room))
+                return self._take(members, self._bulk_filler(members))
             self._wakeup.clear()
             wait_s = due - now
             next_deadline = min(
@@ -374,6 +387,30 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
         return []
+
+    def _bulk_filler(
+        self, interactive: list[_Request[ItemT, GroupT, ResultT]]
+    ) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """The bulk items that go with these interactive requests: the room they leave, at most
+        ``max_bulk_batch_size``, within the time budget. Each interactive batch earns
+        ``bulk_time_share`` of its predicted time (:class:`BatchCost`) in items of the measured
+        per-item cost; a share of an item carries over to the next batch, so at 8 requests a batch
+        and a share of 0.1 four batches in five carry one item (each 1/8 longer), none carries two."""
+        room = min(self.max_batch_size - len(interactive), self.max_bulk_batch_size)
+        if room <= 0 or not self._bulk:
+            self._bulk_credit = 0.0  # no bulk work waits: no credit to spend later in one burst
+            return []
+        per_item = self.cost.per_item_s()
+        if not self.cost.known:  # before any batch: a batch's time taken as proportional to its size
+            self._bulk_credit += self.bulk_time_share * len(interactive)
+        elif per_item > 0:
+            self._bulk_credit += self.bulk_time_share * self.cost.predict_s(len(interactive)) / per_item
+        else:  # a batch's time does not grow with its size (a GPU): filling the room is free
+            self._bulk_credit = math.inf
+        most = min(room, math.floor(self._bulk_credit)) if math.isfinite(self._bulk_credit) else room
+        bulk = self._members(self._bulk, interactive[0].group, most)
+        self._bulk_credit = min(self._bulk_credit - len(bulk), 1.0)
+        return bulk
 
     def _interactive_seen(self) -> None:
         self._last_interactive = time.monotonic()
@@ -483,6 +520,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._free_since = time.monotonic()
         elapsed = self._free_since - started
         self._last_batch_s = elapsed
+        self.cost.observe(len(batch), elapsed)
         interactive = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
         if interactive:  # a bulk-only batch says nothing of how many interactive companions come
             self._last_batch_size = interactive

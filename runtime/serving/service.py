@@ -118,6 +118,7 @@ class CaptionService:
             bulk_calm_of_a_batch=settings.bulk_calm_of_a_batch,
             wait_for_arrivals=settings.wait_for_arrivals,
             max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
+            bulk_time_share=settings.bulk_time_share,
         )
         self.ready = False
         self.draining = False
