@@ -214,9 +214,6 @@ class Kubelet:
         # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
         # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
         self.start_delays: dict[str, float] = {}
-        # Deployment name -> variables added to its containers' environment (what a test needs and
-        # the CRD does not set, e.g. a longer request deadline than a loaded machine's cold start).
-        self.extra_env: dict[str, dict[str, str]] = {}
         self._reported: dict[str, tuple[Any, ...]] = {}
         self._counter = 0
         self._http: aiohttp.ClientSession | None = None
@@ -303,7 +300,6 @@ class Kubelet:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
         env.update(_container_env(container, self.namespace))
-        env.update(self.extra_env.get(deployment_name, {}))
         home = self.workdir / pod_name
         home.mkdir(parents=True, exist_ok=True)
         env.update(
