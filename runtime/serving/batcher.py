@@ -45,7 +45,10 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
   batches start at that size and double with each one that follows without interactive traffic, up
   to ``max_batch_size``: on a CPU, where a batch's time grows with its size, an interactive request
   arriving amid steady interactive traffic waits behind a small bulk batch at most, and a long calm
-  still uses the model's full batches. Bulk requests have their own queue (bounded by
+  still uses the model's full batches. Bulk work never starves: once waiting bulk requests have had
+  no turn for ``bulk_max_wait`` (traffic of other options leaves them no room, or a saturated model
+  none at all), one bulk batch of ``max_bulk_batch_size`` goes between two interactive ones, and the
+  wait starts again. Bulk requests have their own queue (bounded by
   ``max_queue_size`` too) and do not count in the reported queue depth: they are not interactive
   demand.
 
@@ -138,11 +141,12 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         max_bulk_batch_size: int | None = None,
         wait_for_arrivals: bool = True,
         bulk_time_share: float = math.inf,
+        bulk_max_wait_s: float = math.inf,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0 or not bulk_time_share >= 0:
-            raise ValueError(
-                "max_batch_size and max_queue_size must be >= 1, max_queue_delay_s and bulk_time_share >= 0"
-            )
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        if not (bulk_time_share >= 0 and bulk_max_wait_s > 0):
+            raise ValueError("bulk_time_share must be >= 0 and bulk_max_wait_s > 0")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -175,6 +179,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self.bulk_time_share = bulk_time_share
         self.cost = BatchCost()  # the model's measured batch times, for the bulk filler's budget
         self._bulk_credit = 0.0  # bulk items earned by interactive batches and not spent yet
+        self.bulk_max_wait_s = bulk_max_wait_s
+        self._bulk_taken = -math.inf  # when bulk work last went to the model
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -339,6 +345,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                     return bulk
                 continue
             now = time.monotonic()
+            if self._bulk_starved_in(now) <= 0:
+                return self._take(
+                    [], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size)
+                )
             oldest = self._queue[0]
             members = self._members(self._queue, oldest.group)
             due = self._due(oldest.enqueued, len(members))
@@ -378,13 +388,17 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         their decoding, which on a loaded machine or a real network exceed ``max_queue_delay``), and
         a bulk batch started in the gap would hold all of them up."""
         quiet_in = self._quiet_in()
+        starved_in = self._bulk_starved_in(time.monotonic())
         if self._bulk and (quiet_in <= 0 or self._closing or self._flushing):
             group = self._bulk[0].group
             size = self._bulk_run
             self._bulk_run = min(self.max_batch_size, 2 * size)  # the longer the calm, the larger
             return self._take([], self._members(self._bulk, group, size))
+        if starved_in <= 0:
+            return self._take([], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size))
         self._wakeup.clear()
-        timeout = quiet_in if self._bulk and math.isfinite(quiet_in) else None
+        timeout = min(quiet_in, starved_in) if self._bulk else None
+        timeout = timeout if timeout is not None and math.isfinite(timeout) else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
         return []
@@ -417,6 +431,17 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._last_interactive = time.monotonic()
         self._bulk_run = self.max_bulk_batch_size
 
+    def _bulk_starved_in(self, now: float) -> float:
+        """Seconds until waiting bulk work is owed a turn amid interactive traffic (``inf``: none
+        waits). Without it, bulk work whose options differ from the traffic's (a quality gate's
+        requests, a job of other beams) never finds room, and on a saturated model none does: so once
+        bulk work has had no turn for ``bulk_max_wait`` one small bulk batch
+        (``max_bulk_batch_size``) goes between two interactive ones, which an interactive request then
+        waits behind, as behind any one batch already running."""
+        if not self._bulk or not math.isfinite(self.bulk_max_wait_s):
+            return math.inf
+        return max(self._bulk_taken, self._bulk[0].enqueued) + self.bulk_max_wait_s - now
+
     def _quiet_in(self) -> float:
         """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
         if self._preparing:
@@ -443,6 +468,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._observer.queue_depth(len(self._queue))
         if bulk:
             self._bulk = deque(r for r in self._bulk if id(r) not in taken)
+            self._bulk_taken = time.monotonic()
         return batch
 
     def _members(

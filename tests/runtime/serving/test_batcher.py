@@ -73,6 +73,7 @@ def make(
         max_bulk_batch_size=int(options.get("max_bulk_batch_size", 0)) or None,
         wait_for_arrivals=wait_for_arrivals,
         bulk_time_share=float(options.get("bulk_time_share", math.inf)),
+        bulk_max_wait_s=float(options.get("bulk_max_wait_s", math.inf)),
     )
     batcher.start()
     return batcher
@@ -549,4 +550,59 @@ async def test_the_share_is_not_saved_up_while_no_bulk_work_waits() -> None:
     batcher.cost = measured_line(0.0, 0.1)
     assert await interactive_waves(batcher, model, waves=4, bulk_items=0) == [0, 0, 0, 0]
     assert await interactive_waves(batcher, model, waves=1, bulk_items=4) == [1]
+    await batcher.close(5)
+
+
+async def other_traffic(
+    batcher: DynamicBatcher[int, str, int], model: SteppedModel, bulk_items: int, most_waves: int
+) -> list[asyncio.Future[int]]:
+    """Bulk items of group "b" queued behind a batch on the model, then waves of four interactive
+    requests of group "a", each queued while the one before runs, until a "b" batch runs or after
+    ``most_waves``. Returns every request's future (the batch on the model still held)."""
+    futures = [asyncio.ensure_future(batcher.submit(0, "a"))]
+    await eventually(lambda: len(model.calls) == 1, 10, "the first batch on the model")
+    futures += [
+        asyncio.ensure_future(batcher.submit(i, "b", priority=BULK)) for i in range(100, 100 + bulk_items)
+    ]
+    await eventually(lambda: batcher.bulk_depth == bulk_items, 10, "the bulk items queued")
+    for wave in range(1, most_waves + 1):
+        futures += [asyncio.ensure_future(batcher.submit(10 * wave + i, "a")) for i in range(1, 5)]
+        await eventually(lambda: batcher.depth == 4, 10, "the wave queued")
+        await model.step(len(model.calls) + 1)
+        if model.calls[-1][1] == "b":
+            break
+    return futures
+
+
+async def answer_all(model: SteppedModel, futures: list[asyncio.Future[int]]) -> None:
+    model.permits.release(100)
+    await asyncio.wait_for(asyncio.gather(*futures), 30)
+    model.permits = threading.Semaphore(0)  # all answered: the spare permits go
+
+
+async def test_bulk_work_of_other_options_gets_a_small_turn_amid_steady_traffic() -> None:
+    # Steady traffic of group "a" never leaves room for bulk work of group "b" (other options: a
+    # quality gate's, a job of other beams). Once it has waited bulk_max_wait, one bulk batch of
+    # max_bulk_batch_size goes between two interactive ones; the interactive wave queued meanwhile
+    # goes next, though bulk work still waits (its wait starts again).
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=4, max_bulk_batch_size=2, bulk_max_wait_s=0.05)
+    futures = await other_traffic(batcher, model, bulk_items=5, most_waves=2000)
+    groups = [group for _, group in model.calls]
+    assert groups[-1] == "b" and len(model.calls[-1][0]) == 2 and set(groups[:-1]) == {"a"}
+    await model.step(len(model.calls) + 1)
+    assert model.calls[-1][1] == "a"  # the queued wave, not the 3 bulk items still waiting
+    await answer_all(model, futures)
+    assert sorted(item for items, group in model.calls if group == "b" for item in items) == list(
+        range(100, 105)
+    )
+    await batcher.close(5)
+
+
+async def test_without_a_longest_wait_bulk_work_of_other_options_waits_for_calm() -> None:
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=4, max_bulk_batch_size=2)
+    futures = await other_traffic(batcher, model, bulk_items=2, most_waves=30)
+    assert {group for _, group in model.calls} == {"a"}
+    await answer_all(model, futures)
     await batcher.close(5)
