@@ -113,7 +113,7 @@ async def _gate(
     outcome.events += [e for e in reconciled.events if e.reason in CHECK_REPORTS]
     if result.verdict != "error" or gate.is_new_problem(state.gate, result):
         make, reason = DECISION_EVENTS[outcome.decision.kind]
-        outcome.events.append(make(reason, result.message))
+        outcome.events.append(make(Reason(result.gate.reason or reason), result.message))
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     tools.metrics.record_gate(namespace, name, state.version, result)
     if result.verdict == "failed":

@@ -19,6 +19,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from captionfleet.exits import exit_on
+    from captionfleet.operator.operator_key import OperatorKeyError
     from captionfleet.operator.runner import run_operator
     from captionfleet.operator.settings import OperatorSettings
 
@@ -27,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if settings.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(run_operator(settings))
+    with exit_on("operator", OperatorKeyError):  # raised at startup, before kopf runs
+        asyncio.run(run_operator(settings))
     return 0

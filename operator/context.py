@@ -75,7 +75,7 @@ class OperatorContext:
         async def version_pods(namespace: str, service: str) -> list[str]:
             return await kube.ready_endpoints(namespace, service, names.HTTP_PORT_NAME)
 
-        gate = GateClients(clients.http, version_pods)
+        gate = GateClients(clients.http, version_pods, self.config.operator_key)
         return Tools(kube, self.config, clients.figures, clients.metrics, gate)
 
     def polling(self) -> Polling:

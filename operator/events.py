@@ -34,6 +34,7 @@ class Reason(StrEnum):
     QUALITY_GATE_PASSED = "QualityGatePassed"
     QUALITY_GATE_FAILED = "QualityGateFailed"
     QUALITY_GATE_ERROR = "QualityGateError"
+    NO_OPERATOR_KEY = "NoOperatorKey"  # spec.auth, and the operator has no key to pass it with
     # Scale to zero (coldstart.py): a version went to 0 pods, is woken by held requests, is ready again.
     SCALED_TO_ZERO = "ScaledToZero"
     WAKING = "Waking"

@@ -9,18 +9,20 @@ the canary (and, with ``maxDrop``, through the stable version) and scores both w
 - ``minScore`` or ``maxDrop`` missed, or the run took longer than ``timeout``: the gate ``Failed``, and
   the canary is rolled back (weight 0, reason ``QualityGateFailed``) before any client request reached it;
 - the run could not be made (the dataset's ConfigMap missing or malformed, no ready stable pod to compare
-  with): the gate stays unjudged (``Error``), the canary still gets nothing, and the next check tries
-  again; a Warning Event is posted when the problem is new.
+  with, ``spec.auth`` without an operator key: ``NoOperatorKey``): the gate stays unjudged (``Error``),
+  the canary still gets nothing, and the next check tries again; a Warning Event is posted when the
+  problem is new.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from captionfleet.operator.events import Reason
 from captionfleet.operator.spec import QualityGate
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ REASONS: dict[GatePhase, str] = {
     "Failed": "QualityGateFailed",
     "Error": "QualityGateError",
 }
+# Why an unjudged gate did not run, where more precise than "Error" (the condition's and Event's reason).
+NO_OPERATOR_KEY = Reason.NO_OPERATOR_KEY.value
 
 
 class GateState(BaseModel):
@@ -53,6 +57,14 @@ class GateState(BaseModel):
     seconds: float | None = Field(default=None, description="How long the run took.")
     time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     message: str = ""
+    reason: str | None = Field(
+        default=None,
+        description="Why the gate could not run, where more precise than its phase (NoOperatorKey).",
+    )
+
+    def condition_reason(self) -> str:
+        """The reason of the QualityGate condition (and of the run's Event)."""
+        return self.reason or REASONS[self.phase]
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,16 @@ def unjudged(spec: QualityGate, version: str, why: str, now: str) -> GateOutcome
     )
     gate = pending(spec).model_copy(update={"phase": "Error", "time": now, "message": message})
     return GateOutcome("error", gate, message)
+
+
+def no_operator_key(spec: QualityGate, version: str, now: str) -> GateOutcome:
+    """spec.auth without an operator key: the pods would refuse every request, so none is sent."""
+    why = (
+        "spec.auth is set and the operator has no key of its own to call the pods with (its "
+        "--operator-key-file; the chart's operatorKey), and it never reads the auth Secret"
+    )
+    outcome = unjudged(spec, version, why, now)
+    return replace(outcome, gate=outcome.gate.model_copy(update={"reason": NO_OPERATOR_KEY}))
 
 
 def apply(state: CanaryState, outcome: GateOutcome) -> CanaryState:

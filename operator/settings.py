@@ -44,6 +44,13 @@ class OperatorSettings:
         "Figures source of the rollout analysis: a Prometheus server holding the routers' metrics "
         "(scraped by the chart's ServiceMonitor). Empty: ask every router pod (GET /v1/router/stats).",
     )
+    operator_key_file: str = setting(
+        "",
+        "File holding the operator's master secret (at least 32 characters; the chart mounts it from a "
+        "Secret it makes). From it the operator derives one API key per CaptionModel, whose digest it "
+        "gives the runtimes of fleets with spec.auth, so the quality gate can caption through them. "
+        "Empty: none, and a quality gate of a CaptionModel with spec.auth waits (NoOperatorKey).",
+    )
     peering: str = setting(
         "captionfleet",
         "Name of the KopfPeering (or ClusterKopfPeering when watching the whole cluster) used for "

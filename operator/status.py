@@ -18,7 +18,7 @@ from pydantic.alias_generators import to_camel
 from captionfleet.operator.cascade import CascadeStatus
 from captionfleet.operator.coldstart import ColdState, iso
 from captionfleet.operator.events import Reason
-from captionfleet.operator.gate import REASONS, GateState
+from captionfleet.operator.gate import GateState
 from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.traffic import Role, Share
@@ -408,7 +408,7 @@ def _rolled_back(rollout: CanaryState | None, cond: Callable[..., Condition]) ->
 
 def _quality_gate(gate: GateState, cond: Cond) -> Condition:
     """True once the canary's quality gate has passed; its last run's scores in the message."""
-    return cond("QualityGate", gate.phase == "Passed", REASONS[gate.phase], gate.message)
+    return cond("QualityGate", gate.phase == "Passed", gate.condition_reason(), gate.message)
 
 
 def invalid_status(

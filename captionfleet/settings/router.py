@@ -114,8 +114,8 @@ class RouterSettings(EdgeSettings):
     )
     shadow_max_answer_bytes: int = setting(
         64 * 1024,
-        "Largest caption answer the router parses for its caption and confidence (shadow comparison, "
-        "confidence figures); a larger one is relayed unparsed.",
+        "Largest caption answer (a single one, or a whole batch's) the router parses for its captions "
+        "and confidences (shadow comparison, confidence figures); a larger one is relayed unparsed.",
     )
     cold_start_max_held: int = setting(
         100,

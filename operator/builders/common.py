@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from captionfleet import names
 from captionfleet.names import COMPONENT_LABEL, MANAGED_BY_LABEL, MANAGER, MODEL_LABEL, VERSION_LABEL
+from captionfleet.operator.operator_key import OperatorKey
 from captionfleet.operator.rollout import CanaryState
 from captionfleet.operator.settings import OperatorSettings
 from captionfleet.operator.spec import CaptionModelSpec, ModelVersion
@@ -31,14 +32,17 @@ class ClusterConfig:
     pull_policy: str
     queue_depth_metric: str
     prometheus_url: str
+    operator_key: OperatorKey | None = None  # the quality gate's way past spec.auth (operator_key.py)
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> ClusterConfig:
+        """Raises OperatorKeyError when the operator key file cannot be used."""
         return cls(
             default_image=settings.default_runtime_image,
             pull_policy=settings.image_pull_policy,
             queue_depth_metric=settings.queue_depth_metric,
             prometheus_url=settings.prometheus_url,
+            operator_key=OperatorKey.load(settings.operator_key_file),
         )
 
 

@@ -52,6 +52,8 @@ RUNTIME_ENV: dict[str, str] = {
     "style": "generation.style (only when set)",
     "redis_url": "cache.redisUrl, or the Secret key cache.redisUrlSecret (secretKeyRef; only with a cache)",
     "api_keys_file": "/etc/captionfleet/auth/<auth.key> (only with auth)",
+    "api_keys": "sha256:<digest of the operator's key for this CaptionModel> (only with auth and an "
+    "operator key): the quality gate's requests; merged with the keys file",
     "jobs_redis_url": "the Secret key jobs.redisUrlSecret (secretKeyRef; only with jobs)",
     "jobs_stream": "captionfleet:jobs:<namespace>:<CaptionModel>:<version> (only with jobs): each version "
     "its own stream, watched by KEDA's redis-streams trigger too",
@@ -128,7 +130,17 @@ def _optional_serve_settings(ctx: FleetContext, version: ModelVersion) -> list[d
         )
     if spec.auth is not None:
         env += env_entries(ServeSettings, api_keys_file=f"{AUTH_MOUNT}/{spec.auth.key}")
+        env += operator_key_entries(ctx)
     return env
+
+
+def operator_key_entries(ctx: FleetContext) -> list[dict[str, Any]]:
+    """The digest of the operator's key for this CaptionModel as one more runtime key (the runtime
+    merges ``api_keys`` with the keys file); nothing without an operator key. Never the key itself."""
+    key = ctx.config.operator_key
+    if key is None:
+        return []
+    return env_entries(ServeSettings, api_keys=(key.digest_for(ctx.namespace, ctx.name),))
 
 
 def cache_entries(cls: type[Any], spec: CaptionModelSpec) -> list[dict[str, Any]]:

@@ -13,8 +13,6 @@ use the contract's JSON error body (``errors.py``); a runtime's answers are rela
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import random
 import time
@@ -23,9 +21,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
+from captionfleet.runtime.router.answers import AnswerObserver
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.cascade import Cascade
 from captionfleet.runtime.router.coldstart import ColdStarts
@@ -33,21 +31,15 @@ from captionfleet.runtime.router.errors import DOMAIN_STATUSES, BadUpstreamRespo
 from captionfleet.runtime.router.jobs import JobRoutes
 from captionfleet.runtime.router.kube import KubeAccess
 from captionfleet.runtime.router.metrics import NO_VERSION, RouterMetrics
-from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, forwarded_headers
+from captionfleet.runtime.router.proxy import Forwarder, Outgoing, UpstreamAnswer, outgoing_of
 from captionfleet.runtime.router.repeats import RouterRepeats
-from captionfleet.runtime.router.shadow import (
-    SHADOW_PATH,
-    SHADOW_REQUEST_ID_SUFFIX,
-    CopyOutcome,
-    Shadower,
-    parse_caption,
-)
+from captionfleet.runtime.router.shadow import Shadower
 from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, Version
 from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
-from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID
+from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
@@ -86,12 +78,7 @@ class Router:
         )
         self.draining = False
         self._forwarder: Forwarder | None = None
-        self.shadower = Shadower(
-            settings.shadow_max_in_flight,
-            self._copy_ended,
-            self._copy_dropped,
-            answer_limit=settings.shadow_max_answer_bytes,
-        )
+        self.answers = AnswerObserver(settings, self.stats, self.metrics, self.rng, lambda: self.forwarder)
         self.cascade = Cascade.of(self, RouterStats(settings.stats_window_s, clock, settings.stats_max_slots))
         holder.on_change(self.cascade.table_changed)
         holder.on_change(self._table_changed)
@@ -128,6 +115,11 @@ class Router:
         self.metrics.ready.set(0)
 
     @property
+    def shadower(self) -> Shadower:
+        """The bounded background copier of shadow traffic (``answers.py``)."""
+        return self.answers.shadower
+
+    @property
     def forwarder(self) -> Forwarder:
         if self._forwarder is None:
             raise RuntimeError("the router's HTTP client is not started")
@@ -151,56 +143,18 @@ class Router:
         if self.cascade.plan is not None:
             return await self.cascade.answer(request, body, sticky, bulk)
         version = self.pick(request, sticky, bulk=bulk)
+        return await self.relay_caption(request, version, body, bulk, self.holder.table)
+
+    async def relay_caption(
+        self, request: web.Request, version: Version, body: bytes, bulk: bool, table: RoutingTable
+    ) -> web.StreamResponse:
+        """``version``'s answer to a caption request (``table``: where it was picked from); an
+        interactive 200 answer is observed (confidence, shadow copies: ``answers.py``)."""
         reply = self.sent_to(version, self.buffered, caption_arrived=request[ARRIVED])
         response = await self.route(request, version, body, request.rel_url.raw_path_qs, reply, bulk)
-        if not bulk and request.path == SHADOW_PATH and response.status == 200:
-            self.observe_caption(request, version, body, response)
+        if not bulk and isinstance(response, web.Response) and isinstance(response.body, bytes):
+            self.answers.answered(table, version, outgoing_of(request, body), response.status, response.body)
         return response
-
-    def observe_caption(
-        self, request: web.Request, version: Version, body: bytes, response: web.StreamResponse
-    ) -> None:
-        """A 200 caption answer of ``version``: its confidence counted, and a shadow copy of the
-        request sent in the background to a mirrored canary for its share of requests (shadow.py)."""
-        answer = response.body if isinstance(response, web.Response) else None
-        limit = self.settings.shadow_max_answer_bytes
-        caption = parse_caption(answer, limit) if isinstance(answer, bytes) else None
-        if caption is None:
-            return
-        if caption.confidence is not None:
-            self.stats.record_confidence(version.name, caption.confidence)
-            self.metrics.confidence.labels(version=version.name).observe(caption.confidence)
-        target = self.holder.table.mirror_target()
-        if target is None or target.name == version.name or self.rng.random() * 100 >= target.mirror:
-            return
-        outgoing = Outgoing(
-            request.method,
-            request.rel_url.raw_path_qs,
-            forwarded_headers(request.headers, request.remote),
-            body,
-            request[REQUEST_ID] + SHADOW_REQUEST_ID_SUFFIX,
-            time.monotonic() + self.settings.shadow_timeout_ms / 1000,
-        )
-        send = functools.partial(self._send_copy, target, outgoing)
-        self.shadower.offer(target.name, caption.text, outgoing.headers, send)
-
-    async def _send_copy(
-        self, target: Version, outgoing: Outgoing, headers: CIMultiDict[str]
-    ) -> tuple[int, bytes]:
-        self.metrics.shadow_in_flight.inc()
-        try:
-            answer = await self.forwarder.forward(target, dataclasses.replace(outgoing, headers=headers))
-        finally:
-            self.metrics.shadow_in_flight.dec()
-        return answer.status, answer.body
-
-    def _copy_ended(self, outcome: CopyOutcome) -> None:
-        self.stats.record_copy(outcome)
-        self.metrics.copy_ended(outcome)
-
-    def _copy_dropped(self, version: str) -> None:
-        self.stats.record_copy_dropped(version)
-        self.metrics.shadow_dropped.labels(version=version).inc()
 
     async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
         """The API key checked and the whole body read (once, through the edge's budget: it may be sent
@@ -250,24 +204,16 @@ class Router:
             self.stats.touch(version.name)
         self.metrics.in_flight.inc()
         try:
-            outgoing = Outgoing(
-                request.method,
-                path_qs,
-                forwarded_headers(request.headers, request.remote),
-                body,
-                request[REQUEST_ID],
-                request[DEADLINE],
-            )
-            response = await reply(outgoing, on_retry)
+            response = await reply(outgoing_of(request, body, path_qs), on_retry)
         except EdgeError as exc:
-            self._count(version.name, exc.status, error_kind(exc), arrived, retries, bulk)
+            self.count_answer(version.name, exc.status, error_kind(exc), arrived, retries, bulk)
             return reply_for(exc, DOMAIN_STATUSES).response(
                 request[REQUEST_ID], {ROUTED_VERSION_HEADER: version.name}
             )
         finally:
             self.metrics.in_flight.dec()
         error = "status_5xx" if response.status >= 500 else None
-        self._count(version.name, response.status, error, arrived, retries, bulk)
+        self.count_answer(version.name, response.status, error, arrived, retries, bulk)
         return response
 
     def sent_to(
@@ -305,9 +251,12 @@ class Router:
 
         return reply
 
-    def _count(
+    def count_answer(
         self, version: str, status: int, error: str | None, arrived: float, retries: int, bulk: bool
     ) -> None:
+        """One answer of ``version`` (``status``; ``error``: its kind when it counts against the
+        version) to a request that arrived at monotonic ``arrived`` after ``retries`` second attempts:
+        in the version's live figures and metrics, or only as bulk (never part of its analysis)."""
         if bulk:
             self.stats.record_bulk(version)
             self.metrics.bulk_requests.labels(version=version, code=str(status)).inc()
@@ -375,7 +324,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         app[ROUTER].attach(session)
         log.info("router started", extra={"source": settings.source()})
         yield
-        await app[ROUTER].shadower.close()  # copies still out, before the HTTP client they use
+        await app[ROUTER].answers.close()  # copies still out, before the HTTP client they use
         await app[ROUTER].balancer.close()  # its probes, before the HTTP client they use
         repeats = app[ROUTER].repeats
         if repeats is not None:

@@ -24,8 +24,11 @@ One request:
    answer had no OOD score). ``model_version`` (and ``X-Routed-Version``) says who answered.
 
 Each hop counts in its version's figures as a request of its own (the rollout analysis of a canary in
-either tier sees its own requests); the cascade's figures (escalations, per-tier hop latency) are
-kept apart in ``CascadeFigures``.
+either tier sees its own requests), and each hop's 200 caption answer is observed like a plain
+request's (``answers.py``): its confidence counts for the version that answered it, and a canary of
+that tier in its shadow phase gets a copy of the request as sent to the tier, compared with that
+tier's caption (a fast-tier canary sees every request, a quality-tier one the escalations). The
+cascade's figures (escalations, per-tier hop latency) are kept apart in ``CascadeFigures``.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ from aiohttp import web
 
 from captionfleet.names import ROUTED_VERSION_HEADER
 from captionfleet.runtime.router.errors import BadUpstreamResponse, error_kind
-from captionfleet.runtime.router.proxy import Outgoing, UpstreamAnswer, forwarded_headers
+from captionfleet.runtime.router.proxy import Outgoing, UpstreamAnswer, outgoing_of
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, TableError, Version
-from captionfleet.runtime.web.context import DEADLINE, REQUEST_ID
+from captionfleet.runtime.web.context import REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, reply_for
 from captionfleet.settings.router import RouterSettings
 
@@ -233,18 +236,11 @@ class Cascade:
         router = self.router
         fast = self._pick("fast", sticky)
         if fast is None:  # no fast version can take traffic: the quality tier answers alone
-            fast = self._pick("quality", sticky) or router.pick(request, sticky, bulk=bulk)
-            return await router.route(
-                request, fast, body, request.rel_url.raw_path_qs, router.buffered(fast), bulk
-            )
-        outgoing = Outgoing(
-            request.method,
-            request.rel_url.raw_path_qs,
-            forwarded_headers(request.headers, request.remote),
-            body,
-            request[REQUEST_ID],
-            request[DEADLINE],
-        )
+            alone, table = self._pick("quality", sticky), self.tiers["quality"]
+            if alone is None:
+                alone, table = router.pick(request, sticky, bulk=bulk), router.holder.table
+            return await router.relay_caption(request, alone, body, bulk, table)
+        outgoing = outgoing_of(request, body)
         first = await self._hop("fast", fast, outgoing, bulk)
         if first.error is not None or first.answer is None or first.answer.status != 200:
             return self._reply(request, first, None)
@@ -280,7 +276,9 @@ class Cascade:
         return self._reply(request, second, _marker(second.parsed, escalated=True, fast=first.parsed))
 
     async def _hop(self, tier: str, version: Version, outgoing: Outgoing, bulk: bool) -> _Hop:
-        """One tier's answer, counted in its version's figures and the tier's."""
+        """One tier's answer, counted in its version's figures and the tier's; a 200 caption answer
+        to an interactive request observed as any other (confidence, shadow copies of the tier's
+        mirrored canary: ``answers.py``)."""
         router = self.router
         started = time.monotonic()
         retries = 0
@@ -303,9 +301,11 @@ class Cascade:
         finally:
             router.metrics.in_flight.dec()
         hop.latency_ms = (time.monotonic() - started) * 1000
-        router._count(version.name, status, kind, started, retries, bulk)
+        router.count_answer(version.name, status, kind, started, retries, bulk)
         self.figures.hop(tier, hop.latency_ms, ok=status < 500 and (status != 200 or hop.parsed is not None))
         router.metrics.cascade_hop_latency.labels(tier=tier).observe(hop.latency_ms / 1000)
+        if hop.parsed is not None and hop.answer is not None and not bulk:
+            router.answers.answered(self.tiers[tier], version, outgoing, status, hop.answer.body)
         if status == 200 and hop.parsed is None:
             hop.answer = None  # a 200 that is no caption JSON: treated as the tier failing
             hop.error = None

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aiohttp
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from captionfleet.names import REQUEST_ID_HEADER, TIMEOUT_HEADER
 from captionfleet.runtime.router.balancer import Balancer as Balancer
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from captionfleet.runtime.router.table import Version
+from captionfleet.runtime.web.context import DEADLINE, REQUEST_ID
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +73,19 @@ class Outgoing:
     body: bytes
     request_id: str
     deadline: float  # monotonic seconds: the budget of both attempts
+
+
+def outgoing_of(request: web.Request, body: bytes, path_qs: str | None = None) -> Outgoing:
+    """The client's request as the router sends it on: its path (or ``path_qs``), the forwarded
+    headers, ``body`` (read by the edge), its request id and deadline."""
+    return Outgoing(
+        request.method,
+        request.rel_url.raw_path_qs if path_qs is None else path_qs,
+        forwarded_headers(request.headers, request.remote),
+        body,
+        request[REQUEST_ID],
+        request[DEADLINE],
+    )
 
 
 @dataclass(frozen=True)

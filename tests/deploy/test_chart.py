@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,7 @@ def test_optional_parts_are_off_by_default(render: Render) -> None:
         "ClusterRoleBinding",
         "Deployment",
         "ClusterKopfPeering",
+        "Secret",  # the operator's master key (operatorKey): on by default
     }
 
 
@@ -250,3 +252,38 @@ def test_versions_agree_across_package_chart_and_images(render: Render) -> None:
     env = {v["name"]: v["value"] for v in container["env"]}
     # Installing the chart without values runs the same runtime image the operator defaults to.
     assert env["CAPTIONFLEET_DEFAULT_RUNTIME_IMAGE"] == DEFAULT_RUNTIME_IMAGE
+
+
+def _operator_key_file(rendered: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, Any] | None]:
+    """The operator's key file setting, and the Secret volume that puts a file there (None: none)."""
+    pod = rendered.one("Deployment")["spec"]["template"]["spec"]
+    container = _operator_container(rendered)
+    path = _settings_from_env(container, monkeypatch).operator_key_file
+    for mount in container["volumeMounts"]:
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        if "secret" in volume and path.startswith(mount["mountPath"] + "/"):
+            [item] = volume["secret"]["items"]
+            assert mount["readOnly"] is True and path == f"{mount['mountPath']}/{item['path']}"
+            return path, volume["secret"]
+    return path, None
+
+
+def test_the_operator_gets_a_random_master_key_mounted_from_a_secret_of_its_own(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered = render(None)
+    path, volume = _operator_key_file(rendered, monkeypatch)
+    assert path and volume is not None
+    secret = rendered.one("Secret", "-operator-key")
+    assert volume["secretName"] == secret["metadata"]["name"] == "cf-captionfleet-operator-key"
+    key = base64.b64decode(secret["data"][volume["items"][0]["key"]]).decode()
+    assert len(key) == 64 and key.isalnum()
+
+
+def test_an_existing_operator_key_secret_or_none(render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    rendered = render({"operatorKey": {"enabled": True, "existingSecret": "platform-operator-key"}})
+    _, volume = _operator_key_file(rendered, monkeypatch)
+    assert volume is not None and volume["secretName"] == "platform-operator-key"
+    assert not rendered.of_kind("Secret")
+    rendered = render({"operatorKey": {"enabled": False, "existingSecret": ""}})
+    assert _operator_key_file(rendered, monkeypatch) == ("", None) and not rendered.of_kind("Secret")

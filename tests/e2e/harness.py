@@ -4,7 +4,8 @@
 polls the Deployments stored in the emulator and, for each with replicas > 0, runs the container's
 command (``captionfleet serve`` or ``captionfleet router``) as a real process on a free loopback port,
 with the container's environment (the few things only a cluster provides are translated: the
-listening address, the image's model folder, the service account as a kubeconfig). A process that
+listening address, the image's model folder, the service account as a kubeconfig, Secret volumes as
+files in the pod's folder). A process that
 answers ``/readyz`` is published as an EndpointSlice of every Service selecting its pod, and the
 Deployment's status counts it ready. Scaled down or deleted: unpublished first, then stopped.
 
@@ -16,6 +17,7 @@ through the router for many user ids, each user's requests one after the other, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 # What the runtime image holds at /opt/captionfleet/models (Dockerfile.runtime): the bundled models.
 IMAGE_PATHS = {"/opt/captionfleet/models": str(REPO / "runtime" / "models")}
 DEPLOYMENTS = "apps/v1/deployments"
+SECRETS = "v1/secrets"
 SERVICES = "v1/services"
 SLICES_PATH = "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
 POLL_S = 0.05
@@ -184,8 +187,8 @@ def _container_env(container: Mapping[str, Any], namespace: str) -> dict[str, st
     return env
 
 
-def _map_path(path: str) -> str:
-    for inside, outside in IMAGE_PATHS.items():
+def _map_path(path: str, mounts: Mapping[str, str] | None = None) -> str:
+    for inside, outside in {**IMAGE_PATHS, **(mounts or {})}.items():
         if path == inside or path.startswith(inside + "/"):
             return outside + path[len(inside) :]
     return path
@@ -214,9 +217,6 @@ class Kubelet:
         # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
         # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
         self.start_delays: dict[str, float] = {}
-        # Deployment name -> variables added to its containers' environment (what a test needs and
-        # the CRD does not set, e.g. a longer request deadline than a loaded machine's cold start).
-        self.extra_env: dict[str, dict[str, str]] = {}
         self._reported: dict[str, tuple[Any, ...]] = {}
         self._counter = 0
         self._http: aiohttp.ClientSession | None = None
@@ -302,10 +302,10 @@ class Kubelet:
         pod_name = f"{deployment_name}-{template_hash[:5]}-{self._counter}"
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
-        env.update(_container_env(container, self.namespace))
-        env.update(self.extra_env.get(deployment_name, {}))
         home = self.workdir / pod_name
         home.mkdir(parents=True, exist_ok=True)
+        mounts = self._secret_volumes(template["spec"], container, home)
+        env.update({k: _map_path(v, mounts) for k, v in _container_env(container, self.namespace).items()})
         env.update(
             CAPTIONFLEET_HOST="127.0.0.1",
             CAPTIONFLEET_PORT=str(port),
@@ -328,6 +328,27 @@ class Kubelet:
         self.started[deployment_name] = self.started.get(deployment_name, 0) + 1
         pod.task = asyncio.create_task(self._become_ready(pod))
         return pod
+
+    def _secret_volumes(
+        self, pod_spec: Mapping[str, Any], container: Mapping[str, Any], home: Path
+    ) -> dict[str, str]:
+        """Write the container's Secret volumes into the pod's folder, as the kubelet mounts them
+        (the listed items, else every key): mount path -> that folder."""
+        sources = {v["name"]: v["secret"] for v in pod_spec.get("volumes") or [] if "secret" in v}
+        mounts: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            source = sources.get(mount["name"])
+            if source is None:
+                continue
+            secret = self.api.live(SECRETS, self.namespace, source["secretName"])
+            assert secret is not None, f"the e2e kubelet cannot mount the missing {source['secretName']}"
+            data = secret.get("data") or {}
+            folder = home / "volumes" / mount["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for item in source.get("items") or [{"key": key, "path": key} for key in data]:
+                (folder / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+            mounts[mount["mountPath"]] = str(folder)
+        return mounts
 
     async def _become_ready(self, pod: Pod) -> None:
         assert self._http is not None
@@ -539,8 +560,17 @@ class Traffic:
     ``rate_per_s / workers`` requests per second (paced, so a slow fleet is not flooded).
     """
 
-    def __init__(self, url: str, users: list[str], images: list[bytes], rate_per_s: float, workers: int = 8):
+    def __init__(
+        self,
+        url: str,
+        users: list[str],
+        images: list[bytes],
+        rate_per_s: float,
+        workers: int = 8,
+        headers: Mapping[str, str] | None = None,  # on every request (e.g. X-API-Key)
+    ):
         self.url = url
+        self.headers = dict(headers or {})
         self.users = users
         self.images = images
         self.rate_per_s = rate_per_s
@@ -578,7 +608,7 @@ class Traffic:
             async with self._session.post(
                 self.url + "/v1/caption",
                 data=image,
-                headers={"Content-Type": "image/png", "X-User-Id": user},
+                headers={**self.headers, "Content-Type": "image/png", "X-User-Id": user},
             ) as response:
                 version = response.headers.get("X-Routed-Version")
                 body = await response.json(content_type=None)

@@ -78,6 +78,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "discovery.k8s.io/v1/endpointslices": {"kind": "EndpointSlice", "namespaced": True},
     "v1/serviceaccounts": {"kind": "ServiceAccount", "namespaced": True},
+    "v1/secrets": {"kind": "Secret", "namespaced": True},  # made by the tests; the kubelet mounts them
     "rbac.authorization.k8s.io/v1/roles": {"kind": "Role", "namespaced": True},
     "rbac.authorization.k8s.io/v1/rolebindings": {"kind": "RoleBinding", "namespaced": True},
 }
@@ -611,3 +612,16 @@ def one_pod_canary(
 def canary_model_fixture() -> Callable[..., dict[str, Any]]:
     """:func:`canary_model` for the tests below this folder."""
     return canary_model
+
+
+async def caption_peer(
+    caption: Callable[[aiohttp.web.Request], Any],
+) -> aiohttp.web.AppRunner:
+    """A runtime-shaped HTTP peer on a free loopback port: ``caption`` answers ``POST /v1/caption``
+    (the quality gate's tests; call ``cleanup()`` on the runner when done)."""
+    app = aiohttp.web.Application()
+    app.router.add_post("/v1/caption", caption)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner

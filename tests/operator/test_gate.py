@@ -16,6 +16,8 @@ from captionfleet.operator.spec import CaptionModelSpec, QualityGate, parse_spec
 from captionfleet.operator.status import fleet_status
 from captionfleet.operator.traffic import shares
 
+from .conftest import caption_peer
+
 NOW = "2024-01-01T00:00:00Z"
 
 
@@ -154,12 +156,7 @@ async def _runtime(captions: dict[bytes, str], seen: list[str]) -> web.AppRunner
         seen.append(request.headers.get("X-Priority", ""))
         return web.json_response({"caption": captions.get(await request.read(), "something else")})
 
-    app = web.Application()
-    app.router.add_post("/v1/caption", caption)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return await caption_peer(caption)
 
 
 async def test_one_run_scores_canary_and_stable_through_their_pods() -> None:
@@ -210,11 +207,7 @@ async def test_a_runtime_that_refuses_the_gate_is_no_verdict() -> None:
     async def refuse(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": "unauthorized", "message": "key"}}, status=401)
 
-    app = web.Application()
-    app.router.add_post("/v1/caption", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner = await caption_peer(refuse)
 
     async def pods(namespace: str, service: str) -> list[str]:
         return [f"http://127.0.0.1:{runner.addresses[0][1]}"]

@@ -251,6 +251,35 @@ async def test_a_pod_that_cannot_start_is_warned_once_and_no_secret_is_ever_read
     assert not any(kind == "Secret" for _, kind, _ in api.calls)
 
 
+async def test_a_quality_gate_with_auth_and_no_operator_key_waits_and_says_so_once() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    spec = copy.deepcopy(CANARY) | {"auth": {"secretName": "keys"}}
+    spec["rollout"]["qualityGate"] = {"minScore": 0.5}
+    await reconcile.reconcile(api, model(api, spec), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+    asked: list[str] = []
+
+    async def pods(namespace: str, service: str) -> list[str]:
+        asked.append(service)
+        return ["http://127.0.0.1:9"]
+
+    async with aiohttp.ClientSession() as http:
+        tools = analysis.Tools(api, CONFIG, source, OperatorMetrics(), gate_run.GateClients(http, pods))
+        first = await analysis.check_once(tools, NS, "fleet")
+        second = await analysis.check_once(tools, NS, "fleet")
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "NoOperatorKey")]
+    assert second.events == [] and asked == [] and source.reads == 0  # no pod asked, said once
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 100, "v2": 0}
+    assert (status["rollout"]["phase"], status["rollout"]["gate"]["reason"]) == (
+        "Progressing",
+        "NoOperatorKey",
+    )
+    condition = next(c for c in status["conditions"] if c["type"] == "QualityGate")
+    assert (condition["status"], condition["reason"]) == ("False", "NoOperatorKey")
+    assert "operator has no key" in condition["message"]
+
+
 async def test_a_quality_gate_that_cannot_read_its_configmap_says_so_once_and_keeps_the_canary_out() -> None:
     api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
     spec = copy.deepcopy(CANARY)

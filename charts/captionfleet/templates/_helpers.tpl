@@ -62,6 +62,15 @@ app.kubernetes.io/part-of: captionfleet
 file:///opt/captionfleet/models/scenes-blip-tiny
 {{- end }}
 
+{{/* The Secret holding the operator's master key (operatorKey), and where the operator reads it. */}}
+{{- define "captionfleet.operatorKeySecret" -}}
+{{- default (printf "%s-operator-key" (include "captionfleet.fullname" . | trunc 50 | trimSuffix "-")) .Values.operatorKey.existingSecret }}
+{{- end }}
+
+{{- define "captionfleet.operatorKeyFile" -}}
+{{- if .Values.operatorKey.enabled }}/etc/captionfleet/operator-key/operator-key{{ end }}
+{{- end }}
+
 {{/* The operator's options (OperatorSettings) the chart sets, as CAPTIONFLEET_* variables. */}}
 {{- define "captionfleet.operatorEnv" -}}
 CAPTIONFLEET_NAMESPACES: {{ include "captionfleet.watchNamespaces" . | quote }}
@@ -74,4 +83,5 @@ CAPTIONFLEET_LIVENESS: {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operat
 CAPTIONFLEET_METRICS: {{ printf "http://0.0.0.0:%d/metrics" (int .Values.operator.metricsPort) | quote }}
 CAPTIONFLEET_RESYNC_SECONDS: {{ .Values.operator.resyncSeconds | quote }}
 CAPTIONFLEET_VERBOSE: {{ .Values.operator.verbose | quote }}
+CAPTIONFLEET_OPERATOR_KEY_FILE: {{ include "captionfleet.operatorKeyFile" . | quote }}
 {{- end }}

@@ -58,6 +58,7 @@ class FakeRuntime:
     drop_job_answers: bool = False  # the connection is closed once a submission is read: no answer
     confidences: list[float] = field(default_factory=list)  # answered in turn, then 0.9
     answer_delay_s: float = 0.0  # a slow model: each caption takes this long
+    batch_results: list[dict[str, Any]] | None = None  # set: /v1/caption/batch answers these results
 
     async def create_job(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -116,6 +117,9 @@ class FakeRuntime:
             error = {"error": {"code": f"fake_{status}", "message": "scripted"}, "request_id": request_id}
             headers = {"Retry-After": "2"} if status in (429, 503) else {}
             return web.json_response(error, status=status, headers=headers)
+        if self.batch_results is not None and request.path == "/v1/caption/batch":
+            batch = {"results": self.batch_results, "model_version": self.version, "request_id": request_id}
+            return web.json_response(batch)
         return web.json_response(
             {
                 "caption": f"a caption by {self.version}",

@@ -153,3 +153,58 @@ cascade: {fast: [f], quality: [q], threshold: 0.6}
     }
     table = table_from_status(model, None, namespace="ml", service_port=8080)
     assert table.cascade == CascadePlan(("f",), ("q",), None)
+
+
+@pytest.mark.parametrize("tier", ["fast", "quality"])
+async def test_each_hop_counts_its_confidence_and_copies_to_the_mirrored_canary_of_its_tier(
+    start_runtime: Any, start_router: Any, eventually: Any, tier: str
+) -> None:
+    fast, quality = await start_runtime("fast"), await start_runtime("quality")
+    canary = await start_runtime(tier)  # captions as its tier's version does: agreement 1.0 with it
+    router = await start_router(routes=(f"fast={fast.url}", f"quality={quality.url}"))
+    versions = (
+        Version("fast", 50, "stable", (fast.url,)),
+        Version("quality", 50, "variant", (quality.url,)),
+        Version("next", 0, "canary", (canary.url,), mirror=100),
+    )
+    tiers = {"fast": ["fast"], "quality": ["quality"]}
+    tiers[tier].append("next")
+    table = with_cascade(RoutingTable(versions, "test"), {**tiers, "threshold": 0.5})
+    router.holder.publish(table)
+    fast.confidences = [0.9, 0.2, 0.8, 0.1]
+    quality.confidences = [0.7, 0.6]
+    for index in range(4):
+        headers = {"Content-Type": "image/png", "X-Request-Id": f"req-{index}"}
+        response = await router.caption(headers=headers, params={"suggestions": "2"})
+        assert response.status == 200
+        assert (await response.json())["model_version"] == ("quality" if index in (1, 3) else "fast")
+    bulk = {"Content-Type": "image/png", "X-Priority": "bulk"}
+    assert (await router.caption(headers=bulk)).status == 200
+    copied_ids = ["req-0", "req-1", "req-2", "req-3"] if tier == "fast" else ["req-1", "req-3"]
+
+    async def copied() -> bool:
+        return int((await router.figures("next"))["shadow"]["copies"]) == len(copied_ids)
+
+    await eventually(copied, timeout_s=10, what="every copy answered")
+    shadow = (await router.figures("next", "window"))["shadow"]
+    assert (shadow["errors"], shadow["dropped"], shadow["agreement"], shadow["token_overlap"]) == (
+        0,
+        0,
+        1.0,
+        1.0,
+    )
+    # Each copy is the request as sent to the tier: its path and query, body and id, marked bulk.
+    assert [r.headers["X-Request-Id"] for r in canary.received] == [f"{i}.shadow" for i in copied_ids]
+    assert all(r.path_qs == "/v1/caption?suggestions=2" for r in canary.received)
+    assert all(r.headers["X-Priority"] == "bulk" for r in canary.received)
+    assert all(r.body == b"\x89PNG fake image bytes" for r in canary.received)
+    # Each hop's confidence for the version that answered it (the bulk request's for none).
+    assert (await router.figures("fast"))["confidence"] == {"count": 4, "sum": 2.0, "mean": 0.5}
+    assert (await router.figures("quality"))["confidence"] == {"count": 2, "sum": 1.3, "mean": 0.65}
+    assert (await router.figures("next"))["requests"] == 0
+    samples = await router.scrape()
+    assert samples['captionfleet_router_answer_confidence_count{version="fast"}'] == 4
+    assert samples['captionfleet_router_answer_confidence_count{version="quality"}'] == 2
+    assert samples['captionfleet_router_shadow_copies_total{outcome="agree",version="next"}'] == len(
+        copied_ids
+    )

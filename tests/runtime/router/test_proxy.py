@@ -217,6 +217,17 @@ async def test_api_keys_are_checked_at_the_edge(start_runtime: Any, start_router
     assert response.status == 200 and runtime.received[-1].headers["X-API-Key"] == "s3cret"
 
 
+async def test_the_operators_reads_need_no_key(start_runtime: Any, start_router: Any) -> None:
+    """The analysis, shadow checks, demand poll and cascade figures read these without a key (the
+    operator holds none of the users' keys), so they work with spec.auth."""
+    runtime = await start_runtime("v1")
+    router = await start_router(routes=(f"v1={runtime.url}",), api_keys=("s3cret",))
+    for path in ("/v1/router/stats", "/v1/models"):
+        status, body = await router.get_json(path)
+        assert status == 200, (path, body)
+    assert (await router.caption()).status == 401
+
+
 async def test_no_routable_version(start_runtime: Any, start_router: Any) -> None:
     v1 = await start_runtime("v1")
     router = await start_router(routes=(f"v1={v1.url}",))

@@ -188,3 +188,84 @@ async def test_a_copy_that_times_out_counts_as_a_timeout(start_runtime: Any, sta
     await until(failed)
     samples = await router.scrape()
     assert samples['captionfleet_router_shadow_errors_total{kind="timeouts",version="v2"}'] == 1
+
+
+def batch_result(caption: str, confidence: float = 0.8) -> dict[str, Any]:
+    return {"caption": caption, "confidence": confidence, "suggestions": [], "cached": False}
+
+
+def failed_result(status: int) -> dict[str, Any]:
+    return {"error": {"code": f"fake_{status}", "message": "scripted"}, "status": status}
+
+
+async def test_a_batch_is_copied_and_compared_image_by_image_and_jobs_never_are(
+    start_runtime: Any, start_router: Any
+) -> None:
+    stable, canary = await start_runtime("v1"), await start_runtime("v2")
+    # The primary: image 1 failed (not compared); the canary: image 0 the same, 2 another caption,
+    # 3 failed on its side (an error), 4 a 4xx of its own (a disagreement).
+    stable.batch_results = [batch_result("a red circle", 0.6), failed_result(415)] + [
+        batch_result("a blue square", 0.4)
+    ] * 3
+    canary.batch_results = [
+        batch_result("A red circle."),
+        batch_result("anything"),
+        batch_result("a blue circle"),
+        failed_result(503),
+        failed_result(400),
+    ]
+    router = await start_router(routes=(f"v1={stable.url}",))
+    router.holder.publish(shadowed(stable.url, canary.url))
+    batch = {"data": b"five images", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}
+    response = await router.client.post(router.url + "/v1/caption/batch", **batch)
+    assert response.status == 200 and await response.json() == {
+        "results": stable.batch_results,
+        "model_version": "v1",
+        "request_id": response.headers["X-Request-Id"],
+    }
+    bulk = {"Content-Type": "multipart/form-data; boundary=x", "X-Priority": "bulk"}
+    assert (await router.client.post(router.url + "/v1/caption/batch", data=b"x", headers=bulk)).status == 200
+    job = await router.client.post(router.url + "/v1/jobs", json={"items": [{"url": "http://x/a.png"}]})
+    assert job.status == 202
+
+    async def copied() -> bool:
+        return int((await router.figures("v2"))["shadow"]["copies"]) == 4
+
+    await until(copied)
+    shadow = (await router.figures("v2"))["shadow"]
+    assert (shadow["errors"], shadow["compared"], shadow["exact_matches"]) == (1, 3, 1)
+    assert shadow["token_overlap"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3, abs=1e-6)
+    assert [r.path_qs for r in canary.received] == ["/v1/caption/batch"]  # no bulk batch, no job
+    assert canary.received[0].body == b"five images"
+    assert canary.received[0].headers["Content-Type"] == "multipart/form-data; boundary=x"
+    # The primary's answer counts each image's confidence, bulk ones none.
+    assert (await router.figures("v1"))["confidence"] == {"count": 4, "sum": 1.8, "mean": 0.45}
+    samples = await router.scrape()
+    outcomes = ("agree", "differ", "error")
+    copies = [
+        samples[f'captionfleet_router_shadow_copies_total{{outcome="{o}",version="v2"}}'] for o in outcomes
+    ]
+    assert copies == [1, 2, 1]
+
+
+async def test_a_copy_that_cannot_start_is_dropped_once_per_image_compared(
+    start_runtime: Any, start_router: Any
+) -> None:
+    stable, canary = await start_runtime("v1"), await start_runtime("v1")
+    stable.batch_results = [batch_result("a cat"), failed_result(415), batch_result("a dog")]
+    canary.hang = True
+    router = await start_router(
+        routes=(f"v1={stable.url}",), shadow_max_in_flight=1, shadow_timeout_ms=30_000
+    )
+    router.holder.publish(shadowed(stable.url, canary.url))
+    assert (await router.caption()).status == 200  # the one copy allowed: held by the canary
+
+    async def held() -> bool:
+        return len(canary.received) == 1
+
+    await until(held)
+    batch = await router.client.post(router.url + "/v1/caption/batch", data=b"x")
+    assert batch.status == 200
+    shadow = (await router.figures("v2"))["shadow"]
+    assert (shadow["copies"], shadow["dropped"]) == (0, 2)
+    canary.release.set()

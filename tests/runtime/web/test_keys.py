@@ -89,6 +89,8 @@ async def test_over_http_a_key_is_needed_and_checked(start_server, http, tmp_pat
                 assert body["error"]["code"] == "unauthorized"
     async with http.get(server.url + "/healthz") as response:  # probes stay open for the kubelet
         assert response.status == 200
+    async with http.get(server.url + "/v1/models") as response:  # the operator's cascade reads it
+        assert response.status == 200 and (await response.json())["models"]
 
 
 async def test_over_http_the_rate_limit_answers_429_with_retry_after(start_server, http) -> None:
