@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 
 from captionfleet import names
+from captionfleet.figures import quantile
 from captionfleet.operator import kube, reconcile, validation
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.cascade import (
@@ -33,7 +34,6 @@ from captionfleet.operator.cascade import (
     threshold_from_calibration,
 )
 from captionfleet.operator.events import Event, Reason
-from captionfleet.operator.figures import quantile
 from captionfleet.operator.spec import CaptionModelSpec, seconds
 
 log = logging.getLogger(__name__)

@@ -21,30 +21,17 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from captionfleet.figures import ShadowCounts, quantile
+
 TIMEOUT_S = 5.0
 Endpoints = Callable[[str, str], Awaitable[list[str]]]  # (namespace, service) -> base URLs
 
 
-@dataclass(frozen=True)
-class ShadowFigures:
+@dataclass(slots=True)
+class ShadowFigures(ShadowCounts):
     """The copies a version got in its shadow phase over the window, summed over every router."""
 
-    copies: int = 0
-    errors: int = 0
-    dropped: int = 0
-    compared: int = 0
-    exact: int = 0
-    overlap_sum: float = 0.0
     p99_ms: float | None = None
-
-    @property
-    def agreement(self) -> float | None:
-        """Share of the compared copies whose caption was the primary's (after normalisation)."""
-        return self.exact / self.compared if self.compared else None
-
-    @property
-    def token_overlap(self) -> float | None:
-        return self.overlap_sum / self.compared if self.compared else None
 
     def as_live(self) -> Figures:
         """The copies as request figures (the error rate and p99 checks read these)."""
@@ -94,22 +81,6 @@ class Source(Protocol):
     ) -> Reading: ...
 
 
-def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float | None:
-    """The q-quantile from a histogram (``counts`` has one more slot than ``bounds``: above the last)."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank, seen = q * total, 0
-    for index, count in enumerate(counts):
-        if count and seen + count >= rank:
-            lower = bounds[index - 1] if index > 0 else 0.0
-            if index == len(bounds):
-                return float(lower)
-            return float(lower + (bounds[index] - lower) * (rank - seen) / count)
-        seen += count
-    return float(bounds[-1])
-
-
 class _Histogram:
     """Latency counts added up over routers; percentiles only when every router used the same bounds."""
 
@@ -137,28 +108,18 @@ def _counts(figures: Mapping[str, Any]) -> list[int]:
 
 def _sum_shadow(windows: Sequence[tuple[list[float], Mapping[str, Any]]]) -> ShadowFigures | None:
     """The shadow figures of one version over its routers' windows; None when no router has any."""
-    totals = dict.fromkeys(("copies", "errors", "dropped", "compared", "exact_matches"), 0)
-    overlap, latency, seen = 0.0, _Histogram(), False
+    summed, latency, seen = ShadowFigures(), _Histogram(), False
     for bounds, window in windows:
         shadow = window.get("shadow")
         if not isinstance(shadow, Mapping):
             continue
         seen = True
-        for name in totals:
-            totals[name] += int(shadow.get(name) or 0)
-        overlap += float(shadow.get("token_overlap_sum") or 0.0)
+        summed.add_json(shadow)
         latency.add(bounds, _counts(shadow))
     if not seen:
         return None
-    return ShadowFigures(
-        copies=totals["copies"],
-        errors=totals["errors"],
-        dropped=totals["dropped"],
-        compared=totals["compared"],
-        exact=totals["exact_matches"],
-        overlap_sum=overlap,
-        p99_ms=latency.p99(),
-    )
+    summed.p99_ms = latency.p99()
+    return summed
 
 
 def sum_router_stats(bodies: Sequence[Mapping[str, Any]], version: str) -> Figures:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import aiohttp
@@ -150,84 +152,68 @@ class _Step(Protocol):
     model: dict[str, Any] | None
 
 
-async def _loop(
+def analyse_rollout(memo: OperatorContext, namespace: str, name: str) -> Awaitable[_Step]:
+    """One check of the canary every rollout.analysis.interval while one is in rollout; idle otherwise."""
+    return analysis.check_once(memo.tools(), namespace, name)
+
+
+def watch_demand(memo: OperatorContext, namespace: str, name: str) -> Awaitable[_Step]:
+    """Scale to zero and back: one demand poll of the routers per interval (fast while a version is cold)."""
+    return demand.poll_once(memo.polling(), namespace, name)
+
+
+def watch_cascade(memo: OperatorContext, namespace: str, name: str) -> Awaitable[_Step]:
+    """The cascade's threshold and figures in status.cascade, every rollout.analysis.interval."""
+    clients = memo.require()
+    return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A daemon per CaptionModel that runs ``step`` (its kopf id is the step's name) every interval the
+    step asks for, under the CaptionModel's lock."""
+
+    step: Callable[[OperatorContext, str, str], Awaitable[_Step]]  # (memo, namespace, name)
+    what: str  # named in the log when a step fails
+    retry_s: float  # the pause after a failed step
+    wakeup: Callable[[OperatorContext, str], asyncio.Event] | None = None
+    """The event (of the CaptionModel's uid) a reconciliation sets to cut the pause short; None: none."""
+
+
+DAEMONS = (
+    Periodic(analyse_rollout, "rollout check", analysis.IDLE_INTERVAL_S, OperatorContext.wakeup),
+    Periodic(watch_demand, "demand poll", demand.NOTHING_TO_WATCH_S, OperatorContext.demand_wakeup),
+    Periodic(watch_cascade, "cascade", cascade_check.IDLE_S),
+)
+
+
+async def run_periodic(
+    daemon: Periodic,
     stopped: kopf.DaemonStopped,
+    namespace: str | None,
+    name: str,
     uid: str,
     memo: OperatorContext,
-    step: Callable[[], Awaitable[_Step]],
-    pause: Callable[[float], Awaitable[None]],
-    what: str,
-    retry_s: float,
+    **_: Any,
 ) -> None:
     """A daemon's loop: one step under the CaptionModel's lock, its Events posted, a pause of the
     interval it asks for (an API error is logged and the step tried again after ``retry_s``)."""
+    assert namespace is not None  # CaptionModels are namespaced
+    what = f"{daemon.what} of {namespace}/{name}"
     while not stopped:
-        interval = retry_s
+        interval = daemon.retry_s
         try:
             async with memo.lock(uid):
-                outcome = await step()
+                outcome = await daemon.step(memo, namespace, name)
             interval = outcome.interval_s
             if outcome.model is not None:
                 _post(outcome.model, outcome.events)
         except kube.KubeError as e:  # the API refused or was away: try again next interval
             log.warning("%s failed: %s", what, e)
-        await pause(interval)
-
-
-async def analyse_rollout(
-    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
-) -> None:
-    """One check of the canary every rollout.analysis.interval while one is in rollout; idle otherwise."""
-    assert namespace is not None  # CaptionModels are namespaced
-
-    async def pause(seconds: float) -> None:
-        await _sleep(stopped, memo.wakeup(uid), seconds)
-
-    def step() -> Awaitable[_Step]:
-        return analysis.check_once(memo.tools(), namespace, name)
-
-    await _loop(
-        stopped, uid, memo, step, pause, f"rollout check of {namespace}/{name}", analysis.IDLE_INTERVAL_S
-    )
-
-
-async def watch_demand(
-    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
-) -> None:
-    """Scale to zero and back: one demand poll of the routers per interval (fast while a version is cold)."""
-    assert namespace is not None  # CaptionModels are namespaced
-
-    async def pause(seconds: float) -> None:
-        await _sleep(stopped, memo.demand_wakeup(uid), seconds)
-
-    def step() -> Awaitable[_Step]:
-        return demand.poll_once(memo.polling(), namespace, name)
-
-    await _loop(
-        stopped,
-        uid,
-        memo,
-        step,
-        pause,
-        f"demand poll of {namespace}/{name}",
-        demand.NOTHING_TO_WATCH_S,
-    )
-
-
-async def watch_cascade(
-    stopped: kopf.DaemonStopped, namespace: str | None, name: str, uid: str, memo: OperatorContext, **_: Any
-) -> None:
-    """The cascade's threshold and figures in status.cascade, every rollout.analysis.interval."""
-    assert namespace is not None  # CaptionModels are namespaced
-    clients = memo.require()
-
-    async def pause(seconds: float) -> None:
-        await stopped.wait(seconds)
-
-    def step() -> Awaitable[_Step]:
-        return cascade_check.refresh(clients.kube, clients.http, memo.config, namespace, name)
-
-    await _loop(stopped, uid, memo, step, pause, f"cascade of {namespace}/{name}", cascade_check.IDLE_S)
+        if daemon.wakeup is None:
+            await stopped.wait(interval)
+        else:
+            await _sleep(stopped, daemon.wakeup(memo, uid), interval)
 
 
 async def delete_fleet(body: kopf.Body, memo: OperatorContext, **_: Any) -> None:
@@ -275,9 +261,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         kopf.timer(*CAPTION_MODELS, interval=every, initial_delay=every, registry=registry)(resync)
     action: Mapping[str, Any] = {names.ROLLOUT_ACTION_ANNOTATION: kopf.PRESENT}
     kopf.on.event(*CAPTION_MODELS, annotations=action, registry=registry)(rollout_action)
-    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(analyse_rollout)
-    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_demand)
-    kopf.daemon(*CAPTION_MODELS, cancellation_timeout=10.0, registry=registry)(watch_cascade)
+    for daemon in DAEMONS:
+        run = functools.partial(run_periodic, daemon)
+        handler_id = daemon.step.__name__
+        kopf.daemon(*CAPTION_MODELS, id=handler_id, cancellation_timeout=10.0, registry=registry)(run)
     kopf.on.delete(*CAPTION_MODELS, registry=registry)(delete_fleet)
     ours: Mapping[str, Any] = {MANAGED_BY_LABEL: MANAGER, MODEL_LABEL: kopf.PRESENT}
     kopf.on.event("apps", "v1", "deployments", labels=ours, registry=registry)(child_changed)

@@ -180,18 +180,17 @@ def _message(e: ApiException) -> str:
         return f"{e.status} {e.reason}"
 
 
+Selector = Mapping[str, str]
+"""A label or field selector: every key must have its value (``labelSelector=k1=v1,k2=v2``)."""
+
+
 class Api(Protocol):
     """What reconcile.py and analysis.py use of the API: ``Kube`` in the operator, a fake in unit tests."""
 
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
     async def list(
-        self,
-        kind: Kind,
-        namespace: str,
-        labels: Mapping[str, str],
-        *,
-        fields: Mapping[str, str] | None = None,
+        self, kind: Kind, namespace: str, labels: Selector, *, fields: Selector | None = None
     ) -> list[dict[str, Any]]: ...
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool: ...
     async def installed(self, kind: Kind, namespace: str) -> bool: ...
@@ -258,12 +257,7 @@ class Kube:
             return None
 
     async def list(
-        self,
-        kind: Kind,
-        namespace: str,
-        labels: Mapping[str, str],
-        *,
-        fields: Mapping[str, str] | None = None,
+        self, kind: Kind, namespace: str, labels: Selector, *, fields: Selector | None = None
     ) -> list[dict[str, Any]]:
         """Objects with these labels (and field values, e.g. an Event's ``reason``); none when the kind
         itself is not installed (e.g. KEDA)."""

@@ -58,6 +58,8 @@ Quantity = Annotated[
     Field(json_schema_extra={"pattern": QUANTITY_PATTERN, "x-kubernetes-int-or-string": True}),
 ]
 Image = Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+"""A share or a probability: 0 to 1."""
 LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316)]
 LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
@@ -293,10 +295,8 @@ class Mirror(SpecModel):
         description="Shadow checks (on the copies' error rate, p99 and agreement, at every interval, "
         "with minRequests copies) to pass before the first weight step.",
     )
-    min_agreement: float = Field(
+    min_agreement: Fraction = Field(
         default=0.95,
-        ge=0,
-        le=1,
         description="Lowest share of copies whose caption equals the stable's for the same request "
         "(exact after normalisation: case, punctuation and spacing aside).",
     )
@@ -332,10 +332,8 @@ class Analysis(SpecModel):
         "latency is not checked.",
     )
     mirror: Mirror | None = Field(default=None, description="A shadow phase before the first weight step.")
-    max_confidence_drop: float | None = Field(
+    max_confidence_drop: Fraction | None = Field(
         default=None,
-        ge=0,
-        le=1,
         description="Largest acceptable fall of the canary's mean caption confidence below the stable's, "
         "over the window (both from the answers the routers relay); unset: not checked.",
     )
@@ -541,13 +539,11 @@ class Cascade(SpecModel):
         max_length=30,
         description="The version asked, with the same request, when the fast one is unsure.",
     )
-    confidence_threshold: float | None = Field(
-        default=None, ge=0, le=1, description="Escalate when the fast answer's confidence is below this."
+    confidence_threshold: Fraction | None = Field(
+        default=None, description="Escalate when the fast answer's confidence is below this."
     )
-    target_escalation_rate: float | None = Field(
+    target_escalation_rate: Fraction | None = Field(
         default=None,
-        ge=0,
-        le=1,
         description="Share of requests to escalate; the threshold comes from the fast model's calibration "
         "(calibration.json) and is shown in status.cascade.threshold.",
     )

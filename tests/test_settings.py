@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from captionfleet.settings import add_options, from_args, setting
+from captionfleet.settings import add_options, from_args, overlay, setting
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,23 @@ def test_a_bad_environment_value_is_a_clear_error(
     with pytest.raises(SystemExit):
         _parse([])
     assert "--port" in capsys.readouterr().err
+
+
+@dataclass(frozen=True)
+class _Shape:
+    width: int = 1
+    height: int = 2
+    colour: str = "red"
+
+
+def test_overlay_takes_the_fields_the_settings_have_by_name_and_keeps_the_rest() -> None:
+    given = ExampleSettings(port=7)  # has no field of _Shape: nothing taken
+    assert overlay(_Shape(width=5), given) == _Shape(width=5)
+
+    @dataclass(frozen=True)
+    class Options:
+        width: int = setting(10, "w")
+        colour: str = setting("blue", "c")
+        other: bool = setting(True, "not a field of _Shape")
+
+    assert overlay(_Shape(height=4), Options(width=3)) == _Shape(width=3, height=4, colour="blue")

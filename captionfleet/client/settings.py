@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from captionfleet.settings import setting
-from captionfleet.settings.edge import MB
+from captionfleet.settings.serve import ServeSettings
+
+_RUNTIME = ServeSettings()
+"""The runtime's defaults, which the client's job sizes must stay within."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,12 @@ class CaptionSettings:
     )
     concurrency: int = setting(4, "Direct POST /v1/caption calls in flight at once.")
     max_job_items: int = setting(
-        10000, "Most images per job (the runtime's jobs_max_items); more are split into several jobs."
+        _RUNTIME.jobs_max_items, "Most images per job (the runtime's jobs_max_items); more make several jobs."
     )
     max_job_bytes: int = setting(
-        48 * MB,
+        _RUNTIME.jobs_max_bytes * 3 // 4,
         "Largest job body (its images base64-encoded, JSON); more are split into several jobs. Keep it "
-        "below the router's and the runtimes' jobs_max_bytes (64 MB by default).",
+        "below the router's and the runtimes' jobs_max_bytes (by default three quarters of theirs).",
     )
     poll_interval_s: float = setting(1.0, "Seconds between checks of a job's progress.")
     timeout_s: float = setting(

@@ -13,11 +13,15 @@ import os
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 ENV_PREFIX = "CAPTIONFLEET_"
 
 S = TypeVar("S")
+D = TypeVar("D", bound="DataclassInstance")
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -109,6 +113,13 @@ def from_args(cls: type[S], args: argparse.Namespace) -> S:
     """Build the settings dataclass from parsed options (fields not in ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return cls(**values)
+
+
+def overlay(base: D, settings: object) -> D:
+    """``base`` with each of its fields that ``settings`` also has taken from ``settings``, by name: the
+    value object some of a command's options make up (a model's architecture, generation options)."""
+    names = [f.name for f in dataclasses.fields(base) if hasattr(settings, f.name)]
+    return dataclasses.replace(base, **{name: getattr(settings, name) for name in names})
 
 
 def env_value(value: object) -> str:

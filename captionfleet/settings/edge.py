@@ -41,6 +41,11 @@ class EdgeSettings:
         "(within its deadline, at most body_wait_ms), then gets 503 + Retry-After. Bounds peak memory "
         "whatever the concurrency; at least max_body_bytes.",
     )
+    jobs_max_bytes: int = setting(
+        64 * MB,
+        "Largest POST /v1/jobs body (413 beyond); counts against max_body_bytes_in_flight. The router holds "
+        "it whole, to send it again on the retry: keep the router's at least the runtimes'.",
+    )
     body_wait_ms: float = setting(
         2000.0, "Longest a request body waits for room under max_body_bytes_in_flight before 503."
     )
@@ -67,7 +72,10 @@ class EdgeSettings:
     def check(self) -> list[str]:
         """Problems that make these settings unusable, as messages (empty: fine)."""
         problems = []
-        for name in ("max_body_bytes", "max_body_bytes_in_flight", "max_header_bytes", "max_headers"):
+        for name in (
+            *("max_body_bytes", "max_body_bytes_in_flight", "jobs_max_bytes"),
+            *("max_header_bytes", "max_headers"),
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         for name in ("request_timeout_ms", "drain_grace_s", "auth_failure_rps", "body_wait_ms"):
@@ -79,6 +87,8 @@ class EdgeSettings:
             problems.append("auth_failure_burst must be >= 1")
         if self.max_body_bytes_in_flight < self.max_body_bytes:
             problems.append("max_body_bytes_in_flight must be >= max_body_bytes")
+        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
+            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
         if not 0 <= self.port < 65536:
             problems.append("port must be in 0..65535 (0: any free port)")
         return problems

@@ -57,11 +57,6 @@ class RouterSettings(EdgeSettings):
         "Largest runtime answer relayed whole; larger gets 502. A job's results (JSON Lines) are streamed "
         "instead, whatever their size.",
     )
-    jobs_max_bytes: int = setting(
-        64 * MB,
-        "Largest POST /v1/jobs body (413 beyond), held whole so it can be sent again on the retry; at most "
-        "max_body_bytes_in_flight. Keep it at least the runtimes' jobs_max_bytes.",
-    )
     drain_grace_s: float = setting(
         5.0,
         "On SIGTERM: /readyz turns 503 at once and requests are still routed for this long (a second "
@@ -206,10 +201,8 @@ class RouterSettings(EdgeSettings):
         for name in ("request_timeout_ms", "connect_timeout_ms", "routes_file_poll_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
-            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
         for name in (
-            *("max_response_bytes", "jobs_max_bytes", "stats_window_s", "stats_max_slots"),
+            *("max_response_bytes", "stats_window_s", "stats_max_slots"),
             *("shadow_max_in_flight", "shadow_timeout_ms", "shadow_max_answer_bytes"),
         ):
             if getattr(self, name) <= 0:

@@ -4,7 +4,8 @@ Every field is also a command-line option (``--max-batch-size``) and an environm
 (``CAPTIONFLEET_MAX_BATCH_SIZE``). The operator sets these variables in the Deployments it builds,
 deriving each name from the field (``captionfleet.settings.env_entries``), so the class lives here,
 below both, with no dependency on the runtime. The edge's fields (listening, API keys, body and
-header limits, deadline, drain) come from :class:`EdgeSettings`.
+header limits, deadline, drain) come from :class:`EdgeSettings`, the default generation options
+from :class:`GenerationSettings`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 
 from captionfleet.settings import setting
 from captionfleet.settings.edge import MB, EdgeSettings
+from captionfleet.settings.generation import GenerationSettings
 
 MODERATION_FAILURE_POLICIES = ("Fail", "Ignore")
 """What a failed moderation check does, named as Kubernetes' admission webhooks' failurePolicy."""
 
 
 @dataclass(frozen=True)
-class ServeSettings(EdgeSettings):
+class ServeSettings(EdgeSettings, GenerationSettings):
     model: str = setting(
         "",
         "Model: a save_pretrained directory, a file:// URL or a Hugging Face id; empty: the bundled model.",
@@ -143,17 +145,7 @@ class ServeSettings(EdgeSettings):
     moderation_max_connections: int = setting(
         32, "Connections open to the moderation service at once; further checks wait within the timeout."
     )
-    num_beams: int = setting(3, "Default beam width when a request does not give num_beams.")
-    max_new_tokens: int = setting(30, "Default most tokens generated per caption.")
     style: str = setting("", "Default style preset for requests that name none (e.g. concise); empty: none.")
-    no_repeat_ngram_size: int = setting(
-        5,
-        "No word n-gram of this size twice in a caption (0: off), for images in distribution or not "
-        "scored; 5: the smallest that no true scene caption repeats.",
-    )
-    ood_no_repeat_ngram_size: int = setting(
-        3, "The same for images scored out of distribution (the model repeats itself on those)."
-    )
     ood: bool = setting(
         True,
         "Score every image's distance to the model's reference images (ood_score, in_distribution, "
@@ -184,9 +176,6 @@ class ServeSettings(EdgeSettings):
         "version, so that each version captions the jobs sent to it.",
     )
     jobs_max_items: int = setting(10000, "Most items in one POST /v1/jobs (400 beyond).")
-    jobs_max_bytes: int = setting(
-        64 * MB, "Largest POST /v1/jobs body (413 beyond); counts against max_body_bytes_in_flight."
-    )
     jobs_result_ttl_s: float = setting(
         86400.0, "Seconds a job's state and results stay in Redis, from its creation and again once it ends."
     )
@@ -238,7 +227,6 @@ class ServeSettings(EdgeSettings):
             "max_pixels",
             "max_batch_images",
             "jobs_max_items",
-            "jobs_max_bytes",
             "jobs_result_ttl_s",
             "jobs_claim_timeout_s",
             "jobs_webhook_timeout_s",
@@ -261,8 +249,6 @@ class ServeSettings(EdgeSettings):
                 problems.append(f"{name} must be >= 0")
         if self.url_timeout_s <= 0 or self.url_max_bytes <= 0 or self.url_max_redirects < 0:
             problems.append("url_timeout_s and url_max_bytes must be > 0, url_max_redirects >= 0")
-        if self.jobs_max_bytes > self.max_body_bytes_in_flight:
-            problems.append("jobs_max_bytes must be <= max_body_bytes_in_flight")
         problems += self._ood_problems()
         problems += self._moderation_problems()
         if self.precision == "int8" and self.device.startswith("cuda"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from captionfleet import figures
 from captionfleet.names import LATENCY_BUCKETS_S
 
 # Upper bounds in milliseconds, the Prometheus histogram's (so both estimate the same p99); the
@@ -31,20 +32,7 @@ def bucket_index(latency_ms: float) -> int:
 
 def quantile(counts: list[int], q: float) -> float | None:
     """The q-quantile (0..1) in ms estimated from histogram counts; None without samples."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank = q * total
-    seen = 0
-    for index, count in enumerate(counts):
-        if count and seen + count >= rank:
-            lower = LATENCY_BUCKETS_MS[index - 1] if index > 0 else 0.0
-            if index == len(LATENCY_BUCKETS_MS):  # above the last bound: its lower edge is all we know
-                return float(lower)
-            upper = LATENCY_BUCKETS_MS[index]
-            return float(lower + (upper - lower) * (rank - seen) / count)
-        seen += count
-    return float(LATENCY_BUCKETS_MS[-1])
+    return figures.quantile(LATENCY_BUCKETS_MS, counts, q)
 
 
 def latency_json(sum_ms: float, counts: list[int]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
+from captionfleet.figures import ShadowCounts
 from captionfleet.names import PRIORITY_HEADER
 from captionfleet.runtime.router.errors import error_kind
 from captionfleet.runtime.router.histogram import bucket_index, empty_counts, latency_json
@@ -139,15 +140,9 @@ def _result_of(result: Any) -> Caption | Failed:
 
 
 @dataclass(slots=True)
-class ShadowFigures:
-    """Copies sent to one version over some span of time (never part of its live figures)."""
+class ShadowFigures(ShadowCounts):
+    """Copies sent to one version over some span of time, with their latency."""
 
-    copies: int = 0  # copies answered (or failed); dropped ones are not copies
-    errors: int = 0
-    dropped: int = 0
-    compared: int = 0  # copies with an answer to compare (errors are not)
-    exact: int = 0
-    overlap_sum: float = 0.0
     latency_sum_ms: float = 0.0
     latency_counts: list[int] = field(default_factory=empty_counts)
 
@@ -163,23 +158,12 @@ class ShadowFigures:
         self.overlap_sum += outcome.overlap
 
     def add(self, other: ShadowFigures) -> None:
-        for name in ("copies", "errors", "dropped", "compared", "exact", "overlap_sum", "latency_sum_ms"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.add_counts(other)
+        self.latency_sum_ms += other.latency_sum_ms
         self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "copies": self.copies,
-            "errors": self.errors,
-            "error_rate": round(self.errors / self.copies, 6) if self.copies else None,
-            "dropped": self.dropped,
-            "compared": self.compared,
-            "exact_matches": self.exact,
-            "agreement": round(self.exact / self.compared, 6) if self.compared else None,
-            "token_overlap": round(self.overlap_sum / self.compared, 6) if self.compared else None,
-            "token_overlap_sum": round(self.overlap_sum, 6),
-            "latency_ms": latency_json(self.latency_sum_ms, self.latency_counts),
-        }
+        return self.counts_json() | {"latency_ms": latency_json(self.latency_sum_ms, self.latency_counts)}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, NotR
 from captionfleet.runtime.serving.image_key import ImageKey, KeyMemo, image_key
 from captionfleet.runtime.serving.moderation import Moderation, moderation_jpeg
 from captionfleet.runtime.serving.repeats import RepeatStore, body_digest, repeat_key
+from captionfleet.settings import overlay
 from captionfleet.settings.serve import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,7 @@ class CaptionService:
         self.captioner = captioner
         self.settings = settings
         self.model_version = settings.model_version or captioner.version
-        self.defaults = GenerationOptions(
-            num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size,
-            ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
-        )
+        self.defaults = overlay(GenerationOptions(), settings)
         captioner.score_ood = settings.ood
         captioner.ood_threshold = settings.ood_threshold
         if settings.ood:

@@ -20,6 +20,7 @@ from captionfleet.runtime.engine.types import GenerationOptions
 from captionfleet.runtime.training.calibration import Calibration, calibration
 from captionfleet.runtime.training.scenes import SCENE_SIZE, scene_at
 from captionfleet.scoring import Scores, normalise_text, score_captions
+from captionfleet.settings import overlay
 
 if TYPE_CHECKING:
     import torch
@@ -319,12 +320,8 @@ def eval_dataset(settings: EvalSettings) -> EvalSet:
 
 
 def generation_options(settings: EvalSettings) -> GenerationOptions:
-    return GenerationOptions(
-        num_beams=settings.num_beams,
-        max_new_tokens=settings.max_new_tokens,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        ood_no_repeat_ngram_size=settings.ood_no_repeat_ngram_size,
-    )
+    """The serving defaults with the generation options given to ``eval``."""
+    return overlay(GenerationOptions(), settings)
 
 
 def _write_reference(captioner: Captioner, source: str, settings: EvalSettings) -> str:

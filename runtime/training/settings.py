@@ -6,13 +6,13 @@ Each field is also an option (``--train-scenes``) and an environment variable
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from captionfleet.calibration import SIGNALS
-from captionfleet.runtime.engine.types import DEFAULT_MODEL, FAST_MODEL, GenerationOptions
+from captionfleet.runtime.engine.types import DEFAULT_MODEL, FAST_MODEL
 from captionfleet.runtime.training.model import Architecture
-from captionfleet.settings import setting
+from captionfleet.settings import overlay, setting
+from captionfleet.settings.generation import GenerationSettings
 
 TRAIN_SEED = 0
 """The bundled model's training seed: scenes, initial weights and batch order all follow from it."""
@@ -22,7 +22,6 @@ BUNDLED_NAME = DEFAULT_MODEL
 FAST_NAME = FAST_MODEL
 
 _ARCH = Architecture()
-_GENERATION = GenerationOptions()
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,7 @@ class TrainSettings:
 
     def architecture(self) -> Architecture:
         """The architecture these options give: each of its fields that is an option here, by name."""
-        chosen = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture) if hasattr(self, f.name)
-        }
-        return dataclasses.replace(_ARCH, **chosen)
+        return overlay(_ARCH, self)
 
     def check(self) -> list[str]:
         """What is wrong with these settings, as messages naming the option; empty when fine."""
@@ -148,7 +144,7 @@ DEFAULT_PRESET = "tiny"
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalSettings(GenerationSettings):
     model: str = setting(
         "", "Model to score: a save_pretrained directory or a Hugging Face id; empty: the bundled model."
     )
@@ -161,18 +157,6 @@ class EvalSettings:
     scenes: int = setting(500, "Held-out synthetic scenes to score (without --images).")
     seed: int = setting(HELD_OUT_SEED, "Seed of the held-out synthetic scenes (differs from training's).")
     batch_size: int = setting(32, "Images per generate call.")
-    num_beams: int = setting(_GENERATION.num_beams, "Beam width (default: the serving default).")
-    max_new_tokens: int = setting(
-        _GENERATION.max_new_tokens, "Most generated tokens per caption (default: the serving default)."
-    )
-    no_repeat_ngram_size: int = setting(
-        _GENERATION.no_repeat_ngram_size,
-        "No word n-gram of this size twice in a caption, in-distribution images (default: serving's).",
-    )
-    ood_no_repeat_ngram_size: int = setting(
-        _GENERATION.ood_no_repeat_ngram_size,
-        "The same for out-of-distribution images (default: the serving default).",
-    )
     device: str = setting("auto", "Torch device (cpu, cuda, cuda:1); auto: CUDA when available, else CPU.")
     precision: str = setting(
         "auto",

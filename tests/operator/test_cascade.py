@@ -68,26 +68,19 @@ def test_a_bad_cascade_is_named_in_the_problems(
         assert any(message in p for p in problems), problems
 
 
-def test_a_canary_joins_the_tier_of_the_version_it_replaces_and_variants_the_quality_tier() -> None:
-    quality_canary = parse_spec(
-        spec_of(
-            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
-            v("f", 30),
-            v("q", 50),
-            v("q2", 10, canary=True),
-            v("ab", 10),
-        )
-    )
-    assert cascade.tiers(quality_canary) == (["f"], ["q", "q2", "ab"])
-    fast_canary = parse_spec(
-        spec_of(
-            {"fast": "f", "quality": "q", "confidenceThreshold": 0.5},
-            v("f", 60),
-            v("q", 30),
-            v("f2", 10, canary=True),
-        )
-    )
-    assert cascade.tiers(fast_canary) == (["f", "f2"], ["q"])
+@pytest.mark.parametrize(
+    ("versions", "tiers"),
+    [
+        ((v("f", 30), v("q", 50), v("q2", 10, canary=True), v("ab", 10)), (["f"], ["q", "q2", "ab"])),
+        ((v("f", 60), v("q", 30), v("f2", 10, canary=True)), (["f", "f2"], ["q"])),
+    ],
+    ids=["quality canary and a variant", "fast canary"],
+)
+def test_a_canary_joins_the_tier_of_the_version_it_replaces_and_variants_the_quality_tier(
+    versions: tuple[dict[str, Any], ...], tiers: tuple[list[str], list[str]]
+) -> None:
+    spec = parse_spec(spec_of({"fast": "f", "quality": "q", "confidenceThreshold": 0.5}, *versions))
+    assert cascade.tiers(spec) == tiers
 
 
 def calibration(signal: str = "confidence") -> dict[str, Any]:

@@ -47,14 +47,13 @@ def waiting(reason: str, message: str = "", name: str = "runtime") -> dict[str, 
 
 
 CASES = {
-    "env Secret missing": (
-        waiting("CreateContainerConfigError", 'secret "redis" not found'),
-        PodProblem(pods.SECRET_MISSING, "Secret redis not found (cache.redisUrlSecret) (key url)"),
-    ),
-    "env Secret missing, as the API server words it": (
-        waiting("CreateContainerConfigError", 'secrets "redis" not found'),
-        PodProblem(pods.SECRET_MISSING, "Secret redis not found (cache.redisUrlSecret) (key url)"),
-    ),
+    **{  # the kubelet's words, and the API server's
+        f"env Secret missing ({noun})": (
+            waiting("CreateContainerConfigError", f'{noun} "redis" not found'),
+            PodProblem(pods.SECRET_MISSING, "Secret redis not found (cache.redisUrlSecret) (key url)"),
+        )
+        for noun in ("secret", "secrets")
+    },
     "env Secret key missing": (
         waiting("CreateContainerConfigError", "couldn't find key url in Secret ml/redis"),
         PodProblem(pods.SECRET_MISSING, "Secret redis has no key url (cache.redisUrlSecret)"),

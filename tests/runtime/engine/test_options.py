@@ -14,6 +14,17 @@ from captionfleet.runtime.engine.options import (
     resolve_options,
 )
 from captionfleet.runtime.engine.types import GenerationOptions
+from captionfleet.runtime.training.settings import EvalSettings
+from captionfleet.settings import overlay
+from captionfleet.settings.generation import GenerationSettings
+from captionfleet.settings.serve import ServeSettings
+
+
+def test_the_commands_generation_defaults_are_the_engines() -> None:
+    for settings in (GenerationSettings(), ServeSettings(), EvalSettings()):
+        assert overlay(GenerationOptions(), settings) == GenerationOptions(), type(settings).__name__
+    chosen = overlay(GenerationOptions(), ServeSettings(num_beams=5, ood_no_repeat_ngram_size=0))
+    assert (chosen.num_beams, chosen.ood_no_repeat_ngram_size, chosen.max_new_tokens) == (5, 0, 30)
 
 
 def test_no_options_give_the_defaults() -> None:

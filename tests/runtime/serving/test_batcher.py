@@ -399,29 +399,42 @@ async def test_no_bulk_batch_starts_while_an_interactive_request_is_prepared(mod
     await batcher.close(5)
 
 
+async def bulk_behind_a_batch(
+    batcher: DynamicBatcher[int, str, int], model: GatedModel
+) -> tuple[asyncio.Task[int], asyncio.Future[int]]:
+    """An interactive batch on the model (item 0) and one bulk item (10) queued behind it."""
+    first = await occupy(batcher, model)
+    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
+    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    return first, bulk
+
+
+async def next_request_joins_the_bulk_item(
+    batcher: DynamicBatcher[int, str, int], model: GatedModel, bulk: asyncio.Future[int]
+) -> None:
+    """The last batch's client sends its next request: one batch of it and the waiting bulk item."""
+    again = asyncio.ensure_future(batcher.submit(1, "a"))
+    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
+    assert [items for items, _ in model.calls] == [[0], [1, 10]]
+    await batcher.close(5)
+
+
 async def test_bulk_waits_for_the_clients_of_the_last_batch_to_come_back(model: GatedModel) -> None:
     # An interactive batch just ended: within max_queue_delay its clients send their next requests,
     # and a bulk batch started in that gap would hold them all up.
     batcher = make(model, max_queue_delay_s=30)
-    first = await occupy(batcher, model)
-    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
-    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    first, bulk = await bulk_behind_a_batch(batcher, model)
     model.release()
     assert await asyncio.wait_for(first, 10) == 0
     assert batcher.bulk_depth == 1  # not started alone after the batch
-    again = asyncio.ensure_future(batcher.submit(1, "a"))  # the client's next request
-    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
-    assert [items for items, _ in model.calls] == [[0], [1, 10]]
-    await batcher.close(5)
+    await next_request_joins_the_bulk_item(batcher, model, bulk)
 
 
 async def test_bulk_waits_a_batch_long_for_clients_slower_than_the_queue_delay(model: GatedModel) -> None:
     # The clients of a 1 s batch take 0.2 s to come back (a loaded machine, a real network): far past
     # max_queue_delay, well within the batch's time. No bulk batch may start in that gap.
     batcher = make(model, max_queue_delay_s=0.005)
-    first = await occupy(batcher, model)
-    bulk = asyncio.ensure_future(batcher.submit(10, "a", priority=BULK))
-    await eventually(lambda: batcher.bulk_depth == 1, 10, "the bulk item queued")
+    first, bulk = await bulk_behind_a_batch(batcher, model)
     held_until = time.monotonic() + 1.0
     await eventually(lambda: time.monotonic() >= held_until, 10, "the batch to have run 1 s")
     model.release()
@@ -429,10 +442,7 @@ async def test_bulk_waits_a_batch_long_for_clients_slower_than_the_queue_delay(m
     answered = time.monotonic()
     await eventually(lambda: time.monotonic() >= answered + 0.2, 10, "the client's round trip")
     assert batcher.bulk_depth == 1  # not started in the gap
-    again = asyncio.ensure_future(batcher.submit(1, "a"))  # the client's next request
-    assert await asyncio.wait_for(asyncio.gather(again, bulk), 10) == [10, 100]
-    assert [items for items, _ in model.calls] == [[0], [1, 10]]
-    await batcher.close(5)
+    await next_request_joins_the_bulk_item(batcher, model, bulk)
 
 
 async def test_bulk_batches_grow_while_no_interactive_request_comes(model: GatedModel) -> None:
