@@ -83,6 +83,16 @@ class LoadResult:
             "loadgen_cpu_share": round(self.cpu_share, 4),
         }
 
+    def add(self, part: LoadResult) -> None:
+        """Count another run of the same clients into this one (its times added to this one's)."""
+        self.sent += part.sent
+        self.elapsed_s += part.elapsed_s
+        self.statuses.update(part.statuses)
+        self.failures.update(part.failures)
+        self.latencies_s.extend(part.latencies_s)
+        self.cached += part.cached
+        self.cpu_s += part.cpu_s
+
     @property
     def cpu_share(self) -> float:
         """The load generator's share of the machine's CPU time during the run (all cores)."""

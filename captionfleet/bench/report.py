@@ -20,7 +20,8 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``int8_speedup`` (``blip-mini-random``, batch 8) and ``int8_agreement`` (held-out scenes, vs fp32);
 - ``fast_speedup_bs8``: the bundled fast model's engine throughput over the quality model's, batch 8,
   served options (``tiers.py``);
-- ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one, and
+- ``bulk_p99_ratio_c8``: interactive p99 at 8 clients with a job running over it without one (the median
+  of side-by-side rounds' ratios), and
   ``bulk_share_under_load``: the job's items per second under that load over its rate alone (``jobs.py``).
 - ``cascade_throughput_ratio_c32``: the cascade's served throughput (the fast model first, the quality
   model for unsure answers) over the quality model's alone at 32 clients on the same CPUs, and
@@ -238,13 +239,15 @@ def _cascade_lines(result: CascadeResult) -> list[str]:
 
 def _bulk_lines(bulk: BulkResult) -> list[str]:
     idle, busy = bulk.interactive_idle, bulk.interactive_busy
+    ratios = ", ".join(f"{ratio:.2f}" for ratio in bulk.round_ratios)
     return [
         "",
-        f"Bulk vs interactive ({idle.concurrency} interactive clients): "
-        f"p99 {_fmt(idle.percentile_ms(99))} ms alone, {_fmt(busy.percentile_ms(99))} ms with a job "
-        f"running (x{bulk.p99_ratio:.2f}; p50 {_fmt(idle.percentile_ms(50))} -> "
+        f"Bulk vs interactive ({idle.concurrency} interactive clients, {len(bulk.round_ratios)} rounds of "
+        f"{idle.sent // max(1, len(bulk.idle_rounds))} requests a side): p99 {_fmt(idle.percentile_ms(99))} "
+        f"ms alone, {_fmt(busy.percentile_ms(99))} ms with a job running (x{bulk.p99_ratio:.2f}, the "
+        f"median of the rounds' {ratios}; p50 {_fmt(idle.percentile_ms(50))} -> "
         f"{_fmt(busy.percentile_ms(50))} ms)",
         f"  job alone {bulk.bulk_idle_rps:.1f} items/s; under interactive load {bulk.bulk_busy_rps:.1f} "
         f"items/s ({bulk.bulk_share:.1%} of alone)"
-        + ("" if bulk.busy_job_outlasted else "; the job ended before the interactive run did"),
+        + ("" if bulk.busy_job_outlasted else "; the job ended before an interactive run did"),
     ]

@@ -53,15 +53,6 @@ async def measure_router_overhead(
             block = min(BLOCK, left)
             for name, url in targets.items():
                 part = await run_load(url, [payload], concurrency=1, count=block, session=session)
-                _add(totals[name], part)
+                totals[name].add(part)
             left -= block
     return RouterResult(totals["direct"], totals["routed"])
-
-
-def _add(total: LoadResult, part: LoadResult) -> None:
-    total.sent += part.sent
-    total.elapsed_s += part.elapsed_s
-    total.statuses.update(part.statuses)
-    total.failures.update(part.failures)
-    total.latencies_s.extend(part.latencies_s)
-    total.cached += part.cached

@@ -54,7 +54,14 @@ class BenchSettings:
     bulk_clients: int = setting(
         8, "Interactive clients of the bulk comparison (with and without a job running)."
     )
-    bulk_requests: int = setting(128, "Interactive requests per run of the bulk comparison.")
+    bulk_requests: int = setting(
+        300, "Interactive requests per run of the bulk comparison (a round runs one alone, one with a job)."
+    )
+    bulk_rounds: int = setting(
+        6,
+        "Rounds of the bulk comparison, each an interactive run alone next to one with a job running; "
+        "the p99 ratio is the median of the rounds' ratios.",
+    )
     bulk_items: int = setting(
         64, "Items of the job measured alone; the job running under interactive load has eight times as many."
     )
@@ -125,6 +132,7 @@ class BenchSettings:
             "router_requests",
             "bulk_clients",
             "bulk_requests",
+            "bulk_rounds",
             "bulk_items",
             "agreement_scenes",
             "engine_rounds",
@@ -166,7 +174,8 @@ QUICK: dict[str, object] = {
     "preprocess_rounds": 2,
     "cache_requests": 600,
     "router_requests": 150,
-    "bulk_requests": 48,
+    "bulk_requests": 160,
+    "bulk_rounds": 3,
     "bulk_items": 32,
     "agreement_scenes": 200,
     "ood_rounds": 2,

@@ -213,6 +213,7 @@ async def _bulk(
                 clients=settings.bulk_clients,
                 requests=settings.bulk_requests,
                 items=settings.bulk_items,
+                rounds=settings.bulk_rounds,
             )
         finally:
             server.stop()

@@ -61,6 +61,22 @@ class ServeSettings(EdgeSettings, GenerationSettings):
         "0: max(1, max_batch_size // 16); on a GPU, where a batch's time hardly grows with its size, "
         "max_batch_size gives bulk work all the room.",
     )
+    bulk_time_share: float = setting(
+        0.1,
+        "Most share of an interactive batch's predicted time (from the measured per-item cost) that bulk "
+        "items filling its room may add; a share of an item carries over to the next batch. Amid steady "
+        "interactive traffic bulk work gets about this share of the model, and an interactive request "
+        "waits about that much longer (on a CPU a batch's time grows with its size; on a GPU, where it "
+        "hardly does, bulk items fill the room). 0: bulk work only on an idle model.",
+    )
+    bulk_max_wait_ms: int = setting(
+        2000,
+        "Longest waiting bulk work goes without a turn amid interactive traffic: then one bulk batch of "
+        "max_bulk_batch_size goes between two interactive batches, so that bulk work whose options differ "
+        "from the traffic's (a quality gate's requests) or on a saturated model still progresses, and an "
+        "interactive request waits behind at most that one batch. 0: bulk work waits for room or calm "
+        "(it may wait for ever).",
+    )
     bulk_prepare_concurrency: int = setting(
         1,
         "Bulk items decoded and preprocessed at once, each started only while no interactive request is "
@@ -241,7 +257,9 @@ class ServeSettings(EdgeSettings, GenerationSettings):
             "rate_limit_rps",
             "jobs_prefetch",
             "max_bulk_batch_size",
+            "bulk_time_share",
             "bulk_prepare_concurrency",
+            "bulk_max_wait_ms",
             "jobs_webhook_retries",
             "jobs_webhook_backoff_s",
         ):

@@ -33,11 +33,22 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
   and none arrived or answered within ``max_queue_delay``, or the last batch's time if longer
   (``bulk_calm_of_a_batch``: the clients of the last batch come back within about that). A batch
   never waits for bulk work, and bulk delays an interactive request by at most the one batch already
-  running. Bulk items fill an interactive batch by at most ``max_bulk_batch_size``, and bulk-only
+  running. Bulk items fill an interactive batch by at most ``max_bulk_batch_size``, and within a time
+  budget (``bulk_time_share``): each interactive batch earns that share of its predicted time, from
+  the measured batch times (:class:`BatchCost`), in items of the measured per-item cost, and a share
+  of an item carries over. Why: on a CPU a batch's time grows with its size (the bundled model, beam
+  3, on 2 loaded cores: about 0.24 s a batch plus 0.015 s an item, fitted to traced batches), so the
+  "room" is not free: each bulk item makes every interactive request in its batch wait longer. Amid
+  steady traffic bulk work gets about that share of the model, and an interactive request waits
+  about that share longer; on a GPU, where a batch costs about the same at any size, the items cost
+  nothing and fill the room. Bulk-only
   batches start at that size and double with each one that follows without interactive traffic, up
   to ``max_batch_size``: on a CPU, where a batch's time grows with its size, an interactive request
   arriving amid steady interactive traffic waits behind a small bulk batch at most, and a long calm
-  still uses the model's full batches. Bulk requests have their own queue (bounded by
+  still uses the model's full batches. Bulk work never starves: once waiting bulk requests have had
+  no turn for ``bulk_max_wait`` (traffic of other options leaves them no room, or a saturated model
+  none at all), one bulk batch of ``max_bulk_batch_size`` goes between two interactive ones, and the
+  wait starts again. Bulk requests have their own queue (bounded by
   ``max_queue_size`` too) and do not count in the reported queue depth: they are not interactive
   demand.
 
@@ -59,6 +70,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from captionfleet.runtime.serving.batch_cost import BatchCost
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
 log = logging.getLogger(__name__)
@@ -128,9 +140,13 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         bulk_calm_of_a_batch: bool = True,
         max_bulk_batch_size: int | None = None,
         wait_for_arrivals: bool = True,
+        bulk_time_share: float = math.inf,
+        bulk_max_wait_s: float = math.inf,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        if not (bulk_time_share >= 0 and bulk_max_wait_s > 0):
+            raise ValueError("bulk_time_share must be >= 0 and bulk_max_wait_s > 0")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -160,6 +176,11 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._none_preparing.set()
         self._last_interactive = -math.inf  # when one last arrived or was answered
         self._bulk_run = self.max_bulk_batch_size  # the next bulk-only batch's size
+        self.bulk_time_share = bulk_time_share
+        self.cost = BatchCost()  # the model's measured batch times, for the bulk filler's budget
+        self._bulk_credit = 0.0  # bulk items earned by interactive batches and not spent yet
+        self.bulk_max_wait_s = bulk_max_wait_s
+        self._bulk_taken = -math.inf  # when bulk work last went to the model
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -324,6 +345,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                     return bulk
                 continue
             now = time.monotonic()
+            if self._bulk_starved_in(now) <= 0:
+                return self._take(
+                    [], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size)
+                )
             oldest = self._queue[0]
             members = self._members(self._queue, oldest.group)
             due = self._due(oldest.enqueued, len(members))
@@ -333,8 +358,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
             if members:
-                room = min(self.max_batch_size - len(members), self.max_bulk_batch_size)
-                return self._take(members, self._members(self._bulk, members[0].group, room))
+                return self._take(members, self._bulk_filler(members))
             self._wakeup.clear()
             wait_s = due - now
             next_deadline = min(
@@ -364,20 +388,59 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         their decoding, which on a loaded machine or a real network exceed ``max_queue_delay``), and
         a bulk batch started in the gap would hold all of them up."""
         quiet_in = self._quiet_in()
+        starved_in = self._bulk_starved_in(time.monotonic())
         if self._bulk and (quiet_in <= 0 or self._closing or self._flushing):
             group = self._bulk[0].group
             size = self._bulk_run
             self._bulk_run = min(self.max_batch_size, 2 * size)  # the longer the calm, the larger
             return self._take([], self._members(self._bulk, group, size))
+        if starved_in <= 0:
+            return self._take([], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size))
         self._wakeup.clear()
-        timeout = quiet_in if self._bulk and math.isfinite(quiet_in) else None
+        timeout = min(quiet_in, starved_in) if self._bulk else None
+        timeout = timeout if timeout is not None and math.isfinite(timeout) else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
         return []
 
+    def _bulk_filler(
+        self, interactive: list[_Request[ItemT, GroupT, ResultT]]
+    ) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """The bulk items that go with these interactive requests: the room they leave, at most
+        ``max_bulk_batch_size``, within the time budget. Each interactive batch earns
+        ``bulk_time_share`` of its predicted time (:class:`BatchCost`) in items of the measured
+        per-item cost; a share of an item carries over to the next batch (with no fixed cost per batch,
+        8 requests a batch and a share of 0.1: four batches in five carry one item, none two)."""
+        room = min(self.max_batch_size - len(interactive), self.max_bulk_batch_size)
+        if room <= 0 or not self._bulk:
+            self._bulk_credit = 0.0  # no bulk work waits: no credit to spend later in one burst
+            return []
+        per_item = self.cost.per_item_s()
+        if not self.cost.known:  # before any batch: a batch's time taken as proportional to its size
+            self._bulk_credit += self.bulk_time_share * len(interactive)
+        elif per_item > 0:
+            self._bulk_credit += self.bulk_time_share * self.cost.predict_s(len(interactive)) / per_item
+        else:  # a batch's time does not grow with its size (a GPU): filling the room is free
+            self._bulk_credit = math.inf
+        most = min(room, math.floor(self._bulk_credit)) if math.isfinite(self._bulk_credit) else room
+        bulk = self._members(self._bulk, interactive[0].group, most)
+        self._bulk_credit = min(self._bulk_credit - len(bulk), 1.0)
+        return bulk
+
     def _interactive_seen(self) -> None:
         self._last_interactive = time.monotonic()
         self._bulk_run = self.max_bulk_batch_size
+
+    def _bulk_starved_in(self, now: float) -> float:
+        """Seconds until waiting bulk work is owed a turn amid interactive traffic (``inf``: none
+        waits). Without it, bulk work whose options differ from the traffic's (a quality gate's
+        requests, a job of other beams) never finds room, and on a saturated model none does: so once
+        bulk work has had no turn for ``bulk_max_wait`` one small bulk batch
+        (``max_bulk_batch_size``) goes between two interactive ones, which an interactive request then
+        waits behind, as behind any one batch already running."""
+        if not self._bulk or not math.isfinite(self.bulk_max_wait_s):
+            return math.inf
+        return max(self._bulk_taken, self._bulk[0].enqueued) + self.bulk_max_wait_s - now
 
     def _quiet_in(self) -> float:
         """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
@@ -405,6 +468,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._observer.queue_depth(len(self._queue))
         if bulk:
             self._bulk = deque(r for r in self._bulk if id(r) not in taken)
+            self._bulk_taken = time.monotonic()
         return batch
 
     def _members(
@@ -483,6 +547,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self._free_since = time.monotonic()
         elapsed = self._free_since - started
         self._last_batch_s = elapsed
+        self.cost.observe(len(batch), elapsed)
         interactive = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
         if interactive:  # a bulk-only batch says nothing of how many interactive companions come
             self._last_batch_size = interactive

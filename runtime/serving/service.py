@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +115,8 @@ class CaptionService:
             bulk_calm_of_a_batch=settings.bulk_calm_of_a_batch,
             wait_for_arrivals=settings.wait_for_arrivals,
             max_bulk_batch_size=settings.resolved_max_bulk_batch_size(),
+            bulk_time_share=settings.bulk_time_share,
+            bulk_max_wait_s=settings.bulk_max_wait_ms / 1000 if settings.bulk_max_wait_ms > 0 else math.inf,
         )
         self.ready = False
         self.draining = False

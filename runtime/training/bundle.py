@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import tempfile
@@ -88,6 +89,7 @@ def write_manifest(
             "render_seconds": round(result.render_seconds, 1),
             "train_seconds": round(result.train_seconds, 1),
             "total_seconds": round(total_seconds, 1),
+            "cpu_seconds": round(cpu_seconds(), 1),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
@@ -96,6 +98,14 @@ def write_manifest(
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU seconds of this process so far, and of its finished children (the
+    rendering workers): unlike wall time, a busy shared machine does not inflate it, and on an idle
+    machine with one thread it is the wall time a run needs."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def swap_into_place(staged: Path, directory: Path) -> None:
@@ -266,13 +276,20 @@ def _card_training(training: dict[str, Any]) -> list[str]:
         f"({settings['warmup_steps']} warm-up steps, cosine decay), "
         f"weight decay {settings['weight_decay']:g}, "
         f"{settings['threads']} torch threads.",
-        f"Wall time {training['total_seconds']:.0f} s in all: rendering {training['render_seconds']:.0f} s, "
+        f"Wall time {training['total_seconds']:.0f} s in all{_cpu(training)}: rendering "
+        f"{training['render_seconds']:.0f} s, "
         f"training {training['train_seconds']:.0f} s, then saving and the held-out evaluation",
         f"(torch {training['torch']}, transformers {training['transformers']}, Python {training['python']}). "
         f"Final training loss {training['final_loss']:.4f}.",
         "The same settings, thread count and torch build give the same weights.",
         "",
     ]
+
+
+def _cpu(training: dict[str, Any]) -> str:
+    """``(N CPU seconds)``, for manifests that record it (older ones do not)."""
+    seconds = training.get("cpu_seconds")
+    return "" if seconds is None else f" ({seconds:.0f} CPU seconds)"
 
 
 def _card_patch_loss(settings: dict[str, Any]) -> list[str]:

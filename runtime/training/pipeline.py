@@ -40,7 +40,8 @@ class TrainOutcome:
         lines = [
             f"saved {self.manifest['name']} ({self.manifest['version']}) to {self.directory}",
             f"  {self.manifest['parameters']:,} parameters, {self.size_bytes / 1e6:.2f} MB on disk",
-            f"  wall time {training['total_seconds']:.0f} s (rendering {training['render_seconds']:.0f} s, "
+            f"  wall time {training['total_seconds']:.0f} s, {training['cpu_seconds']:.0f} CPU seconds "
+            f"(rendering {training['render_seconds']:.0f} s, "
             f"training {training['train_seconds']:.0f} s); final loss {training['final_loss']:.4f}",
         ]
         if self.report is not None:

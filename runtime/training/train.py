@@ -317,7 +317,8 @@ class _Stepper:
         # Made even when off, which keeps the later draws the same whether the head is on or not.
         patch_head = torch.nn.Linear(architecture.vision_hidden, sum(n for _, n in PATCH_TARGETS))
         trained = torch.nn.ModuleList([model, patch_head] if patch_loss_weight else [model])
-        optimizer = torch.optim.AdamW(_parameter_groups(trained, weight_decay), lr=learning_rate)
+        # Fused: one kernel per step instead of a dozen per parameter list (a few % of a fast-model step).
+        optimizer = torch.optim.AdamW(_parameter_groups(trained, weight_decay), lr=learning_rate, fused=True)
         return cls(model, patch_head, trained, optimizer, data, table, patch_loss_weight)
 
     def run(

@@ -61,7 +61,7 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--cache-requests", "40", "--cache-concurrency", "8", "--router-requests", "10",
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8",
         "--engine-rounds", "1", "--speed-rounds", "1",
-        "--bulk-requests", "16", "--bulk-items", "8",
+        "--bulk-requests", "16", "--bulk-items", "8", "--bulk-rounds", "2",
         "--ood-rounds", "2", "--ood-concurrency", "4",
         "--cascade-requests", "0",  # its own test: test_cascade_bench.py
     ]  # fmt: skip
@@ -84,7 +84,8 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
     cache = document["cache"]
     assert cache["sent"] == 40 and cache["cached"] == cache["ok"] == 40, cache
     bulk = document["bulk"]
-    assert bulk["interactive_idle"]["ok"] == bulk["interactive_busy"]["ok"] == 16, bulk
+    assert bulk["interactive_idle"]["ok"] == bulk["interactive_busy"]["ok"] == 32, bulk  # 2 rounds
+    assert bulk["rounds"] == 2 and len(bulk["round_ratios"]) == 2, bulk
     assert bulk["bulk_idle_rps"] > 0, bulk
     router = document["router"]
     assert router["direct"]["ok"] == router["routed"]["ok"] == 10, router

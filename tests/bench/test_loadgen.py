@@ -71,3 +71,16 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert percentile(values, 100) == 4.0
     assert percentile([7.0], 99) == 7.0
     assert math.isnan(percentile([], 50))
+
+
+async def test_runs_added_together_count_every_request_of_both(scripted_url: str) -> None:
+    first = await run_load(scripted_url, [Payload(b"x")], concurrency=1, count=7)
+    second = await run_load(scripted_url, [Payload(b"x")], concurrency=1, count=7)
+    total = await run_load(scripted_url, [Payload(b"x")], concurrency=1, count=0)
+    total.add(first)
+    total.add(second)
+    assert total.sent == 14 and total.answered == first.answered + second.answered == 12
+    assert total.statuses == first.statuses + second.statuses
+    assert total.failures == first.failures + second.failures
+    assert sorted(total.latencies_s) == sorted(first.latencies_s + second.latencies_s)
+    assert total.cached == 2 and total.elapsed_s >= first.elapsed_s + second.elapsed_s

@@ -7,6 +7,7 @@ inside a batch, so queue states are produced deterministically instead of by tim
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from captionfleet.runtime.server.testing import eventually
+from captionfleet.runtime.serving.batch_cost import BatchCost
 from captionfleet.runtime.serving.batcher import DynamicBatcher, Priority
 from captionfleet.runtime.serving.errors import DeadlineExceeded, Draining, InferenceFailed, QueueFull
 
@@ -70,6 +72,8 @@ def make(
         idle_dispatch=idle_dispatch,
         max_bulk_batch_size=int(options.get("max_bulk_batch_size", 0)) or None,
         wait_for_arrivals=wait_for_arrivals,
+        bulk_time_share=float(options.get("bulk_time_share", math.inf)),
+        bulk_max_wait_s=float(options.get("bulk_max_wait_s", math.inf)),
     )
     batcher.start()
     return batcher
@@ -451,4 +455,154 @@ async def test_bulk_batches_grow_while_no_interactive_request_comes(model: Gated
     model.release()
     await asyncio.wait_for(asyncio.gather(blocker, *bulk), 10)
     assert [len(items) for items, _ in model.calls] == [1, 4, 8, 8]
+    await batcher.close(5)
+
+
+class SteppedModel(GatedModel):
+    """Like :class:`GatedModel`, but each batch waits for a permit of its own (``step``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def __call__(self, items: list[int], group: str) -> Sequence[int]:
+        self.calls.append((list(items), group))
+        assert self.permits.acquire(timeout=30), "the test never let the batch finish"
+        return [item * 10 for item in items]
+
+    async def step(self, calls: int) -> None:
+        """Let the batch on the model finish; return once the next one (call number ``calls``) began."""
+        self.permits.release()
+        await eventually(lambda: len(self.calls) == calls, 10, f"batch {calls} on the model")
+
+
+def measured_line(fixed_s: float, per_item_s: float) -> BatchCost:
+    """A cost model that has seen many batches of 1 to 8 items on this line (no forgetting: the test's
+    own few batches, of a few milliseconds, hardly move it)."""
+    cost = BatchCost(decay=1.0)
+    for _ in range(1000):
+        for size in range(1, 9):
+            cost.observe(size, fixed_s + per_item_s * size)
+    return cost
+
+
+async def interactive_waves(
+    batcher: DynamicBatcher[int, str, int], model: SteppedModel, waves: int, bulk_items: int
+) -> list[int]:
+    """A batch of one on the model, ``bulk_items`` bulk items queued behind it, then ``waves`` batches of
+    four interactive requests, each queued while the one before runs; every request answered. Returns
+    how many bulk items each of those interactive batches carried."""
+    first = len(model.calls)
+    items = [0]
+    futures = [asyncio.ensure_future(batcher.submit(0, "a"))]
+    await eventually(lambda: len(model.calls) == first + 1, 10, "the first batch on the model")
+    items += range(100, 100 + bulk_items)
+    futures += [asyncio.ensure_future(batcher.submit(i, "a", priority=BULK)) for i in items[1:]]
+    await eventually(lambda: batcher.bulk_depth == bulk_items, 10, "the bulk items queued")
+    for wave in range(waves):
+        wave_items = [10 * wave + i for i in range(1, 5)]
+        items += wave_items
+        futures += [asyncio.ensure_future(batcher.submit(i, "a")) for i in wave_items]
+        await eventually(lambda: batcher.depth == 4, 10, "the wave queued")
+        await model.step(first + wave + 2)
+    model.permits.release(100)  # the rest, bulk batches on the then idle model included
+    assert await asyncio.wait_for(asyncio.gather(*futures), 30) == [i * 10 for i in items]
+    model.permits = threading.Semaphore(0)  # all answered: the model is idle, the spare permits go
+    return [
+        sum(1 for item in batch if item >= 100) for batch, _ in model.calls[first + 1 : first + waves + 1]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fixed_s", "per_item_s", "max_bulk", "carried"),
+    [
+        # 0.1 s an item: a batch of 4 earns 0.15 * 0.4 s = 0.6 of an item; the share carries over.
+        (0.0, 0.1, 8, [0, 1, 0, 1]),
+        # Plus 0.4 s a batch: a batch of 4 earns 0.15 * 0.8 s = 1.2 items.
+        (0.4, 0.1, 8, [1, 1, 1, 1]),
+        # A GPU: more items take no more time, so filling the room (up to max_bulk_batch_size) is free.
+        (0.05, 0.0, 3, [3, 3, 3, 3]),
+    ],
+)
+async def test_bulk_fills_interactive_batches_within_its_share_of_their_time(
+    fixed_s: float, per_item_s: float, max_bulk: int, carried: list[int]
+) -> None:
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=8, max_bulk_batch_size=max_bulk, bulk_time_share=0.15)
+    batcher.cost = measured_line(fixed_s, per_item_s)
+    assert await interactive_waves(batcher, model, waves=4, bulk_items=20) == carried
+    await batcher.close(5)
+
+
+async def test_no_bulk_in_interactive_batches_at_a_share_of_zero() -> None:
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=8, max_bulk_batch_size=8, bulk_time_share=0.0)
+    batcher.cost = measured_line(0.0, 0.1)
+    assert await interactive_waves(batcher, model, waves=3, bulk_items=5) == [0, 0, 0]
+    assert [len(items) for items, _ in model.calls[4:]] == [5]  # all on the idle model after the waves
+    await batcher.close(5)
+
+
+async def test_the_share_is_not_saved_up_while_no_bulk_work_waits() -> None:
+    # Four batches without bulk work earn nothing to spend later: the first with bulk carries one item.
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=8, max_bulk_batch_size=8, bulk_time_share=0.3)
+    batcher.cost = measured_line(0.0, 0.1)
+    assert await interactive_waves(batcher, model, waves=4, bulk_items=0) == [0, 0, 0, 0]
+    assert await interactive_waves(batcher, model, waves=1, bulk_items=4) == [1]
+    await batcher.close(5)
+
+
+async def other_traffic(
+    batcher: DynamicBatcher[int, str, int], model: SteppedModel, bulk_items: int, most_waves: int
+) -> list[asyncio.Future[int]]:
+    """Bulk items of group "b" queued behind a batch on the model, then waves of four interactive
+    requests of group "a", each queued while the one before runs, until a "b" batch runs or after
+    ``most_waves``. Returns every request's future (the batch on the model still held)."""
+    futures = [asyncio.ensure_future(batcher.submit(0, "a"))]
+    await eventually(lambda: len(model.calls) == 1, 10, "the first batch on the model")
+    futures += [
+        asyncio.ensure_future(batcher.submit(i, "b", priority=BULK)) for i in range(100, 100 + bulk_items)
+    ]
+    await eventually(lambda: batcher.bulk_depth == bulk_items, 10, "the bulk items queued")
+    for wave in range(1, most_waves + 1):
+        futures += [asyncio.ensure_future(batcher.submit(10 * wave + i, "a")) for i in range(1, 5)]
+        await eventually(lambda: batcher.depth == 4, 10, "the wave queued")
+        await model.step(len(model.calls) + 1)
+        if model.calls[-1][1] == "b":
+            break
+    return futures
+
+
+async def answer_all(model: SteppedModel, futures: list[asyncio.Future[int]]) -> None:
+    model.permits.release(100)
+    await asyncio.wait_for(asyncio.gather(*futures), 30)
+    model.permits = threading.Semaphore(0)  # all answered: the spare permits go
+
+
+async def test_bulk_work_of_other_options_gets_a_small_turn_amid_steady_traffic() -> None:
+    # Steady traffic of group "a" never leaves room for bulk work of group "b" (other options: a
+    # quality gate's, a job of other beams). Once it has waited bulk_max_wait, one bulk batch of
+    # max_bulk_batch_size goes between two interactive ones; the interactive wave queued meanwhile
+    # goes next, though bulk work still waits (its wait starts again).
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=4, max_bulk_batch_size=2, bulk_max_wait_s=0.05)
+    futures = await other_traffic(batcher, model, bulk_items=5, most_waves=2000)
+    groups = [group for _, group in model.calls]
+    assert groups[-1] == "b" and len(model.calls[-1][0]) == 2 and set(groups[:-1]) == {"a"}
+    await model.step(len(model.calls) + 1)
+    assert model.calls[-1][1] == "a"  # the queued wave, not the 3 bulk items still waiting
+    await answer_all(model, futures)
+    assert sorted(item for items, group in model.calls if group == "b" for item in items) == list(
+        range(100, 105)
+    )
+    await batcher.close(5)
+
+
+async def test_without_a_longest_wait_bulk_work_of_other_options_waits_for_calm() -> None:
+    model = SteppedModel()
+    batcher = make(model, max_batch_size=4, max_bulk_batch_size=2)
+    futures = await other_traffic(batcher, model, bulk_items=2, most_waves=30)
+    assert {group for _, group in model.calls} == {"a"}
+    await answer_all(model, futures)
     await batcher.close(5)

@@ -17,7 +17,7 @@ from captionfleet.cli import main
 from captionfleet.runtime.engine.captioner import load_captioner
 from captionfleet.runtime.engine.loading import bundled_model_dir
 from captionfleet.runtime.engine.types import GenerationOptions
-from captionfleet.runtime.training.bundle import OutputDirError
+from captionfleet.runtime.training.bundle import OutputDirError, cpu_seconds
 from captionfleet.runtime.training.model import Architecture, build_tokenizer
 from captionfleet.runtime.training.scenes import (
     BACKGROUND_COLOURS,
@@ -200,8 +200,11 @@ def test_train_command_saves_a_model_the_engine_and_transformers_load(
     assert manifest["training"]["settings"]["steps"] == 12
     assert manifest["training"]["command"].startswith(f"captionfleet train --output-dir {output}")
     assert manifest["evaluation"]["n"] == 8
+    # This process's CPU time, the run's included: what the time budget is checked against.
+    assert 0 < manifest["training"]["cpu_seconds"] <= cpu_seconds()
     card = (output / "README.md").read_text()
     assert manifest["training"]["command"] in card and "exact match" in card
+    assert f"({manifest['training']['cpu_seconds']:.0f} CPU seconds)" in card
 
     preprocessor = json.loads((output / "preprocessor_config.json").read_text())
     assert preprocessor["size"] == {"height": 32, "width": 32}
