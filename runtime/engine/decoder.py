@@ -19,8 +19,9 @@ self-attention cache at every step. Here:
 Where a CPU step's time goes (``torch.profiler``, ``blip-mini-random``, batch 32, beam 3, one thread):
 the vocabulary projection first, then the cross-attention's small batched matmuls and the 4 layers'
 linears, then ``log_softmax`` and ``topk`` over the vocabulary; the beam bookkeeping and the cache
-reorder are a few per cent. Those are the same arithmetic as transformers'; what it does besides is reorder the
-cross-attention cache of every beam at every step and recompute the prompt's work per beam.
+reorder are a few per cent. Those are the same arithmetic as transformers'; what transformers does
+besides is reorder every beam's cross-attention cache at every step and compute per beam what is
+per image.
 
 The math mirrors ``transformers.models.blip.modeling_blip_text`` exactly: the same ``nn.Linear``,
 ``LayerNorm`` and head modules of the loaded model are called (so int8-quantised linears work too),
