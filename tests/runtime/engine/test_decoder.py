@@ -233,11 +233,12 @@ def test_no_ngram_twice_and_both_decoders_agree(tiny_model_dir: Path, size: int,
 
 def test_the_vocabulary_projection_matches_its_linear_and_falls_back_where_it_must() -> None:
     """The packed oneDNN matmul (fp32 CPU) gives the module's logits to the last bits; a module it
-    cannot pack (int8-quantised) is called as it is."""
-    from captionfleet.runtime.engine.decoder import VocabularyProjection
+    cannot pack (int8-quantised), or a small vocabulary, is called as it is."""
+    from captionfleet.runtime.engine.decoder import PACKED_MIN_VOCABULARY, VocabularyProjection
 
     torch.manual_seed(0)
-    linear = torch.nn.Linear(48, 1000)
+    assert VocabularyProjection(torch.nn.Linear(48, PACKED_MIN_VOCABULARY - 1)).packed is None
+    linear = torch.nn.Linear(48, PACKED_MIN_VOCABULARY)
     hidden = torch.randn(7, 48)
     projection = VocabularyProjection(linear)
     assert (projection.packed is not None) == torch.backends.mkldnn.is_available()
