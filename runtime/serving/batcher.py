@@ -346,9 +346,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
                 continue
             now = time.monotonic()
             if self._bulk_starved_in(now) <= 0:
-                return self._take(
-                    [], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size)
-                )
+                return self._owed_bulk_batch()
             oldest = self._queue[0]
             members = self._members(self._queue, oldest.group)
             due = self._due(oldest.enqueued, len(members))
@@ -395,10 +393,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             self._bulk_run = min(self.max_batch_size, 2 * size)  # the longer the calm, the larger
             return self._take([], self._members(self._bulk, group, size))
         if starved_in <= 0:
-            return self._take([], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size))
+            return self._owed_bulk_batch()
         self._wakeup.clear()
-        timeout = min(quiet_in, starved_in) if self._bulk else None
-        timeout = timeout if timeout is not None and math.isfinite(timeout) else None
+        soonest = min(quiet_in, starved_in)
+        timeout = soonest if self._bulk and math.isfinite(soonest) else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
         return []
@@ -441,6 +439,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         if not self._bulk or not math.isfinite(self.bulk_max_wait_s):
             return math.inf
         return max(self._bulk_taken, self._bulk[0].enqueued) + self.bulk_max_wait_s - now
+
+    def _owed_bulk_batch(self) -> list[_Request[ItemT, GroupT, ResultT]]:
+        """The small bulk batch (``max_bulk_batch_size``, the oldest's group) owed to starved bulk work."""
+        return self._take([], self._members(self._bulk, self._bulk[0].group, self.max_bulk_batch_size))
 
     def _quiet_in(self) -> float:
         """Seconds until the model counts as idle for bulk work (``inf`` while a request is prepared)."""
