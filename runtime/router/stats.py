@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,23 +60,17 @@ from captionfleet.settings.router import RouterSettings
 DEFAULT_MAX_SLOTS = RouterSettings().stats_max_slots
 ERROR_KINDS = ("status_5xx", "timeouts", "connect_failures", "bad_responses")
 COUNTED_APART = ("retries", "fallbacks", "bulk", "cold_starts", "cold_start_rejections")
-"""Counts beside the requests: each event counted in its own field and nowhere else."""
+"""Counts beside the requests: each event counted under its own name and nowhere else. ``bulk``: bulk
+requests, never in requests, errors or latency; ``cold_starts``: holds that began while none of the
+version's requests was held; ``cold_start_rejections``: 503 cold_start (too many held, too many bytes,
+held too long)."""
 
 
 @dataclass(slots=True)  # one per slot per version: no __dict__
 class Figures:
     """Counts of one version over some span of time."""
 
-    requests: int = 0
-    status_5xx: int = 0
-    timeouts: int = 0
-    connect_failures: int = 0
-    bad_responses: int = 0
-    retries: int = 0
-    fallbacks: int = 0
-    bulk: int = 0  # bulk requests: counted apart, never in requests, errors or latency
-    cold_starts: int = 0  # holds that began while none of the version's requests was held
-    cold_start_rejections: int = 0  # 503 cold_start: too many held, too many bytes, held too long
+    counts: Counter[str] = field(default_factory=Counter)  # requests, ERROR_KINDS, COUNTED_APART by name
     latency_sum_ms: float = 0.0
     latency_counts: list[int] = field(default_factory=empty_counts)
     confidence_sum: float = 0.0  # of the 200 caption answers relayed (maxConfidenceDrop)
@@ -83,20 +78,24 @@ class Figures:
     shadow: ShadowFigures | None = None  # copies sent to this version (shadow.py); None: none yet
 
     @property
+    def requests(self) -> int:
+        return self.counts["requests"]
+
+    @property
     def errors(self) -> int:
-        return self.status_5xx + self.timeouts + self.connect_failures + self.bad_responses
+        return sum(self.counts[name] for name in ERROR_KINDS)
 
     def record(self, error: str | None, latency_ms: float, retries: int) -> None:
-        self.requests += 1
+        self.counts["requests"] += 1
         if error is not None:
-            setattr(self, error, getattr(self, error) + 1)
-        self.retries += retries
+            self.counts[error] += 1
+        if retries:
+            self.counts["retries"] += retries
         self.latency_sum_ms += latency_ms
         self.latency_counts[bucket_index(latency_ms)] += 1
 
     def add(self, other: Figures) -> None:
-        for name in ("requests", *ERROR_KINDS, *COUNTED_APART):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.counts.update(other.counts)
         self.latency_sum_ms += other.latency_sum_ms
         self.latency_counts = [a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)]
         self.confidence_sum += other.confidence_sum
@@ -116,8 +115,7 @@ class Figures:
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
-            **{name: getattr(self, name) for name in ERROR_KINDS},
-            **{name: getattr(self, name) for name in COUNTED_APART},
+            **{name: self.counts[name] for name in (*ERROR_KINDS, *COUNTED_APART)},
             "latency_ms": latency_json(self.latency_sum_ms, self.latency_counts),
             "confidence": {
                 "count": self.confidences,
@@ -171,9 +169,8 @@ class VersionFigures:
 
     def count(self, second: int, name: str) -> None:
         """One more of ``name`` (one of COUNTED_APART but retries)."""
-        figures = self._slot(second).figures
-        setattr(figures, name, getattr(figures, name) + 1)
-        setattr(self.total, name, getattr(self.total, name) + 1)
+        self._slot(second).figures.counts[name] += 1
+        self.total.counts[name] += 1
 
     def slots(self, first: int, last: int) -> Iterable[_Slot]:
         """Slots numbered first..last, oldest first."""
