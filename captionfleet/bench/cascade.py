@@ -39,12 +39,15 @@ ROUNDS = 2
 class PathFigures:
     """One side's answers over its rounds."""
 
-    answered: int = 0
     failed: int = 0
     elapsed_s: float = 0.0
     exact: int = 0
     escalated: int = 0
-    latencies_s: list[float] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)  # one per answer
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_s)
 
     @property
     def throughput(self) -> float:
@@ -139,7 +142,6 @@ async def _round(
                 into.failed += 1
                 continue
             into.latencies_s.append(time.perf_counter() - began)
-            into.answered += 1
             into.exact += str(body.get("caption", "")).strip().lower() == reference.lower()
             into.escalated += bool((body.get("cascade") or {}).get("escalated"))
 
