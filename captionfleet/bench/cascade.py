@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -35,19 +35,33 @@ from captionfleet.settings.serve import ServeSettings
 ROUNDS = 2
 
 
+class Answer(NamedTuple):
+    """One 200 answer of a side."""
+
+    latency_s: float
+    exact: bool  # its caption is the scene's reference (case and outer spaces ignored)
+    escalated: bool  # the cascade sent it on to the quality tier
+
+
 @dataclass
 class PathFigures:
     """One side's answers over its rounds."""
 
+    answers: list[Answer] = field(default_factory=list)
     failed: int = 0
     elapsed_s: float = 0.0
-    exact: int = 0
-    escalated: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # one per answer
 
     @property
     def answered(self) -> int:
-        return len(self.latencies_s)
+        return len(self.answers)
+
+    @property
+    def exact(self) -> int:
+        return sum(answer.exact for answer in self.answers)
+
+    @property
+    def escalated(self) -> int:
+        return sum(answer.escalated for answer in self.answers)
 
     @property
     def throughput(self) -> float:
@@ -55,12 +69,13 @@ class PathFigures:
 
     def summary(self) -> dict[str, Any]:
         answered = max(1, self.answered)
+        latencies_s = [answer.latency_s for answer in self.answers]
         return {
             "answered": self.answered,
             "failed": self.failed,
             "throughput_rps": round(self.throughput, 3),
-            "p50_ms": round(percentile(self.latencies_s, 50) * 1000, 1) if self.latencies_s else None,
-            "p99_ms": round(percentile(self.latencies_s, 99) * 1000, 1) if self.latencies_s else None,
+            "p50_ms": round(percentile(latencies_s, 50) * 1000, 1) if latencies_s else None,
+            "p99_ms": round(percentile(latencies_s, 99) * 1000, 1) if latencies_s else None,
             "exact_match": round(self.exact / answered, 4),
             "escalation_rate": round(self.escalated / answered, 4),
         }
@@ -141,9 +156,9 @@ async def _round(
             if not ok:
                 into.failed += 1
                 continue
-            into.latencies_s.append(time.perf_counter() - began)
-            into.exact += str(body.get("caption", "")).strip().lower() == reference.lower()
-            into.escalated += bool((body.get("cascade") or {}).get("escalated"))
+            latency_s = time.perf_counter() - began
+            exact = str(body.get("caption", "")).strip().lower() == reference.lower()
+            into.answers.append(Answer(latency_s, exact, bool((body.get("cascade") or {}).get("escalated"))))
 
     started = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=clients)
