@@ -82,7 +82,10 @@ class Measured:
 class GateOutcome:
     verdict: GateVerdict
     gate: GateState
-    message: str
+
+    @property
+    def message(self) -> str:
+        return self.gate.message
 
 
 def pending(spec: QualityGate) -> GateState:
@@ -135,13 +138,13 @@ def judge(spec: QualityGate, version: str, measured: Measured, now: str) -> Gate
         time=now,
         message=message,
     )
-    return GateOutcome("failed" if missed else "passed", gate, message)
+    return GateOutcome("failed" if missed else "passed", gate)
 
 
 def timed_out(spec: QualityGate, version: str, now: str) -> GateOutcome:
     message = f"canary {version} failed the quality gate: scoring took longer than timeout {spec.timeout}"
     gate = pending(spec).model_copy(update={"phase": "Failed", "time": now, "message": message})
-    return GateOutcome("failed", gate, message)
+    return GateOutcome("failed", gate)
 
 
 def unjudged(spec: QualityGate, version: str, why: str, now: str) -> GateOutcome:
@@ -149,7 +152,7 @@ def unjudged(spec: QualityGate, version: str, why: str, now: str) -> GateOutcome
         f"the quality gate of canary {version} could not run: {why}; it is tried again at the next check"
     )
     gate = pending(spec).model_copy(update={"phase": "Error", "time": now, "message": message})
-    return GateOutcome("error", gate, message)
+    return GateOutcome("error", gate)
 
 
 def no_operator_key(spec: QualityGate, version: str, now: str) -> GateOutcome:
