@@ -121,19 +121,20 @@ async def run_load(
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 600.0,
     session: aiohttp.ClientSession | None = None,
+    warm_wave: bool = False,
 ) -> LoadResult:
     """POST ``count`` requests to ``url`` from ``concurrency`` clients; stop sending after ``max_seconds``.
 
     Pass ``session`` to reuse its connections across runs (its connector should allow ``concurrency``
     connections); otherwise a session with exactly ``concurrency`` connections is made for the run.
+    ``warm_wave``: first one request from every client, not counted, so that the run measures the steady
+    state at this concurrency: connections open, and the server's batches formed by these clients (not
+    by the previous run's, or by clients still connecting).
     """
     if concurrency < 1 or count < 0 or not payloads:
         raise ValueError("run_load needs concurrency >= 1, count >= 0 and at least one payload")
     result = LoadResult(concurrency=concurrency)
     next_index = 0
-    cpu_started = time.process_time()
-    started = time.perf_counter()
-    stop_at = started + max_seconds
 
     async def client(http: aiohttp.ClientSession) -> None:
         nonlocal next_index
@@ -149,6 +150,13 @@ async def run_load(
         timeout=aiohttp.ClientTimeout(total=timeout_s),
     )
     try:
+        if warm_wave:
+            uncounted = LoadResult(concurrency=concurrency)
+            wave = [payloads[index % len(payloads)] for index in range(concurrency)]
+            await asyncio.gather(*(_one(http, url, payload, headers or {}, uncounted) for payload in wave))
+        cpu_started = time.process_time()
+        started = time.perf_counter()
+        stop_at = started + max_seconds
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     finally:
         if own:

@@ -1,7 +1,9 @@
 """Serving: ``captionfleet serve`` vs the naive baseline server, same model, same photos, same clients.
 
 Both servers run as subprocesses and are measured one after the other at each concurrency (the order
-alternates between levels, so that neither always runs on a warmer machine). The result cache of ours
+alternates between levels, so that neither always runs on a warmer machine), each run after one
+uncounted wave of its clients (``warm_wave``): the steady state at that concurrency, not the
+connections being opened and the batches of the level before. The result cache of ours
 is off: the baseline has none, and each photo is sent many times.
 """
 
@@ -68,6 +70,7 @@ async def compare_serving(
                 concurrency=level,
                 count=requests_at(settings, level),
                 max_seconds=settings.run_seconds,
+                warm_wave=True,
             )
         rows.append(ServingRow(model, level, results["ours"], results["naive"]))
     return rows

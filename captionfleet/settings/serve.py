@@ -93,14 +93,16 @@ class ServeSettings(EdgeSettings, GenerationSettings):
     )
     idle_dispatch: bool = setting(
         True,
-        "The idle fast path: a free model runs the oldest group at once when it holds as many requests "
-        "as the last batch ran (one client's latency gets no max_queue_delay_ms added).",
+        "The idle fast path: a free model runs the oldest group at once when it holds its companions: "
+        "the last batch's requests and those of its options that arrived while it ran (one client's "
+        "latency gets no max_queue_delay_ms added).",
     )
     wait_for_arrivals: bool = setting(
         True,
-        "A free model whose queue holds fewer requests than the last batch ran waits max_queue_delay_ms "
-        "for the rest to come back, and for those still being decoded (at most one batch's duration), "
-        "so that closed-loop clients do not split into a large and a small batch in turn.",
+        "A free model whose queue holds fewer than its companions (see idle_dispatch) waits "
+        "max_queue_delay_ms for the rest to come back, longer while they keep arriving or are being "
+        "decoded (at most one batch's duration), so that closed-loop clients do not split into a large "
+        "and a small batch in turn.",
     )
     max_queue_size: int = setting(
         256, "Requests waiting for the model before new ones get 503 + Retry-After."

@@ -230,7 +230,10 @@ class Captioner:
         # More returned beams than suggestions leave room to drop near-duplicates.
         returned = options.num_beams if options.suggestions > 1 else 1
         pixels = pixel_values.to(device=self.device, dtype=self.dtype)
-        states = self.model.vision_model(pixel_values=pixels)[0]
+        if self._native is not None:
+            states = self._native.encode_images(pixels)
+        else:
+            states = self.model.vision_model(pixel_values=pixels)[0]
         scores = self._ood_scores(states, learn)
         ngrams = [
             options.ood_no_repeat_ngram_size

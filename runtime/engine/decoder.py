@@ -5,7 +5,8 @@ bookkeeping (a growing ``DynamicCache``, logits processors, output tuples), and 
 expands the image features to every beam and reorders the cross-attention cache with the
 self-attention cache at every step. Here:
 
-- the image is encoded once; each decoder layer's cross-attention keys and values are computed once
+- the image is encoded once, the vision encoder's attention fused (:mod:`vision`: transformers runs
+  it as four eager kernels); each decoder layer's cross-attention keys and values are computed once
   per *image*, and the queries of all of an image's beams attend to them in one batched matmul;
 - the self-attention cache is preallocated at its final length (prompt + ``max_new_tokens``), written in
   place, and reordered along the beam dimension only over the positions already written;
@@ -51,6 +52,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional
+
+from captionfleet.runtime.engine.vision import encode_images
 
 NEG = -1.0e9
 """transformers' beam search marks excluded candidates with this score; the same value keeps ties equal."""
@@ -308,8 +311,11 @@ class BlipDecoder:
     def generate(self, pixel_values: torch.Tensor, prompt_ids: list[int], **options: Any) -> DecodeOutput:
         """Caption a batch as ``model.generate`` would; ``prompt_ids`` starts with BOS, no SEP; the
         options are :meth:`generate_from_states`'s."""
-        states = self.model.vision_model(pixel_values=pixel_values)[0]
-        return self.generate_from_states(states, prompt_ids, **options)
+        return self.generate_from_states(self.encode_images(pixel_values), prompt_ids, **options)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision encoder's states, its attention fused (:mod:`vision`)."""
+        return encode_images(self.model.vision_model, pixel_values)
 
     @torch.inference_mode()
     def generate_from_states(

@@ -8,19 +8,24 @@ path (results, the model's exception, a wrong result count, a deadline, a shutdo
 - a batch goes when it is full, or ``max_queue_delay`` after its oldest request arrived, or at once
   while closing; a full batch of another group may go before the oldest group's delay ends;
 - the idle fast path: the model is free (one consumer runs one batch at a time) and the oldest group
-  already holds as many requests as the last batch ran, so the companions the delay would wait for
-  have come: it goes at once. At one client that is every request (no ``max_queue_delay`` added to
-  its latency); under load batches stay as large as before, since a batch that went small is followed
-  by one that waits again;
-- the arrival wait (``wait_for_arrivals``): a free model whose oldest group holds fewer requests than
-  the last batch ran waits for those still on their way (callers inside :meth:`preparing`: reading,
-  decoding, preprocessing), for ``max_queue_delay`` from the moment the model became free and then as
-  long as any is on its way, never longer than the last batch took. Why: in a closed loop (each
-  client sends its next request when answered) the requests queued while a batch ran go alone the
-  moment it ends, their delay long expired, and the answered ones come back to find the model busy:
-  the batches settle into a large one and a small one in turn (31 and 1 at 32 clients, measured), and
-  a batch of 1 costs a third of a batch of 31. Waiting longer than one batch takes cannot pay off:
-  running now and the stragglers next costs that much;
+  already holds its expected *companions*, so those the delay would wait for have come: it goes at
+  once. The companions are the last batch's interactive requests (their clients come back) plus those
+  of its group that arrived while it ran, at most ``max_batch_size``. At one client that is every
+  request (no ``max_queue_delay`` added to its latency); under load batches stay as large as before,
+  since a batch that went small is followed by one that waits again;
+- the arrival wait (``wait_for_arrivals``): a free model whose oldest group holds fewer than its
+  companions waits for the others: ``max_queue_delay`` from the moment the model became free, then as
+  long as requests keep arriving (``max_queue_delay`` after the latest) or any is on its way (callers
+  inside :meth:`preparing`: reading, decoding, preprocessing), never longer than the last batch took.
+  Why: in a closed loop (each client sends its next request when answered) the requests queued while a
+  batch ran go alone the moment it ends, their delay long expired, and the answered ones come back to
+  find the model busy: the batches settle into a large one and a small one in turn (31 and 1 at 32
+  clients, measured), and a batch of 1 costs a third of a batch of 31. Counting as companions only the
+  last batch's size kept such a split once it had formed (29 and 3 at 32 clients, 3 and 1 at 4,
+  traced): the next batch went as soon as the returning clients alone were back. Counting those that
+  arrived meanwhile too makes the two halves one batch again. Waiting longer than one batch takes cannot
+  pay off: running now and the stragglers next costs that much; and in an open loop, where answered
+  clients do not come back, the wait ends ``max_queue_delay`` after the last arrival;
 - ``max_queue_size`` bounds the waiting requests (:class:`QueueFull` beyond, with a retry hint);
 - a deadline per request counts its queue time: an expired request is answered with
   :class:`DeadlineExceeded` when the deadline passes, and is never sent to the model;
@@ -163,7 +168,10 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         # One thread: the model serves one batch at a time; a second would only contend for it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._last_batch_s = 0.0
-        self._last_batch_size = 0  # its interactive requests: bulk filler is no sign of companions
+        # The interactive requests the next batch expects (see the arrival wait): the last batch's,
+        # whose clients come back, and those of its group that arrived while it ran. Bulk filler is no
+        # sign of companions.
+        self._companions = 0
         self._free_since = 0.0
         self.idle_dispatch = idle_dispatch
         self.bulk_calm_of_a_batch = bulk_calm_of_a_batch
@@ -351,7 +359,7 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
             members = self._members(self._queue, oldest.group)
             due = self._due(oldest.enqueued, len(members))
             enough = len(members) >= self.max_batch_size or (
-                self.idle_dispatch and len(members) >= self._last_batch_size
+                self.idle_dispatch and len(members) >= self._companions
             )
             if not (enough or self._closing or self._flushing or now >= due):
                 members = self._full_group() or []
@@ -370,12 +378,13 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
     def _due(self, oldest_enqueued: float, queued: int) -> float:
         """When the oldest group goes without being full (see the arrival wait above)."""
         due = oldest_enqueued + self.max_queue_delay_s
-        if not self.wait_for_arrivals or queued >= self._last_batch_size:
+        if not self.wait_for_arrivals or queued >= self._companions:
             return due
-        due = max(due, self._free_since + self.max_queue_delay_s)
-        if self._preparing > 0:
-            due = max(due, self._free_since + self._last_batch_s)
-        return due
+        # Arrivals keep the wait open: max_queue_delay after the latest (or while one is prepared).
+        latest = max(self._free_since, self._last_interactive)
+        arriving = math.inf if self._preparing > 0 else latest + self.max_queue_delay_s
+        longest = self._free_since + max(self._last_batch_s, self.max_queue_delay_s)
+        return max(due, min(arriving, longest))
 
     async def _bulk_batch(self) -> list[_Request[ItemT, GroupT, ResultT]]:
         """No interactive request waits: a bulk batch if the model is idle, else wait (empty list).
@@ -552,7 +561,8 @@ class DynamicBatcher(Generic[ItemT, GroupT, ResultT]):
         self.cost.observe(len(batch), elapsed)
         interactive = sum(1 for r in batch if r.priority is Priority.INTERACTIVE)
         if interactive:  # a bulk-only batch says nothing of how many interactive companions come
-            self._last_batch_size = interactive
+            arrived = sum(1 for r in self._queue if r.group == batch[0].group)
+            self._companions = min(self.max_batch_size, interactive + arrived)
             self._interactive_seen()  # its clients are about to send their next requests
         self._observer.batch_done(len(batch), [started - r.enqueued for r in batch], elapsed)
 

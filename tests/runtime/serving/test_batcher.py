@@ -31,6 +31,8 @@ class GatedModel:
         self.gate.set()
         self.fail_with: Exception | None = None
         self.drop_one = False
+        self.gates: dict[int, threading.Event] = {}
+        """Gates of single calls by index, held instead of ``gate`` (a batch held while others run)."""
 
     def hold(self) -> None:
         self.gate.clear()
@@ -40,9 +42,10 @@ class GatedModel:
         self.gate.set()
 
     def __call__(self, items: list[int], group: str) -> Sequence[int]:
+        gate = self.gates.get(len(self.calls), self.gate)
         self.calls.append((list(items), group))
         self.entered.set()
-        assert self.gate.wait(30), "the test never released the model"
+        assert gate.wait(30), "the test never released the model"
         if self.fail_with is not None:
             raise self.fail_with
         results = [item * 10 for item in items]
@@ -145,14 +148,43 @@ async def test_after_a_larger_batch_a_lone_request_waits_for_companions(model: G
     first = await occupy(batcher, model)  # idle: goes at once
     burst = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(1, 6)]
     await eventually(lambda: batcher.depth == 5, 10, "5 queued requests")
-    model.release()  # the 5 are as many as the last batch (1) and more: they go together at once
-    assert await asyncio.wait_for(asyncio.gather(first, *burst), 10) == [i * 10 for i in range(6)]
-    lone = asyncio.ensure_future(batcher.submit(6, "a"))
+    model.release()
+    assert await asyncio.wait_for(first, 10) == 0
+    # The companions are the 5 that arrived while [0] ran and [0]'s client, which comes back: the 5
+    # wait for it (the delay is 30 s) instead of going without it and splitting the clients in two.
+    back = asyncio.ensure_future(batcher.submit(6, "a"))
+    assert await asyncio.wait_for(asyncio.gather(*burst, back), 10) == [i * 10 for i in range(1, 7)]
+    lone = asyncio.ensure_future(batcher.submit(7, "a"))
     await eventually(lambda: batcher.depth == 1, 10, "the lone request queued")
-    # The last batch held 5: the lone request waits (the delay is 30 s) until 4 companions come.
-    later = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(7, 11)]
-    assert await asyncio.wait_for(asyncio.gather(lone, *later), 10) == [i * 10 for i in range(6, 11)]
-    assert [items for items, _ in model.calls] == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    # The last batch held 6: the lone request waits until 5 companions come.
+    later = [asyncio.ensure_future(batcher.submit(i, "a")) for i in range(8, 13)]
+    assert await asyncio.wait_for(asyncio.gather(lone, *later), 10) == [i * 10 for i in range(7, 13)]
+    assert [items for items, _ in model.calls] == [[0], [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    await batcher.close(5)
+
+
+async def test_a_split_closed_loop_becomes_one_batch_again(model: GatedModel) -> None:
+    """Four clients split 3 and 1 (the one arrived while the three ran). Once the three are answered
+    and come back, the next batch waits for them and holds all four; counting only the last batch's
+    three as companions, it went with the first three back and left the fourth to go alone."""
+    batcher = make(model, max_batch_size=8, max_queue_delay_s=30)
+    other = await occupy(batcher, model, group="b")
+    three = [asyncio.ensure_future(batcher.submit(i, "a")) for i in (1, 2, 3)]
+    await eventually(lambda: batcher.depth == 3, 10, "3 queued requests")
+    model.gates[1] = three_held = threading.Event()
+    model.release()  # the "b" batch ends; [1, 2, 3] goes (they are the one companion and more)
+    await eventually(lambda: len(model.calls) == 2, 10, "the batch of three on the model")
+    fourth = asyncio.ensure_future(batcher.submit(4, "a"))
+    await eventually(lambda: batcher.depth == 1, 10, "the fourth queued")
+    three_held.set()
+    assert await asyncio.wait_for(asyncio.gather(other, *three), 10) == [0, 10, 20, 30]
+    back = []
+    for item in (5, 6, 7):  # one at a time, as the clients come back
+        back.append(asyncio.ensure_future(batcher.submit(item, "a")))
+        queued = len(back) + 1
+        await eventually(lambda: bool(model.calls[2:]) or batcher.depth == queued, 10, "queued")  # noqa: B023
+    assert await asyncio.wait_for(asyncio.gather(fourth, *back), 10) == [40, 50, 60, 70]
+    assert [items for items, _ in model.calls][2:] == [[4, 5, 6, 7]]
     await batcher.close(5)
 
 
