@@ -84,3 +84,30 @@ async def test_runs_added_together_count_every_request_of_both(scripted_url: str
     assert total.failures == first.failures + second.failures
     assert sorted(total.latencies_s) == sorted(first.latencies_s + second.latencies_s)
     assert total.cached == 2 and total.elapsed_s >= first.elapsed_s + second.elapsed_s
+
+
+async def test_the_warm_wave_sends_one_request_per_client_uncounted() -> None:
+    """``warm_wave``: the server sees one request from every client before the counted ones, and the
+    run counts only those (the connections opened by the wave are the ones the run uses)."""
+    seen: list[tuple[int, int]] = []  # (arrival, client port)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        seen.append((len(seen), request.transport.get_extra_info("peername")[1]))
+        return web.json_response({"caption": "x"})
+
+    app = web.Application()
+    app.router.add_post("/v1/caption", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("/v1/caption"))
+        result = await run_load(url, [Payload(b"x")], concurrency=3, count=7, warm_wave=True)
+    finally:
+        await server.close()
+    assert result.sent == 7 and result.ok == 7 and len(result.latencies_s) == 7
+    assert len(seen) == 3 + 7
+    wave_ports = {port for _, port in seen[:3]}
+    assert len(wave_ports) == 3  # one request per client
+    assert {port for _, port in seen[3:]} <= wave_ports  # the run reuses the wave's connections
