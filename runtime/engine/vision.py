@@ -6,7 +6,7 @@ the same modules of the loaded model are called in the same order (embeddings, t
 ``layer_norm1``, attention, residual, ``layer_norm2``, MLP, residual, then ``post_layernorm``), and only
 the attention's core is one ``scaled_dot_product_attention`` call (torch's fused CPU kernel; flash or
 memory-efficient kernels on CUDA), with BLIP's own scale. Measured on ``blip-mini-random`` (224 px, 197
-tokens, 6 layers; batch 32, 2 threads, alternating 4 rounds): 20-27 % less time for the encoder, and the
+tokens, 6 layers; batch 32, 2 threads, alternating 4 rounds): 18-28 % less time for the encoder, and the
 states equal to transformers' to the last bit on the CPU (the agreement tests compare the captions).
 """
 
