@@ -73,8 +73,9 @@ class RouterSettings(EdgeSettings):
     )
     outlier_connect_failures: int = setting(
         1,
-        "Connection failures in a row (refused, reset, connect timeout) that take an endpoint out of "
-        "rotation until a probe of its /readyz succeeds; 0: never.",
+        "Failed connection attempts in a row (refused, connect timeout) that take an endpoint out of "
+        "rotation until a probe of its /readyz succeeds; 0: never. A connection dropped once the request "
+        "went out is retried and does not count.",
     )
     outlier_timeouts: int = setting(
         2,

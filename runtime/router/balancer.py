@@ -2,12 +2,15 @@
 
 Passive health checking, as Envoy's outlier detection does it, with an active probe to come back:
 
-- An endpoint is *ejected* after ``connect_failures`` connection failures in a row (refused, reset,
-  connect timeout: default 1, a pod that is gone) or ``timeouts`` requests in a row that ran out of
+- An endpoint is *ejected* after ``connect_failures`` failed connection attempts in a row (refused
+  or connect timeout: default 1, a pod that is gone) or ``timeouts`` requests in a row that ran out of
   budget without an answer from it (default 2: one may be a slow batch, two with no answer in between
   is a hung pod). A timeout counts only when the attempt had at least ``timeout_min_budget_s``: a
-  client's short ``X-Request-Timeout-Ms`` says nothing about the endpoint. Any answer, whatever its
-  status, resets both counts.
+  client's short ``X-Request-Timeout-Ms`` says nothing about the endpoint. A connection dropped once
+  the request went out (a reset, a kept-alive connection the runtime closed as it was reused) counts
+  as neither: the request is retried, and a pod that is gone refuses the retry's connection, which
+  counts. Ejecting on a drop would answer every other request of a one-pod version 503 until the
+  retry came back. Any answer, whatever its status, resets both counts.
 - An ejected endpoint takes no requests. After its ejection time a background task asks it
   ``GET /readyz`` (``probe_timeout_s``); a 200 brings it back, anything else ejects it again. The
   ejection time is ``base_ejection_s`` doubled with each ejection in a row (a failed probe included),
@@ -168,7 +171,7 @@ class Balancer:
     # -- outcomes ---------------------------------------------------------------------------------
 
     def connect_failed(self, endpoint: str) -> None:
-        """An attempt could not reach ``endpoint`` (refused, reset, connect timeout)."""
+        """An attempt could not connect to ``endpoint`` (refused, connect timeout)."""
         self._failed(endpoint, "connect")
 
     def timed_out(self, endpoint: str, budget_s: float) -> None:

@@ -197,7 +197,7 @@ def _outlier_figures(balancer: Balancer) -> Iterator[Metric]:
     counts = balancer.counts
     ejections = CounterMetricFamily(
         "captionfleet_router_endpoint_ejections",
-        "Endpoints taken out of rotation, by cause (connect: refused or reset; timeout: no answer)",
+        "Endpoints taken out of rotation, by cause (connect: refused or connect timeout; timeout: no answer)",
         labels=["cause"],
     )
     for cause, count in counts.ejections.items():

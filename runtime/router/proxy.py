@@ -258,7 +258,6 @@ class Forwarder:
                     try:
                         content = await self.read_answer(response, url)
                     except aiohttp.ClientConnectionError as exc:  # dropped before the answer was in
-                        self.balancer.connect_failed(url)
                         raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=False) from exc
                     except aiohttp.ClientPayloadError as exc:
                         log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
@@ -291,8 +290,12 @@ class Forwarder:
                         allow_redirects=False,
                     )
                 except aiohttp.ClientConnectionError as exc:
-                    self.balancer.connect_failed(url)
-                    unsent = isinstance(exc, aiohttp.ClientConnectorError)  # no connection: nothing sent
+                    # Only a connection that could not be made counts against the endpoint: one dropped
+                    # once the request went out (a reset, a kept-alive connection the runtime closed)
+                    # is retried, and a pod that is gone refuses the retry's connection.
+                    unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+                    if unsent:
+                        self.balancer.connect_failed(url)
                     raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=unsent) from exc
                 except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
                     log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})

@@ -3,9 +3,11 @@ CPU smoke path. No timing assertions: only that every figure is measured and eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +41,19 @@ HEADLINE_KEYS = (
 
 
 def _run(argv: list[str], cwd: Path, timeout_s: float = 480) -> dict[str, Any]:
+    """The bench's JSON; on a timeout its whole process group is killed, the servers it started too."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTIONFLEET_")}
-    done = subprocess.run(
-        [sys.executable, "-m", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    document = json.loads(done.stdout)
+    with subprocess.Popen(
+        [sys.executable, "-m", *argv], cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as bench:  # fmt: skip
+        try:
+            stdout, stderr = bench.communicate(timeout=timeout_s)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(bench.pid, signal.SIGKILL)  # nothing it started outlives the test
+    assert bench.returncode == 0, stderr[-4000:]
+    document = json.loads(stdout)
     assert isinstance(document, dict)
     return document
 

@@ -469,6 +469,16 @@ class Kubelet:
                 raise AssertionError(f"{method} {path}: {response.status} {await response.text()}")
 
     # reading
+    def warnings(self, deployment: str, most: int = 20) -> list[str]:
+        """The last warning and error lines its pods logged, access log aside: for a failing test."""
+        lines = [
+            line
+            for pod in self.pods.get(deployment, [])
+            for line in pod.log_path.read_text(errors="replace").splitlines()
+            if '"level": "warning"' in line or '"level": "error"' in line
+        ]
+        return [line for line in lines if ".access" not in line][-most:]
+
     def ready_pods(self, deployment: str) -> list[Pod]:
         return [p for p in self.pods.get(deployment, []) if p.ready and p.published]
 
@@ -551,6 +561,15 @@ class Answer:
     done: float
     status: int  # 0: no HTTP answer (connection failure, timeout)
     version: str | None  # X-Routed-Version (also on error answers), else the body's model_version
+    error: str | None = None  # an error answer's code and message, for a failing test to say why
+
+
+def _error_of(body: object) -> str | None:
+    """``code: message`` of a contract error body, else None."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    return f"{error.get('code')}: {error.get('message')}"
 
 
 class Traffic:
@@ -614,9 +633,9 @@ class Traffic:
                 body = await response.json(content_type=None)
                 if version is None and isinstance(body, dict):
                     version = body.get("model_version")
-                return Answer(user, sent, time.monotonic(), response.status, version)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return Answer(user, sent, time.monotonic(), 0, None)
+                return Answer(user, sent, time.monotonic(), response.status, version, _error_of(body))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return Answer(user, sent, time.monotonic(), 0, None, repr(exc))
 
     def since(self, moment: float) -> list[Answer]:
         return [a for a in self.answers if a.sent >= moment]

@@ -190,7 +190,10 @@ async def test_an_erroring_canary_is_rolled_back_and_gets_no_traffic_once_the_ro
     assert not late, f"{len(late)} requests sent after the router had the rollback reached the canary"
     # The clients saw exactly the injected failures: nothing else failed, none after the rollback.
     failed = [a for a in traffic.answers if a.status != 200]
-    assert all(a.status == 500 and a.version == "v2" for a in failed), failed[:5]
+    assert all(a.status == 500 and a.version == "v2" for a in failed), (
+        [a for a in failed if a.status != 500][:5],
+        fleet.kubelet.warnings(f"{NAME}-router"),
+    )
     assert len(failed) == len(proxy.injected) <= len(proxy.arrivals) // 2 + 1
     assert not [a for a in failed if a.sent > quiet_from]
     fault_to_quiet = proxy.arrivals[-1] - proxy.arrivals[0]

@@ -45,7 +45,7 @@ class FakeRuntime:
     version: str
     url: str = ""
     received: list[Received] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)  # answered in turn, then 200s
+    statuses: list[int] = field(default_factory=list)  # answered in turn, then 200s; 0: no answer
     hang: bool = False  # answer only when `release` is set
     release: asyncio.Event = field(default_factory=asyncio.Event)
     ready: bool = True  # what GET /readyz says (200 or 503)
@@ -113,6 +113,9 @@ class FakeRuntime:
         if self.answer_delay_s:
             await asyncio.sleep(self.answer_delay_s)  # the model's work, not a synchronisation
         status = self.statuses.pop(0) if self.statuses else 200
+        if status == 0 and request.transport is not None:  # the connection dropped, no answer
+            request.transport.close()
+            return web.Response()
         if status != 200:
             error = {"error": {"code": f"fake_{status}", "message": "scripted"}, "request_id": request_id}
             headers = {"Retry-After": "2"} if status in (429, 503) else {}

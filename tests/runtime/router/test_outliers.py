@@ -111,3 +111,20 @@ async def test_an_ejected_endpoint_comes_back_after_its_readyz_answers(
     assert balancer.counts.returns == 1
     statuses = [(await router.caption()).status for _ in range(4)]
     assert statuses == [200] * 4 and len(sick.received) == served + 2  # its turns again
+
+
+async def test_a_connection_dropped_after_the_request_went_out_is_retried_without_ejecting(
+    start_runtime: Any, start_router: Any
+) -> None:
+    # One pod: ejecting it for one dropped connection (a reset, a kept-alive connection it closed)
+    # would answer every other request 503 until the retry came back.
+    runtime = await start_runtime("v1")
+    runtime.statuses = [0]  # the first request's connection is closed without an answer
+    router = await start_router(routes=(f"v1={runtime.url}",))
+    balancer = router.app[ROUTER].balancer
+    first = await router.caption()
+    assert first.status == 200 and len(runtime.received) == 2  # retried on the same address
+    assert balancer.ejected_endpoints() == [] and balancer.counts.ejections == {"connect": 0, "timeout": 0}
+    assert (await router.caption()).status == 200
+    figures = await router.figures("v1")
+    assert figures["requests"] == 2 and figures["retries"] == 1 and figures["errors"] == 0

@@ -82,7 +82,9 @@ async def test_overload_answers_every_request_with_200_or_503(start_server, http
 
 
 async def test_a_request_whose_deadline_passes_in_the_queue_gets_504(start_server, http, hold_model) -> None:
-    server = await start_server(request_timeout_ms=300, cache_size=0)
+    # The first request must be on the model within the deadline too: its reading and decoding on a
+    # loaded 2-core runner have taken over 300 ms, so the deadline is a couple of seconds.
+    server = await start_server(request_timeout_ms=2000, cache_size=0)
     hold = hold_model(server)
     first = await _first_on_the_model(http, server, hold)
     status, _, body = await asyncio.wait_for(_status(http, server.url, IMAGES[1]), 10)
