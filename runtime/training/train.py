@@ -298,7 +298,7 @@ class _Stepper:
     ) -> _Stepper:
         # The auxiliary head is trained with the model and then dropped: the saved model is a plain BLIP.
         # Made even when off, which keeps the later draws the same whether the head is on or not.
-        patch_head = torch.nn.Linear(architecture.vision_hidden, sum(n for _, n in PATCH_TARGETS))
+        patch_head = torch.nn.Linear(architecture.vision.hidden, sum(n for _, n in PATCH_TARGETS))
         weight = settings.patch_loss_weight
         trained = torch.nn.ModuleList([model, patch_head] if weight else [model])
         groups = _parameter_groups(trained, settings.weight_decay)

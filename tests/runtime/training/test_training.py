@@ -19,7 +19,7 @@ from captionfleet.runtime.engine.captioner import load_captioner
 from captionfleet.runtime.engine.loading import bundled_model_dir
 from captionfleet.runtime.engine.types import GenerationOptions
 from captionfleet.runtime.training.bundle import OutputDirError, cpu_seconds
-from captionfleet.runtime.training.model import Architecture, build_tokenizer
+from captionfleet.runtime.training.model import build_tokenizer
 from captionfleet.runtime.training.scenes import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
@@ -48,7 +48,7 @@ TINY_SIZES = {
     "text_layers": 1,
     "text_heads": 2,
 }
-TINY = Architecture(**TINY_SIZES, mlp_ratio=2, max_positions=40)
+TINY = replace(TrainSettings(**TINY_SIZES, mlp_ratio=2).architecture(), max_positions=40)
 TINY_OPTIONS = [word for name, size in TINY_SIZES.items() for word in (option_name(name), str(size))]
 
 OBJECT = (
