@@ -54,12 +54,9 @@ class BulkResult:
     """Whether the job was still running when each interactive run under load ended."""
 
     @property
-    def interactive_idle(self) -> LoadResult:
-        return _pooled(self.idle_rounds)
-
-    @property
-    def interactive_busy(self) -> LoadResult:
-        return _pooled(self.busy_rounds)
+    def interactive(self) -> tuple[LoadResult, LoadResult]:
+        """The interactive runs pooled over the rounds: alone, and with a job running."""
+        return _pooled(self.idle_rounds), _pooled(self.busy_rounds)
 
     @property
     def round_ratios(self) -> list[float]:
@@ -84,7 +81,7 @@ class BulkResult:
         return self.bulk_busy_rps / self.bulk_idle_rps if self.bulk_idle_rps > 0 else math.nan
 
     def summary(self) -> dict[str, Any]:
-        idle, busy = self.interactive_idle, self.interactive_busy
+        idle, busy = self.interactive
         return {
             "rounds": len(self.round_ratios),
             "interactive_idle": idle.summary() | {"p99_spread": round(_spread(self.idle_rounds), 3)},

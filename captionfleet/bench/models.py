@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captionfleet.runtime.training.model import Architecture, Tower, blip_config
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BOS_TOKEN = "[DEC]"
 
@@ -21,36 +23,40 @@ class BlipSpec:
     """A BLIP captioning architecture: a ViT image encoder and a BERT-style decoder with cross-attention."""
 
     name: str
-    image_size: int
-    patch_size: int
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    mlp_ratio: int = 4
+    architecture: Architecture
     vocab_size: int = 30524
     """BLIP-base's (BERT's 30522 plus [DEC] and one more)."""
 
+    @property
+    def image_size(self) -> int:
+        return self.architecture.image_size
+
     def describe(self) -> str:
+        arch, vision, text = self.architecture, self.architecture.vision, self.architecture.text
         return (
-            f"{self.name}: ViT {self.vision_layers}x{self.vision_hidden} ({self.vision_heads} heads) over "
-            f"{self.image_size} px in {self.patch_size} px patches; decoder {self.text_layers}x"
-            f"{self.text_hidden} ({self.text_heads} heads); MLP x{self.mlp_ratio}; "
+            f"{self.name}: ViT {vision.layers}x{vision.hidden} ({vision.heads} heads) over "
+            f"{arch.image_size} px in {arch.patch_size} px patches; decoder {text.layers}x"
+            f"{text.hidden} ({text.heads} heads); MLP x{arch.mlp_ratio}; "
             f"vocabulary {self.vocab_size}"
         )
 
 
-BLIP_BASE = BlipSpec("blip-base", 384, 16, 768, 12, 12, 768, 12, 12)
+def _blip(image_size: int, patch_size: int, vision: Tower, text: Tower, mlp_ratio: int = 4) -> Architecture:
+    """A randomly initialised BLIP's architecture: 512 text positions, BLIP's own."""
+    return Architecture(image_size, patch_size, vision, text, mlp_ratio, max_positions=512)
+
+
+BLIP_BASE = BlipSpec("blip-base", _blip(384, 16, Tower(768, 12, 12), Tower(768, 12, 12)))
 """The architecture of ``Salesforce/blip-image-captioning-base`` (transformers' BlipConfig defaults)."""
 
-BLIP_MINI = BlipSpec("blip-mini-random", 224, 16, 256, 6, 4, 256, 4, 4)
+BLIP_MINI = BlipSpec("blip-mini-random", _blip(224, 16, Tower(256, 6, 4), Tower(256, 4, 4)))
 """BLIP-base's shape scaled down for CPUs: a third of the width, half the encoder depth, a third of the
 decoder depth, 224 px and BLIP's full vocabulary. About 10x the bundled model's compute per caption, so
 the model rather than HTTP dominates, yet small enough for a benchmark run on 2 cores."""
 
-BLIP_TINY = BlipSpec("blip-tiny-random", 32, 8, 32, 1, 2, 32, 2, 2, mlp_ratio=2, vocab_size=64)
+BLIP_TINY = BlipSpec(
+    "blip-tiny-random", _blip(32, 8, Tower(32, 1, 2), Tower(32, 2, 2), mlp_ratio=2), vocab_size=64
+)
 """For smoke tests of the benchmark scripts."""
 
 
@@ -71,9 +77,7 @@ def build_model(spec: BlipSpec, tokenizer: Any, new_tokens: int) -> Any:
     Built on the current default device (``with torch.device("cuda"):`` initialises on the GPU)."""
     from transformers import BlipForConditionalGeneration
 
-    from captionfleet.runtime.training.model import blip_config
-
-    config = blip_config(spec, tokenizer, vocab_size=spec.vocab_size, max_positions=512)
+    config = blip_config(spec.architecture, tokenizer, vocab_size=spec.vocab_size)
     model = BlipForConditionalGeneration(config)
     generation = model.generation_config
     generation.bos_token_id = tokenizer.bos_token_id

@@ -67,7 +67,7 @@ def headline(results: BenchResults) -> dict[str, float | None]:
         "serve_naive_p99_ms_c32": _number(at_32.naive.percentile_ms(99) if at_32 else None, 1),
         "cache_hit_rps": _number(results.cache.throughput if results.cache else None, 1),
         "cache_hit_p50_ms": _number(results.cache.percentile_ms(50) if results.cache else None),
-        "router_overhead_ms_p50": _number(results.router.overhead_ms_p50 if results.router else None, 3),
+        "router_overhead_ms_p50": _number(results.router.overhead_ms(50) if results.router else None, 3),
         "offline_rps_c32": _number(offline, 1),
         "served_share_of_offline_c32": _number(share, 3),
         "loadgen_cpu_share_c32": _number(at_32.ours.cpu_share if at_32 else None, 4),
@@ -194,7 +194,7 @@ def _other_lines(results: BenchResults) -> list[str]:
         router = results.router
         lines.append(
             f"Router hop: p50 {_fmt(router.direct.percentile_ms(50), 2)} ms direct, "
-            f"{_fmt(router.routed.percentile_ms(50), 2)} ms routed: {router.overhead_ms_p50:+.2f} ms "
+            f"{_fmt(router.routed.percentile_ms(50), 2)} ms routed: {router.overhead_ms(50):+.2f} ms "
             f"({router.direct.sent} requests each way, one at a time)"
         )
     if results.bulk is not None:
@@ -238,7 +238,7 @@ def _cascade_lines(result: CascadeResult) -> list[str]:
 
 
 def _bulk_lines(bulk: BulkResult) -> list[str]:
-    idle, busy = bulk.interactive_idle, bulk.interactive_busy
+    idle, busy = bulk.interactive
     ratios = ", ".join(f"{ratio:.2f}" for ratio in bulk.round_ratios)
     return [
         "",

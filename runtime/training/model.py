@@ -21,17 +21,22 @@ BOS_TOKEN = "[DEC]"
 
 
 @dataclass(frozen=True)
+class Tower:
+    """One of BLIP's two transformer stacks: the ViT image encoder or the BERT text decoder."""
+
+    hidden: int
+    layers: int
+    heads: int
+
+
+@dataclass(frozen=True)
 class Architecture:
     """A small BLIP: a ViT over ``image_size`` pixels in ``patch_size`` patches, and a BERT decoder."""
 
     image_size: int = 96
     patch_size: int = 16
-    vision_hidden: int = 192
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 192
-    text_layers: int = 2
-    text_heads: int = 4
+    vision: Tower = Tower(hidden=192, layers=3, heads=4)
+    text: Tower = Tower(hidden=192, layers=2, heads=4)
     mlp_ratio: int = 2
     """Feed-forward width as a multiple of the hidden size (BLIP's own is 4; 2 keeps the file small)."""
     max_positions: int = 128
@@ -83,47 +88,34 @@ def build_image_processor(image_size: int) -> Any:
 
 
 def blip_config(
-    shape: Any,
-    tokenizer: Any,
-    *,
-    vocab_size: int,
-    max_positions: int,
-    initializer_range: float | None = None,
+    architecture: Architecture, tokenizer: Any, *, vocab_size: int, initializer_range: float | None = None
 ) -> Any:
-    """transformers' ``BlipConfig`` of ``shape``, with ``tokenizer``'s special tokens.
-
-    ``shape``: anything with :class:`Architecture`'s size fields (an Architecture, the benchmark's
-    ``BlipSpec`` of random models).
+    """transformers' ``BlipConfig`` of ``architecture``, with ``tokenizer``'s special tokens.
 
     ``initializer_range`` of the vision tower: None keeps transformers' default.
     """
     from transformers import BlipConfig
 
-    vision: dict[str, Any] = {
-        "hidden_size": shape.vision_hidden,
-        "intermediate_size": shape.vision_hidden * shape.mlp_ratio,
-        "num_hidden_layers": shape.vision_layers,
-        "num_attention_heads": shape.vision_heads,
-        "image_size": shape.image_size,
-        "patch_size": shape.patch_size,
-    }
+    arch = architecture
+    vision = _tower_config(arch.vision, arch.mlp_ratio)
+    vision |= {"image_size": arch.image_size, "patch_size": arch.patch_size}
     if initializer_range is not None:
         vision["initializer_range"] = initializer_range
-    return BlipConfig(
-        vision_config=vision,
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": shape.text_hidden,
-            "intermediate_size": shape.text_hidden * shape.mlp_ratio,
-            "num_hidden_layers": shape.text_layers,
-            "num_attention_heads": shape.text_heads,
-            "max_position_embeddings": max_positions,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "sep_token_id": tokenizer.sep_token_id,
-            "eos_token_id": tokenizer.sep_token_id,
-        },
-    )
+    text = _tower_config(arch.text, arch.mlp_ratio)
+    text |= {"vocab_size": vocab_size, "max_position_embeddings": arch.max_positions}
+    text |= {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text |= {"sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id}
+    return BlipConfig(vision_config=vision, text_config=text)
+
+
+def _tower_config(tower: Tower, mlp_ratio: int) -> dict[str, Any]:
+    """The sizes a ``BlipVisionConfig`` and a ``BlipTextConfig`` name alike."""
+    return {
+        "hidden_size": tower.hidden,
+        "intermediate_size": tower.hidden * mlp_ratio,
+        "num_hidden_layers": tower.layers,
+        "num_attention_heads": tower.heads,
+    }
 
 
 def build_model(architecture: Architecture, tokenizer: Any) -> Any:
@@ -133,9 +125,7 @@ def build_model(architecture: Architecture, tokenizer: Any) -> Any:
     arch = architecture
     if arch.image_size % arch.patch_size:
         raise ValueError(f"image size {arch.image_size} is not a multiple of patch size {arch.patch_size}")
-    config = blip_config(
-        arch, tokenizer, vocab_size=len(tokenizer), max_positions=arch.max_positions, initializer_range=0.02
-    )
+    config = blip_config(arch, tokenizer, vocab_size=len(tokenizer), initializer_range=0.02)
     model = BlipForConditionalGeneration(config)
     if arch.sincos_positions:
         _sincos_positions(

@@ -56,6 +56,8 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
     """Train with ``settings`` and leave the finished folder at ``settings.output_dir``."""
     import torch
 
+    from captionfleet.runtime.training.train import train
+
     started = time.perf_counter()
     directory = Path(settings.output_dir).expanduser()
     check_output_dir(directory)  # before minutes of training, not after
@@ -64,7 +66,7 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
         torch.set_num_threads(settings.threads)
     staged = staging_dir(directory)
     try:
-        result = _train(settings)
+        result = train(settings)
         manifest, report = _save_and_score(staged, settings, result, started)
         swap_into_place(staged, directory)
     except BaseException:
@@ -76,25 +78,6 @@ def train_and_save(settings: TrainSettings) -> TrainOutcome:
     finally:
         torch.set_num_threads(previous_threads)
     return TrainOutcome(directory, manifest, report, folder_bytes(directory), result.losses)
-
-
-def _train(settings: TrainSettings) -> TrainResult:
-    from captionfleet.runtime.training.train import train
-
-    return train(
-        seed=settings.seed,
-        train_scenes=settings.train_scenes,
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        architecture=settings.architecture(),
-        warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay,
-        prompt_fraction=settings.prompt_fraction,
-        patch_loss_weight=settings.patch_loss_weight,
-        phrase_tokens=settings.phrase_tokens,
-        progress=settings.progress,
-    )
 
 
 def _save_and_score(

@@ -6,11 +6,11 @@ Each field is also an option (``--train-scenes``) and an environment variable
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from captionfleet.calibration import SIGNALS
 from captionfleet.runtime.engine.types import DEFAULT_MODEL, FAST_MODEL
-from captionfleet.runtime.training.model import Architecture
+from captionfleet.runtime.training.model import Architecture, Tower
 from captionfleet.settings import overlay, setting
 from captionfleet.settings.generation import GenerationSettings
 
@@ -60,12 +60,12 @@ class TrainSettings:
     progress: bool = setting(True, "Show a progress bar on stderr.")
     image_size: int = setting(_ARCH.image_size, "Model input size in pixels (square).")
     patch_size: int = setting(_ARCH.patch_size, "Vision transformer patch size in pixels.")
-    vision_hidden: int = setting(_ARCH.vision_hidden, "Vision transformer width.")
-    vision_layers: int = setting(_ARCH.vision_layers, "Vision transformer layers.")
-    vision_heads: int = setting(_ARCH.vision_heads, "Vision transformer attention heads.")
-    text_hidden: int = setting(_ARCH.text_hidden, "Text decoder width.")
-    text_layers: int = setting(_ARCH.text_layers, "Text decoder layers.")
-    text_heads: int = setting(_ARCH.text_heads, "Text decoder attention heads.")
+    vision_hidden: int = setting(_ARCH.vision.hidden, "Vision transformer width.")
+    vision_layers: int = setting(_ARCH.vision.layers, "Vision transformer layers.")
+    vision_heads: int = setting(_ARCH.vision.heads, "Vision transformer attention heads.")
+    text_hidden: int = setting(_ARCH.text.hidden, "Text decoder width.")
+    text_layers: int = setting(_ARCH.text.layers, "Text decoder layers.")
+    text_heads: int = setting(_ARCH.text.heads, "Text decoder attention heads.")
     mlp_ratio: int = setting(_ARCH.mlp_ratio, "Feed-forward width as a multiple of the hidden size.")
     phrase_tokens: bool = setting(
         False,
@@ -74,8 +74,13 @@ class TrainSettings:
     )
 
     def architecture(self) -> Architecture:
-        """The architecture these options give: each of its fields that is an option here, by name."""
-        return overlay(_ARCH, self)
+        """The architecture these options give: each of its fields that is an option here, by name, and
+        its two towers from ``--vision-*`` and ``--text-*``."""
+        return replace(
+            overlay(_ARCH, self),
+            vision=Tower(self.vision_hidden, self.vision_layers, self.vision_heads),
+            text=Tower(self.text_hidden, self.text_layers, self.text_heads),
+        )
 
     def check(self) -> list[str]:
         """What is wrong with these settings, as messages naming the option; empty when fine."""

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from captionfleet.runtime.training.scenes import (
     Scene,
     scene_at,
 )
+
+if TYPE_CHECKING:
+    from captionfleet.runtime.training.settings import TrainSettings
 
 IGNORE = -100
 """Label value the loss skips: padding and prompt tokens."""
@@ -201,61 +204,44 @@ def learning_rate_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(
+    settings: TrainSettings,
     *,
-    seed: int,
-    train_scenes: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    architecture: Architecture,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.01,
-    prompt_fraction: float = 0.0,
-    patch_loss_weight: float = 0.0,
-    phrase_tokens: bool = False,
-    progress: bool = False,
+    architecture: Architecture | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Build and train a model; returns it in eval mode with its tokenizer and image processor."""
-    tokenizer, image_processor, preprocessor, model = _untrained(seed, architecture, phrase_tokens)
+    """Build and train a model as ``settings`` say; returns it in eval mode with its tokenizer and image
+    processor. ``architecture`` replaces the one the settings' options give (e.g. fewer text positions)."""
+    architecture = architecture or settings.architecture()
+    tokenizer, image_processor, preprocessor, model = _untrained(
+        settings.seed, architecture, settings.phrase_tokens
+    )
 
     started = time.perf_counter()
     data = prepare_data(
-        seed,
-        train_scenes,
+        settings.seed,
+        settings.train_scenes,
         preprocessor,
         tokenizer,
-        prompt_fraction,
+        settings.prompt_fraction,
         patch_size=architecture.patch_size,
         workers=max(1, torch.get_num_threads()),
-        progress=progress,
+        progress=settings.progress,
     )
     render_seconds = time.perf_counter() - started
 
-    stepper = _Stepper.build(
-        model,
-        architecture,
-        data,
-        normalisation_table(preprocessor),
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        patch_loss_weight=patch_loss_weight,
-    )
+    stepper = _Stepper.build(model, architecture, data, normalisation_table(preprocessor), settings)
     started = time.perf_counter()
-    schedule = [learning_rate_at(step, steps, learning_rate, warmup_steps) for step in range(steps)]
+    steps, peak = settings.steps, settings.learning_rate
+    schedule = [learning_rate_at(step, steps, peak, settings.warmup_steps) for step in range(steps)]
     losses, patch_losses = stepper.run(
-        _batch_order(seed, train_scenes, batch_size), schedule, progress=progress, on_step=on_step
+        _batch_order(settings.seed, settings.train_scenes, settings.batch_size),
+        schedule,
+        progress=settings.progress,
+        on_step=on_step,
     )
+    train_seconds = time.perf_counter() - started
     model.train(False)
-    return TrainResult(
-        model=model,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        losses=losses,
-        patch_losses=patch_losses,
-        render_seconds=render_seconds,
-        train_seconds=time.perf_counter() - started,
-    )
+    return TrainResult(model, tokenizer, image_processor, losses, patch_losses, render_seconds, train_seconds)
 
 
 def _untrained(
@@ -308,18 +294,17 @@ class _Stepper:
         architecture: Architecture,
         data: TrainingData,
         table: torch.Tensor,
-        *,
-        learning_rate: float,
-        weight_decay: float,
-        patch_loss_weight: float,
+        settings: TrainSettings,
     ) -> _Stepper:
         # The auxiliary head is trained with the model and then dropped: the saved model is a plain BLIP.
         # Made even when off, which keeps the later draws the same whether the head is on or not.
-        patch_head = torch.nn.Linear(architecture.vision_hidden, sum(n for _, n in PATCH_TARGETS))
-        trained = torch.nn.ModuleList([model, patch_head] if patch_loss_weight else [model])
+        patch_head = torch.nn.Linear(architecture.vision.hidden, sum(n for _, n in PATCH_TARGETS))
+        weight = settings.patch_loss_weight
+        trained = torch.nn.ModuleList([model, patch_head] if weight else [model])
+        groups = _parameter_groups(trained, settings.weight_decay)
         # Fused: one kernel per step instead of a dozen per parameter list (a few % of a fast-model step).
-        optimizer = torch.optim.AdamW(_parameter_groups(trained, weight_decay), lr=learning_rate, fused=True)
-        return cls(model, patch_head, trained, optimizer, data, table, patch_loss_weight)
+        optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, fused=True)
+        return cls(model, patch_head, trained, optimizer, data, table, weight)
 
     def run(
         self,

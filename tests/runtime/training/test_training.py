@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from captionfleet.runtime.engine.captioner import load_captioner
 from captionfleet.runtime.engine.loading import bundled_model_dir
 from captionfleet.runtime.engine.types import GenerationOptions
 from captionfleet.runtime.training.bundle import OutputDirError, cpu_seconds
-from captionfleet.runtime.training.model import Architecture, build_tokenizer
+from captionfleet.runtime.training.model import build_tokenizer
 from captionfleet.runtime.training.scenes import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
@@ -32,6 +33,7 @@ from captionfleet.runtime.training.scenes import (
     scene_at,
     scenes,
 )
+from captionfleet.runtime.training.settings import TrainSettings
 from captionfleet.runtime.training.train import IGNORE, train
 from captionfleet.settings import option_name
 
@@ -46,7 +48,7 @@ TINY_SIZES = {
     "text_layers": 1,
     "text_heads": 2,
 }
-TINY = Architecture(**TINY_SIZES, mlp_ratio=2, max_positions=40)
+TINY = replace(TrainSettings(**TINY_SIZES, mlp_ratio=2).architecture(), max_positions=40)
 TINY_OPTIONS = [word for name, size in TINY_SIZES.items() for word in (option_name(name), str(size))]
 
 OBJECT = (
@@ -158,16 +160,10 @@ def test_the_tokenizer_knows_every_caption_word() -> None:
 
 def test_training_lowers_the_loss_and_is_repeatable() -> None:
     def run() -> tuple[list[float], dict[str, torch.Tensor]]:
-        result = train(
-            seed=3,
-            train_scenes=48,
-            steps=30,
-            batch_size=16,
-            learning_rate=3e-3,
-            architecture=TINY,
-            warmup_steps=3,
-            prompt_fraction=0.25,
-        )
+        settings = TrainSettings(seed=3, train_scenes=48, steps=30, batch_size=16, learning_rate=3e-3)
+        # No auxiliary head, no progress bar (train()'s defaults when it took keywords).
+        settings = replace(settings, warmup_steps=3, prompt_fraction=0.25, patch_loss_weight=0)
+        result = train(replace(settings, progress=False), architecture=TINY)
         return result.losses, {k: v.clone() for k, v in result.model.state_dict().items()}
 
     losses, weights = run()
