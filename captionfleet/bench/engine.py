@@ -1,7 +1,8 @@
 """The engine without HTTP, measured in the bench process itself while no server runs.
 
 - ``offline``: the ceiling of the served rows: JPEG bytes -> decode -> preprocess -> batched
-  captioning, at the server's batch size and generation options, on the same photos, in one process;
+  captioning, at the server's batch size and generation options, on the same photos, in one process,
+  ``share_count`` images (the requests of the served run it is compared with);
 - ``engine_bs1_ms``: ``Captioner.caption_pixels`` on one preprocessed image (median), what one client's
   latency cannot go below;
 - ``decoder_speedup_bs32`` / ``_bs1``: the native decoder over transformers' ``generate`` on the random
@@ -131,7 +132,7 @@ def _offline(
     from captionfleet.settings.serve import ServeSettings
 
     max_pixels = ServeSettings().max_pixels
-    count = max(settings.requests, 2 * 32)
+    count = settings.share_count()
     bodies = [payloads[index % len(payloads)].body for index in range(count)]
     size = settings.max_batch_size
 
@@ -158,7 +159,7 @@ def _agreement(result: EngineResult, captioner: Any, options: Any, scenes: int) 
 
     pixels = captioner.preprocessor.batch([scene_at(HELD_OUT_SEED, i).render() for i in range(scenes)])
     reference = captioner.with_decoder("transformers")
-    int8 = captioner.with_decoder("native", quantize_int8(captioner.model))  # a quantised copy
+    int8 = captioner.with_decoder("native", quantize_int8(captioner.model), precision="int8")  # a copy
     native_texts, reference_texts, int8_texts = [], [], []
     for start in range(0, scenes, 64):
         chunk = pixels[start : start + 64]

@@ -1,7 +1,8 @@
 """The cost of the out-of-distribution score in served throughput: ours with it, and with ``--ood false``.
 
 Both servers get the same photos from the same number of clients, in alternating rounds (on, off,
-on, off...), and the rounds' throughputs are summed per side. The photos are all out of
+on, off...) of ``ood_requests`` each after one uncounted wave of their clients, and the rounds'
+throughputs are summed per side. The photos are all out of
 distribution, which would give the scored server's captions the stricter n-gram ban (shorter
 captions, a different workload); both servers are therefore run with one n-gram size, so the runs
 differ by the scoring alone (the features, the distances, the drift window).
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captionfleet.bench.loadgen import LoadResult, Payload, run_load
-from captionfleet.bench.serving import CAPTION_PATH, progress, requests_at
+from captionfleet.bench.serving import CAPTION_PATH, progress
 from captionfleet.bench.settings import BenchSettings
 
 
@@ -68,8 +69,9 @@ async def measure_ood_cost(
                     url + CAPTION_PATH,
                     payloads,
                     concurrency=level,
-                    count=requests_at(settings, level),
+                    count=max(settings.ood_requests, 2 * level),
                     max_seconds=settings.run_seconds,
+                    warm_wave=True,
                 )
             )
     return cost

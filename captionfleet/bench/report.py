@@ -8,8 +8,9 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``cache_hit_rps`` (and ``cache_hit_p50_ms``): the cache-hit path;
 - ``router_overhead_ms_p50``: the median latency the router hop adds;
 - ``offline_rps_c32``: the offline pipeline's images per second (decode + preprocess + batched
-  captioning, no HTTP, at the server's batch size; ``engine.py``), and ``served_share_of_offline_c32``:
-  our served throughput at 32 clients over it;
+  captioning, no HTTP, at the server's batch size, of ``share_count`` images; ``engine.py``), and
+  ``served_share_of_offline_c32``: over it, our server's throughput in a run of its own at 32 clients
+  of as many requests (``served_at_32``: six waves by default, where the comparison rows may be two);
 - ``loadgen_cpu_share_c32``: the load generator's share of the machine's CPU time during our run at 32
   clients (it runs on the same CPUs as the server; ``served_share_of_offline_c32`` is not corrected
   for it), ``loadgen_ms_per_request_c32`` its CPU time per answer;
@@ -58,7 +59,8 @@ def headline(results: BenchResults) -> dict[str, float | None]:
     at_1 = next((row for row in results.serving if row.model == served and row.concurrency == 1), None)
     engine = results.engine
     offline = engine.offline_rps if engine else None
-    share = at_32.ours.throughput / offline if at_32 and offline else None
+    served_at_32 = results.served_at_32
+    share = served_at_32.throughput / offline if served_at_32 and offline else None
     return {
         "preprocess_ratio_12mp": _number(preprocess.get((12.0, model_side))),
         "preprocess_ratio_12mp_384": _number(preprocess.get((12.0, BLIP_BASE_SIDE))),
@@ -104,6 +106,7 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "models": results.models,
         "preprocess": [row.summary() for row in results.preprocess],
         "serving": [row.summary() for row in results.serving],
+        "served_at_32": results.served_at_32.summary() if results.served_at_32 else None,
         "cache": results.cache.summary() if results.cache else None,
         "router": results.router.summary() if results.router else None,
         "bulk": results.bulk.summary() if results.bulk else None,
@@ -204,7 +207,7 @@ def _other_lines(results: BenchResults) -> list[str]:
         lines += [
             "",
             f"Engine, no HTTP: offline pipeline {engine.offline_rps:.1f} img/s (decode + preprocess + "
-            f"caption, batches of {results.settings.max_batch_size}); "
+            f"caption, batches of {results.settings.max_batch_size}, {engine.offline_images} images); "
             f"one image {engine.engine_bs1_ms:.1f} ms",
             f"  native decoder vs transformers' generate on {engine.speed_model} (beam 3, 20 tokens): "
             + ", ".join(f"x{v:.2f} at batch {k}" for k, v in engine.decoder_speedup.items())
@@ -213,6 +216,12 @@ def _other_lines(results: BenchResults) -> list[str]:
             f"{engine.int8_agreement:.1%}",
             f"  fast model vs quality model: x{engine.fast_speedup:.2f} at batch 8 (beam 3, 30 tokens)",
         ]
+        if results.served_at_32 is not None and engine.offline_rps:
+            served = results.served_at_32
+            lines.append(
+                f"  served at 32 clients ({served.sent} requests): {served.throughput:.1f} req/s, "
+                f"{served.throughput / engine.offline_rps:.1%} of the offline pipeline"
+            )
     if results.ood is not None:
         ood = results.ood
         lines += [

@@ -18,13 +18,13 @@ from captionfleet.bench.cache import measure_cache_hits
 from captionfleet.bench.cascade import CascadeResult, measure_cascade
 from captionfleet.bench.engine import EngineResult, measure_engine
 from captionfleet.bench.jobs import BulkResult, measure_bulk
-from captionfleet.bench.loadgen import LoadResult, Payload
+from captionfleet.bench.loadgen import LoadResult, Payload, run_load
 from captionfleet.bench.models import BLIP_MINI, save_random_blip
 from captionfleet.bench.ood import OodCost, measure_ood_cost
 from captionfleet.bench.photos import request_photos
 from captionfleet.bench.preprocess import PreprocessResult, measure_preprocessing
 from captionfleet.bench.router import RouterResult, measure_router_overhead
-from captionfleet.bench.serving import ServingRow, compare_serving, progress
+from captionfleet.bench.serving import CAPTION_PATH, ServingRow, compare_serving, progress
 from captionfleet.bench.settings import BenchSettings
 from captionfleet.runtime.server.testing import RedisProcess
 from captionfleet.settings.serve import ServeSettings
@@ -44,6 +44,8 @@ class BenchResults:
     """Name -> description of each model served."""
     preprocess: list[PreprocessResult] = field(default_factory=list)
     serving: list[ServingRow] = field(default_factory=list)
+    served_at_32: LoadResult | None = None
+    """Our server alone at 32 clients, ``share_count`` requests: served_share_of_offline_c32's numerator."""
     cache: LoadResult | None = None
     router: RouterResult | None = None
     engine: EngineResult | None = None
@@ -136,6 +138,10 @@ async def _main_model(results: BenchResults, model_dir: Path, workdir: Path, pay
     with _servers(model_dir, workdir, settings, extras=True) as (ours, naive, cached, router):
         assert cached is not None and router is not None
         results.serving += await compare_serving(model_dir.name, ours.url, naive.url, payloads, settings)
+        progress(f"served vs offline: ours at 32 clients, {settings.share_count()} requests")
+        results.served_at_32 = await run_load(
+            ours.url + CAPTION_PATH, payloads, concurrency=32, count=settings.share_count(), warm_wave=True
+        )
         progress("cache hits")
         results.cache = await measure_cache_hits(
             cached.url, payloads[0], requests=settings.cache_requests, concurrency=settings.cache_concurrency

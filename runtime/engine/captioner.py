@@ -108,6 +108,7 @@ class Captioner:
         self.precision = precision or str(dtype).removeprefix("torch.")
         """What ``info()`` reports as the dtype: ``int8`` for a dynamically quantised model."""
         self.decoder = self._pick_decoder(decoder)
+        self.cuda_graphs = cuda_graphs
         self._native = BlipDecoder(model, cuda_graphs=cuda_graphs) if self.decoder == "native" else None
         self.reference = reference.to(device) if reference is not None else None
         """The out-of-distribution reference (``ood.py``); ``None``: no scores."""
@@ -161,9 +162,10 @@ class Captioner:
             f"device={self.device}, dtype={self.precision}, decoder={self.decoder})"
         )
 
-    def with_decoder(self, decoder: str, model: Any = None) -> Captioner:
-        """The same tokenizer and preprocessor behind another decoder (and, given, other weights):
-        for comparing decoders or precisions side by side on one loaded model."""
+    def with_decoder(self, decoder: str, model: Any = None, *, precision: str = "") -> Captioner:
+        """The same tokenizer and preprocessor behind another decoder (and, given, other weights of
+        ``precision``, e.g. ``int8``): for comparing decoders or precisions side by side on one loaded
+        model. Source and CUDA graphs stay as they are."""
         return Captioner(
             self.model if model is None else model,
             self.tokenizer,
@@ -172,7 +174,10 @@ class Captioner:
             model_name=self.model_name,
             device=self.device,
             dtype=self.dtype,
+            source=self.source,
             decoder=decoder,
+            cuda_graphs=self.cuda_graphs,
+            precision=precision or (self.precision if model is None else ""),
             reference=self.reference,
             calibration=self.calibration,
         )

@@ -71,8 +71,9 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8",
         "--engine-rounds", "1", "--speed-rounds", "1",
         "--bulk-requests", "16", "--bulk-items", "8", "--bulk-rounds", "2",
-        "--ood-rounds", "2", "--ood-concurrency", "4",
+        "--ood-rounds", "2", "--ood-concurrency", "4", "--ood-requests", "8",
         "--cascade-requests", "0",  # its own test: test_cascade_bench.py
+        "--share-requests", "64",
     ]  # fmt: skip
     document = _run(argv, cwd=tmp_path, timeout_s=480)  # six servers and a redis-server, in turn
 
@@ -83,6 +84,8 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
     assert 0 < document["decoder_agreement"] <= 1 and 0 < document["int8_agreement"] <= 1
     engine = document["engine"]
     assert engine["scenes"] == 8 and engine["offline_images"] == 64, engine
+    served = document["served_at_32"]  # the share's numerator: as many requests as offline images
+    assert (served["concurrency"], served["sent"], served["ok"]) == (32, 64, 64), served
     [row] = document["serving"]
     assert row["concurrency"] == 32 and _is_number(row["ratio"])
     for server in ("ours", "naive"):

@@ -173,10 +173,12 @@ def test_int8_quantises_the_linear_layers_and_still_captions(tiny_model_dir: Pat
     linears = [m for m in int8.model.modules() if isinstance(m, (torch.nn.Linear, quantized))]
     assert linears and all(isinstance(m, quantized) for m in linears)
     assert int8.info()["dtype"] == "int8" and int8.dtype == torch.float32
+    reference = int8.with_decoder("transformers")  # the same weights: the same precision and source
+    assert (reference.info()["dtype"], reference.info()["source"]) == ("int8", int8.info()["source"])
     pixels = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     for beams in (1, 3):
         options = GenerationOptions(num_beams=beams, max_new_tokens=8)
-        assert run_both(int8, int8.with_decoder("transformers"), pixels, options) >= 5 / 6
+        assert run_both(int8, reference, pixels, options) >= 5 / 6
 
 
 def test_int8_is_refused_on_cuda_with_the_reason() -> None:
