@@ -1,7 +1,7 @@
 """``captionfleet bench``'s settings: one frozen dataclass, one documented default per field.
 
 ``--quick`` and ``--json`` are flags of the command (see ``command.py``); ``--quick`` replaces the sizes
-below with :data:`QUICK`'s so that a quick run takes about 4 minutes on 2 cores (227-237 s idle, measured).
+below with :data:`QUICK`'s so that a quick run takes about 4 minutes on 2 cores (236-241 s idle, measured).
 """
 
 from __future__ import annotations
