@@ -1,7 +1,7 @@
 """The cost of the out-of-distribution score in served throughput: ours with it, and with ``--ood false``.
 
 Both servers get the same photos from the same number of clients, in alternating rounds (on, off,
-on, off...) of ``ood_requests`` each after one uncounted wave of their clients, and the rounds'
+on, off...) of ``steady_requests`` each after one uncounted wave of their clients, and the rounds'
 throughputs are summed per side. The photos are all out of
 distribution, which would give the scored server's captions the stricter n-gram ban (shorter
 captions, a different workload); both servers are therefore run with one n-gram size, so the runs
@@ -69,7 +69,7 @@ async def measure_ood_cost(
                     url + CAPTION_PATH,
                     payloads,
                     concurrency=level,
-                    count=max(settings.ood_requests, 2 * level),
+                    count=max(settings.steady_requests, 2 * level),
                     max_seconds=settings.run_seconds,
                     warm_wave=True,
                 )

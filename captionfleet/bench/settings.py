@@ -28,11 +28,12 @@ class BenchSettings:
     requests: int = setting(
         128, "Requests per serving run (per server and concurrency); at least twice the concurrency."
     )
-    share_requests: int = setting(
+    steady_requests: int = setting(
         192,
-        "Requests of the run of our server alone at 32 clients whose throughput served_share_of_offline_c32 "
-        "divides by the offline pipeline's, which captions as many images (at least 64): six waves of 32, "
-        "so that the first wave (nothing yet decoded ahead of the model) weighs a sixth, not a half.",
+        "Requests of each run measured for a ratio of its own at 32 clients: our server alone for "
+        "served_share_of_offline_c32 (the offline pipeline captions as many images, at least 64) and each "
+        "OOD-cost run (at least twice ood_concurrency). Six waves of 32, so that the first (nothing yet "
+        "decoded ahead of the model) weighs a sixth, not a half.",
     )
     run_seconds: float = setting(
         30.0, "A serving run stops sending new requests after this many seconds (slow baselines)."
@@ -91,11 +92,6 @@ class BenchSettings:
         32, "Clients of the OOD-cost runs (ours with the out-of-distribution score, and without)."
     )
     ood_rounds: int = setting(4, "Alternating rounds per side of the OOD-cost runs; 0: skip them.")
-    ood_requests: int = setting(
-        192,
-        "Requests of each OOD-cost run, at least twice ood_concurrency: at 32 clients six waves, so that "
-        "the first (nothing yet decoded ahead of the model) weighs a sixth, not a half.",
-    )
     cascade_fast_model: str = setting(
         "",
         "Fast model of the cascade row (against --model as the quality one); empty: the bundled "
@@ -133,8 +129,7 @@ class BenchSettings:
             problems.append(f"preprocess_megapixels must list numbers, got {self.preprocess_megapixels!r}")
         for name in (
             "requests",
-            "share_requests",
-            "ood_requests",
+            "steady_requests",
             "num_beams",
             "max_new_tokens",
             "max_batch_size",
@@ -169,7 +164,7 @@ class BenchSettings:
 
     def share_count(self) -> int:
         """Images of the offline pipeline and requests of the served run it is compared with."""
-        return max(self.share_requests, 2 * 32)
+        return max(self.steady_requests, 2 * 32)
 
     def quick(self) -> BenchSettings:
         """These settings with :data:`QUICK`'s sizes where they were left at their defaults (so that

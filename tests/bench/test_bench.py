@@ -71,9 +71,9 @@ def test_bench_json_has_every_headline_figure(tiny_model_dir: Path, tmp_path: Pa
         "--speed-model", "blip-tiny-random", "--agreement-scenes", "8",
         "--engine-rounds", "1", "--speed-rounds", "1",
         "--bulk-requests", "16", "--bulk-items", "8", "--bulk-rounds", "2",
-        "--ood-rounds", "2", "--ood-concurrency", "4", "--ood-requests", "8",
+        "--ood-rounds", "2", "--ood-concurrency", "4",
         "--cascade-requests", "0",  # its own test: test_cascade_bench.py
-        "--share-requests", "64",
+        "--steady-requests", "64",  # the served share's run and each OOD-cost run
     ]  # fmt: skip
     document = _run(argv, cwd=tmp_path, timeout_s=480)  # six servers and a redis-server, in turn
 
