@@ -53,8 +53,9 @@ def test_a_target_escalation_rate_is_met_on_the_held_out_set(calibrated: tuple[d
     assert abs(report["escalation_rate"] - TARGET) <= 0.03, report["escalation_rate"]
     assert report["quality_calls_per_image"] == report["escalation_rate"]
     assert report["target_escalation_rate"] == TARGET
-    # The fast model is clearly worse alone; escalating its least confident answers recovers most of it.
-    assert report["fast_exact_match"] < report["quality_exact_match"] - 0.03
+    # The fast model is clearly worse alone (at least half as many errors again); escalating its least
+    # confident answers recovers most of it.
+    assert 1 - report["fast_exact_match"] >= 1.5 * (1 - report["quality_exact_match"])
     assert report["exact_match"] > report["fast_exact_match"]
     assert set(report["signals"]) == {"confidence", "ood"}  # both measured, the better one used
     assert report["signal"] == max(report["signals"], key=report["signals"].get)

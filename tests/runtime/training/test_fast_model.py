@@ -87,11 +87,14 @@ def test_the_bundled_fast_model_is_small_reproducible_and_below_the_quality_mode
     assert training["command"] == f"captionfleet train --preset fast --output-dir runtime/models/{FAST_MODEL}"
     recorded = dataclasses.replace(TRAIN_PRESETS["fast"], output_dir=f"runtime/models/{FAST_MODEL}")
     assert training["settings"] == dataclasses.asdict(recorded)
-    # The budget, 10 minutes on 2 cores: CPU seconds, which a busy shared machine does not
-    # inflate, of a run on one thread (an idle machine's wall time for it).
-    assert training["settings"]["threads"] == 1 and training["cpu_seconds"] <= 600
+    # The budget, 10 minutes on 2 cores: at most 2 threads, 2 x 600 CPU seconds (which a busy
+    # machine inflates less than wall time), and the recorded run's wall time.
+    assert training["settings"]["threads"] <= 2 and training["cpu_seconds"] <= 1200
+    assert training["total_seconds"] <= 600
+    # Clearly below the quality model: at least half as many errors again on the held-out scenes.
     quality = json.loads((bundled_model_dir() / "captionfleet.json").read_text())
-    assert manifest["evaluation"]["exact_match"] < quality["evaluation"]["exact_match"] - 0.03
+    errors, quality_errors = (1 - m["evaluation"]["exact_match"] for m in (manifest, quality))
+    assert errors >= 1.5 * quality_errors
     tokenizer = AutoTokenizer.from_pretrained(directory)  # the phrases travel in the folder
     caption = scene_at(11, 0).caption
     assert tokenizer.decode(tokenizer(caption, add_special_tokens=False)["input_ids"]) == caption
