@@ -2,7 +2,7 @@
 
 - ``offline``: the ceiling of the served rows: JPEG bytes -> decode -> preprocess -> batched
   captioning, at the server's batch size and generation options, on the same photos, in one process,
-  ``share_count`` images (the requests of the served run it is compared with);
+  ``steady_count(SHARE_CLIENTS)`` images (the requests of the served run it is compared with);
 - ``engine_bs1_ms``: ``Captioner.caption_pixels`` on one preprocessed image (median), what one client's
   latency cannot go below;
 - ``decoder_speedup_bs32`` / ``_bs1``: the native decoder over transformers' ``generate`` on the random
@@ -30,7 +30,7 @@ from typing import Any
 
 from captionfleet.bench.loadgen import Payload
 from captionfleet.bench.models import BLIP_MINI, BLIP_TINY, build_model, build_tokenizer
-from captionfleet.bench.settings import BenchSettings
+from captionfleet.bench.settings import SHARE_CLIENTS, BenchSettings
 
 SPEED_TOKENS = 20
 SPEED_BEAMS = 3
@@ -132,7 +132,7 @@ def _offline(
     from captionfleet.settings.serve import ServeSettings
 
     max_pixels = ServeSettings().max_pixels
-    count = settings.share_count()
+    count = settings.steady_count(SHARE_CLIENTS)
     bodies = [payloads[index % len(payloads)].body for index in range(count)]
     size = settings.max_batch_size
 

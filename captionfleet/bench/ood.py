@@ -69,7 +69,7 @@ async def measure_ood_cost(
                     url + CAPTION_PATH,
                     payloads,
                     concurrency=level,
-                    count=max(settings.steady_requests, 2 * level),
+                    count=settings.steady_count(level),
                     max_seconds=settings.run_seconds,
                     warm_wave=True,
                 )

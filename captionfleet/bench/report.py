@@ -8,7 +8,7 @@ The headline keys (always present; ``null`` when that part was not measured):
 - ``cache_hit_rps`` (and ``cache_hit_p50_ms``): the cache-hit path;
 - ``router_overhead_ms_p50``: the median latency the router hop adds;
 - ``offline_rps_c32``: the offline pipeline's images per second (decode + preprocess + batched
-  captioning, no HTTP, at the server's batch size, of ``share_count`` images; ``engine.py``), and
+  captioning, no HTTP, at the server's batch size, of ``steady_count`` images; ``engine.py``), and
   ``served_share_of_offline_c32``: over it, our server's throughput in a run of its own at 32 clients
   of as many requests (``served_at_32``: six waves by default, where the comparison rows may be two);
 - ``loadgen_cpu_share_c32``: the load generator's share of the machine's CPU time during our run at 32
@@ -50,6 +50,12 @@ def _number(value: float | None, digits: int = 2) -> float | None:
     return round(value, digits)
 
 
+def served_share(results: BenchResults) -> float | None:
+    """Our server's own run at 32 clients over the offline pipeline's images per second."""
+    offline = results.engine.offline_rps if results.engine else None
+    return results.served_at_32.throughput / offline if results.served_at_32 and offline else None
+
+
 def headline(results: BenchResults) -> dict[str, float | None]:
     served = results.serving[0].model if results.serving else None
     preprocess = {(row.megapixels, row.side): row.ratio for row in results.preprocess}
@@ -59,8 +65,7 @@ def headline(results: BenchResults) -> dict[str, float | None]:
     at_1 = next((row for row in results.serving if row.model == served and row.concurrency == 1), None)
     engine = results.engine
     offline = engine.offline_rps if engine else None
-    served_at_32 = results.served_at_32
-    share = served_at_32.throughput / offline if served_at_32 and offline else None
+    share = served_share(results)
     return {
         "preprocess_ratio_12mp": _number(preprocess.get((12.0, model_side))),
         "preprocess_ratio_12mp_384": _number(preprocess.get((12.0, BLIP_BASE_SIDE))),
@@ -216,11 +221,12 @@ def _other_lines(results: BenchResults) -> list[str]:
             f"{engine.int8_agreement:.1%}",
             f"  fast model vs quality model: x{engine.fast_speedup:.2f} at batch 8 (beam 3, 30 tokens)",
         ]
-        if results.served_at_32 is not None and engine.offline_rps:
+        share = served_share(results)
+        if results.served_at_32 is not None and share is not None:
             served = results.served_at_32
             lines.append(
                 f"  served at 32 clients ({served.sent} requests): {served.throughput:.1f} req/s, "
-                f"{served.throughput / engine.offline_rps:.1%} of the offline pipeline"
+                f"{share:.1%} of the offline pipeline"
             )
     if results.ood is not None:
         ood = results.ood

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from captionfleet.settings import setting
 
+SHARE_CLIENTS = 32
+"""Clients of the served run that served_share_of_offline_c32 compares with the offline pipeline."""
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -162,9 +165,10 @@ class BenchSettings:
             problems.append("cascade_target_rate must be in [0, 1]")
         return problems
 
-    def share_count(self) -> int:
-        """Images of the offline pipeline and requests of the served run it is compared with."""
-        return max(self.steady_requests, 2 * 32)
+    def steady_count(self, concurrency: int) -> int:
+        """Requests of a run of its own at ``concurrency`` clients (``steady_requests``, at least two
+        waves); at :data:`SHARE_CLIENTS` also the offline pipeline's images."""
+        return max(self.steady_requests, 2 * concurrency)
 
     def quick(self) -> BenchSettings:
         """These settings with :data:`QUICK`'s sizes where they were left at their defaults (so that

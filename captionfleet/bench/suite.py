@@ -25,7 +25,7 @@ from captionfleet.bench.photos import request_photos
 from captionfleet.bench.preprocess import PreprocessResult, measure_preprocessing
 from captionfleet.bench.router import RouterResult, measure_router_overhead
 from captionfleet.bench.serving import CAPTION_PATH, ServingRow, compare_serving, progress
-from captionfleet.bench.settings import BenchSettings
+from captionfleet.bench.settings import SHARE_CLIENTS, BenchSettings
 from captionfleet.runtime.server.testing import RedisProcess
 from captionfleet.settings.serve import ServeSettings
 
@@ -45,7 +45,7 @@ class BenchResults:
     preprocess: list[PreprocessResult] = field(default_factory=list)
     serving: list[ServingRow] = field(default_factory=list)
     served_at_32: LoadResult | None = None
-    """Our server alone at 32 clients, ``share_count`` requests: served_share_of_offline_c32's numerator."""
+    """Our server alone at 32 clients, ``steady_count`` requests: served_share_of_offline_c32's numerator."""
     cache: LoadResult | None = None
     router: RouterResult | None = None
     engine: EngineResult | None = None
@@ -138,9 +138,10 @@ async def _main_model(results: BenchResults, model_dir: Path, workdir: Path, pay
     with _servers(model_dir, workdir, settings, extras=True) as (ours, naive, cached, router):
         assert cached is not None and router is not None
         results.serving += await compare_serving(model_dir.name, ours.url, naive.url, payloads, settings)
-        progress(f"served vs offline: ours at 32 clients, {settings.share_count()} requests")
+        count = settings.steady_count(SHARE_CLIENTS)
+        progress(f"served vs offline: ours at {SHARE_CLIENTS} clients, {count} requests")
         results.served_at_32 = await run_load(
-            ours.url + CAPTION_PATH, payloads, concurrency=32, count=settings.share_count(), warm_wave=True
+            ours.url + CAPTION_PATH, payloads, concurrency=SHARE_CLIENTS, count=count, warm_wave=True
         )
         progress("cache hits")
         results.cache = await measure_cache_hits(
