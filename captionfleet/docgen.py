@@ -255,6 +255,14 @@ def configuration_markdown(root: Path = REPO) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A rule that one watching mode needs only (PolicyRule.mode) is rendered in that mode only: the
+# chart's values decide the mode (operator.watchNamespaces empty: the whole cluster).
+RBAC_MODE_CONDITIONS = {
+    "clusterwide": "{{- if not .Values.operator.watchNamespaces }}",
+    "namespaced": "{{- if .Values.operator.watchNamespaces }}",
+}
+
+
 def rbac_rules_template() -> str:
     from captionfleet.operator import permissions
 
@@ -268,10 +276,14 @@ def rbac_rules_template() -> str:
         out.append(f'{{{{- define "{template}" -}}}}')
         for rule in getattr(permissions, attribute):
             manifest = rule.as_manifest()
+            if rule.mode != "always":
+                out.append(RBAC_MODE_CONDITIONS[rule.mode])
             out.append(f"# {rule.why}")
             out.append(f"- apiGroups: {json.dumps(manifest['apiGroups'])}")
             out.append(f"  resources: {json.dumps(manifest['resources'])}")
             out.append(f"  verbs: {json.dumps(manifest['verbs'])}")
+            if rule.mode != "always":
+                out.append("{{- end }}")
         out.append("{{- end }}")
     return "\n".join(out) + "\n"
 

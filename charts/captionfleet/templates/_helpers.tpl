@@ -35,6 +35,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: captionfleet
 {{- end }}
 
+{{/*
+The chart's labels plus a values map of extra ones (dict "root" $ "extra" MAP "where" "KEY"). An extra
+label may not be one of the chart's own: the YAML would hold the key twice, and the selectors and the
+app.kubernetes.io conventions depend on the chart's value.
+*/}}
+{{- define "captionfleet.labelsWith" -}}
+{{- $own := include "captionfleet.labels" .root | fromYaml }}
+{{- range $key, $_ := .extra }}
+{{- if hasKey $own $key }}
+{{- fail (printf "%s: %q is one of the chart's own labels (%s); choose another key" $.where $key (keys $own | sortAlpha | join ", ")) }}
+{{- end }}
+{{- end }}
+{{- include "captionfleet.labels" .root }}
+{{- with .extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The base name of the release's cluster-scoped objects (ClusterRoles and their bindings): the release
+name is unique only within its namespace, so two releases of the same name in two namespaces must
+not share a ClusterRole.
+*/}}
+{{- define "captionfleet.clusterScopedName" -}}
+{{- printf "%s-%s" (include "captionfleet.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{- define "captionfleet.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "captionfleet.fullname" .) .Values.serviceAccount.name }}
@@ -43,13 +70,25 @@ app.kubernetes.io/part-of: captionfleet
 {{- end }}
 {{- end }}
 
+{{/*
+An image reference from {repository, tag} (dict "image" ... "root" $): the tag is the chart's appVersion
+when empty, and may carry a digest (TAG@sha256:...) or be a digest alone (@sha256:...: repository@digest).
+*/}}
+{{- define "captionfleet.imageRef" -}}
+{{- $tag := default .root.Chart.AppVersion .image.tag }}
+{{- if hasPrefix "@" $tag }}
+{{- printf "%s%s" .image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
 {{- define "captionfleet.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "captionfleet.imageRef" (dict "image" .Values.image "root" .) }}
 {{- end }}
 
 {{- define "captionfleet.runtimeImage" -}}
-{{- $image := .Values.operator.runtimeImage }}
-{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- include "captionfleet.imageRef" (dict "image" .Values.operator.runtimeImage "root" .) }}
 {{- end }}
 
 {{/* "" when the operator watches every namespace, else the comma-separated list. */}}
