@@ -119,7 +119,9 @@ def test_the_operator_holds_everything_it_grants_the_router(render: Render) -> N
 def test_every_rule_says_why_in_the_rendered_role(chart: Any, namespaces: list[str]) -> None:
     values = {"operator": {"watchNamespaces": namespaces}}
     text = chart.render(values, name="cf", namespace=NAMESPACE)["captionfleet/templates/rbac.yaml"]
-    for rule in p.for_mode(p.OPERATOR_CLUSTER_RULES + p.OPERATOR_NAMESPACED_RULES, clusterwide=not namespaces):
+    for rule in p.for_mode(
+        p.OPERATOR_CLUSTER_RULES + p.OPERATOR_NAMESPACED_RULES, clusterwide=not namespaces
+    ):
         assert f"# {rule.why}" in text
 
 
