@@ -352,7 +352,7 @@ def test_two_releases_each_watching_its_namespace_share_no_object(
 ) -> None:
     monitoring = {
         "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
-        "dashboard": {"enabled": True},
+        "dashboard": {"enabled": True, "namespace": "monitoring"},
     }
     first, second = (
         render_as({"operator": {"watchNamespaces": [ns]}, **monitoring}, name=name, namespace=ns)
