@@ -262,6 +262,18 @@ RBAC_MODE_CONDITIONS = {
     "namespaced": "{{- if .Values.operator.watchNamespaces }}",
 }
 
+# kopf's peering objects are read and written only with peering on (the chart's
+# operator.peering.enabled; off, the operator runs --standalone).
+PEERING_RESOURCES = frozenset({"kopfpeerings", "clusterkopfpeerings"})
+
+
+def _rbac_conditions(rule: Any) -> list[str]:
+    """The chart's `if`s around one rule: its watching mode, and peering for the peering objects."""
+    conditions = [] if rule.mode == "always" else [RBAC_MODE_CONDITIONS[rule.mode]]
+    if PEERING_RESOURCES & set(rule.resources):
+        conditions.append("{{- if .Values.operator.peering.enabled }}")
+    return conditions
+
 
 def rbac_rules_template() -> str:
     from captionfleet.operator import permissions
@@ -276,14 +288,13 @@ def rbac_rules_template() -> str:
         out.append(f'{{{{- define "{template}" -}}}}')
         for rule in getattr(permissions, attribute):
             manifest = rule.as_manifest()
-            if rule.mode != "always":
-                out.append(RBAC_MODE_CONDITIONS[rule.mode])
+            conditions = _rbac_conditions(rule)
+            out += conditions
             out.append(f"# {rule.why}")
             out.append(f"- apiGroups: {json.dumps(manifest['apiGroups'])}")
             out.append(f"  resources: {json.dumps(manifest['resources'])}")
             out.append(f"  verbs: {json.dumps(manifest['verbs'])}")
-            if rule.mode != "always":
-                out.append("{{- end }}")
+            out += ["{{- end }}"] * len(conditions)
         out.append("{{- end }}")
     return "\n".join(out) + "\n"
 

@@ -128,3 +128,14 @@ def test_every_rule_says_why_in_the_rendered_role(chart: Any, namespaces: list[s
 def test_the_rules_template_is_generated_from_the_permissions_module() -> None:
     path = REPO / docgen.RBAC_RULES_TPL
     assert path.read_text() == docgen.rbac_rules_template(), f"{path} is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("namespaces", [[], ["ml"]], ids=["cluster-wide", "namespaced"])
+def test_standalone_mode_grants_no_peering_rights(render: Render, namespaces: list[str]) -> None:
+    values: dict[str, Any] = {"operator": {"watchNamespaces": namespaces}}
+    with_peering = granted_to(render(values).objects, "cf-captionfleet")
+    values["operator"]["peering"] = {"enabled": False}
+    standalone = granted_to(render(values).objects, "cf-captionfleet")
+    peering = "kopfpeerings" if namespaces else "clusterkopfpeerings"
+    assert {g[2] for g in with_peering - standalone} == {peering}
+    assert not {g for g in standalone if g[1] == "kopf.dev"}

@@ -14,10 +14,12 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
   verbs: ["list", "watch"]
 {{- end }}
 {{- if not .Values.operator.watchNamespaces }}
+{{- if .Values.operator.peering.enabled }}
 # kopf: peering (leader election) when watching the whole cluster
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 {{- end }}
 {{- end }}
 {{- define "captionfleet.rules.operatorNamespaced" -}}
@@ -66,10 +68,12 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
   resources: ["configmaps"]
   verbs: ["get"]
 {{- if .Values.operator.watchNamespaces }}
+{{- if .Values.operator.peering.enabled }}
 # kopf: peering (leader election) when watching chosen namespaces
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
 {{- end }}
 # granted on to the router
 - apiGroups: [""]
