@@ -8,6 +8,7 @@ with valid names and labels, the app.kubernetes.io labels, a pod that the Pod Se
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -27,6 +28,7 @@ RELEASE_53 = "r" + "e" * 51 + "l"
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 APP_LABELS = ("name", "instance", "version", "component", "part-of", "managed-by")
 Validate = Callable[[dict[str, Any]], None]
+VALID: set[str] = set()  # the objects validated so far, as JSON
 
 # name -> (values, release name, namespace). One value changed in each, to another legal value.
 LEGAL: dict[str, tuple[dict[str, Any], str, str]] = {
@@ -137,6 +139,94 @@ LEGAL: dict[str, tuple[dict[str, Any], str, str]] = {
     ),
 }
 
+MONITOR_ON = {"metrics": {"serviceMonitor": {"enabled": True}}}
+RULES_ON = {"metrics": {"prometheusRule": {"enabled": True}}}
+DASHBOARD_ON = {"dashboard": {"enabled": True}}
+
+
+def _alert_cases() -> dict[str, tuple[Any, dict[str, Any]]]:
+    other = {
+        "p99Latency": {"thresholdSeconds": 0.5},
+        "errorRate": {"threshold": 0.2},
+        "queueDepth": {"threshold": 10},
+        "featureDrift": {"threshold": 0.5},
+        "confidenceDrop": {"dropShare": 0.3, "window": "30m", "minCaptions": 20},
+    }
+    cases: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for alert in ("p99Latency", "errorRate", "queueDepth", "rollback", "featureDrift", "confidenceDrop"):
+        changes = {"enabled": False, "severity": "info", **other.get(alert, {})}
+        if alert != "rollback":
+            changes["for"] = "1h"
+        for key, value in changes.items():
+            cases[f"metrics.prometheusRule.alerts.{alert}.{key}"] = (value, RULES_ON)
+    return cases
+
+
+# Every value of values.yaml, dotted path -> (another legal value, the values it needs to matter).
+ONE_VALUE: dict[str, tuple[Any, dict[str, Any]]] = {
+    "image.repository": ("registry.example.com:5000/platform/captionfleet-operator", {}),
+    "image.tag": (f"0.1.0@{DIGEST}", {}),
+    "image.pullPolicy": ("Always", {}),
+    "imagePullSecrets": ([{"name": "regcred"}], {}),
+    "nameOverride": ("captions", {}),
+    "fullnameOverride": ("platform-captions", {}),
+    "operator.watchNamespaces": (["ml", "ml-staging"], {}),
+    "operator.runtimeImage.repository": ("registry.example.com/captionfleet/runtime", {}),
+    "operator.runtimeImage.tag": ("0.1.0-cpu", {}),
+    "operator.runtimeImage.pullPolicy": ("Always", {}),
+    "operator.prometheusUrl": ("https://prometheus.monitoring.svc:9090/prom", {}),
+    "operator.peering.enabled": (False, {}),
+    "operator.peering.name": ("fleet-a", {}),
+    "operator.resyncSeconds": (0, {}),
+    "operator.healthPort": (9443, {}),
+    "operator.metricsPort": (9090, {}),
+    "operator.verbose": (True, {}),
+    "operator.extraEnv": ([{"name": "TZ", "value": "UTC"}], {}),
+    "serviceAccount.create": (False, {"serviceAccount": {"name": "platform-operator"}}),
+    "serviceAccount.name": ("platform-operator", {}),
+    "serviceAccount.annotations": ({"iam.gke.io/gcp-service-account": "op@p.iam.gserviceaccount.com"}, {}),
+    "rbac.create": (False, {}),
+    "operatorKey.enabled": (False, {}),
+    "operatorKey.existingSecret": ("platform-operator-key", {}),
+    "resources.requests.cpu": ("0.25", {}),
+    "resources.requests.memory": ("100M", {}),
+    "resources.limits.memory": ("1Gi", {}),
+    "podSecurityContext.runAsUser": (65532, {}),
+    "podSecurityContext.runAsGroup": (65532, {}),
+    "podSecurityContext.fsGroup": (2000, {}),
+    "podSecurityContext.seccompProfile.type": (
+        "Localhost",
+        {"podSecurityContext": {"seccompProfile": {"localhostProfile": "profiles/operator.json"}}},
+    ),
+    "securityContext.readOnlyRootFilesystem": (False, {}),
+    "securityContext.capabilities.drop": (["ALL", "NET_RAW"], {}),
+    "podAnnotations": ({"example.com/owner": "ml-platform"}, {}),
+    "podLabels": ({"team": "ml-platform"}, {}),
+    "priorityClassName": ("system-cluster-critical", {}),
+    "nodeSelector": ({"kubernetes.io/os": "linux"}, {}),
+    "tolerations": ([{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}], {}),
+    "affinity": (LEGAL["affinity"][0]["affinity"], {}),
+    "metrics.serviceMonitor.enabled": (True, {}),
+    "metrics.serviceMonitor.interval": ("1m", MONITOR_ON),
+    "metrics.serviceMonitor.scrapeTimeout": ("20s", MONITOR_ON),
+    "metrics.serviceMonitor.labels": ({"release": "kube-prometheus-stack"}, MONITOR_ON),
+    "metrics.serviceMonitor.fleets": (False, MONITOR_ON),
+    "metrics.prometheusRule.enabled": (True, {}),
+    "metrics.prometheusRule.labels": ({"release": "kube-prometheus-stack"}, RULES_ON),
+    **_alert_cases(),
+    "dashboard.enabled": (True, {}),
+    "dashboard.labels.grafana_dashboard": ("ml", DASHBOARD_ON),
+    "dashboard.annotations": ({"grafana_folder": "ML"}, DASHBOARD_ON),
+    "dashboard.namespace": ("monitoring", DASHBOARD_ON),
+}
+
+# Values the schema holds to one value (the Pod Security Standard "restricted"), with one it refuses.
+HELD: dict[str, Any] = {
+    "podSecurityContext.runAsNonRoot": False,
+    "securityContext.allowPrivilegeEscalation": True,
+    "securityContext.privileged": True,
+}
+
 # Values that must not render: the chart refuses them with a message naming what is wrong.
 REFUSED_AT_RENDER: list[tuple[str, dict[str, Any], str]] = [
     ("a pod label the selector uses", {"podLabels": {"app.kubernetes.io/name": "x"}}, "podLabels"),
@@ -225,19 +315,76 @@ def _check_operator_pod(rendered: Rendered, values: dict[str, Any]) -> None:
         assert not any(s in str(var.get("value", "")) for s in secret_values), var["name"]
 
 
-@pytest.mark.parametrize("case", list(LEGAL))
-def test_each_legal_value_renders_valid_objects(
-    case: str, render_as: RenderAs, validate_object: Validate
-) -> None:
-    values, release, namespace = LEGAL[case]
+def _check_release(
+    values: dict[str, Any], release: str, namespace: str, render_as: RenderAs, validate_object: Validate
+) -> Rendered:
+    """Everything any legal values must give: valid objects and names, the labels, a restricted pod,
+    no secret in the env, and a clean `helm lint --strict`."""
     rendered = render_as(values, name=release, namespace=namespace)
     for obj in rendered.objects:
-        validate_object(obj)
+        key = json.dumps(obj, sort_keys=True)
+        if key not in VALID:  # most cases share most objects: validate each one once
+            validate_object(obj)
+            VALID.add(key)
         _check_names_and_labels(obj)
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == release
     _check_operator_pod(rendered, values)
     report = helm.lint(CHART, values, strict=True, namespace=namespace)
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
+    return rendered
+
+
+@pytest.mark.parametrize("case", list(LEGAL))
+def test_each_legal_case_renders_valid_objects(
+    case: str, render_as: RenderAs, validate_object: Validate
+) -> None:
+    values, release, namespace = LEGAL[case]
+    _check_release(values, release, namespace, render_as, validate_object)
+
+
+def _nested(path: str, value: Any) -> dict[str, Any]:
+    for key in reversed(path.split(".")):
+        value = {key: value}
+    return dict(value)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def _leaves(values: dict[str, Any], path: str = "") -> list[str]:
+    found = []
+    for key, value in values.items():
+        here = f"{path}.{key}" if path else key
+        found += _leaves(value, here) if isinstance(value, dict) and value else [here]
+    return found
+
+
+@pytest.mark.parametrize("path", list(ONE_VALUE))
+def test_every_value_changed_alone_renders_valid_objects_and_shows(
+    path: str, render_as: RenderAs, validate_object: Validate
+) -> None:
+    value, companions = ONE_VALUE[path]
+    values = _merged(companions, _nested(path, value))
+    rendered = _check_release(values, "cf", NAMESPACE, render_as, validate_object)
+    # The value is used: the release differs from the one without it.
+    assert rendered.objects != render_as(companions).objects, f"{path}={value!r} changes nothing"
+
+
+def test_every_value_of_values_yaml_has_a_case() -> None:
+    leaves = set(_leaves(yaml.safe_load((CHART / "values.yaml").read_text())))
+    covered = set(ONE_VALUE) | set(HELD)
+    assert leaves == covered, leaves ^ covered
+
+
+@pytest.mark.parametrize("path", list(HELD))
+def test_values_held_to_restricted_refuse_any_other(chart: helm.Chart, path: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/" + path.replace(".", "/")):
+        chart.validate_schema(_nested(path, HELD[path]))
 
 
 @pytest.mark.parametrize(
