@@ -126,6 +126,20 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("affinity not an object", {"affinity": {"nodeAffinity": "please"}}, "/affinity/nodeAffinity"),
     ("affinity misspelt", {"affinity": {"nodeAfinity": {}}}, "/affinity"),
+    (
+        "affinity term not an object (Kubernetes' own schema)",
+        {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": "x"}}},
+        "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+    ),
+    (
+        "affinity field misspelt deep inside",
+        {
+            "affinity": {
+                "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologykey": "z"}]}
+            }
+        },
+        "/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution/0",
+    ),
     ("nodeSelector key with a space", {"nodeSelector": {"a b": "c"}}, "/nodeSelector"),
     ("nodeSelector value too long", {"nodeSelector": {"a": "x" * 64}}, "/nodeSelector/a"),
     ("priority class with a space", {"priorityClassName": "Not Valid"}, "/priorityClassName"),
