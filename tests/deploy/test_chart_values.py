@@ -102,6 +102,21 @@ LEGAL: dict[str, tuple[dict[str, Any], str, str]] = {
         "cf",
         NAMESPACE,
     ),
+    "requests equal to limits in other units": (
+        {
+            "resources": {
+                "requests": {"cpu": "0.5", "memory": "1Gi"},
+                "limits": {"cpu": "500m", "memory": "1024Mi"},
+            }
+        },
+        "cf",
+        NAMESPACE,
+    ),
+    "scrape interval below the default timeout": (
+        {"metrics": {"serviceMonitor": {"enabled": True, "interval": "5s"}}},
+        "cf",
+        NAMESPACE,
+    ),
     "priorityClassName": ({"priorityClassName": "platform.critical"}, "cf", NAMESPACE),
     "podAnnotations and podLabels": (
         {"podAnnotations": {"example.com/team": "ml", "note": "x y"}, "podLabels": {"team": "ml"}},
@@ -236,6 +251,16 @@ REFUSED_AT_RENDER: list[tuple[str, dict[str, Any], str]] = [
         "dashboard.labels",
     ),
     ("health and metrics on one port", {"operator": {"metricsPort": 8081}}, "operator.metricsPort"),
+    (
+        "memory request above the limit",
+        {"resources": {"requests": {"memory": "512Mi"}}},
+        "resources.requests.memory",
+    ),
+    (
+        "cpu request above the limit",
+        {"resources": {"requests": {"cpu": 1}, "limits": {"cpu": "999m"}}},
+        "resources.requests.cpu (1) is above resources.limits.cpu (999m)",
+    ),
 ]
 
 
@@ -552,3 +577,15 @@ def test_an_upgrade_writes_back_the_stored_operator_key(tmp_path: Path) -> None:
         manifests = chart.render({}, name="cf", namespace=NAMESPACE, is_upgrade=True, revision=2)
     secret = yaml.safe_load(manifests["captionfleet/templates/operator-key.yaml"])
     assert secret["data"]["operator-key"] == "c3RvcmVkLWtleQ=="
+
+
+def test_the_scrape_timeout_never_exceeds_the_interval(render_as: RenderAs) -> None:
+    # Prometheus refuses a timeout above the interval: `interval: 5s` alone cuts the default 10s.
+    for monitor, timeout in (
+        ({"interval": "5s"}, "5s"),
+        ({"interval": "1m30s", "scrapeTimeout": "1m"}, "1m"),
+    ):
+        rendered = render_as({"metrics": {"serviceMonitor": {"enabled": True, **monitor}}})
+        for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
+            [endpoint] = rendered.one(kind)["spec"][endpoints]
+            assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (monitor["interval"], timeout)

@@ -124,3 +124,51 @@ CAPTIONFLEET_RESYNC_SECONDS: {{ .Values.operator.resyncSeconds | quote }}
 CAPTIONFLEET_VERBOSE: {{ .Values.operator.verbose | quote }}
 CAPTIONFLEET_OPERATOR_KEY_FILE: {{ include "captionfleet.operatorKeyFile" . | quote }}
 {{- end }}
+
+{{/*
+A Prometheus duration ("1m30s") in milliseconds, to compare two of them.
+*/}}
+{{- define "captionfleet.durationMs" -}}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d|w|y)" . -1 }}
+{{- $total = add $total (mul (regexFind "^[0-9]+" . | atoi) (get $units (regexFind "[a-z]+$" .))) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The scrape timeout: the value, cut to the interval when longer (Prometheus refuses a timeout above
+the interval, so `interval: 5s` alone must not break the monitors).
+*/}}
+{{- define "captionfleet.scrapeTimeout" -}}
+{{- $monitor := .Values.metrics.serviceMonitor }}
+{{- if gt (include "captionfleet.durationMs" $monitor.scrapeTimeout | atoi) (include "captionfleet.durationMs" $monitor.interval | atoi) }}
+{{- $monitor.interval }}
+{{- else }}
+{{- $monitor.scrapeTimeout }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Kubernetes quantity ("500m", "1Gi", 2, "1e3") as a number, to compare a request with its limit.
+*/}}
+{{- define "captionfleet.quantity" -}}
+{{- $text := toString . }}
+{{- $number := regexFind "^[+]?([0-9]+([.][0-9]*)?|[.][0-9]+)([eE][-+]?[0-9]+)?" $text }}
+{{- $scales := dict "" 1.0 "n" 1e-9 "u" 1e-6 "m" 1e-3 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- mulf (float64 $number) (get $scales (trimPrefix $number $text)) }}
+{{- end }}
+
+{{/* Fails when a resource request is above its limit (the API server refuses such a pod). */}}
+{{- define "captionfleet.checkResources" -}}
+{{- $limits := .Values.resources.limits | default dict }}
+{{- range $name, $request := .Values.resources.requests | default dict }}
+{{- if hasKey $limits $name }}
+{{- $limit := index $limits $name }}
+{{- if gt (include "captionfleet.quantity" $request | float64) (include "captionfleet.quantity" $limit | float64) }}
+{{- fail (printf "resources.requests.%s (%v) is above resources.limits.%s (%v): the API server refuses such a pod; raise the limit too" $name $request $name $limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
