@@ -159,6 +159,16 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
         "/podSecurityContext/seccompProfile",
     ),
+    (
+        "seccomp Localhost without a profile",
+        {"podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+        "/podSecurityContext/seccompProfile",
+    ),
+    (
+        "a profile with RuntimeDefault",
+        {"securityContext": {"seccompProfile": {"type": "RuntimeDefault", "localhostProfile": "x.json"}}},
+        "/securityContext/seccompProfile",
+    ),
     ("sysctls (restricted refuses)", {"podSecurityContext": {"sysctls": []}}, "/podSecurityContext"),
     ("privileged container", {"securityContext": {"privileged": True}}, "/securityContext/privileged"),
     (
