@@ -35,6 +35,9 @@ IMAGE_PATTERN = (
     r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]+)?/)?"
     rf"{_PATH_PART}(/{_PATH_PART})*(:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(@[a-z0-9]+:[a-f0-9]{{32,}})?$"
 )
+# A key of a Secret (IsConfigMapKey): also its file name when mounted, so never '.', '..' or '..x'.
+SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+MAX_REPLICAS = 1000  # per version and fleet-wide: the autoscalers' bounds are int32 in the API
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _HF_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
@@ -184,10 +187,16 @@ class ModelVersion(SpecModel):
         description="Caption decoder: native (batched beam search, same captions) or transformers.",
     )
     min_replicas: int | None = Field(
-        default=None, ge=0, description="Overrides the replica floor derived from the traffic share."
+        default=None,
+        ge=0,
+        le=MAX_REPLICAS,
+        description="Overrides the replica floor derived from the traffic share.",
     )
     max_replicas: int | None = Field(
-        default=None, ge=1, description="Overrides the replica ceiling derived from the traffic share."
+        default=None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Overrides the replica ceiling derived from the traffic share.",
     )
     image: Image | None = Field(default=None, description="Runtime image for this version only.")
 
@@ -260,11 +269,13 @@ class Autoscaling(SpecModel):
     min_replicas: int = Field(
         default=1,
         ge=0,
-        le=1000,
+        le=MAX_REPLICAS,
         description="Fleet-wide floor at 100 % traffic; 0: a version idle for scaleToZeroAfter goes to "
         "0 pods and wakes when a request arrives (the router holds it meanwhile).",
     )
-    max_replicas: int = Field(default=4, ge=1, le=1000, description="Fleet-wide ceiling at 100 % traffic.")
+    max_replicas: int = Field(
+        default=4, ge=1, le=MAX_REPLICAS, description="Fleet-wide ceiling at 100 % traffic."
+    )
     target_queue_depth: int = Field(
         default=4, ge=1, le=10_000, description="Queued requests per pod the autoscaler aims for."
     )
@@ -399,7 +410,7 @@ class SecretKeyRef(SpecModel):
     """One key of a Secret in the CaptionModel's namespace."""
 
     name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="The Secret's name.")
-    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key in the Secret.")
+    key: str = Field(pattern=SECRET_KEY_PATTERN, max_length=253, description="The key in the Secret.")
 
 
 class Cache(SpecModel):
@@ -494,7 +505,7 @@ class Auth(SpecModel):
 
     secret_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
     key: str = Field(
-        default="api-keys", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Key in the Secret."
+        default="api-keys", pattern=SECRET_KEY_PATTERN, max_length=253, description="Key in the Secret."
     )
 
 

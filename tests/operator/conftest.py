@@ -4,13 +4,16 @@
 on. kmock stores objects as given; the real server also fills in ``uid``, ``resourceVersion``,
 ``generation`` and ``creationTimestamp``, names objects from ``generateName``, honours a
 ``resourceVersion`` precondition, filters lists by ``labelSelector``, lets the status subresource
-change only the status, implements server-side apply (create-or-update, removing the fields the
-applier no longer sets), and writes nothing (same ``resourceVersion``, no watch event) for an update
-that changes nothing. The subclass adds exactly these, so the product code runs unchanged.
+change only the status, implements server-side apply (create-or-update; the fields of other field
+managers, such as labels a user added or replicas an autoscaler set, stay, and only those the applier
+set before and no longer sets are removed), and writes nothing (same ``resourceVersion``, no watch
+event) for an update that changes nothing. The subclass adds exactly these, so the product code runs
+unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
-(tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. Lists
-filter by ``fieldSelector`` too, on the fields the real server allows per kind (else 400). Pods are
+(tolerations, label keys, quantities, image names, Secret keys), integers out of int32 range, and
+CaptionModels against the CRD's schema. Lists filter by ``fieldSelector`` too, on the fields the real
+server allows per kind (else 400). Pods are
 served (the kubelet and the scheduler are the tests' ``Cluster``); there are no Secrets at all. These
 rules are written here, independently of the operator's, so the tests see what a cluster would do.
 Garbage collection by owner references is not emulated: tests check the references instead.
@@ -247,6 +250,70 @@ def _container_problems(container: Mapping[str, Any], where: str) -> list[str]:
     return problems
 
 
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _secret_key_problems(key: str, where: str) -> list[str]:
+    """IsConfigMapKey: a Secret's key, also a file name when mounted."""
+    if len(key) > 253 or not _SECRET_KEY.match(key):
+        return [
+            f"{where}: Invalid value: {key!r}: a valid config key must consist of alphanumeric characters"
+        ]
+    if key in (".", "..") or key.startswith(".."):
+        return [f"{where}: Invalid value: {key!r}: must not be '.' or '..' or start with '..'"]
+    return []
+
+
+def _secret_use_problems(pod: Mapping[str, Any], where: str) -> list[str]:
+    """The keys of Secret volumes' items and env secretKeyRefs; items' paths relative, without '..'."""
+    problems = []
+    for i, volume in enumerate(pod.get("volumes") or []):
+        for j, item in enumerate((volume.get("secret") or {}).get("items") or []):
+            at = f"{where}.volumes[{i}].secret.items[{j}]"
+            problems += _secret_key_problems(str(item.get("key") or ""), f"{at}.key")
+            path = str(item.get("path") or "")
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                problems.append(f"{at}.path: Invalid value: {path!r}: must be a relative path without '..'")
+    for kind in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(kind) or []):
+            for j, env in enumerate(container.get("env") or []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref is not None:
+                    at = f"{where}.{kind}[{i}].env[{j}].valueFrom.secretKeyRef.key"
+                    problems += _secret_key_problems(str(ref.get("key") or ""), at)
+    return problems
+
+
+# The API's integers are int32 except these int64 fields (of the kinds the operator writes).
+INT64_FIELDS = {
+    "tolerationSeconds",
+    "terminationGracePeriodSeconds",
+    "activeDeadlineSeconds",
+    "runAsUser",
+    "runAsGroup",
+    "fsGroup",
+    "expirationSeconds",
+    "observedGeneration",
+    "generation",
+}
+
+
+def int32_problems(value: Any, where: str = "") -> list[str]:
+    """Integers out of int32 range where the API declares int32: the server cannot decode them."""
+    if isinstance(value, Mapping):
+        return [
+            problem
+            for key, item in value.items()
+            if key not in INT64_FIELDS
+            for problem in int32_problems(item, f"{where}.{key}" if where else str(key))
+        ]
+    if isinstance(value, list):
+        return [problem for i, item in enumerate(value) for problem in int32_problems(item, f"{where}[{i}]")]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**31) <= value < 2**31:
+        return [f"{where}: Invalid value: {value}: cannot be decoded into an int32"]
+    return []
+
+
 def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
     template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
     return pod_spec_problems(template, "spec.template.spec")
@@ -261,7 +328,7 @@ def pod_spec_problems(pod: Mapping[str, Any], where: str) -> list[str]:
     for kind in ("initContainers", "containers"):
         for i, container in enumerate(pod.get(kind) or []):
             problems += _container_problems(container, f"{where}.{kind}[{i}]")
-    return problems
+    return problems + _secret_use_problems(pod, where)
 
 
 def schema_problems(obj: Mapping[str, Any]) -> list[str]:
@@ -280,6 +347,8 @@ def schema_problems(obj: Mapping[str, Any]) -> list[str]:
     except kubernetes_validate.ValidationError as e:
         caught = e.caught
         return [f"{'.'.join(str(p) for p in caught.absolute_path)}: {caught.message}"]
+    if out_of_range := int32_problems({k: v for k, v in obj.items() if k != "metadata"}):
+        return out_of_range
     if obj.get("kind") == "Pod":
         return pod_spec_problems(obj.get("spec") or {}, "spec")
     return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
@@ -346,10 +415,28 @@ def _replacement(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
+def _applied_merge(
+    live: Mapping[str, Any], applied: Mapping[str, Any], before: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Server-side apply for one field manager: the fields it applies are set, the ones it applied
+    ``before`` and no longer does are removed, every other manager's fields stay. Lists are taken
+    whole (a real server merges keyed lists, e.g. containers by name, item by item)."""
+    result = {key: value for key, value in live.items() if key in applied or key not in before}
+    for key, value in applied.items():
+        earlier = before.get(key)
+        if isinstance(value, Mapping) and isinstance(live.get(key), Mapping):
+            result[key] = _applied_merge(live[key], value, earlier if isinstance(earlier, Mapping) else {})
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
     _log: list[rendering.Request] = attrs.field(factory=list, init=False)
+    # (resource, namespace, name, field manager) -> (the object's uid, what that manager last applied)
+    _applied: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -457,15 +544,8 @@ class ApiServer(kmock.KubernetesEmulator):
             raise k8s.KubernetesError(409, "Conflict", "the object has been modified; please apply again")
         if request.subresource == "status":  # the status subresource changes the status only
             patch = {"status": copy.deepcopy(data.get("status"))}
-        elif apply:  # one field manager: the applied object replaces all but status and server metadata
-            new = copy.deepcopy(data)
-            new["metadata"] = {
-                **{k: v for k, v in old["metadata"].items() if k in SERVER_METADATA},
-                **{k: v for k, v in data.get("metadata", {}).items() if k not in SERVER_METADATA},
-            }
-            if "status" in old:
-                new["status"] = old["status"]
-            patch = _replacement(old, new)
+        elif apply:
+            patch = _replacement(old, self._applied_object(request, data, old))
         else:
             patch = copy.deepcopy(data)
         body_changed = request.subresource is None and any(
@@ -483,6 +563,23 @@ class ApiServer(kmock.KubernetesEmulator):
         data.clear()
         data.update(patch)
         return True
+
+    def _applied_object(
+        self, request: rendering.Request, data: Mapping[str, Any], old: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``old`` after server-side apply of ``data`` by the request's field manager (force: its
+        fields win); status and the server's metadata stay as they are."""
+        key = (request.resource, request.namespace, request.name, request.params.get("fieldManager") or "")
+        uid = str(old["metadata"].get("uid"))
+        earlier_uid, earlier = self._applied.get(key, (uid, {}))
+        applied = {k: v for k, v in data.items() if k != "status"}
+        applied["metadata"] = {
+            k: v for k, v in (data.get("metadata") or {}).items() if k not in SERVER_METADATA
+        }
+        new = _applied_merge(old, applied, earlier if earlier_uid == uid else {})
+        new["metadata"].update({k: v for k, v in old["metadata"].items() if k in SERVER_METADATA})
+        self._applied[key] = (uid, copy.deepcopy(applied))
+        return new
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         info = self.resources.get(request.resource)
