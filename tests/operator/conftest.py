@@ -12,7 +12,8 @@ unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
 (tolerations, label keys, quantities, image names, Secret keys), integers out of int32 range, and
-CaptionModels against the CRD's schema. Lists filter by ``fieldSelector`` too, on the fields the real
+CaptionModels against the CRD's schema (whose unknown fields are pruned, or refused under
+``fieldValidation=Strict``). Lists filter by ``fieldSelector`` too, on the fields the real
 server allows per kind (else 400). Pods are
 served (the kubelet and the scheduler are the tests' ``Cluster``); there are no Secrets at all. These
 rules are written here, independently of the operator's, so the tests see what a cluster would do.
@@ -354,6 +355,29 @@ def schema_problems(obj: Mapping[str, Any]) -> list[str]:
     return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
 
 
+def pruned(value: Any, schema: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """(what a real API server stores of a custom resource's ``value``, the unknown fields it dropped):
+    fields the structural schema does not declare are pruned, except under
+    ``x-kubernetes-preserve-unknown-fields``; an object schema without properties keeps all."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value, []
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        kept = [pruned(item, schema["items"]) for item in value]
+        return [item for item, _ in kept], [f"[{i}]{p}" for i, (_, u) in enumerate(kept) for p in u]
+    properties, extra = schema.get("properties"), schema.get("additionalProperties")
+    if not isinstance(value, Mapping) or (properties is None and not isinstance(extra, Mapping)):
+        return value, []
+    result, unknown = {}, []
+    for key, item in value.items():
+        declared = (properties or {}).get(key, extra if isinstance(extra, Mapping) else None)
+        if declared is None:
+            unknown.append(f".{key}")
+            continue
+        result[key], inner = pruned(item, declared)
+        unknown += [f".{key}{path}" for path in inner]
+    return result, unknown
+
+
 def _merged(old: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch applied (RFC 7386)."""
     result = dict(old)
@@ -503,6 +527,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if resource is not None and resource.plural is not None and resource not in self.resources:
             raise k8s.KubernetesResourceNotFoundError()  # e.g. KEDA's kinds when it is not installed
         data = request.data if isinstance(request.data, dict) else None
+        if resource is not None and resource.plural == "captionmodels" and data is not None:
+            self._prune(request, data)
         if request.resource is not None and data is not None and request.subresource is None:
             self._validate(request, data)
         if request.resource is not None and data is not None:
@@ -520,6 +546,17 @@ class ApiServer(kmock.KubernetesEmulator):
                     # resourceVersion stays and no watch event is sent.
                     return aiohttp.web.json_response(old)
         return await super()._handle(request)
+
+    def _prune(self, request: rendering.Request, data: dict[str, Any]) -> None:
+        """A CaptionModel's unknown fields: refused with ``fieldValidation=Strict`` (kubectl's default),
+        else dropped, as a real server does with a CRD's structural schema."""
+        schema = captionmodel_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        kept, unknown = pruned(data, schema)
+        if unknown and request.params.get("fieldValidation") == "Strict":
+            fields = ", ".join(f"unknown field {path.lstrip('.')!r}" for path in unknown)
+            raise k8s.KubernetesError(422, "Invalid", f"strict decoding error: {fields}")
+        data.clear()
+        data.update(kept)
 
     def _validate(self, request: rendering.Request, data: dict[str, Any]) -> None:
         """Refuse, as a real API server does, an object that its schema or rules refuse (422)."""
