@@ -423,7 +423,8 @@ class Cache(SpecModel):
         default=None,
         pattern=r"^rediss?://[^\s]+$",
         max_length=1024,
-        description="redis:// URL without credentials (a URL with a password goes in redisUrlSecret).",
+        description="redis:// URL without credentials: one with user-info or a ?password= (or token, "
+        "key, secret) parameter is Invalid and goes in redisUrlSecret.",
     )
     redis_url_secret: SecretKeyRef | None = Field(
         default=None,
@@ -480,7 +481,8 @@ class Moderation(SpecModel):
     url: str = Field(
         pattern=r"^https?://[^\s]+$",
         max_length=2048,
-        description="http(s) URL of the moderation service, without credentials.",
+        description="http(s) URL of the moderation service, without credentials (user-info or a "
+        "password, token, key or secret query parameter: Invalid).",
     )
     timeout_ms: int = Field(
         default=2000,

@@ -12,12 +12,13 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import ValidationError
 
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.cascade import cascade_problems
+from captionfleet.operator.secrecy import SECRET_QUERY_NAMES
 from captionfleet.operator.spec import (
     DNS_LABEL_PATTERN,
     CaptionModelSpec,
@@ -155,11 +156,13 @@ def _jobs(spec: CaptionModelSpec) -> list[str]:
 
 
 def _has_credentials(url: str) -> bool:
+    """User-info, or a query parameter that is a credential (redis clients take ``?password=``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "@" in url
-    return bool(parts.username or parts.password) or "@" in parts.netloc
+    query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return bool(parts.username or parts.password) or "@" in parts.netloc or bool(query & SECRET_QUERY_NAMES)
 
 
 def _moderation(spec: CaptionModelSpec) -> list[str]:

@@ -6,6 +6,8 @@ make to our children, and one name in two namespaces."""
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from typing import Any
 
 import pytest
@@ -243,3 +245,38 @@ async def test_one_name_in_two_namespaces_makes_two_separate_fleets(cluster: Any
         name: cluster.get(DEPLOYMENTS, name, "ml")["metadata"]["resourceVersion"] for name in kept
     } == kept
     phase(cluster, "twin", "Pending", "ml")
+
+
+SECRET = "S3cr3t-9f2"
+INLINE_CREDENTIALS = {
+    "a Redis password alone": (
+        {"cache": {"redisUrl": f"redis://:{SECRET}@redis:6379/0"}},
+        "spec.cache.redisUrl",
+    ),
+    "a Redis password as a query parameter": (
+        {"cache": {"redisUrl": f"rediss://redis:6380/0?db=0&password={SECRET}"}},
+        "spec.cache.redisUrl",
+    ),
+    "a moderation API key as a query parameter": (
+        {"moderation": {"url": f"https://moderation.example.com/check?API_KEY={SECRET}"}},
+        "spec.moderation.url",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INLINE_CREDENTIALS))
+async def test_credentials_inline_in_a_url_are_refused_and_never_repeated(
+    cluster: Any, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    spec, field = INLINE_CREDENTIALS[case]
+    await cluster.create(caption_model("inline", **copy.deepcopy(spec)))
+    await cluster.eventually(lambda: phase(cluster, "inline", "Invalid"))
+    assert f"{field}: holds credentials" in cluster.condition("inline", "Ready")["message"]
+    await cluster.eventually(lambda: event(cluster, "inline", "InvalidSpec", "holds credentials"))
+    assert cluster.children("inline") == {}
+    model = cluster.model("inline")
+    assert SECRET not in json.dumps(model["metadata"]) + json.dumps(model["status"])
+    assert SECRET not in json.dumps(cluster.events())
+    assert "is in progress" in caplog.text  # kopf's DEBUG line with the body, redacted
+    assert SECRET not in caplog.text
