@@ -27,26 +27,21 @@ import itertools
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from captionfleet.calibration import QUANTILES, threshold_for_rate
-from captionfleet.operator.spec import CaptionModelSpec
+from captionfleet.operator.spec import CaptionModelSpec, StatusModel
 
 Signal = Literal["confidence", "ood"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-
-class TierFigures(_Model):
+class TierFigures(StatusModel):
     requests: int = 0
     p50_ms: float | None = None
     p99_ms: float | None = None
 
 
-class CascadeFigures(_Model):
+class CascadeFigures(StatusModel):
     """The cascade's figures over ``rollout.analysis.window``, summed over every router pod."""
 
     window_s: int = 0
@@ -60,7 +55,7 @@ class CascadeFigures(_Model):
     updated: str | None = None
 
 
-class CascadeStatus(_Model):
+class CascadeStatus(StatusModel):
     fast_version: str
     quality_version: str
     fast_versions: list[str] = Field(description="The fast tier: the routers send every request there first.")

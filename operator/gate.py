@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from captionfleet.operator.events import Reason
-from captionfleet.operator.spec import QualityGate
+from captionfleet.operator.spec import QualityGate, StatusModel
 
 if TYPE_CHECKING:
     from captionfleet.operator.rollout import CanaryState
@@ -41,10 +40,8 @@ REASONS: dict[GatePhase, str] = {
 NO_OPERATOR_KEY = Reason.NO_OPERATOR_KEY.value
 
 
-class GateState(BaseModel):
+class GateState(StatusModel):
     """The quality gate of the canary's rollout (``status.rollout.gate``)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     phase: GatePhase
     dataset: str

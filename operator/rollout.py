@@ -27,15 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from captionfleet.names import ROLLOUT_ACTION_ANNOTATION
 from captionfleet.operator import shadow as shadow_phase
 from captionfleet.operator.figures import Figures, ShadowFigures
 from captionfleet.operator.gate import GateState, pending
 from captionfleet.operator.shadow import ShadowState
-from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion
+from captionfleet.operator.spec import Analysis, CaptionModelSpec, ModelVersion, StatusModel
 
 ACTIONS = ("abort", "promote")
 
@@ -58,11 +57,7 @@ DecisionKind = Literal[
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-
-class Check(_Model):
+class Check(StatusModel):
     """The figures of the canary over the window at one check, and what they meant."""
 
     time: str = Field(json_schema_extra={"format": "date-time"})
@@ -75,7 +70,7 @@ class Check(_Model):
     verdict: Verdict
 
 
-class CanaryState(_Model):
+class CanaryState(StatusModel):
     """The canary's progress (``status.rollout``)."""
 
     version: str = Field(description="The canary this rollout is about.")

@@ -17,17 +17,14 @@ is a small part of ``status.rollout`` (``CanaryState.shadow``).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
 from captionfleet.operator.figures import ShadowFigures
-from captionfleet.operator.spec import Analysis
+from captionfleet.operator.spec import Analysis, StatusModel
 
 
-class ShadowState(BaseModel):
+class ShadowState(StatusModel):
     """The canary's shadow phase (``status.rollout.shadow``)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     percent: int = Field(description="Percent of the live requests copied to the canary.")
     passed: int = Field(default=0, description="Shadow checks passed so far.")

@@ -157,6 +157,14 @@ class SpecModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class StatusModel(BaseModel):
+    """What the operator keeps in ``status`` (rollout, gate, shadow, cascade, versions): camelCase like
+    the spec, but a field it does not know (written by another operator version) is ignored on reading
+    back, not refused: the status is the operator's own memory, not a user's request."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
 class ModelVersion(SpecModel):
     """One model version of the fleet: its own Deployment, Service and autoscaler."""
 

@@ -12,8 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
-from pydantic.alias_generators import to_camel
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from captionfleet.operator.cascade import CascadeStatus
 from captionfleet.operator.coldstart import ColdState, iso
@@ -21,6 +20,7 @@ from captionfleet.operator.events import Reason
 from captionfleet.operator.gate import GateState
 from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
+from captionfleet.operator.spec import StatusModel
 from captionfleet.operator.traffic import Role, Share
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid", "RolledBack"]
@@ -44,11 +44,7 @@ class Trouble:
     message: str
 
 
-class _StatusModel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-
-class Condition(_StatusModel):
+class Condition(StatusModel):
     """A metav1.Condition."""
 
     type: ConditionType
@@ -59,7 +55,7 @@ class Condition(_StatusModel):
     observed_generation: int | None = Field(default=None, ge=0)
 
 
-class VersionStatus(_StatusModel):
+class VersionStatus(StatusModel):
     name: str
     role: Role = Field(description="stable: most traffic; canary: being rolled out; variant: an A/B arm.")
     weight: int = Field(description="Effective share of traffic now, in percent (what the router applies).")
@@ -98,7 +94,7 @@ class VersionStatus(_StatusModel):
         return {key: value for key, value in data.items() if key not in OPTIONAL_FIELDS or value}
 
 
-class CaptionModelStatus(_StatusModel):
+class CaptionModelStatus(StatusModel):
     phase: Phase | None = None
     observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the router.")

@@ -19,10 +19,11 @@ from captionfleet.runtime.server.openapi import openapi_document
 from captionfleet.runtime.server.state import STATE, ServerState, admit, priority
 from captionfleet.runtime.serving.batcher import Priority
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
+from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import InvalidRequest, reply_for
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
-from captionfleet.runtime.web.parsing import ImageSource, ParsedRequest, parse_request
+from captionfleet.runtime.web.parsing import ParsedRequest, parse_request
 from captionfleet.runtime.web.probes import add_probe_routes
 
 

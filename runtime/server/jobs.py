@@ -22,6 +22,7 @@ from captionfleet.runtime.server.fetch import absolute_url, check_url
 from captionfleet.runtime.server.state import STATE, ServerState, admit
 from captionfleet.runtime.serving.errors import JobsUnavailable
 from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
+from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.body import check_declared_size, read_all
 from captionfleet.runtime.web.context import BODY, head_sent
 from captionfleet.runtime.web.errors import InvalidRequest
@@ -128,7 +129,7 @@ async def _parse_multipart(request: web.Request, limit: int, most: int) -> JobSu
             _too_many(len(items) + 1, most)
             data = await read_all(part, request[BODY], budget)
             budget -= len(data)
-            items.append(JobItem(id=(part.filename or None), data=data))
+            items.append(JobItem(ImageSource(data=data), id=(part.filename or None)))
         elif name in (*OPTION_FIELDS, "webhook", "webhook_secret"):
             text[name] = await text_field(part, request[BODY])
         else:
@@ -190,4 +191,4 @@ def _json_item(entry: object, where: str) -> JobItem:
         raise InvalidRequest(
             f"{where}.id must be a string of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
         )
-    return JobItem(id=item_id, data=source.data, url=source.url)
+    return JobItem(source, id=item_id)

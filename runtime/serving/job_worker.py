@@ -117,7 +117,8 @@ class JobWorker(StreamConsumer):
         """(result, None) or (None, (code, message)); ``None`` when this replica cannot serve it now."""
         started = time.monotonic()
         try:
-            data = item.data if item.data is not None else await self._fetch(item.url or "")
+            source = item.source
+            data = source.data if source.data is not None else await self._fetch(source.url or "")
             options = self.service.resolve_options(item.options)
             result = await self.service.caption(data, options, None, Priority.BULK)
         except TRANSIENT as exc:

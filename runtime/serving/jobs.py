@@ -46,6 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from captionfleet.names import JOBS_CONSUMER_GROUP
 from captionfleet.runtime.serving.errors import JobNotFound, JobsUnavailable
+from captionfleet.runtime.serving.sources import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,24 @@ RESULT_CHUNK = 500
 
 @dataclass(frozen=True)
 class JobItem:
-    """One image of a job: its bytes, or a URL fetched (through the SSRF guard) when it is captioned."""
+    """One image of a job, with the client's id for it."""
 
+    source: ImageSource
     id: str | None = None
-    data: bytes | None = None
-    url: str | None = None
 
-    def payload(self) -> bytes:
-        if self.url is not None:
-            return b"u" + self.url.encode()
-        assert self.data is not None
-        return b"d" + self.data
+
+def _payload(source: ImageSource) -> bytes:
+    """The item's value in the job's items hash (module doc); :func:`_source` reads it back."""
+    if source.url is not None:
+        return b"u" + source.url.encode()
+    assert source.data is not None
+    return b"d" + source.data
+
+
+def _source(payload: bytes) -> ImageSource:
+    if payload[:1] == b"u":
+        return ImageSource(url=payload[1:].decode())
+    return ImageSource(data=payload[1:])
 
 
 @dataclass(frozen=True)
@@ -128,8 +136,7 @@ class StartedItem:
     index: int
     item_id: str | None
     options: dict[str, Any]
-    data: bytes | None
-    url: str | None
+    source: ImageSource
 
 
 def now_iso() -> str:
@@ -269,7 +276,9 @@ class JobStore:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(job, mapping=state)  # type: ignore[arg-type]
                 pipe.rpush(ids, *(json.dumps(item.id) for item in submission.items))
-                pipe.hset(items, mapping={str(i): item.payload() for i, item in enumerate(submission.items)})
+                pipe.hset(
+                    items, mapping={str(i): _payload(item.source) for i, item in enumerate(submission.items)}
+                )
                 for key in (job, ids, items):
                     pipe.expire(key, ttl)
                 for index in range(len(submission.items)):
@@ -328,12 +337,7 @@ class JobStore:
         _, options, item_id, payload = await self._begin(keys=[job, results, items, ids], args=[index])
         if not payload:
             return None
-        data = url = None
-        if payload[:1] == b"u":
-            url = payload[1:].decode()
-        else:
-            data = payload[1:]
-        return StartedItem(job_id, index, json.loads(item_id), json.loads(options), data, url)
+        return StartedItem(job_id, index, json.loads(item_id), json.loads(options), _source(payload))
 
     async def record(
         self, item: StartedItem, *, result: dict[str, Any] | None, error: tuple[str, str] | None

@@ -35,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
+from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, check_declared_size, read_all
 from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
@@ -44,14 +45,6 @@ SOURCE_FIELDS = ("url", "image_base64")
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 _MAX_FIELD_BYTES = 4096
 _CHUNK = 256 * 1024
-
-
-@dataclass
-class ImageSource:
-    """One image: its bytes, or a URL to fetch."""
-
-    data: bytes | None = None
-    url: str | None = None
 
 
 @dataclass

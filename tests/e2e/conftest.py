@@ -58,7 +58,7 @@ class Fleet:
         self._kubelet_task: asyncio.Task[None] | None = None
 
     def start_kubelet(self, faults: Mapping[str, float] | None = None) -> None:
-        self.kubelet = harness.Kubelet(self.api, self.kubeconfig, NAMESPACE, self.workdir, faults)
+        self.kubelet = harness.Kubelet(self.api, self.kubeconfig, NAMESPACE, self.workdir, dict(faults or {}))
         self._kubelet_task = asyncio.create_task(self.kubelet.run())
 
     async def close(self) -> None:

@@ -194,32 +194,25 @@ def _map_path(path: str, mounts: Mapping[str, str] | None = None) -> str:
     return path
 
 
+@dataclass(eq=False)
 class Kubelet:
     """Runs the emulated cluster's Deployments as local processes and publishes them (module doc)."""
 
-    def __init__(
-        self,
-        api: Any,
-        kubeconfig: Path,
-        namespace: str,
-        workdir: Path,
-        faults: Mapping[str, float] | None = None,
-    ) -> None:
-        self.api = api
-        self.kubeconfig = kubeconfig
-        self.namespace = namespace
-        self.workdir = workdir
-        self.faults = dict(faults or {})  # Deployment name -> failure rate of its pods' proxies
-        self.pods: dict[str, list[Pod]] = {}
-        self.proxies: list[FaultProxy] = []  # every proxy ever started, in order
-        self.failures: list[str] = []
-        self.started: dict[str, int] = {}  # Deployment name -> pods ever started
-        # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
-        # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
-        self.start_delays: dict[str, float] = {}
-        self._reported: dict[str, tuple[Any, ...]] = {}
-        self._counter = 0
-        self._http: aiohttp.ClientSession | None = None
+    api: Any
+    kubeconfig: Path
+    namespace: str
+    workdir: Path
+    faults: dict[str, float] = field(default_factory=dict)  # Deployment name -> its proxies' failure rate
+    pods: dict[str, list[Pod]] = field(default_factory=dict, init=False)
+    proxies: list[FaultProxy] = field(default_factory=list, init=False)  # every proxy started, in order
+    failures: list[str] = field(default_factory=list, init=False)
+    started: dict[str, int] = field(default_factory=dict, init=False)  # Deployment -> pods ever started
+    # Deployment name -> seconds a new pod stays Pending before its process starts (a slow node:
+    # a GPU node being added, a large image pulled); changed by a test while the kubelet runs.
+    start_delays: dict[str, float] = field(default_factory=dict, init=False)
+    _reported: dict[str, tuple[Any, ...]] = field(default_factory=dict, init=False)
+    _counter: int = field(default=0, init=False)
+    _http: aiohttp.ClientSession | None = field(default=None, init=False)
 
     # lifecycle
     async def run(self) -> None:
