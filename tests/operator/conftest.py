@@ -11,10 +11,10 @@ event) for an update that changes nothing. The subclass adds exactly these, so t
 unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
-(tolerations, label keys, quantities, image names, Secret keys), integers out of int32 range, and
-CaptionModels against the CRD's schema (whose unknown fields are pruned, or refused under
-``fieldValidation=Strict``). Lists filter by ``fieldSelector`` too, on the fields the real
-server allows per kind (else 400). Pods are
+(tolerations, label keys, quantities, image names, Secret keys), integers out of int32 range, a
+changed Deployment selector (immutable), and CaptionModels against the CRD's schema (whose unknown
+fields are pruned, or refused under ``fieldValidation=Strict``). Lists filter by ``fieldSelector``
+too, on the fields the real server allows per kind (else 400). Pods are
 served (the kubelet and the scheduler are the tests' ``Cluster``); there are no Secrets at all. These
 rules are written here, independently of the operator's, so the tests see what a cluster would do.
 Garbage collection by owner references is not emulated: tests check the references instead.
@@ -567,6 +567,11 @@ class ApiServer(kmock.KubernetesEmulator):
         else:
             return
         problems = schema_problems(candidate)
+        stored = self._stored(request) if request.action == kmock.action.UPDATE else None
+        if stored is not None and stored.get("kind") == "Deployment":
+            selector = (candidate.get("spec") or {}).get("selector")
+            if selector is not None and selector != stored["spec"].get("selector"):
+                problems.append("spec.selector: Invalid value: field is immutable")
         if problems:
             kind, name = candidate.get("kind"), (candidate.get("metadata") or {}).get("name")
             raise k8s.KubernetesError(422, "Invalid", f"{kind} {name!r} is invalid: {'; '.join(problems)}")

@@ -143,3 +143,27 @@ async def test_server_side_apply_keeps_other_managers_fields_and_drops_the_appli
         "team": "vision",
         "x": "1",
     }
+
+
+async def test_a_deployments_selector_cannot_change(cluster: Any) -> None:
+    deployments = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+    labels = {"app": "a"}
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d", "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            },
+        },
+    }
+    await cluster._send("PATCH", f"{deployments}/d?fieldManager=test", body, APPLY)
+    body["spec"]["selector"] = {"matchLabels": {"app": "a", "extra": "1"}}
+    body["spec"]["template"]["metadata"]["labels"] = {"app": "a", "extra": "1"}
+    async with cluster.api.request(
+        "PATCH", f"{deployments}/d?fieldManager=test", json=body, headers={"Content-Type": APPLY}
+    ) as response:
+        assert response.status == 422 and "field is immutable" in await response.text()

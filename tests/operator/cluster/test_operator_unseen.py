@@ -17,6 +17,7 @@ from .conftest import caption_model
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 CAPMS = "/apis/captionfleet.io/v1alpha1/namespaces/ml/captionmodels"
+CAPM_RESOURCE = "captionfleet.io/v1alpha1/captionmodels"
 MODEL = "file:///opt/models/v1"
 DIGEST = "registry.test/captionfleet/runtime@sha256:" + "a" * 64
 
@@ -35,6 +36,10 @@ def phase(cluster: Any, name: str, expected: str, namespace: str = "ml") -> dict
 
 def reconciled(cluster: Any, name: str, generation: int) -> None:
     assert phase(cluster, name, "Pending").get("observedGeneration") == generation
+
+
+def gone(cluster: Any, name: str, namespace: str = "ml") -> None:
+    assert cluster.api.live(CAPM_RESOURCE, namespace, name) is None
 
 
 def event(cluster: Any, name: str, reason: str, text: str) -> None:
@@ -150,7 +155,7 @@ async def test_what_the_api_would_refuse_in_a_child_is_refused_in_the_caption_mo
     async with cluster.api.request("POST", CAPMS, json=body) as rsp:
         assert rsp.status == 422, await rsp.text()
         assert field in (await rsp.json())["message"]
-    assert cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "ml", "refused") is None
+    assert cluster.api.live(CAPM_RESOURCE, "ml", "refused") is None
 
 
 async def test_unknown_fields_are_pruned_as_a_real_server_does_and_the_model_reconciles(cluster: Any) -> None:
@@ -193,9 +198,7 @@ async def test_a_child_left_by_another_installation_or_an_earlier_model_is_never
     assert cluster.children("own") == {SERVICES: {"own-v1"}}  # nothing of ours applied
 
     await cluster.delete("own")
-    await cluster.eventually(
-        lambda: cluster.api.live("captionfleet.io/v1alpha1/captionmodels", "ml", "own") is None
-    )
+    await cluster.eventually(lambda: gone(cluster, "own"))
     assert cluster.get(SERVICES, "own-v1") == before  # not ours: never deleted either
 
 
@@ -240,7 +243,8 @@ async def test_one_name_in_two_namespaces_makes_two_separate_fleets(cluster: Any
     }
 
     await cluster.delete("twin", namespace="default")
-    await cluster.eventually(lambda: cluster.children("twin", "default") == {})
+    await cluster.eventually(lambda: gone(cluster, "twin", "default"))
+    assert cluster.children("twin", "default") == {}
     assert {
         name: cluster.get(DEPLOYMENTS, name, "ml")["metadata"]["resourceVersion"] for name in kept
     } == kept
@@ -280,3 +284,33 @@ async def test_credentials_inline_in_a_url_are_refused_and_never_repeated(
     assert SECRET not in json.dumps(cluster.events())
     assert "is in progress" in caplog.text  # kopf's DEBUG line with the body, redacted
     assert SECRET not in caplog.text
+
+
+async def test_a_name_with_dots_is_invalid_and_deleted_cleanly(cluster: Any) -> None:
+    """Legal for a CaptionModel (a DNS subdomain), not for the Service named after it."""
+    await cluster.create(caption_model("captions.v2"))
+    await cluster.eventually(lambda: phase(cluster, "captions.v2", "Invalid"))
+    assert "metadata.name 'captions.v2'" in cluster.condition("captions.v2", "Ready")["message"]
+    await cluster.eventually(lambda: event(cluster, "captions.v2", "InvalidSpec", "the router's Service"))
+    assert cluster.children("captions.v2") == {}
+    await cluster.delete("captions.v2")
+    await cluster.eventually(lambda: gone(cluster, "captions.v2"))
+
+
+async def test_a_users_object_with_our_labels_is_neither_pruned_nor_deleted(cluster: Any) -> None:
+    labels = {"captionfleet.io/model": "mine", "app.kubernetes.io/managed-by": "captionfleet"}
+    users = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "mine-debug", "namespace": "ml", "labels": labels},
+        "spec": {"selector": labels, "ports": [{"port": 9000}]},
+    }
+    await cluster._send("POST", "/api/v1/namespaces/ml/services", users)
+    await cluster.create(caption_model("mine", versions=[version("v1", 90), version("v2", 10)]))
+    await cluster.eventually(lambda: phase(cluster, "mine", "Pending"))
+    await cluster.patch_spec("mine", {"versions": [version("v1")]})  # v2's children are pruned
+    await cluster.eventually(lambda: reconciled(cluster, "mine", 2))
+    assert cluster.children("mine")[SERVICES] == {"mine", "mine-v1", "mine-debug"}
+    await cluster.delete("mine")
+    await cluster.eventually(lambda: gone(cluster, "mine"))
+    assert cluster.children("mine") == {SERVICES: {"mine-debug"}}
