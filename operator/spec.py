@@ -63,7 +63,17 @@ Quantity = Annotated[
 Image = Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 """A share or a probability: 0 to 1."""
-LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316)]
+
+
+def _label_key(key: str) -> str:
+    """The pattern cannot count the prefix: a DNS subdomain, at most 253 characters."""
+    prefix, slash, _ = key.rpartition("/")
+    if slash and len(prefix) > 253:
+        raise ValueError(f"the prefix of {key[:40]!r}... is {len(prefix)} characters, at most 253")
+    return key
+
+
+LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316), AfterValidator(_label_key)]
 LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import ValidationError
 
+from captionfleet.operator.affinity import affinity_problems
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.cascade import cascade_problems
 from captionfleet.operator.secrecy import SECRET_QUERY_NAMES
@@ -197,7 +198,8 @@ def _private_host(host: str) -> bool:
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
     found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
-    return found + _jobs(spec) + _moderation(spec) + cascade_problems(spec)
+    found += _jobs(spec) + _moderation(spec) + cascade_problems(spec)
+    return found + affinity_problems(spec.affinity)
 
 
 def check(

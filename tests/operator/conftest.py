@@ -11,7 +11,7 @@ event) for an update that changes nothing. The subclass adds exactly these, so t
 unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
-(tolerations, label keys, quantities, image names, Secret keys), integers out of int32 range, a
+(tolerations, label keys, quantities, image names, Secret keys, affinity), integers out of int32 range, a
 changed Deployment selector (immutable), and CaptionModels against the CRD's schema (whose unknown
 fields are pruned, or refused under ``fieldValidation=Strict``). Lists filter by ``fieldSelector``
 too, on the fields the real server allows per kind (else 400). Pods are
@@ -201,12 +201,13 @@ SELECTABLE_FIELDS = {
 _QUALIFIED_NAME = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _QUANTITY = re.compile(r"^([+-]?)([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
 
 
 def _label_key_problems(key: str, where: str) -> list[str]:
-    name = key.rsplit("/", 1)[-1]
-    if not _QUALIFIED_NAME.match(key) or len(name) > 63:
+    prefix, _, name = key.rpartition("/")
+    if not _QUALIFIED_NAME.match(key) or len(name) > 63 or len(prefix) > 253:
         return [
             f"{where}: Invalid value: {key!r}: name part must consist of alphanumeric characters, "
             "'-', '_' or '.'"
@@ -315,6 +316,96 @@ def int32_problems(value: Any, where: str = "") -> list[str]:
     return []
 
 
+def _requirement_problems(req: Mapping[str, Any], where: str, operators: str) -> list[str]:
+    """A node selector or label selector requirement, as ValidateNodeSelectorRequirement and
+    ValidateLabelSelectorRequirement check it."""
+    problems = _label_key_problems(str(req.get("key") or ""), f"{where}.key")
+    operator, values = req.get("operator"), req.get("values") or []
+    if operator not in operators.split():
+        return [*problems, f"{where}.operator: Unsupported value: {operator!r}"]
+    if operator in ("In", "NotIn") and not values:
+        problems.append(
+            f"{where}.values: Required value: must be specified when `operator` is 'In' or 'NotIn'"
+        )
+    if operator in ("Exists", "DoesNotExist") and values:
+        problems.append(
+            f"{where}.values: Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
+        )
+    if operator in ("Gt", "Lt") and (len(values) != 1 or not re.fullmatch(r"[-+]?\d+", str(values[0]))):
+        problems.append(f"{where}.values: Required value: must be specified single integer value")
+    return problems
+
+
+NODE_OPERATORS = "In NotIn Exists DoesNotExist Gt Lt"
+LABEL_OPERATORS = "In NotIn Exists DoesNotExist"
+
+
+def _node_term_problems(term: Mapping[str, Any], where: str) -> list[str]:
+    problems = []
+    for i, req in enumerate(term.get("matchExpressions") or []):
+        problems += _requirement_problems(req, f"{where}.matchExpressions[{i}]", NODE_OPERATORS)
+    for i, req in enumerate(term.get("matchFields") or []):
+        at = f"{where}.matchFields[{i}]"
+        if req.get("key") != "metadata.name" or req.get("operator") not in ("In", "NotIn"):
+            problems.append(f"{at}: Invalid value: only metadata.name with In or NotIn is supported")
+        if len(req.get("values") or []) != 1:
+            problems.append(
+                f"{at}.values: Required value: must be only one value when `operator` is 'In' or 'NotIn'"
+            )
+    return problems
+
+
+def _pod_term_problems(term: Mapping[str, Any], where: str) -> list[str]:
+    key = str(term.get("topologyKey") or "")
+    problems = (
+        _label_key_problems(key, f"{where}.topologyKey") if key else [f"{where}.topologyKey: Required value"]
+    )
+    for field in ("labelSelector", "namespaceSelector"):
+        selector = term.get(field) or {}
+        for label, value in (selector.get("matchLabels") or {}).items():
+            problems += _label_key_problems(str(label), f"{where}.{field}.matchLabels")
+            if not _LABEL_VALUE.match(str(value)):
+                problems.append(f"{where}.{field}.matchLabels: Invalid value: {value!r}")
+        for i, req in enumerate(selector.get("matchExpressions") or []):
+            problems += _requirement_problems(req, f"{where}.{field}.matchExpressions[{i}]", LABEL_OPERATORS)
+    for namespace in term.get("namespaces") or []:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", str(namespace)):
+            problems.append(f"{where}.namespaces: Invalid value: {namespace!r}")
+    return problems
+
+
+def _weighted(
+    terms: list[Mapping[str, Any]], where: str, inner: str, check: Callable[..., list[str]]
+) -> list[str]:
+    problems = []
+    for i, term in enumerate(terms):
+        if not 1 <= int(term.get("weight") or 0) <= 100:
+            problems.append(f"{where}[{i}].weight: Invalid value: must be in the range 1-100")
+        problems += check(term.get(inner) or {}, f"{where}[{i}].{inner}")
+    return problems
+
+
+def _affinity_problems(affinity: Mapping[str, Any], where: str) -> list[str]:
+    """ValidateAffinity: what the Affinity's schema leaves to the server's code."""
+    node = affinity.get("nodeAffinity") or {}
+    problems = []
+    if (required := node.get("requiredDuringSchedulingIgnoredDuringExecution")) is not None:
+        at = f"{where}.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+        terms = required.get("nodeSelectorTerms") or []
+        problems += [] if terms else [f"{at}: Required value: must have at least one node selector term"]
+        for i, term in enumerate(terms):
+            problems += _node_term_problems(term, f"{at}[{i}]")
+    preferred = node.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    problems += _weighted(preferred, f"{where}.nodeAffinity.preferred", "preference", _node_term_problems)
+    for kind in ("podAffinity", "podAntiAffinity"):
+        pods = affinity.get(kind) or {}
+        for i, term in enumerate(pods.get("requiredDuringSchedulingIgnoredDuringExecution") or []):
+            problems += _pod_term_problems(term, f"{where}.{kind}.required[{i}]")
+        preferred = pods.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+        problems += _weighted(preferred, f"{where}.{kind}.preferred", "podAffinityTerm", _pod_term_problems)
+    return problems
+
+
 def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
     template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
     return pod_spec_problems(template, "spec.template.spec")
@@ -329,7 +420,11 @@ def pod_spec_problems(pod: Mapping[str, Any], where: str) -> list[str]:
     for kind in ("initContainers", "containers"):
         for i, container in enumerate(pod.get(kind) or []):
             problems += _container_problems(container, f"{where}.{kind}[{i}]")
-    return problems + _secret_use_problems(pod, where)
+    return (
+        problems
+        + _secret_use_problems(pod, where)
+        + _affinity_problems(pod.get("affinity") or {}, f"{where}.affinity")
+    )
 
 
 def schema_problems(obj: Mapping[str, Any]) -> list[str]:

@@ -28,6 +28,15 @@ def version(name: str, weight: int = 100, **fields: Any) -> dict[str, Any]:
     return {"name": name, "model": MODEL, "weight": weight, **fields}
 
 
+def node_terms(*requirements: dict[str, Any]) -> dict[str, Any]:
+    required = {"nodeSelectorTerms": [{"matchExpressions": list(requirements)}]}
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+
+
+def pod_terms(**term: Any) -> dict[str, Any]:
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+
+
 def phase(cluster: Any, name: str, expected: str, namespace: str = "ml") -> dict[str, Any]:
     status = cluster.status(name, namespace)
     assert status.get("phase") == expected, status
@@ -63,6 +72,26 @@ EDGES = {
     "the longest version name": ("m" * 32, {"versions": [version("v" * 30)]}),
     "ten versions": ("ten", {"versions": [version(f"v{i}", 10) for i in range(10)]}),
     "every field at its bound": ("bounds", EVERY_FIELD_AT_ITS_BOUND),
+    "a full affinity": (
+        "placed",
+        {
+            "versions": [version("v1")],
+            "affinity": {
+                **node_terms(
+                    {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g5.xlarge"]},
+                    {"key": "cores", "operator": "Gt", "values": ["8"]},
+                    {"key": "spot", "operator": "DoesNotExist"},
+                ),
+                **pod_terms(
+                    topologyKey="kubernetes.io/hostname",
+                    labelSelector={
+                        "matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]
+                    },
+                    namespaces=["ml", "default"],
+                ),
+            },
+        },
+    ),
     "empty optional blocks": (
         "empty",
         {
@@ -314,3 +343,55 @@ async def test_a_users_object_with_our_labels_is_neither_pruned_nor_deleted(clus
     await cluster.delete("mine")
     await cluster.eventually(lambda: gone(cluster, "mine"))
     assert cluster.children("mine") == {SERVICES: {"mine-debug"}}
+
+
+AFFINITY_MISTAKES = {
+    "In without values": (node_terms({"key": "gpu", "operator": "In"}), "matchExpressions[0].values"),
+    "Exists with values": (
+        node_terms({"key": "gpu", "operator": "Exists", "values": ["a"]}),
+        "takes no values",
+    ),
+    "Gt with a word": (
+        node_terms({"key": "cores", "operator": "Gt", "values": ["many"]}),
+        "one integer value",
+    ),
+    "an unknown operator": (node_terms({"key": "gpu", "operator": "Like", "values": ["a"]}), "'Like'"),
+    "a key with a space": (node_terms({"key": "gpu type", "operator": "Exists"}), "'gpu type'"),
+    "no node selector term": (
+        {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
+        "at least one node selector term",
+    ),
+    "a weight of 0": (
+        {
+            "podAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 0, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+                ]
+            }
+        },
+        "weight: 0 is not in 1..100",
+    ),
+    "an empty topologyKey": (
+        pod_terms(topologyKey="", labelSelector={"matchLabels": {"app": "x"}}),
+        "topologyKey: required",
+    ),
+    "a bad label value in a selector": (
+        pod_terms(topologyKey="zone", labelSelector={"matchLabels": {"app": "not ok"}}),
+        "is not a label value",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(AFFINITY_MISTAKES))
+async def test_an_affinity_the_api_server_refuses_is_invalid_and_nothing_is_applied(
+    cluster: Any, mistake: str
+) -> None:
+    """The upstream schema in the CRD lets these through; before, the Deployments were refused at every
+    retry (ApplyFailed) while the router and the rest were applied."""
+    affinity, text = AFFINITY_MISTAKES[mistake]
+    await cluster.create(caption_model("affinity", affinity=copy.deepcopy(affinity)))
+    await cluster.eventually(lambda: phase(cluster, "affinity", "Invalid"))
+    message = cluster.condition("affinity", "Ready")["message"]
+    assert "spec.affinity." in message and text in message, message
+    assert cluster.children("affinity") == {}
+    assert await cluster.create_status({"affinity": affinity}) == 422  # a real server refuses it too
