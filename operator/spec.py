@@ -441,8 +441,7 @@ class Cache(SpecModel):
         default=None,
         pattern=r"^rediss?://[^\s]+$",
         max_length=1024,
-        description="redis:// URL without credentials: one with user-info or a ?password= (or token, "
-        "key, secret) parameter is Invalid and goes in redisUrlSecret.",
+        description="redis:// URL; credentials in it (user-info, query) are Invalid: use redisUrlSecret.",
     )
     redis_url_secret: SecretKeyRef | None = Field(
         default=None,
@@ -499,8 +498,7 @@ class Moderation(SpecModel):
     url: str = Field(
         pattern=r"^https?://[^\s]+$",
         max_length=2048,
-        description="http(s) URL of the moderation service, without credentials (user-info or a "
-        "password, token, key or secret query parameter: Invalid).",
+        description="http(s) URL of the moderation service; credentials in it (user-info, query): Invalid.",
     )
     timeout_ms: int = Field(
         default=2000,

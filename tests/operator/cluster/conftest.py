@@ -31,11 +31,14 @@ T = TypeVar("T")
 
 
 async def eventually(check: Callable[[], T], within: float = 10.0, interval: float = 0.02) -> T:
-    """Poll ``check`` until it returns without AssertionError (its result), or fail at the deadline."""
+    """Poll ``check`` until it returns without AssertionError (its result), or fail at the deadline.
+    A check that returns ``False`` (a comparison in a lambda) has not passed yet either."""
     deadline = time.monotonic() + within
     while True:
         try:
-            return check()
+            result = check()
+            assert result is not False, f"{check} is still False after {within} s"
+            return result
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
