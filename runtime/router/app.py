@@ -43,6 +43,7 @@ from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
+from captionfleet.runtime.web.parsing import FormLimits
 from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.router import RouterSettings
 
@@ -73,9 +74,8 @@ class Router:
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.cold = ColdStarts(settings, holder, self.stats, self.metrics)
-        self.repeats = (
-            RouterRepeats(settings.redis_url, settings.max_body_bytes) if settings.redis_url else None
-        )
+        limits = FormLimits(settings.max_body_bytes, settings.max_form_fields)
+        self.repeats = RouterRepeats(settings.redis_url, limits) if settings.redis_url else None
         self.draining = False
         self._forwarder: Forwarder | None = None
         self.answers = AnswerObserver(settings, self.stats, self.metrics, self.rng, lambda: self.forwarder)

@@ -98,7 +98,9 @@ async def _parse_submission(request: web.Request, state: ServerState, owner: str
         await request[BODY].reserve(request.content_length)
     content_type = request.content_type.lower()
     if content_type == "multipart/form-data":
-        submission = await _parse_multipart(request, settings.jobs_max_bytes, settings.jobs_max_items)
+        submission = await _parse_multipart(
+            request, settings.jobs_max_bytes, settings.jobs_max_items, settings.max_form_fields
+        )
     elif content_type == "application/json" or content_type.endswith("+json"):
         body = await read_all(request.content, request[BODY], settings.jobs_max_bytes)
         submission = _parse_json(body, settings.jobs_max_items)
@@ -119,17 +121,18 @@ def _too_many(count: int, most: int) -> None:
         raise InvalidRequest(f"more than {most} items in one job", code="too_many_items")
 
 
-async def _parse_multipart(request: web.Request, limit: int, most: int) -> JobSubmission:
+async def _parse_multipart(request: web.Request, limit: int, most: int, max_fields: int) -> JobSubmission:
     items: list[JobItem] = []
     text: dict[str, str] = {}
     budget = limit
-    async for part in multipart_parts(request):
+    async for part in multipart_parts(request, max_fields, ("images", "image")):
         name = part.name or ""
         if name in ("images", "image"):
             _too_many(len(items) + 1, most)
             data = await read_all(part, request[BODY], budget)
             budget -= len(data)
-            items.append(JobItem(ImageSource(data=data), id=(part.filename or None)))
+            where = f"the filename of image {len(items)}"
+            items.append(JobItem(ImageSource(data=data), id=_item_id(part.filename or None, where)))
         elif name in (*OPTION_FIELDS, "webhook", "webhook_secret"):
             text[name] = await text_field(part, request[BODY])
         else:
@@ -151,7 +154,8 @@ def _parse_json(body: bytes, most: int) -> JobSubmission:
             '"items" must be a non-empty list of {"url"} or {"image_base64"} objects', code="missing_image"
         )
     _too_many(len(entries), most)
-    options = document.get("options") or {}
+    options = document.get("options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise InvalidRequest('"options" must be an object', code="invalid_field")
     _no_unknown(options, OPTION_FIELDS, '"options"')
@@ -186,9 +190,22 @@ def _json_item(entry: object, where: str) -> JobItem:
     source = json_source(entry, where)  # an object with one of url and image_base64
     assert isinstance(entry, dict)
     _no_unknown(entry, ITEM_FIELDS, where)
-    item_id = entry.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or len(item_id) > MAX_ITEM_ID_CHARS):
-        raise InvalidRequest(
-            f"{where}.id must be a string of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
-        )
-    return JobItem(source, id=item_id)
+    return JobItem(source, id=_item_id(entry.get("id"), f"{where}.id"))
+
+
+def _item_id(value: object, where: str) -> str | None:
+    """An item's id (JSON ``id``, or a multipart image's filename): text of at most 256 characters.
+
+    A filename that is not UTF-8 arrives with its bytes escaped as lone surrogates: no text either."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_ITEM_ID_CHARS:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value
+    raise InvalidRequest(
+        f"{where} must be UTF-8 text of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from captionfleet.runtime.web.protocol import EdgeProtocol
+from captionfleet.runtime.web.protocol import EdgeProtocol, expectation_guard
 from captionfleet.settings.edge import EdgeSettings
 
 log = logging.getLogger("captionfleet.runtime.web")
@@ -52,6 +52,7 @@ class Listener:
         await self._runner.setup()
         manager = self._runner.server
         assert manager is not None
+        manager.request_handler = expectation_guard(manager.request_handler)
         settings = self.settings
 
         def connection() -> EdgeProtocol:

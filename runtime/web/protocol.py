@@ -19,10 +19,11 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from captionfleet.runtime.web.errors import INTERNAL, ErrorReply
@@ -76,10 +77,13 @@ class EdgeProtocol(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_timer()  # a connection that never sends a byte is timed out too
+
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and not self._in_request and data:
-            loop = asyncio.get_running_loop()
-            self._header_timer = loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        if data:
+            self._start_timer()
         super().data_received(data)
 
     def request_started(self) -> None:
@@ -121,7 +125,32 @@ class EdgeProtocol(RequestHandler):
         self.transport.write(raw_response(reply, uuid.uuid4().hex))
         self.force_close()
 
+    def _start_timer(self) -> None:
+        if self._header_timer is None and not self._in_request:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
     def _stop_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def expectation_guard(handler: Handler) -> Handler:
+    """``handler``, except for a request whose ``Expect`` is not ``100-continue`` (the only expectation
+    HTTP defines, RFC 9110 10.1.1): that gets the contract's 417 with a fresh request id."""
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is None or expect.strip().lower() == "100-continue" or request.version < (1, 1):
+            return await handler(request)
+        request_id = uuid.uuid4().hex
+        reply = ErrorReply(417, "expectation_failed", "only 'Expect: 100-continue' is supported")
+        response = reply.response(request_id, {"X-Request-Id": request_id})
+        response.force_close()  # its body, if any, is not read
+        return response
+
+    return guarded

@@ -33,7 +33,13 @@ FIELD_NAMES = (*OPTION_NAMES, "url", "image_base64", "images", "image", "other")
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir: Path, tiny_captioner: Captioner) -> Iterator[str]:
     settings = ServeSettings(
-        host="127.0.0.1", port=0, model=str(tiny_model_dir), num_beams=1, max_new_tokens=4, cache_size=100
+        host="127.0.0.1",
+        port=0,
+        model=str(tiny_model_dir),
+        num_beams=1,
+        max_new_tokens=4,
+        cache_size=100,
+        max_form_fields=6,  # low, so that the examples' field counts cross it
     )
     loop = asyncio.new_event_loop()
     server = Server(settings, captioner=tiny_captioner)
@@ -47,10 +53,14 @@ def server_url(tiny_model_dir: Path, tiny_captioner: Captioner) -> Iterator[str]
 
 
 text = st.text(max_size=40)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=True), text)
+# Lone surrogates are valid JSON escapes ("\ud800") but no Unicode text.
+json_text = text | st.text(st.sampled_from(["\ud800", "\udfff", "a", "\u00e9", "\u0663"]), max_size=5)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=True), json_text
+)
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_text, inner, max_size=4),
     max_leaves=12,
 )
 json_bodies = st.dictionaries(st.sampled_from(FIELD_NAMES) | text, json_values, max_size=5).map(
@@ -66,11 +76,14 @@ queries = st.dictionaries(st.sampled_from(OPTION_NAMES), option_values, max_size
 def multipart_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     boundary = draw(st.sampled_from(["b0undary", "x"]))
     parts = []
-    for _ in range(draw(st.integers(0, 3))):
+    for _ in range(draw(st.integers(0, 9))):
         name = draw(st.sampled_from(FIELD_NAMES) | text)
         value = draw(st.sampled_from([PNG, b"", b"\xff\xfe"]) | st.binary(max_size=50) | text.map(str.encode))
+        extra = draw(
+            st.sampled_from(["", '; filename="a.png"', '; filename="../\xff"', "; filename*=x''%FF"])
+        )
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'.encode()
             + value
             + b"\r\n"
         )
@@ -88,8 +101,26 @@ bodies = st.one_of(
     multipart_bodies(),
 )
 extra_headers = st.dictionaries(
-    st.sampled_from(["X-Request-Timeout-Ms", "X-Request-Id", "X-User-Id", "X-API-Key", "Content-Encoding"]),
-    st.sampled_from(["", "0", "-1", "nan", "1e309", "250", "gzip", "identity", "a" * 300]) | text,
+    st.sampled_from(
+        ["X-Request-Timeout-Ms", "X-Request-Id", "X-User-Id", "X-API-Key", "Content-Encoding", "Expect"]
+    ),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "nan",
+            "1e309",
+            "250",
+            "1_000",
+            "\u0663",
+            "gzip",
+            "identity",
+            "100-continue",
+            "a" * 300,
+        ]
+    )
+    | text,
     max_size=3,
 )
 
