@@ -38,7 +38,8 @@ from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, Version
-from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyBudget, check_declared_size
+from captionfleet.runtime.web.coding import read_decoded
 from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard
@@ -164,7 +165,7 @@ class Router:
             check_declared_size(request.content_length, limit)
             if request.content_length is not None:
                 await request[BODY].reserve(request.content_length)
-            return await read_all(request.content, request[BODY], limit)
+            return await read_decoded(request.headers, request.content, request[BODY], limit)
         except EdgeError as exc:
             self.count_unrouted(exc, bulk=bulk)
             raise

@@ -23,11 +23,13 @@ from captionfleet.runtime.server.state import STATE, ServerState, admit
 from captionfleet.runtime.serving.errors import JobsUnavailable
 from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
 from captionfleet.runtime.serving.sources import ImageSource
-from captionfleet.runtime.web.body import check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyAllowance, read_all
 from captionfleet.runtime.web.context import BODY, head_sent
 from captionfleet.runtime.web.errors import InvalidRequest
 from captionfleet.runtime.web.parsing import (
     OPTION_FIELDS,
+    BodySource,
+    decoded_source,
     json_object,
     json_source,
     multipart_parts,
@@ -93,16 +95,14 @@ def add_job_routes(app: web.Application) -> None:
 
 async def _parse_submission(request: web.Request, state: ServerState, owner: str) -> JobSubmission:
     settings = state.settings
-    check_declared_size(request.content_length, settings.jobs_max_bytes)
-    if request.content_length is not None:
-        await request[BODY].reserve(request.content_length)
-    content_type = request.content_type.lower()
+    source, allowance = await decoded_source(request, request[BODY], settings.jobs_max_bytes)
+    content_type = source.content_type.lower()
     if content_type == "multipart/form-data":
         submission = await _parse_multipart(
-            request, settings.jobs_max_bytes, settings.jobs_max_items, settings.max_form_fields
+            source, allowance, settings.jobs_max_bytes, settings.jobs_max_items, settings.max_form_fields
         )
     elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await read_all(request.content, request[BODY], settings.jobs_max_bytes)
+        body = await read_all(source.content, allowance, settings.jobs_max_bytes)
         submission = _parse_json(body, settings.jobs_max_items)
     else:
         raise InvalidRequest(
@@ -121,22 +121,24 @@ def _too_many(count: int, most: int) -> None:
         raise InvalidRequest(f"more than {most} items in one job", code="too_many_items")
 
 
-async def _parse_multipart(request: web.Request, limit: int, most: int, max_fields: int) -> JobSubmission:
+async def _parse_multipart(
+    source: BodySource, allowance: BodyAllowance, limit: int, most: int, max_fields: int
+) -> JobSubmission:
     items: list[JobItem] = []
     text: dict[str, str] = {}
     budget = limit
-    async for part in multipart_parts(request, max_fields, ("images", "image")):
+    async for part in multipart_parts(source, max_fields, ("images", "image")):
         name = part.name or ""
         if name in ("images", "image"):
             _too_many(len(items) + 1, most)
-            data = await read_all(part, request[BODY], budget)
+            data = await read_all(part, allowance, budget)
             budget -= len(data)
             where = f"the filename of image {len(items)}"
             items.append(JobItem(ImageSource(data=data), id=_item_id(part.filename or None, where)))
         elif name in (*OPTION_FIELDS, "webhook", "webhook_secret"):
-            text[name] = await text_field(part, request[BODY])
+            text[name] = await text_field(part, allowance)
         else:
-            budget -= len(await read_all(part, request[BODY], budget))
+            budget -= len(await read_all(part, allowance, budget))
     if not items:
         raise InvalidRequest("no images: send one multipart field 'images' per image", code="missing_image")
     options = {name: value for name, value in text.items() if name in OPTION_FIELDS}

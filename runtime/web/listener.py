@@ -63,6 +63,7 @@ class Listener:
                 max_field_size=settings.max_header_bytes,
                 max_headers=settings.max_headers,
                 lingering_time=LINGERING_S,
+                auto_decompress=False,  # the edge decodes, strictly: web/coding.py
                 access_log=None,
             )
 

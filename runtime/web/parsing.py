@@ -37,6 +37,7 @@ from yarl import URL
 
 from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.coding import content_coding, read_decoded
 from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
 
@@ -56,6 +57,8 @@ class ParsedRequest:
 class BodySource(Protocol):
     """What parsing reads of a request: an aiohttp request, or a :class:`BufferedBody`."""
 
+    @property
+    def headers(self) -> Mapping[str, str]: ...
     @property
     def content_length(self) -> int | None: ...
     @property
@@ -120,9 +123,7 @@ async def parse_source(
 ) -> ParsedRequest:
     """:func:`parse_request` of any body source, its bytes counted in ``allowance``."""
     max_body_bytes = limits.max_body_bytes
-    check_declared_size(request.content_length, max_body_bytes)
-    if request.content_length is not None:
-        await allowance.reserve(request.content_length)  # all of it before the first byte
+    request, allowance = await decoded_source(request, allowance, max_body_bytes)
     fields: dict[str, Any] = dict(query_fields(request))
     content_type = request.content_type.lower()
     if content_type == "multipart/form-data":
@@ -142,6 +143,23 @@ async def parse_source(
     fields.update(parsed.fields)
     parsed.fields = fields
     return parsed
+
+
+async def decoded_source(
+    request: BodySource, allowance: BodyAllowance, limit: int
+) -> tuple[BodySource, BodyAllowance]:
+    """``request`` and ``allowance``, its declared size checked and room for it taken; when its body is
+    in a ``Content-Encoding``, a :class:`BufferedBody` of the decoded bytes (``web/coding.py``: counted
+    in ``allowance`` already) and that body's own allowance instead."""
+    check_declared_size(request.content_length, limit)
+    if request.content_length is not None:
+        await allowance.reserve(request.content_length)  # all of it before the first byte
+    if content_coding(request.headers) == "identity":
+        return request, allowance
+    body = await read_decoded(request.headers, request.content, allowance, limit)
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-encoding"}
+    decoded = BufferedBody(headers, str(request.rel_url), body)
+    return decoded, decoded.allowance()
 
 
 def _check_image_count(count: int, most: int, batch: bool) -> None:

@@ -8,10 +8,12 @@ a plain synchronous test, one request per example over a real socket.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import threading
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,15 @@ def _send(url: str, body: bytes, headers: dict[str, str], query: dict[str, str])
         connection.close()
 
 
+def _assert_caption_or_json_4xx(status: int, answer: Any) -> None:
+    assert status == 200 or 400 <= status < 500, (status, answer)
+    assert answer["request_id"]
+    if status == 200:
+        assert isinstance(answer["caption"], str)
+    else:
+        assert set(answer["error"]) == {"code", "message"}, answer
+
+
 @settings(
     max_examples=200,
     deadline=None,
@@ -158,9 +169,34 @@ def test_any_request_gets_a_caption_or_a_json_4xx(
 ) -> None:
     content_type, data = body
     status, answer = _send(server_url, data, {**headers, "Content-Type": content_type}, query)
-    assert status == 200 or 400 <= status < 500, (status, answer)
-    assert answer["request_id"]
-    if status == 200:
-        assert isinstance(answer["caption"], str)
-    else:
-        assert set(answer["error"]) == {"code", "message"}, answer
+    _assert_caption_or_json_4xx(status, answer)
+
+
+def _encoded(data: bytes, coding: str) -> bytes:
+    if coding == "deflate-raw":
+        compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return compressor.compress(data) + compressor.flush()
+    return gzip.compress(data) if coding == "gzip" else zlib.compress(data)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    body=bodies,
+    coding=st.sampled_from(["gzip", "deflate", "deflate-raw"]),
+    cut=st.integers(0, 30),
+    garbage=st.sampled_from([b""]) | st.binary(max_size=8),
+)
+def test_any_coded_body_gets_a_caption_or_a_json_4xx(
+    server_url: str, body: tuple[str, bytes], coding: str, cut: int, garbage: bytes
+) -> None:
+    # Whole, cut short by up to 30 bytes, or followed by other bytes: decoded whole or refused.
+    content_type, data = body
+    encoded = _encoded(data, coding)
+    sent = encoded[: len(encoded) - cut] + garbage
+    headers = {"Content-Type": content_type, "Content-Encoding": coding.removesuffix("-raw")}
+    status, answer = _send(server_url, sent, headers, {})
+    _assert_caption_or_json_4xx(status, answer)
