@@ -20,6 +20,7 @@ because its routers could not be asked). The routers only report (``held``, ``la
 from __future__ import annotations
 
 import datetime
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +30,7 @@ from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.spec import CaptionModelSpec, seconds
 from captionfleet.operator.traffic import Share
 
-PHASES: tuple[ColdPhase, ...] = ("Ready", "Idle", "Waking")
+PHASES: tuple[ColdPhase, ...] = typing.get_args(ColdPhase)
 
 
 @dataclass(frozen=True)

@@ -30,15 +30,16 @@ TIMEOUT = (5.0, 30.0)  # connect, read (seconds)
 
 @dataclass(frozen=True)
 class Kind:
+    """A resource the operator reads or writes (every one namespaced), and its REST paths."""
+
     api_version: str
     kind: str
     plural: str
-    namespaced: bool = True
 
     def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
         group_version = self.api_version
         path = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
-        if self.namespaced and namespace:
+        if namespace:  # none: across namespaces
             path += f"/namespaces/{namespace}"
         path += f"/{self.plural}"
         if name:

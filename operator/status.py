@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
+from captionfleet.operator.builders.common import ColdPhase
 from captionfleet.operator.cascade import CascadeStatus
 from captionfleet.operator.coldstart import ColdState, iso
 from captionfleet.operator.events import Reason
@@ -70,7 +71,7 @@ class VersionStatus(StatusModel):
         description="The version may scale to zero: while it has no ready pod the routers hold its "
         "requests (router.coldStart) instead of sending them to another version.",
     )
-    state: Literal["Ready", "Idle", "Waking"] | None = Field(
+    state: ColdPhase | None = Field(
         default=None,
         description="Only for a version that may scale to zero: Ready (in its autoscaler's range), "
         "Idle (0 pods after scaleToZeroAfter without requests), Waking (requests held, pods starting).",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -166,70 +167,49 @@ def _with(change: dict[str, Any]) -> dict[str, Any]:
     return cr
 
 
+def _bad(path: str, value: Any, complaint: str) -> tuple[dict[str, Any], str]:
+    """The minimal CaptionModel with ``spec/<path>`` set to ``value`` (lists and objects made on the
+    way), and the start of the schema's message about it: the path, the value, the complaint."""
+    cr = copy.deepcopy(_minimal())
+    keys = [int(key) if key.isdigit() else key for key in path.split("/")]
+    node: Any = cr["spec"]
+    for key, inner in itertools.pairwise(keys):
+        if isinstance(key, int):
+            node.extend({} for _ in range(key + 1 - len(node)))
+        else:
+            node.setdefault(key, [] if isinstance(inner, int) else {})
+        node = node[key]
+    node[keys[-1]] = value
+    return cr, f"spec/{path}: {value!r} {complaint}"
+
+
 BAD: dict[str, tuple[dict[str, Any], str]] = {
-    "no versions": (_with({"versions": []}), "spec/versions: [] should be non-empty"),
-    "weight above 100": (
-        _with({"versions": [{"name": "v1", "model": "hf://a/b", "weight": 120}]}),
-        "spec/versions/0/weight: 120 is greater than the maximum of 100",
+    "no versions": _bad("versions", [], "should be non-empty"),
+    "weight above 100": _bad("versions/0/weight", 120, "is greater than the maximum of 100"),
+    "unknown precision": _bad(
+        "versions/0/precision", "int4", "is not one of ['fp32', 'fp16', 'bf16', 'int8']"
     ),
-    "unknown precision": (
-        _with({"versions": [{"name": "v1", "model": "hf://a/b", "precision": "int4"}]}),
-        "spec/versions/0/precision: 'int4' is not one of ['fp32', 'fp16', 'bf16', 'int8']",
-    ),
-    "bad model source": (
-        _with({"versions": [{"name": "v1", "model": "s3://bucket/model"}]}),
-        "spec/versions/0/model: 's3://bucket/model' does not match",
-    ),
-    "upper-case version name": (
-        _with({"versions": [{"name": "V1", "model": "hf://a/b"}]}),
-        "spec/versions/0/name: 'V1' does not match",
-    ),
+    "bad model source": _bad("versions/0/model", "s3://bucket/model", "does not match"),
+    "upper-case version name": _bad("versions/0/name", "V1", "does not match"),
     "typo in a field": (
         _with({"batching": {"maxBatchsize": 4}}),
         "spec/batching: Additional properties are not allowed ('maxBatchsize' was unexpected)",
     ),
-    "batch too large": (
-        _with({"batching": {"maxBatchSize": 1000}}),
-        "spec/batching/maxBatchSize: 1000 is greater than the maximum of 256",
-    ),
-    "bad memory quantity": (
-        _with({"resources": {"memory": "16 gigs"}}),
-        "spec/resources/memory: '16 gigs' does not match",
-    ),
-    "unknown autoscaler": (
-        _with({"autoscaling": {"provider": "vpa"}}),
-        "spec/autoscaling/provider: 'vpa' is not one of ['hpa', 'keda', 'none']",
-    ),
-    "bad duration": (
-        _with({"rollout": {"analysis": {"interval": "a minute"}}}),
-        "spec/rollout/analysis/interval: 'a minute' does not match",
-    ),
+    "batch too large": _bad("batching/maxBatchSize", 1000, "is greater than the maximum of 256"),
+    "bad memory quantity": _bad("resources/memory", "16 gigs", "does not match"),
+    "unknown autoscaler": _bad("autoscaling/provider", "vpa", "is not one of ['hpa', 'keda', 'none']"),
+    "bad duration": _bad("rollout/analysis/interval", "a minute", "does not match"),
     "cache without URL": (_with({"cache": {}}), "spec/cache: {} "),
     "cache with a URL and a Secret": (
         _with({"cache": {"redisUrl": "redis://r", "redisUrlSecret": {"name": "s", "key": "url"}}}),
         "spec/cache: {",
     ),
-    "negative memory": (
-        _with({"resources": {"memory": "-1Gi"}}),
-        "spec/resources/memory: '-1Gi' does not match",
-    ),
-    "image with spaces": (_with({"image": "my image:1"}), "spec/image: 'my image:1' does not match"),
-    "affinity that is not one": (
-        _with({"affinity": {"nodeAffinity": "please"}}),
-        "spec/affinity/nodeAffinity: 'please' is not of type 'object'",
-    ),
-    "toleration key that is no label key": (
-        _with({"tolerations": [{"key": "bad key!", "operator": "Exists"}]}),
-        "spec/tolerations/0/key: 'bad key!' does not match",
-    ),
-    "cache that is not Redis": (
-        _with({"cache": {"redisUrl": "memcached://x"}}),
-        "spec/cache/redisUrl: 'memcached://x' does not match",
-    ),
-    "toleration with a bad effect": (
-        _with({"tolerations": [{"key": "k", "effect": "Sometimes"}]}),
-        "spec/tolerations/0/effect: 'Sometimes' is not one of",
-    ),
+    "negative memory": _bad("resources/memory", "-1Gi", "does not match"),
+    "image with spaces": _bad("image", "my image:1", "does not match"),
+    "affinity that is not one": _bad("affinity/nodeAffinity", "please", "is not of type 'object'"),
+    "toleration key that is no label key": _bad("tolerations/0/key", "bad key!", "does not match"),
+    "cache that is not Redis": _bad("cache/redisUrl", "memcached://x", "does not match"),
+    "toleration with a bad effect": _bad("tolerations/0/effect", "Sometimes", "is not one of"),
     "no spec": (
         {"apiVersion": "captionfleet.io/v1alpha1", "kind": "CaptionModel"},
         ": 'spec' is a required property",
