@@ -2,7 +2,8 @@
 
 aiohttp answers what its own parser refuses (a request line or header over ``max_header_bytes``, too
 many headers, broken chunked framing, bytes that are not HTTP; a ``Content-Encoding`` it cannot decode,
-were its decoding on: the edge decodes, ``web/coding.py``) before any middleware runs, in plain text. :class:`EdgeProtocol` answers them in the contract's JSON body, with
+were its decoding on: the edge decodes, ``web/coding.py``) before any middleware runs, in plain text.
+:class:`EdgeProtocol` answers them in the contract's JSON body, with
 a fresh request id, and closes the connection as aiohttp does.
 
 aiohttp also waits for a request's headers for ever: a client that sends them a byte a second holds a
