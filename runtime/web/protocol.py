@@ -7,11 +7,16 @@ were its decoding on: the edge decodes, ``web/coding.py``) before any middleware
 a fresh request id, and closes the connection as aiohttp does.
 
 aiohttp also waits for a request's headers for ever: a client that sends them a byte a second holds a
-connection (and its memory) as long as it likes (slowloris). Here a request's line and headers must
-arrive within ``header_timeout_s`` of its first byte, else the client gets 408 and the connection is
-closed. The clock starts when a byte arrives on a connection with no request in progress and stops
-when the edge's middleware sees the request (:meth:`EdgeProtocol.request_started`); an idle
-keep-alive connection is aiohttp's ``keepalive_timeout``'s business.
+connection (and its memory) as long as it likes (slowloris), and one that sends nothing at all is kept
+for ever. Here a request's line and headers must arrive within ``header_timeout_s`` of the
+connection's opening or of its first byte, else the client gets 408 and the connection is closed. The
+clock starts when the connection opens, and when a byte arrives on a connection with no request in
+progress, and stops when the edge's middleware sees the request (:meth:`EdgeProtocol.request_started`);
+an idle keep-alive connection between requests is aiohttp's ``keepalive_timeout``'s business.
+
+aiohttp answers an ``Expect`` other than ``100-continue`` before any middleware runs, in plain text
+(and with a 500 when the value is not UTF-8): :func:`expectation_guard` answers it with the
+contract's 417 instead.
 """
 
 from __future__ import annotations
