@@ -229,3 +229,18 @@ async def test_a_gzipped_job_is_taken(start_edge: StartEdge, redis_url: str) -> 
     assert answer.status == 202, answer.body
     cut = await post(edge.url, headers, gzip.compress(_job())[:-4], path="/v1/jobs")
     assert_contract_error(cut, 400, "invalid_body")
+
+
+async def test_a_cached_answer_ready_just_past_a_tiny_deadline_is_a_504(start_edge: StartEdge) -> None:
+    # Was: a 200 from the cache, ready within the edge's backstop grace (0.1 s) but past the deadline.
+    edge = await start_edge("server")
+    first = await post(edge.url, [("Content-Type", "image/png")], IMAGE)
+    assert first.status == 200 and not first.json()["cached"]
+    headers: list[tuple[str, str | bytes]] = [
+        ("Content-Type", "image/png"),
+        ("X-Request-Timeout-Ms", "0.001"),
+    ]
+    late = await post(edge.url, headers, IMAGE)
+    assert_contract_error(late, 504, "deadline_exceeded")
+    again = await post(edge.url, [("Content-Type", "image/png")], IMAGE)
+    assert again.status == 200 and again.json()["cached"]
