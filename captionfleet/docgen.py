@@ -19,9 +19,10 @@ import argparse
 import dataclasses
 import importlib
 import json
+import re
 import sys
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,26 @@ def configuration_markdown(root: Path = REPO) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A rule that one watching mode needs only (PolicyRule.mode) is rendered in that mode only: the
+# chart's values decide the mode (operator.watchNamespaces empty: the whole cluster).
+RBAC_MODE_CONDITIONS = {
+    "clusterwide": "{{- if not .Values.operator.watchNamespaces }}",
+    "namespaced": "{{- if .Values.operator.watchNamespaces }}",
+}
+
+# kopf's peering objects are read and written only with peering on (the chart's
+# operator.peering.enabled; off, the operator runs --standalone).
+PEERING_RESOURCES = frozenset({"kopfpeerings", "clusterkopfpeerings"})
+
+
+def _rbac_conditions(rule: Any) -> list[str]:
+    """The chart's `if`s around one rule: its watching mode, and peering for the peering objects."""
+    conditions = [] if rule.mode == "always" else [RBAC_MODE_CONDITIONS[rule.mode]]
+    if PEERING_RESOURCES & set(rule.resources):
+        conditions.append("{{- if .Values.operator.peering.enabled }}")
+    return conditions
+
+
 def rbac_rules_template() -> str:
     from captionfleet.operator import permissions
 
@@ -268,19 +289,66 @@ def rbac_rules_template() -> str:
         out.append(f'{{{{- define "{template}" -}}}}')
         for rule in getattr(permissions, attribute):
             manifest = rule.as_manifest()
+            conditions = _rbac_conditions(rule)
+            out += conditions
             out.append(f"# {rule.why}")
             out.append(f"- apiGroups: {json.dumps(manifest['apiGroups'])}")
             out.append(f"  resources: {json.dumps(manifest['resources'])}")
             out.append(f"  verbs: {json.dumps(manifest['verbs'])}")
+            out += ["{{- end }}"] * len(conditions)
         out.append("{{- end }}")
     return "\n".join(out) + "\n"
+
+
+# The chart's values that are pod-spec objects Kubernetes defines, validated by Kubernetes' own schema
+# (of the oldest version the chart supports) embedded in values.schema.json: value -> definition.
+CHART_SCHEMA = CHART / "values.schema.json"
+UPSTREAM_SCHEMA_VERSION = "1.29"
+UPSTREAM_VALUES = {"affinity": "io.k8s.api.core.v1.Affinity"}
+_UPSTREAM_REF = re.compile(r'"\$ref": "[^"#]*#/\$defs/(?P<name>[^"]+)"')
+
+
+def _upstream_definitions(names: Iterable[str]) -> dict[str, Any]:
+    """The named Kubernetes definitions and all they refer to, refs rewritten to #/definitions/."""
+    import kubernetes_validate
+
+    folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    strict = folder / f"v{UPSTREAM_SCHEMA_VERSION}.0-local-strict"
+    every = json.loads((strict / "_definitions.json").read_text())["$defs"]
+    wanted, found = list(names), {}
+    while wanted:
+        name = wanted.pop()
+        if name in found:
+            continue
+        text = json.dumps(every[name])
+        wanted += sorted({m["name"] for m in _UPSTREAM_REF.finditer(text)})
+        text = _UPSTREAM_REF.sub(lambda m: f'"$ref": "#/definitions/{m["name"]}"', text)
+        found[name] = json.loads(text)
+    return dict(sorted(found.items()))
+
+
+def chart_values_schema(root: Path = REPO) -> str:
+    """values.schema.json with Kubernetes' own definitions for UPSTREAM_VALUES (the rest is hand-written)."""
+    schema = json.loads((root / CHART_SCHEMA).read_text())
+    ours = {k: v for k, v in schema.get("definitions", {}).items() if not k.startswith("io.k8s.")}
+    schema["definitions"] = {**ours, **_upstream_definitions(UPSTREAM_VALUES.values())}
+    for value, definition in UPSTREAM_VALUES.items():
+        node = schema["properties"][value]
+        node.pop("properties", None)
+        node.pop("additionalProperties", None)
+        node["allOf"] = [{"$ref": f"#/definitions/{definition}"}]
+    return json.dumps(schema, indent=2) + "\n"
 
 
 def generated_files(root: Path = REPO) -> dict[Path, str]:
     """Path (relative to the repository) -> the content it must have."""
     from captionfleet.operator import crd
 
-    files = {CONFIGURATION_MD: configuration_markdown(root), RBAC_RULES_TPL: rbac_rules_template()}
+    files = {
+        CONFIGURATION_MD: configuration_markdown(root),
+        RBAC_RULES_TPL: rbac_rules_template(),
+        CHART_SCHEMA: chart_values_schema(root),
+    }
     for name, content in crd.render().items():
         files[CHART_CRDS / name] = content
     return files

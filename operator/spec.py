@@ -35,6 +35,9 @@ IMAGE_PATTERN = (
     r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]+)?/)?"
     rf"{_PATH_PART}(/{_PATH_PART})*(:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(@[a-z0-9]+:[a-f0-9]{{32,}})?$"
 )
+# A key of a Secret (IsConfigMapKey): also its file name when mounted, so never '.', '..' or '..x'.
+SECRET_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+MAX_REPLICAS = 1000  # per version and fleet-wide: the autoscalers' bounds are int32 in the API
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _HF_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
@@ -60,7 +63,17 @@ Quantity = Annotated[
 Image = Annotated[str, Field(pattern=IMAGE_PATTERN, max_length=512)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 """A share or a probability: 0 to 1."""
-LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316)]
+
+
+def _label_key(key: str) -> str:
+    """The pattern cannot count the prefix: a DNS subdomain, at most 253 characters."""
+    prefix, slash, _ = key.rpartition("/")
+    if slash and len(prefix) > 253:
+        raise ValueError(f"the prefix of {key[:40]!r}... is {len(prefix)} characters, at most 253")
+    return key
+
+
+LabelKey = Annotated[str, Field(pattern=QUALIFIED_NAME_PATTERN, max_length=316), AfterValidator(_label_key)]
 LabelValue = Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
@@ -192,10 +205,16 @@ class ModelVersion(SpecModel):
         description="Caption decoder: native (batched beam search, same captions) or transformers.",
     )
     min_replicas: int | None = Field(
-        default=None, ge=0, description="Overrides the replica floor derived from the traffic share."
+        default=None,
+        ge=0,
+        le=MAX_REPLICAS,
+        description="Overrides the replica floor derived from the traffic share.",
     )
     max_replicas: int | None = Field(
-        default=None, ge=1, description="Overrides the replica ceiling derived from the traffic share."
+        default=None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Overrides the replica ceiling derived from the traffic share.",
     )
     image: Image | None = Field(default=None, description="Runtime image for this version only.")
 
@@ -268,11 +287,13 @@ class Autoscaling(SpecModel):
     min_replicas: int = Field(
         default=1,
         ge=0,
-        le=1000,
+        le=MAX_REPLICAS,
         description="Fleet-wide floor at 100 % traffic; 0: a version idle for scaleToZeroAfter goes to "
         "0 pods and wakes when a request arrives (the router holds it meanwhile).",
     )
-    max_replicas: int = Field(default=4, ge=1, le=1000, description="Fleet-wide ceiling at 100 % traffic.")
+    max_replicas: int = Field(
+        default=4, ge=1, le=MAX_REPLICAS, description="Fleet-wide ceiling at 100 % traffic."
+    )
     target_queue_depth: int = Field(
         default=4, ge=1, le=10_000, description="Queued requests per pod the autoscaler aims for."
     )
@@ -407,7 +428,7 @@ class SecretKeyRef(SpecModel):
     """One key of a Secret in the CaptionModel's namespace."""
 
     name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="The Secret's name.")
-    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="The key in the Secret.")
+    key: str = Field(pattern=SECRET_KEY_PATTERN, max_length=253, description="The key in the Secret.")
 
 
 class Cache(SpecModel):
@@ -420,7 +441,8 @@ class Cache(SpecModel):
         default=None,
         pattern=r"^rediss?://[^\s]+$",
         max_length=1024,
-        description="redis:// URL without credentials (a URL with a password goes in redisUrlSecret).",
+        description="redis:// URL without credentials: one with user-info or a ?password= (or token, "
+        "key, secret) parameter is Invalid and goes in redisUrlSecret.",
     )
     redis_url_secret: SecretKeyRef | None = Field(
         default=None,
@@ -477,7 +499,8 @@ class Moderation(SpecModel):
     url: str = Field(
         pattern=r"^https?://[^\s]+$",
         max_length=2048,
-        description="http(s) URL of the moderation service, without credentials.",
+        description="http(s) URL of the moderation service, without credentials (user-info or a "
+        "password, token, key or secret query parameter: Invalid).",
     )
     timeout_ms: int = Field(
         default=2000,
@@ -502,7 +525,7 @@ class Auth(SpecModel):
 
     secret_name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
     key: str = Field(
-        default="api-keys", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Key in the Secret."
+        default="api-keys", pattern=SECRET_KEY_PATTERN, max_length=253, description="Key in the Secret."
     )
 
 

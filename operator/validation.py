@@ -12,12 +12,14 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import ValidationError
 
+from captionfleet.operator.affinity import affinity_problems
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.cascade import cascade_problems
+from captionfleet.operator.secrecy import SECRET_QUERY_NAMES
 from captionfleet.operator.spec import (
     DNS_LABEL_PATTERN,
     CaptionModelSpec,
@@ -155,11 +157,13 @@ def _jobs(spec: CaptionModelSpec) -> list[str]:
 
 
 def _has_credentials(url: str) -> bool:
+    """User-info, or a query parameter that is a credential (redis clients take ``?password=``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "@" in url
-    return bool(parts.username or parts.password) or "@" in parts.netloc
+    query = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return bool(parts.username or parts.password) or "@" in parts.netloc or bool(query & SECRET_QUERY_NAMES)
 
 
 def _moderation(spec: CaptionModelSpec) -> list[str]:
@@ -194,7 +198,8 @@ def _private_host(host: str) -> bool:
 def problems(name: str, spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
     """Everything wrong with a schema-valid spec; empty when it can be reconciled."""
     found = _names(name, spec) + _versions(spec) + _autoscaling(spec, config) + _cache(spec)
-    return found + _jobs(spec) + _moderation(spec) + cascade_problems(spec)
+    found += _jobs(spec) + _moderation(spec) + cascade_problems(spec)
+    return found + affinity_problems(spec.affinity)
 
 
 def check(

@@ -86,15 +86,20 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
+RenderAs = Callable[..., Rendered]
+
+
 @pytest.fixture(scope="session")
-def render(chart: helm.Chart) -> Callable[[dict[str, Any] | None], Rendered]:
-    """Render with the given values (over the defaults), as `helm template cf -n captionfleet-system`."""
+def render_as(chart: helm.Chart) -> RenderAs:
+    """Render with the given values (over the defaults), as `helm template NAME -n NAMESPACE`."""
     cache: dict[str, Rendered] = {}
 
-    def _render(values: dict[str, Any] | None = None) -> Rendered:
-        key = repr(values)
+    def _render(
+        values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE
+    ) -> Rendered:
+        key = repr((values, name, namespace))
         if key not in cache:
-            manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            manifests = chart.render(values or {}, name=name, namespace=namespace, is_install=True)
             objects: list[dict[str, Any]] = []
             notes = ""
             for path, text in sorted(manifests.items()):
@@ -106,6 +111,12 @@ def render(chart: helm.Chart) -> Callable[[dict[str, Any] | None], Rendered]:
         return cache[key]
 
     return _render
+
+
+@pytest.fixture(scope="session")
+def render(render_as: RenderAs) -> Callable[[dict[str, Any] | None], Rendered]:
+    """Render with the given values (over the defaults), as `helm template cf -n captionfleet-system`."""
+    return lambda values=None: render_as(values)
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,17 @@ UNIT_TESTS = Path(__file__).with_name("alert_rules_test.yaml")
 Render = Callable[[dict[str, Any] | None], Any]
 
 
-def _rule_values(alerts: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"metrics": {"prometheusRule": {"enabled": True, "alerts": alerts or {}}}}
+def _rule_values(alerts: dict[str, Any] | None = None, namespaces: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "metrics": {"prometheusRule": {"enabled": True, "alerts": alerts or {}}},
+        "operator": {"watchNamespaces": namespaces or []},
+    }
 
 
-def _groups(render: Render, alerts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return list(render(_rule_values(alerts)).one("PrometheusRule")["spec"]["groups"])
+def _groups(
+    render: Render, alerts: dict[str, Any] | None = None, namespaces: list[str] | None = None
+) -> list[dict[str, Any]]:
+    return list(render(_rule_values(alerts, namespaces)).one("PrometheusRule")["spec"]["groups"])
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -97,3 +102,18 @@ def test_the_unit_tests_follow_the_thresholds(render: Render, tmp_path: Path) ->
         result = _unit_test(_groups(render, alerts), workdir)
         output = result.stdout + result.stderr
         assert result.returncode != 0 and f"alertname: {alert}" in output, (alerts, output)
+
+
+def test_a_release_confined_to_namespaces_alerts_only_on_theirs(render: Render, tmp_path: Path) -> None:
+    """Two releases, each watching its own namespaces, must not both alert on (or record) one fleet:
+    the unit tests' series are in namespace ml, so the rules of a release watching ml give the same
+    answers, and those of a release watching other namespaces stay quiet."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    result = _unit_test(_groups(render, namespaces=["ml-staging", "ml"]), ours)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _unit_test(_groups(render, namespaces=["team-b", "mlx"]), theirs)
+    output = result.stdout + result.stderr
+    for alert in ("CaptionFleetHighLatency", "CaptionFleetRolledBack", "CaptionConfidenceDrop"):
+        assert result.returncode != 0 and f"alertname: {alert}" in output, output

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from captionfleet import docgen
 from captionfleet.operator import permissions as p
 
@@ -30,8 +32,9 @@ def _grants(scope: str, rules: Iterable[dict[str, Any]]) -> set[Grant]:
     }
 
 
-def _expected(scope: str, rules: tuple[p.PolicyRule, ...]) -> set[Grant]:
-    return _grants(scope, p.as_manifests(rules))
+def _expected(scope: str, rules: tuple[p.PolicyRule, ...], *, clusterwide: bool) -> set[Grant]:
+    """The grants of ``rules`` that the operator needs in one watching mode (PolicyRule.mode)."""
+    return _grants(scope, p.as_manifests(p.for_mode(rules, clusterwide=clusterwide)))
 
 
 def granted_to(objects: list[dict[str, Any]], service_account: str) -> set[Grant]:
@@ -57,8 +60,8 @@ def granted_to(objects: list[dict[str, Any]], service_account: str) -> set[Grant
 
 def test_cluster_wide_mode_grants_exactly_the_permissions_module(render: Render) -> None:
     granted = granted_to(render(None).objects, "cf-captionfleet")
-    expected = _expected("cluster", p.OPERATOR_CLUSTER_RULES) | _expected(
-        "cluster", p.OPERATOR_NAMESPACED_RULES
+    expected = _expected("cluster", p.OPERATOR_CLUSTER_RULES, clusterwide=True) | _expected(
+        "cluster", p.OPERATOR_NAMESPACED_RULES, clusterwide=True
     )
     assert granted - expected == set(), "granted but not in operator/permissions.py"
     assert expected - granted == set(), "in operator/permissions.py but not granted"
@@ -68,9 +71,9 @@ def test_namespaced_mode_grants_the_fleet_rules_only_in_the_watched_namespaces(r
     rendered = render({"operator": {"watchNamespaces": ["ml", "ml-staging"]}})
     granted = granted_to(rendered.objects, "cf-captionfleet")
     expected = (
-        _expected("cluster", p.OPERATOR_CLUSTER_RULES)
-        | _expected("ml", p.OPERATOR_NAMESPACED_RULES)
-        | _expected("ml-staging", p.OPERATOR_NAMESPACED_RULES)
+        _expected("cluster", p.OPERATOR_CLUSTER_RULES, clusterwide=False)
+        | _expected("ml", p.OPERATOR_NAMESPACED_RULES, clusterwide=False)
+        | _expected("ml-staging", p.OPERATOR_NAMESPACED_RULES, clusterwide=False)
     )
     assert granted - expected == set(), "granted but not in operator/permissions.py"
     assert expected - granted == set(), "in operator/permissions.py but not granted"
@@ -105,19 +108,34 @@ def test_the_operator_holds_everything_it_grants_the_router(render: Render) -> N
     for namespaces in ([], ["ml"]):
         granted = granted_to(render({"operator": {"watchNamespaces": namespaces}}).objects, "cf-captionfleet")
         scope = namespaces[0] if namespaces else "cluster"
-        router = _expected(scope, p.ROUTER_RULES)
+        router = _expected(scope, p.ROUTER_RULES, clusterwide=not namespaces)
         assert router <= granted, router - granted
         # ...and it may create the router's Role and RoleBinding there.
         for resource in ("roles", "rolebindings"):
             assert (scope, "rbac.authorization.k8s.io", resource, "create") in granted
 
 
-def test_every_rule_says_why_in_the_rendered_role(render: Render, chart: Any) -> None:
-    text = chart.render({}, name="cf", namespace=NAMESPACE)["captionfleet/templates/rbac.yaml"]
-    for rule in p.OPERATOR_CLUSTER_RULES + p.OPERATOR_NAMESPACED_RULES:
+@pytest.mark.parametrize("namespaces", [[], ["ml"]], ids=["cluster-wide", "namespaced"])
+def test_every_rule_says_why_in_the_rendered_role(chart: Any, namespaces: list[str]) -> None:
+    values = {"operator": {"watchNamespaces": namespaces}}
+    text = chart.render(values, name="cf", namespace=NAMESPACE)["captionfleet/templates/rbac.yaml"]
+    for rule in p.for_mode(
+        p.OPERATOR_CLUSTER_RULES + p.OPERATOR_NAMESPACED_RULES, clusterwide=not namespaces
+    ):
         assert f"# {rule.why}" in text
 
 
 def test_the_rules_template_is_generated_from_the_permissions_module() -> None:
     path = REPO / docgen.RBAC_RULES_TPL
     assert path.read_text() == docgen.rbac_rules_template(), f"{path} is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("namespaces", [[], ["ml"]], ids=["cluster-wide", "namespaced"])
+def test_standalone_mode_grants_no_peering_rights(render: Render, namespaces: list[str]) -> None:
+    values: dict[str, Any] = {"operator": {"watchNamespaces": namespaces}}
+    with_peering = granted_to(render(values).objects, "cf-captionfleet")
+    values["operator"]["peering"] = {"enabled": False}
+    standalone = granted_to(render(values).objects, "cf-captionfleet")
+    peering = "kopfpeerings" if namespaces else "clusterkopfpeerings"
+    assert {g[2] for g in with_peering - standalone} == {peering}
+    assert not {g for g in standalone if g[1] == "kopf.dev"}

@@ -75,6 +75,118 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("upper-case full name", {"fullnameOverride": "CaptionFleet"}, "/fullnameOverride"),
     ("pull secret without a name", {"imagePullSecrets": [{"secret": "regcred"}]}, "/imagePullSecrets/0"),
     ("env var without a name", {"operator": {"extraEnv": [{"value": "1"}]}}, "/operator/extraEnv/0"),
+    (
+        "env value a number",
+        {"operator": {"extraEnv": [{"name": "X", "value": 5}]}},
+        "/operator/extraEnv/0/value",
+    ),
+    (
+        "env value and valueFrom",
+        {"operator": {"extraEnv": [{"name": "X", "value": "1", "valueFrom": {}}]}},
+        "/operator/extraEnv/0",
+    ),
+    ("env name with a space", {"operator": {"extraEnv": [{"name": "A B"}]}}, "/operator/extraEnv/0/name"),
+    ("digest not sha256 hex", {"image": {"tag": "0.1@sha256:xyz"}}, "/image/tag"),
+    ("repository with a tag in it", {"image": {"repository": "ghcr.io/op:1"}}, "/image/repository"),
+    (
+        "runtime repository upper-case",
+        {"operator": {"runtimeImage": {"repository": "Reg/X"}}},
+        "/operator/runtimeImage",
+    ),
+    ("full name over 63", {"fullnameOverride": "a" * 64}, "/fullnameOverride"),
+    ("name over 63", {"nameOverride": "a" * 64}, "/nameOverride"),
+    (
+        "credentials in the Prometheus URL",
+        {"operator": {"prometheusUrl": "http://u:p@prom:9090"}},
+        "/operator/prometheusUrl",
+    ),
+    ("negative cpu request", {"resources": {"requests": {"cpu": "-500m"}}}, "/resources/requests/cpu"),
+    ("memory in words", {"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
+    ("unknown resources key", {"resources": {"request": {}}}, "/resources"),
+    (
+        "toleration Exists with a value",
+        {"tolerations": [{"operator": "Exists", "value": "v"}]},
+        "/tolerations/0/value",
+    ),
+    ("empty toleration", {"tolerations": [{}]}, "/tolerations/0"),
+    (
+        "tolerationSeconds without NoExecute",
+        {"tolerations": [{"key": "a", "tolerationSeconds": 5}]},
+        "/tolerations/0",
+    ),
+    (
+        "toleration key not a qualified name",
+        {"tolerations": [{"key": "bad key!", "operator": "Exists"}]},
+        "/tolerations/0/key",
+    ),
+    (
+        "unknown toleration effect",
+        {"tolerations": [{"key": "a", "effect": "Sometimes"}]},
+        "/tolerations/0/effect",
+    ),
+    ("affinity not an object", {"affinity": {"nodeAffinity": "please"}}, "/affinity/nodeAffinity"),
+    ("affinity misspelt", {"affinity": {"nodeAfinity": {}}}, "/affinity"),
+    (
+        "affinity term not an object (Kubernetes' own schema)",
+        {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": "x"}}},
+        "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution",
+    ),
+    (
+        "affinity field misspelt deep inside",
+        {
+            "affinity": {
+                "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologykey": "z"}]}
+            }
+        },
+        "/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution/0",
+    ),
+    ("nodeSelector key with a space", {"nodeSelector": {"a b": "c"}}, "/nodeSelector"),
+    ("nodeSelector value too long", {"nodeSelector": {"a": "x" * 64}}, "/nodeSelector/a"),
+    ("priority class with a space", {"priorityClassName": "Not Valid"}, "/priorityClassName"),
+    ("pod label key invalid", {"podLabels": {"bad key!": "x"}}, "/podLabels"),
+    ("pod label value invalid", {"podLabels": {"team": "a b"}}, "/podLabels/team"),
+    ("pod annotation not a string", {"podAnnotations": {"a": 1}}, "/podAnnotations/a"),
+    (
+        "monitor label key invalid",
+        {"metrics": {"serviceMonitor": {"labels": {"a b": "x"}}}},
+        "/metrics/serviceMonitor/labels",
+    ),
+    ("pull secret name invalid", {"imagePullSecrets": [{"name": "Reg Cred"}]}, "/imagePullSecrets/0/name"),
+    ("a root user", {"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
+    ("runAsNonRoot off", {"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    (
+        "seccomp Unconfined",
+        {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+        "/podSecurityContext/seccompProfile",
+    ),
+    (
+        "seccomp Localhost without a profile",
+        {"podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+        "/podSecurityContext/seccompProfile",
+    ),
+    (
+        "a profile with RuntimeDefault",
+        {"securityContext": {"seccompProfile": {"type": "RuntimeDefault", "localhostProfile": "x.json"}}},
+        "/securityContext/seccompProfile",
+    ),
+    ("sysctls (restricted refuses)", {"podSecurityContext": {"sysctls": []}}, "/podSecurityContext"),
+    ("privileged container", {"securityContext": {"privileged": True}}, "/securityContext/privileged"),
+    (
+        "privilege escalation",
+        {"securityContext": {"allowPrivilegeEscalation": True}},
+        "/securityContext/allowPrivilegeEscalation",
+    ),
+    (
+        "capabilities not dropped",
+        {"securityContext": {"capabilities": {"drop": ["NET_RAW"]}}},
+        "/securityContext/capabilities/drop",
+    ),
+    (
+        "a capability added",
+        {"securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}},
+        "/securityContext/capabilities/add/0",
+    ),
+    ("dashboard namespace over 63", {"dashboard": {"namespace": "a" * 64}}, "/dashboard/namespace"),
 ]
 
 

@@ -4,13 +4,17 @@
 on. kmock stores objects as given; the real server also fills in ``uid``, ``resourceVersion``,
 ``generation`` and ``creationTimestamp``, names objects from ``generateName``, honours a
 ``resourceVersion`` precondition, filters lists by ``labelSelector``, lets the status subresource
-change only the status, implements server-side apply (create-or-update, removing the fields the
-applier no longer sets), and writes nothing (same ``resourceVersion``, no watch event) for an update
-that changes nothing. The subclass adds exactly these, so the product code runs unchanged.
+change only the status, implements server-side apply (create-or-update; the fields of other field
+managers, such as labels a user added or replicas an autoscaler set, stay, and only those the applier
+set before and no longer sets are removed), and writes nothing (same ``resourceVersion``, no watch
+event) for an update that changes nothing. The subclass adds exactly these, so the product code runs
+unchanged.
 It also refuses (422 Invalid) what a real API server refuses: built-in kinds are checked against the
 upstream OpenAPI schemas (kubernetes-validate) plus the API server's own rules for pod specs
-(tolerations, label keys, quantities, image names), and CaptionModels against the CRD's schema. Lists
-filter by ``fieldSelector`` too, on the fields the real server allows per kind (else 400). Pods are
+(tolerations, label keys, quantities, image names, Secret keys, affinity), integers out of int32 range, a
+changed Deployment selector (immutable), and CaptionModels against the CRD's schema (whose unknown
+fields are pruned, or refused under ``fieldValidation=Strict``). Lists filter by ``fieldSelector``
+too, on the fields the real server allows per kind (else 400). Pods are
 served (the kubelet and the scheduler are the tests' ``Cluster``); there are no Secrets at all. These
 rules are written here, independently of the operator's, so the tests see what a cluster would do.
 Garbage collection by owner references is not emulated: tests check the references instead.
@@ -197,12 +201,13 @@ SELECTABLE_FIELDS = {
 _QUALIFIED_NAME = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _QUANTITY = re.compile(r"^([+-]?)([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
 
 
 def _label_key_problems(key: str, where: str) -> list[str]:
-    name = key.rsplit("/", 1)[-1]
-    if not _QUALIFIED_NAME.match(key) or len(name) > 63:
+    prefix, _, name = key.rpartition("/")
+    if not _QUALIFIED_NAME.match(key) or len(name) > 63 or len(prefix) > 253:
         return [
             f"{where}: Invalid value: {key!r}: name part must consist of alphanumeric characters, "
             "'-', '_' or '.'"
@@ -247,6 +252,160 @@ def _container_problems(container: Mapping[str, Any], where: str) -> list[str]:
     return problems
 
 
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _secret_key_problems(key: str, where: str) -> list[str]:
+    """IsConfigMapKey: a Secret's key, also a file name when mounted."""
+    if len(key) > 253 or not _SECRET_KEY.match(key):
+        return [
+            f"{where}: Invalid value: {key!r}: a valid config key must consist of alphanumeric characters"
+        ]
+    if key in (".", "..") or key.startswith(".."):
+        return [f"{where}: Invalid value: {key!r}: must not be '.' or '..' or start with '..'"]
+    return []
+
+
+def _secret_use_problems(pod: Mapping[str, Any], where: str) -> list[str]:
+    """The keys of Secret volumes' items and env secretKeyRefs; items' paths relative, without '..'."""
+    problems = []
+    for i, volume in enumerate(pod.get("volumes") or []):
+        for j, item in enumerate((volume.get("secret") or {}).get("items") or []):
+            at = f"{where}.volumes[{i}].secret.items[{j}]"
+            problems += _secret_key_problems(str(item.get("key") or ""), f"{at}.key")
+            path = str(item.get("path") or "")
+            if not path or path.startswith("/") or ".." in path.split("/"):
+                problems.append(f"{at}.path: Invalid value: {path!r}: must be a relative path without '..'")
+    for kind in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(kind) or []):
+            for j, env in enumerate(container.get("env") or []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref is not None:
+                    at = f"{where}.{kind}[{i}].env[{j}].valueFrom.secretKeyRef.key"
+                    problems += _secret_key_problems(str(ref.get("key") or ""), at)
+    return problems
+
+
+# The API's integers are int32 except these int64 fields (of the kinds the operator writes).
+INT64_FIELDS = {
+    "tolerationSeconds",
+    "terminationGracePeriodSeconds",
+    "activeDeadlineSeconds",
+    "runAsUser",
+    "runAsGroup",
+    "fsGroup",
+    "expirationSeconds",
+    "observedGeneration",
+    "generation",
+}
+
+
+def int32_problems(value: Any, where: str = "") -> list[str]:
+    """Integers out of int32 range where the API declares int32: the server cannot decode them."""
+    if isinstance(value, Mapping):
+        return [
+            problem
+            for key, item in value.items()
+            if key not in INT64_FIELDS
+            for problem in int32_problems(item, f"{where}.{key}" if where else str(key))
+        ]
+    if isinstance(value, list):
+        return [problem for i, item in enumerate(value) for problem in int32_problems(item, f"{where}[{i}]")]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**31) <= value < 2**31:
+        return [f"{where}: Invalid value: {value}: cannot be decoded into an int32"]
+    return []
+
+
+def _requirement_problems(req: Mapping[str, Any], where: str, operators: str) -> list[str]:
+    """A node selector or label selector requirement, as ValidateNodeSelectorRequirement and
+    ValidateLabelSelectorRequirement check it."""
+    problems = _label_key_problems(str(req.get("key") or ""), f"{where}.key")
+    operator, values = req.get("operator"), req.get("values") or []
+    if operator not in operators.split():
+        return [*problems, f"{where}.operator: Unsupported value: {operator!r}"]
+    if operator in ("In", "NotIn") and not values:
+        problems.append(
+            f"{where}.values: Required value: must be specified when `operator` is 'In' or 'NotIn'"
+        )
+    if operator in ("Exists", "DoesNotExist") and values:
+        problems.append(
+            f"{where}.values: Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
+        )
+    if operator in ("Gt", "Lt") and (len(values) != 1 or not re.fullmatch(r"[-+]?\d+", str(values[0]))):
+        problems.append(f"{where}.values: Required value: must be specified single integer value")
+    return problems
+
+
+NODE_OPERATORS = "In NotIn Exists DoesNotExist Gt Lt"
+LABEL_OPERATORS = "In NotIn Exists DoesNotExist"
+
+
+def _node_term_problems(term: Mapping[str, Any], where: str) -> list[str]:
+    problems = []
+    for i, req in enumerate(term.get("matchExpressions") or []):
+        problems += _requirement_problems(req, f"{where}.matchExpressions[{i}]", NODE_OPERATORS)
+    for i, req in enumerate(term.get("matchFields") or []):
+        at = f"{where}.matchFields[{i}]"
+        if req.get("key") != "metadata.name" or req.get("operator") not in ("In", "NotIn"):
+            problems.append(f"{at}: Invalid value: only metadata.name with In or NotIn is supported")
+        if len(req.get("values") or []) != 1:
+            problems.append(
+                f"{at}.values: Required value: must be only one value when `operator` is 'In' or 'NotIn'"
+            )
+    return problems
+
+
+def _pod_term_problems(term: Mapping[str, Any], where: str) -> list[str]:
+    key = str(term.get("topologyKey") or "")
+    problems = (
+        _label_key_problems(key, f"{where}.topologyKey") if key else [f"{where}.topologyKey: Required value"]
+    )
+    for field in ("labelSelector", "namespaceSelector"):
+        selector = term.get(field) or {}
+        for label, value in (selector.get("matchLabels") or {}).items():
+            problems += _label_key_problems(str(label), f"{where}.{field}.matchLabels")
+            if not _LABEL_VALUE.match(str(value)):
+                problems.append(f"{where}.{field}.matchLabels: Invalid value: {value!r}")
+        for i, req in enumerate(selector.get("matchExpressions") or []):
+            problems += _requirement_problems(req, f"{where}.{field}.matchExpressions[{i}]", LABEL_OPERATORS)
+    for namespace in term.get("namespaces") or []:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", str(namespace)):
+            problems.append(f"{where}.namespaces: Invalid value: {namespace!r}")
+    return problems
+
+
+def _weighted(
+    terms: list[Mapping[str, Any]], where: str, inner: str, check: Callable[..., list[str]]
+) -> list[str]:
+    problems = []
+    for i, term in enumerate(terms):
+        if not 1 <= int(term.get("weight") or 0) <= 100:
+            problems.append(f"{where}[{i}].weight: Invalid value: must be in the range 1-100")
+        problems += check(term.get(inner) or {}, f"{where}[{i}].{inner}")
+    return problems
+
+
+def _affinity_problems(affinity: Mapping[str, Any], where: str) -> list[str]:
+    """ValidateAffinity: what the Affinity's schema leaves to the server's code."""
+    node = affinity.get("nodeAffinity") or {}
+    problems = []
+    if (required := node.get("requiredDuringSchedulingIgnoredDuringExecution")) is not None:
+        at = f"{where}.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+        terms = required.get("nodeSelectorTerms") or []
+        problems += [] if terms else [f"{at}: Required value: must have at least one node selector term"]
+        for i, term in enumerate(terms):
+            problems += _node_term_problems(term, f"{at}[{i}]")
+    preferred = node.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+    problems += _weighted(preferred, f"{where}.nodeAffinity.preferred", "preference", _node_term_problems)
+    for kind in ("podAffinity", "podAntiAffinity"):
+        pods = affinity.get(kind) or {}
+        for i, term in enumerate(pods.get("requiredDuringSchedulingIgnoredDuringExecution") or []):
+            problems += _pod_term_problems(term, f"{where}.{kind}.required[{i}]")
+        preferred = pods.get("preferredDuringSchedulingIgnoredDuringExecution") or []
+        problems += _weighted(preferred, f"{where}.{kind}.preferred", "podAffinityTerm", _pod_term_problems)
+    return problems
+
+
 def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
     template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
     return pod_spec_problems(template, "spec.template.spec")
@@ -261,7 +420,11 @@ def pod_spec_problems(pod: Mapping[str, Any], where: str) -> list[str]:
     for kind in ("initContainers", "containers"):
         for i, container in enumerate(pod.get(kind) or []):
             problems += _container_problems(container, f"{where}.{kind}[{i}]")
-    return problems
+    return (
+        problems
+        + _secret_use_problems(pod, where)
+        + _affinity_problems(pod.get("affinity") or {}, f"{where}.affinity")
+    )
 
 
 def schema_problems(obj: Mapping[str, Any]) -> list[str]:
@@ -280,9 +443,34 @@ def schema_problems(obj: Mapping[str, Any]) -> list[str]:
     except kubernetes_validate.ValidationError as e:
         caught = e.caught
         return [f"{'.'.join(str(p) for p in caught.absolute_path)}: {caught.message}"]
+    if out_of_range := int32_problems({k: v for k, v in obj.items() if k != "metadata"}):
+        return out_of_range
     if obj.get("kind") == "Pod":
         return pod_spec_problems(obj.get("spec") or {}, "spec")
     return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
+
+
+def pruned(value: Any, schema: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """(what a real API server stores of a custom resource's ``value``, the unknown fields it dropped):
+    fields the structural schema does not declare are pruned, except under
+    ``x-kubernetes-preserve-unknown-fields``; an object schema without properties keeps all."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return value, []
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        kept = [pruned(item, schema["items"]) for item in value]
+        return [item for item, _ in kept], [f"[{i}]{p}" for i, (_, u) in enumerate(kept) for p in u]
+    properties, extra = schema.get("properties"), schema.get("additionalProperties")
+    if not isinstance(value, Mapping) or (properties is None and not isinstance(extra, Mapping)):
+        return value, []
+    result, unknown = {}, []
+    for key, item in value.items():
+        declared = (properties or {}).get(key, extra if isinstance(extra, Mapping) else None)
+        if declared is None:
+            unknown.append(f".{key}")
+            continue
+        result[key], inner = pruned(item, declared)
+        unknown += [f".{key}{path}" for path in inner]
+    return result, unknown
 
 
 def _merged(old: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,10 +534,28 @@ def _replacement(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
+def _applied_merge(
+    live: Mapping[str, Any], applied: Mapping[str, Any], before: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Server-side apply for one field manager: the fields it applies are set, the ones it applied
+    ``before`` and no longer does are removed, every other manager's fields stay. Lists are taken
+    whole (a real server merges keyed lists, e.g. containers by name, item by item)."""
+    result = {key: value for key, value in live.items() if key in applied or key not in before}
+    for key, value in applied.items():
+        earlier = before.get(key)
+        if isinstance(value, Mapping) and isinstance(live.get(key), Mapping):
+            result[key] = _applied_merge(live[key], value, earlier if isinstance(earlier, Mapping) else {})
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
     _log: list[rendering.Request] = attrs.field(factory=list, init=False)
+    # (resource, namespace, name, field manager) -> (the object's uid, what that manager last applied)
+    _applied: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -416,6 +622,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if resource is not None and resource.plural is not None and resource not in self.resources:
             raise k8s.KubernetesResourceNotFoundError()  # e.g. KEDA's kinds when it is not installed
         data = request.data if isinstance(request.data, dict) else None
+        if resource is not None and resource.plural == "captionmodels" and data is not None:
+            self._prune(request, data)
         if request.resource is not None and data is not None and request.subresource is None:
             self._validate(request, data)
         if request.resource is not None and data is not None:
@@ -434,6 +642,17 @@ class ApiServer(kmock.KubernetesEmulator):
                     return aiohttp.web.json_response(old)
         return await super()._handle(request)
 
+    def _prune(self, request: rendering.Request, data: dict[str, Any]) -> None:
+        """A CaptionModel's unknown fields: refused with ``fieldValidation=Strict`` (kubectl's default),
+        else dropped, as a real server does with a CRD's structural schema."""
+        schema = captionmodel_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        kept, unknown = pruned(data, schema)
+        if unknown and request.params.get("fieldValidation") == "Strict":
+            fields = ", ".join(f"unknown field {path.lstrip('.')!r}" for path in unknown)
+            raise k8s.KubernetesError(422, "Invalid", f"strict decoding error: {fields}")
+        data.clear()
+        data.update(kept)
+
     def _validate(self, request: rendering.Request, data: dict[str, Any]) -> None:
         """Refuse, as a real API server does, an object that its schema or rules refuse (422)."""
         if request.action == kmock.action.CREATE or request.headers.get("Content-Type", "").startswith(APPLY):
@@ -443,6 +662,11 @@ class ApiServer(kmock.KubernetesEmulator):
         else:
             return
         problems = schema_problems(candidate)
+        stored = self._stored(request) if request.action == kmock.action.UPDATE else None
+        if stored is not None and stored.get("kind") == "Deployment":
+            selector = (candidate.get("spec") or {}).get("selector")
+            if selector is not None and selector != stored["spec"].get("selector"):
+                problems.append("spec.selector: Invalid value: field is immutable")
         if problems:
             kind, name = candidate.get("kind"), (candidate.get("metadata") or {}).get("name")
             raise k8s.KubernetesError(422, "Invalid", f"{kind} {name!r} is invalid: {'; '.join(problems)}")
@@ -457,15 +681,8 @@ class ApiServer(kmock.KubernetesEmulator):
             raise k8s.KubernetesError(409, "Conflict", "the object has been modified; please apply again")
         if request.subresource == "status":  # the status subresource changes the status only
             patch = {"status": copy.deepcopy(data.get("status"))}
-        elif apply:  # one field manager: the applied object replaces all but status and server metadata
-            new = copy.deepcopy(data)
-            new["metadata"] = {
-                **{k: v for k, v in old["metadata"].items() if k in SERVER_METADATA},
-                **{k: v for k, v in data.get("metadata", {}).items() if k not in SERVER_METADATA},
-            }
-            if "status" in old:
-                new["status"] = old["status"]
-            patch = _replacement(old, new)
+        elif apply:
+            patch = _replacement(old, self._applied_object(request, data, old))
         else:
             patch = copy.deepcopy(data)
         body_changed = request.subresource is None and any(
@@ -483,6 +700,23 @@ class ApiServer(kmock.KubernetesEmulator):
         data.clear()
         data.update(patch)
         return True
+
+    def _applied_object(
+        self, request: rendering.Request, data: Mapping[str, Any], old: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``old`` after server-side apply of ``data`` by the request's field manager (force: its
+        fields win); status and the server's metadata stay as they are."""
+        key = (request.resource, request.namespace, request.name, request.params.get("fieldManager") or "")
+        uid = str(old["metadata"].get("uid"))
+        earlier_uid, earlier = self._applied.get(key, (uid, {}))
+        applied = {k: v for k, v in data.items() if k != "status"}
+        applied["metadata"] = {
+            k: v for k, v in (data.get("metadata") or {}).items() if k not in SERVER_METADATA
+        }
+        new = _applied_merge(old, applied, earlier if earlier_uid == uid else {})
+        new["metadata"].update({k: v for k, v in old["metadata"].items() if k in SERVER_METADATA})
+        self._applied[key] = (uid, copy.deepcopy(applied))
+        return new
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         info = self.resources.get(request.resource)

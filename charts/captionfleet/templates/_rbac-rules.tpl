@@ -7,14 +7,20 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if .Values.operator.watchNamespaces }}
 # kopf: notices the watched namespaces appear and disappear
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
+{{- if not .Values.operator.watchNamespaces }}
+{{- if .Values.operator.peering.enabled }}
 # kopf: peering (leader election) when watching the whole cluster
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
 {{- end }}
 {{- define "captionfleet.rules.operatorNamespaced" -}}
 # the CaptionModels themselves; patch only for kopf's finalizer and progress annotations and to remove a handled captionfleet.io/rollout-action annotation
@@ -61,10 +67,14 @@ The rules of the operator's ClusterRoles and Roles (see rbac.yaml); each comment
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]
+{{- if .Values.operator.watchNamespaces }}
+{{- if .Values.operator.peering.enabled }}
 # kopf: peering (leader election) when watching chosen namespaces
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
 # granted on to the router
 - apiGroups: [""]
   resources: ["endpoints"]

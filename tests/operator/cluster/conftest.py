@@ -202,6 +202,24 @@ class Cluster:
         }
         await self._send("POST", f"/api/v1/namespaces/{namespace}/events", body)
 
+    async def create_status(self, pod_spec: Mapping[str, Any]) -> int:
+        """The API server's answer (HTTP status) to a Deployment of ``pod_spec`` with one container."""
+        deployment = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "probe", "namespace": NAMESPACE},
+            "spec": {
+                "selector": {"matchLabels": {"a": "b"}},
+                "template": {
+                    "metadata": {"labels": {"a": "b"}},
+                    "spec": {"containers": [{"name": "c", "image": "i"}], **copy.deepcopy(dict(pod_spec))},
+                },
+            },
+        }
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+        async with self.api.request("POST", path, json=deployment) as rsp:
+            return int(rsp.status)
+
     # reading
     def get(self, resource: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
         obj = self.api.live(resource, namespace, name)

@@ -35,6 +35,10 @@ def pod(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
+def secret_env(key: str) -> dict[str, Any]:
+    return {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": key}}}
+
+
 async def test_pods_are_validated_like_a_real_servers(cluster: Any) -> None:
     pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
     await cluster._send("POST", pods, pod("good"))
@@ -42,6 +46,17 @@ async def test_pods_are_validated_like_a_real_servers(cluster: Any) -> None:
         pod("no-image", containers=[{"name": "c"}]),
         pod("bad-toleration", tolerations=[{"operator": "Exists", "value": "v"}]),
         pod("bad-selector", nodeSelector={"gpu type": "a100"}),
+        pod(
+            "dot-key",
+            volumes=[{"name": "k", "secret": {"secretName": "s", "items": [{"key": "..", "path": ".."}]}}],
+        ),
+        pod(
+            "dot-env-key", containers=[{"name": "c", "image": "registry.test/i:1", "env": [secret_env(".")]}]
+        ),
+        pod(
+            "int32",
+            containers=[{"name": "c", "image": "registry.test/i:1", "ports": [{"containerPort": 2**31}]}],
+        ),
     ):
         async with cluster.api.request("POST", pods, json=bad) as response:
             assert response.status == 422, (bad["metadata"]["name"], await response.text())
@@ -101,3 +116,54 @@ async def test_kedas_kinds_are_checked_against_their_schemas(cluster: Any) -> No
     }
     status, text = await send(cluster, f"{base}/triggerauthentications/ta?fieldManager=test", auth)
     assert status == 422 and "'key' is a required property" in text
+
+
+async def test_server_side_apply_keeps_other_managers_fields_and_drops_the_appliers_own(cluster: Any) -> None:
+    account = service_account(False)
+    account["metadata"]["labels"] = {"ours": "1", "dropped-later": "1"}
+    await cluster._send("PATCH", PATH, account, APPLY)
+    user_edit = {"metadata": {"labels": {"team": "vision"}, "annotations": {"other.io/note": "keep"}}}
+    await cluster._send(
+        "PATCH", PATH.split("?")[0], user_edit, "application/merge-patch+json"
+    )  # kubectl label / annotate
+    account["metadata"]["labels"] = {"ours": "2"}
+    stored = await cluster._send("PATCH", PATH, account, APPLY)
+    assert stored["metadata"]["labels"] == {"ours": "2", "team": "vision"}
+    assert stored["metadata"]["annotations"] == {"other.io/note": "keep"}
+    # Another applier's fields are its own: this one's earlier apply does not remove them.
+    other = PATH.replace("fieldManager=test", "fieldManager=other")
+    await cluster._send(
+        "PATCH",
+        other,
+        {**service_account(False), "metadata": {**account["metadata"], "labels": {"x": "1"}}},
+        APPLY,
+    )
+    assert cluster.get("v1/serviceaccounts", "reader")["metadata"]["labels"] == {
+        "ours": "2",
+        "team": "vision",
+        "x": "1",
+    }
+
+
+async def test_a_deployments_selector_cannot_change(cluster: Any) -> None:
+    deployments = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+    labels = {"app": "a"}
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d", "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            },
+        },
+    }
+    await cluster._send("PATCH", f"{deployments}/d?fieldManager=test", body, APPLY)
+    body["spec"]["selector"] = {"matchLabels": {"app": "a", "extra": "1"}}
+    body["spec"]["template"]["metadata"]["labels"] = {"app": "a", "extra": "1"}
+    async with cluster.api.request(
+        "PATCH", f"{deployments}/d?fieldManager=test", json=body, headers={"Content-Type": APPLY}
+    ) as response:
+        assert response.status == 422 and "field is immutable" in await response.text()

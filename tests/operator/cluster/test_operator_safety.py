@@ -157,20 +157,7 @@ async def test_pod_spec_content_the_api_server_refuses_is_invalid_and_nothing_is
     assert field in cluster.condition("pods", "Ready")["message"]
     assert cluster.children("pods") == {}
     # The emulated API server would indeed refuse such a pod template.
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "probe", "namespace": "ml"},
-        "spec": {
-            "selector": {"matchLabels": {"a": "b"}},
-            "template": {
-                "metadata": {"labels": {"a": "b"}},
-                "spec": {"containers": [{"name": "c", "image": "i"}], **copy.deepcopy(spec)},
-            },
-        },
-    }
-    async with cluster.api.request("POST", "/apis/apps/v1/namespaces/ml/deployments", json=deployment) as rsp:
-        assert rsp.status == 422, await rsp.text()
+    assert await cluster.create_status(spec) == 422
 
 
 @pytest.mark.parametrize(
