@@ -64,6 +64,11 @@ class EdgeSettings:
         8190, "Longest request line, header name or header value in bytes; longer gets 400."
     )
     max_headers: int = setting(128, "Most header lines in one request; more gets 400.")
+    max_form_fields: int = setting(
+        64,
+        "Most multipart parts besides the images in one request body (options, webhook, unknown "
+        "fields); more gets 400 (each part costs parsing: thousands of tiny ones would keep a core busy).",
+    )
     drain_grace_s: float = setting(
         30.0, "On SIGTERM: /readyz turns 503 at once; how long the process may take to finish before exit."
     )
@@ -74,7 +79,7 @@ class EdgeSettings:
         problems = []
         for name in (
             *("max_body_bytes", "max_body_bytes_in_flight", "jobs_max_bytes"),
-            *("max_header_bytes", "max_headers"),
+            *("max_header_bytes", "max_headers", "max_form_fields"),
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")

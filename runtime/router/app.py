@@ -38,11 +38,13 @@ from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, Version
-from captionfleet.runtime.web.body import BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyBudget, check_declared_size
+from captionfleet.runtime.web.coding import read_decoded
 from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
+from captionfleet.runtime.web.parsing import FormLimits
 from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.settings.router import RouterSettings
 
@@ -73,9 +75,8 @@ class Router:
         self.budget = BodyBudget(settings.max_body_bytes_in_flight)
         self.balancer = Balancer(OutlierPolicy.from_settings(settings))
         self.cold = ColdStarts(settings, holder, self.stats, self.metrics)
-        self.repeats = (
-            RouterRepeats(settings.redis_url, settings.max_body_bytes) if settings.redis_url else None
-        )
+        limits = FormLimits(settings.max_body_bytes, settings.max_form_fields)
+        self.repeats = RouterRepeats(settings.redis_url, limits) if settings.redis_url else None
         self.draining = False
         self._forwarder: Forwarder | None = None
         self.answers = AnswerObserver(settings, self.stats, self.metrics, self.rng, lambda: self.forwarder)
@@ -164,7 +165,7 @@ class Router:
             check_declared_size(request.content_length, limit)
             if request.content_length is not None:
                 await request[BODY].reserve(request.content_length)
-            return await read_all(request.content, request[BODY], limit)
+            return await read_decoded(request.headers, request.content, request[BODY], limit)
         except EdgeError as exc:
             self.count_unrouted(exc, bulk=bulk)
             raise

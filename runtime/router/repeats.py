@@ -15,7 +15,7 @@ from typing import Any
 from captionfleet.runtime.router.proxy import Outgoing
 from captionfleet.runtime.serving.repeats import RepeatStore, body_digest, repeat_key
 from captionfleet.runtime.web.errors import EdgeError
-from captionfleet.runtime.web.parsing import BufferedBody, parse_source
+from captionfleet.runtime.web.parsing import BufferedBody, FormLimits, parse_source
 
 CAPTION_PATH = "/v1/caption"
 
@@ -23,9 +23,9 @@ CAPTION_PATH = "/v1/caption"
 class RouterRepeats:
     """Reads the answers the runtimes kept for exact repeats."""
 
-    def __init__(self, redis_url: str, max_body_bytes: int) -> None:
+    def __init__(self, redis_url: str, limits: FormLimits) -> None:
         self.store = RepeatStore(redis_url, ttl_s=0.0)  # reads only: the runtimes write, with their TTL
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
 
     async def answer(self, version: str, outgoing: Outgoing) -> dict[str, Any] | None:
         """The kept answer of ``version`` to this caption request, or None."""
@@ -33,9 +33,7 @@ class RouterRepeats:
             return None
         body = BufferedBody(outgoing.headers, outgoing.path_qs, outgoing.body)
         try:
-            parsed = await parse_source(
-                body, body.allowance(), max_body_bytes=self.max_body_bytes, batch=False
-            )
+            parsed = await parse_source(body, body.allowance(), self.limits, batch=False)
         except EdgeError:
             return None  # the runtime will say what is wrong with it
         image = parsed.images[0].data

@@ -21,9 +21,9 @@ from captionfleet.runtime.serving.batcher import Priority
 from captionfleet.runtime.serving.service import CaptionResult, CaptionService
 from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.context import ARRIVED, BODY, DEADLINE, REQUEST_ID, ms_since
-from captionfleet.runtime.web.errors import InvalidRequest, reply_for
+from captionfleet.runtime.web.errors import reply_for
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
-from captionfleet.runtime.web.parsing import ParsedRequest, parse_request
+from captionfleet.runtime.web.parsing import FormLimits, ParsedRequest, parse_request
 from captionfleet.runtime.web.probes import add_probe_routes
 
 
@@ -46,7 +46,11 @@ async def _admitted(
     """The service that answers, the request's priority and its parsed body (after admission)."""
     service, _ = admit(request, state)
     level = priority(request)
-    parsed = await parse_request(request, max_body_bytes=state.settings.max_body_bytes, batch=batch)
+    settings = state.settings
+    limits = FormLimits(
+        settings.max_body_bytes, settings.max_form_fields, settings.max_batch_images if batch else 1
+    )
+    parsed = await parse_request(request, limits, batch=batch)
     return service, level, parsed
 
 
@@ -74,12 +78,7 @@ async def caption(request: web.Request) -> web.Response:
 async def caption_batch(request: web.Request) -> web.Response:
     state = request.app[STATE]
     with state.tracking():
-        service, level, parsed = await _admitted(request, state, batch=True)
-        if len(parsed.images) > state.settings.max_batch_images:
-            raise InvalidRequest(
-                f"{len(parsed.images)} images in one batch; the limit is {state.settings.max_batch_images}",
-                code="too_many_images",
-            )
+        service, level, parsed = await _admitted(request, state, batch=True)  # at most max_batch_images
         options = service.resolve_options(parsed.fields)
         deadline = _deadline(request)
 

@@ -23,11 +23,13 @@ from captionfleet.runtime.server.state import STATE, ServerState, admit
 from captionfleet.runtime.serving.errors import JobsUnavailable
 from captionfleet.runtime.serving.jobs import JobItem, JobStore, JobSubmission
 from captionfleet.runtime.serving.sources import ImageSource
-from captionfleet.runtime.web.body import check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyAllowance, read_all
 from captionfleet.runtime.web.context import BODY, head_sent
 from captionfleet.runtime.web.errors import InvalidRequest
 from captionfleet.runtime.web.parsing import (
     OPTION_FIELDS,
+    BodySource,
+    decoded_source,
     json_object,
     json_source,
     multipart_parts,
@@ -93,14 +95,14 @@ def add_job_routes(app: web.Application) -> None:
 
 async def _parse_submission(request: web.Request, state: ServerState, owner: str) -> JobSubmission:
     settings = state.settings
-    check_declared_size(request.content_length, settings.jobs_max_bytes)
-    if request.content_length is not None:
-        await request[BODY].reserve(request.content_length)
-    content_type = request.content_type.lower()
+    source, allowance = await decoded_source(request, request[BODY], settings.jobs_max_bytes)
+    content_type = source.content_type.lower()
     if content_type == "multipart/form-data":
-        submission = await _parse_multipart(request, settings.jobs_max_bytes, settings.jobs_max_items)
+        submission = await _parse_multipart(
+            source, allowance, settings.jobs_max_bytes, settings.jobs_max_items, settings.max_form_fields
+        )
     elif content_type == "application/json" or content_type.endswith("+json"):
-        body = await read_all(request.content, request[BODY], settings.jobs_max_bytes)
+        body = await read_all(source.content, allowance, settings.jobs_max_bytes)
         submission = _parse_json(body, settings.jobs_max_items)
     else:
         raise InvalidRequest(
@@ -119,21 +121,24 @@ def _too_many(count: int, most: int) -> None:
         raise InvalidRequest(f"more than {most} items in one job", code="too_many_items")
 
 
-async def _parse_multipart(request: web.Request, limit: int, most: int) -> JobSubmission:
+async def _parse_multipart(
+    source: BodySource, allowance: BodyAllowance, limit: int, most: int, max_fields: int
+) -> JobSubmission:
     items: list[JobItem] = []
     text: dict[str, str] = {}
     budget = limit
-    async for part in multipart_parts(request):
+    async for part in multipart_parts(source, max_fields, ("images", "image")):
         name = part.name or ""
         if name in ("images", "image"):
             _too_many(len(items) + 1, most)
-            data = await read_all(part, request[BODY], budget)
+            data = await read_all(part, allowance, budget)
             budget -= len(data)
-            items.append(JobItem(ImageSource(data=data), id=(part.filename or None)))
+            where = f"the filename of image {len(items)}"
+            items.append(JobItem(ImageSource(data=data), id=_item_id(part.filename or None, where)))
         elif name in (*OPTION_FIELDS, "webhook", "webhook_secret"):
-            text[name] = await text_field(part, request[BODY])
+            text[name] = await text_field(part, allowance)
         else:
-            budget -= len(await read_all(part, request[BODY], budget))
+            budget -= len(await read_all(part, allowance, budget))
     if not items:
         raise InvalidRequest("no images: send one multipart field 'images' per image", code="missing_image")
     options = {name: value for name, value in text.items() if name in OPTION_FIELDS}
@@ -151,7 +156,8 @@ def _parse_json(body: bytes, most: int) -> JobSubmission:
             '"items" must be a non-empty list of {"url"} or {"image_base64"} objects', code="missing_image"
         )
     _too_many(len(entries), most)
-    options = document.get("options") or {}
+    options = document.get("options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise InvalidRequest('"options" must be an object', code="invalid_field")
     _no_unknown(options, OPTION_FIELDS, '"options"')
@@ -186,9 +192,22 @@ def _json_item(entry: object, where: str) -> JobItem:
     source = json_source(entry, where)  # an object with one of url and image_base64
     assert isinstance(entry, dict)
     _no_unknown(entry, ITEM_FIELDS, where)
-    item_id = entry.get("id")
-    if item_id is not None and (not isinstance(item_id, str) or len(item_id) > MAX_ITEM_ID_CHARS):
-        raise InvalidRequest(
-            f"{where}.id must be a string of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
-        )
-    return JobItem(source, id=item_id)
+    return JobItem(source, id=_item_id(entry.get("id"), f"{where}.id"))
+
+
+def _item_id(value: object, where: str) -> str | None:
+    """An item's id (JSON ``id``, or a multipart image's filename): text of at most 256 characters.
+
+    A filename that is not UTF-8 arrives with its bytes escaped as lone surrogates: no text either."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_ITEM_ID_CHARS:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value
+    raise InvalidRequest(
+        f"{where} must be UTF-8 text of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
+    )

@@ -250,6 +250,7 @@ class CaptionService:
             self._observer.cache_lookup(cached is not None)
             if cached is not None:
                 self._observer.preprocessed(decoding_s)
+                _check_deadline(deadline, "while its image was being looked up")  # cached or not
                 self._answered(cached)
                 return CaptionResult(cached, self.model_version, cached=True)
         started = time.monotonic()
@@ -257,8 +258,7 @@ class CaptionService:
             image = await loop.run_in_executor(self._pool, self._decode_only, data)
         pixels = await loop.run_in_executor(self._pool, self.captioner.preprocessor, image)
         self._observer.preprocessed(decoding_s + time.monotonic() - started)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed while its image was being decoded")
+        _check_deadline(deadline, "while its image was being decoded")
         return pixels, lookup
 
     def _answered(self, caption: Caption) -> None:
@@ -339,3 +339,8 @@ def build_cache(settings: ServeSettings) -> ResultCache | None:
     if settings.cache_size <= 0:
         return None
     return MemoryCache[Caption](settings.cache_size, settings.cache_ttl_s)
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(f"the request's deadline passed {when}")

@@ -10,9 +10,9 @@ chunk by chunk. A request that finds no room waits, first come first served, for
 ``body_wait_ms`` (and never past its deadline), then gets 503 with ``Retry-After``. Peak memory in
 request bodies is then bounded by a setting, whatever the concurrency.
 
-aiohttp decompresses a body sent with ``Content-Encoding: gzip``/``deflate``/``br`` as it is read (the
-limits count the decompressed bytes, so a compression bomb is cut off at the limit); a body that is
-not what its encoding says, or broken chunked framing, is a 400 ``invalid_body``.
+A body sent with ``Content-Encoding: gzip``/``deflate`` is read as sent, then decoded by the edge
+(``web/coding.py``: the limit counts the decoded bytes too, so a compression bomb is cut off at it);
+a body that is not what its encoding says, or broken chunked framing, is a 400 ``invalid_body``.
 """
 
 from __future__ import annotations

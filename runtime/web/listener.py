@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from captionfleet.runtime.web.protocol import EdgeProtocol
+from captionfleet.runtime.web.protocol import EdgeProtocol, expectation_guard
 from captionfleet.settings.edge import EdgeSettings
 
 log = logging.getLogger("captionfleet.runtime.web")
@@ -52,6 +52,7 @@ class Listener:
         await self._runner.setup()
         manager = self._runner.server
         assert manager is not None
+        manager.request_handler = expectation_guard(manager.request_handler)
         settings = self.settings
 
         def connection() -> EdgeProtocol:
@@ -62,6 +63,7 @@ class Listener:
                 max_field_size=settings.max_header_bytes,
                 max_headers=settings.max_headers,
                 lingering_time=LINGERING_S,
+                auto_decompress=False,  # the edge decodes, strictly: web/coding.py
                 access_log=None,
             )
 

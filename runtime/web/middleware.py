@@ -39,6 +39,7 @@ from aiohttp.typedefs import Middleware
 from captionfleet.names import REQUEST_ID_HEADER, ROUTED_VERSION_HEADER
 from captionfleet.runtime.serving.errors import DeadlineExceeded
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget
+from captionfleet.runtime.web.coding import DECODED_CODINGS, content_coding
 from captionfleet.runtime.web.context import ARRIVED, BACKSTOP, BODY, DEADLINE, REQUEST_ID, ms_since
 from captionfleet.runtime.web.errors import StatusTable, UnsupportedMediaType, reply_for
 from captionfleet.runtime.web.logs import request_id_var
@@ -151,17 +152,16 @@ async def _answer(request: web.Request, handler: Handler, policy: EdgePolicy) ->
         return _error(request, exc, policy)
 
 
-CONTENT_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
-"""The body codings aiohttp decodes (br and zstd when their libraries are installed, else its parser
-refuses them). It passes any other coding through undecoded, which would be read as the image."""
+CONTENT_CODINGS = frozenset({"identity", *DECODED_CODINGS})
+"""The body codings the edge decodes (``web/coding.py``); any other is refused before the body is read."""
 
 
 def _check_content_encoding(request: web.Request) -> None:
-    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    coding = content_coding(request.headers)
     if coding not in CONTENT_CODINGS:
         raise UnsupportedMediaType(
-            f"Content-Encoding {coding[:40]!r} is not supported: send the body as it is, or gzip, deflate "
-            "or br of it",
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body as it is, or gzip or "
+            "deflate of it",
             code="unsupported_content_encoding",
         )
 

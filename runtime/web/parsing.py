@@ -24,7 +24,7 @@ import binascii
 import json
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from yarl import URL
 
 from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.coding import content_coding, read_decoded
 from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
 
@@ -56,6 +57,8 @@ class ParsedRequest:
 class BodySource(Protocol):
     """What parsing reads of a request: an aiohttp request, or a :class:`BufferedBody`."""
 
+    @property
+    def headers(self) -> Mapping[str, str]: ...
     @property
     def content_length(self) -> int | None: ...
     @property
@@ -99,25 +102,36 @@ def query_fields(request: BodySource) -> dict[str, str]:
     return {name: value for name, value in pairs if name in OPTION_FIELDS}
 
 
-async def parse_request(request: web.BaseRequest, *, max_body_bytes: int, batch: bool) -> ParsedRequest:
+@dataclass(frozen=True)
+class FormLimits:
+    """How much of a request body is parsed: bytes, images, and multipart parts that are not images."""
+
+    max_body_bytes: int
+    max_fields: int
+    """Most multipart parts that are not images (options, a webhook, unknown ones): each costs a
+    parser's work, so a body of thousands of tiny parts would keep a core busy to no end."""
+    max_images: int = 1
+
+
+async def parse_request(request: web.BaseRequest, limits: FormLimits, *, batch: bool) -> ParsedRequest:
     """The images and option fields of a caption (``batch=False``) or batch request."""
-    return await parse_source(request, request[BODY], max_body_bytes=max_body_bytes, batch=batch)
+    return await parse_source(request, request[BODY], limits, batch=batch)
 
 
 async def parse_source(
-    request: BodySource, allowance: BodyAllowance, *, max_body_bytes: int, batch: bool
+    request: BodySource, allowance: BodyAllowance, limits: FormLimits, *, batch: bool
 ) -> ParsedRequest:
     """:func:`parse_request` of any body source, its bytes counted in ``allowance``."""
-    check_declared_size(request.content_length, max_body_bytes)
-    if request.content_length is not None:
-        await allowance.reserve(request.content_length)  # all of it before the first byte
+    max_body_bytes = limits.max_body_bytes
+    request, allowance = await decoded_source(request, allowance, max_body_bytes)
     fields: dict[str, Any] = dict(query_fields(request))
     content_type = request.content_type.lower()
     if content_type == "multipart/form-data":
-        parsed = await _parse_multipart(request, allowance, max_body_bytes, batch)
+        parsed = await _parse_multipart(request, allowance, limits, batch)
     elif content_type == "application/json" or content_type.endswith("+json"):
         body = await read_all(request.content, allowance, max_body_bytes)
         parsed = _parse_json(body, batch)
+        _check_image_count(len(parsed.images), limits.max_images, batch)
     elif batch:
         raise InvalidRequest(
             "the batch route takes multipart/form-data with one 'images' field per image, "
@@ -131,8 +145,39 @@ async def parse_source(
     return parsed
 
 
-async def multipart_parts(request: BodySource) -> AsyncIterator[BodyPartReader]:
-    """The parts of a multipart body, one after the other; a malformed body is :class:`InvalidRequest`."""
+async def decoded_source(
+    request: BodySource, allowance: BodyAllowance, limit: int
+) -> tuple[BodySource, BodyAllowance]:
+    """``request`` and ``allowance``, its declared size checked and room for it taken; when its body is
+    in a ``Content-Encoding``, a :class:`BufferedBody` of the decoded bytes (``web/coding.py``: counted
+    in ``allowance`` already) and that body's own allowance instead."""
+    check_declared_size(request.content_length, limit)
+    if request.content_length is not None:
+        await allowance.reserve(request.content_length)  # all of it before the first byte
+    if content_coding(request.headers) == "identity":
+        return request, allowance
+    body = await read_decoded(request.headers, request.content, allowance, limit)
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "content-encoding"}
+    decoded = BufferedBody(headers, str(request.rel_url), body)
+    return decoded, decoded.allowance()
+
+
+def _check_image_count(count: int, most: int, batch: bool) -> None:
+    if count <= most:
+        return
+    if not batch:
+        raise InvalidRequest(
+            "one image per request here; use POST /v1/caption/batch for several", code="too_many_images"
+        )
+    raise InvalidRequest(f"more than {most} images in one batch", code="too_many_images")
+
+
+async def multipart_parts(
+    request: BodySource, max_fields: int, image_fields: Collection[str]
+) -> AsyncIterator[BodyPartReader]:
+    """The parts of a multipart body, one after the other; a malformed body, or one with more than
+    ``max_fields`` parts not named in ``image_fields``, is :class:`InvalidRequest`."""
+    fields = 0
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, HttpProcessingError) as exc:  # no or a bad boundary
@@ -146,6 +191,12 @@ async def multipart_parts(request: BodySource) -> AsyncIterator[BodyPartReader]:
             return
         if not isinstance(part, BodyPartReader):
             raise InvalidRequest("nested multipart bodies are not supported", code="invalid_multipart")
+        if part.name not in image_fields:
+            fields += 1
+            if fields > max_fields:
+                raise InvalidRequest(
+                    f"more than {max_fields} multipart fields besides the images", code="too_many_fields"
+                )
         yield part
 
 
@@ -160,17 +211,18 @@ async def text_field(part: BodyPartReader, allowance: BodyAllowance) -> str:
 
 
 async def _parse_multipart(
-    request: BodySource, allowance: BodyAllowance, limit: int, batch: bool
+    request: BodySource, allowance: BodyAllowance, limits: FormLimits, batch: bool
 ) -> ParsedRequest:
-    image_field = "images" if batch else "image"
+    image_fields = ("images", "image") if batch else ("image",)
     images: list[ImageSource] = []
     fields: dict[str, Any] = {}
     seen: list[str] = []
-    budget = limit
-    async for part in multipart_parts(request):
+    budget = limits.max_body_bytes
+    async for part in multipart_parts(request, limits.max_fields, image_fields):
         name = part.name or ""
         seen.append(name)
-        if name == image_field or (batch and name == "image"):
+        if name in image_fields:
+            _check_image_count(len(images) + 1, limits.max_images, batch)  # before reading it
             data = await read_all(part, allowance, budget)
             budget -= len(data)
             images.append(ImageSource(data=data))
@@ -179,14 +231,10 @@ async def _parse_multipart(
         else:
             budget -= len(await read_all(part, allowance, budget))  # drain it: the next part follows it
     if not images:
-        got = ", ".join(repr(n) for n in seen) or "none"
+        got = ", ".join(repr(n[:40]) for n in seen) or "none"
         raise InvalidRequest(
-            f"no image: send it as the multipart field {image_field!r} (fields received: {got})",
+            f"no image: send it as the multipart field {image_fields[0]!r} (fields received: {got})",
             code="missing_image",
-        )
-    if not batch and len(images) > 1:
-        raise InvalidRequest(
-            "one image per request here; use POST /v1/caption/batch for several", code="too_many_images"
         )
     return ParsedRequest(images, fields)
 
@@ -200,7 +248,29 @@ def json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"the body is not valid JSON: {_short(exc)}", code="invalid_json") from exc
     if not isinstance(document, dict):
         raise InvalidRequest("the JSON body must be an object", code="invalid_json")
+    _check_text(document)
     return document
+
+
+def _check_text(value: object) -> None:
+    """Refuse a string (or key) with a lone surrogate (``"\\ud800"``): valid JSON syntax, but no
+    Unicode text, so it could not be encoded on the way out (a URL, Redis, a webhook's signature).
+    The nesting is bounded already, so the recursion is."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _check_text(key)
+            _check_text(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            _check_text(inner)
+    elif isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "the JSON body holds a lone surrogate (\\ud800-\\udfff): not Unicode text",
+                code="invalid_json",
+            ) from None
 
 
 def _parse_json(body: bytes, batch: bool) -> ParsedRequest:

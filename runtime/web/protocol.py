@@ -1,16 +1,22 @@
 """The HTTP connection of both processes: aiohttp's, with the contract's JSON errors and a header timeout.
 
 aiohttp answers what its own parser refuses (a request line or header over ``max_header_bytes``, too
-many headers, broken chunked framing, an unknown ``Content-Encoding``, bytes that are not HTTP) before
-any middleware runs, in plain text. :class:`EdgeProtocol` answers them in the contract's JSON body, with
+many headers, broken chunked framing, bytes that are not HTTP; a ``Content-Encoding`` it cannot decode,
+were its decoding on: the edge decodes, ``web/coding.py``) before any middleware runs, in plain text.
+:class:`EdgeProtocol` answers them in the contract's JSON body, with
 a fresh request id, and closes the connection as aiohttp does.
 
 aiohttp also waits for a request's headers for ever: a client that sends them a byte a second holds a
-connection (and its memory) as long as it likes (slowloris). Here a request's line and headers must
-arrive within ``header_timeout_s`` of its first byte, else the client gets 408 and the connection is
-closed. The clock starts when a byte arrives on a connection with no request in progress and stops
-when the edge's middleware sees the request (:meth:`EdgeProtocol.request_started`); an idle
-keep-alive connection is aiohttp's ``keepalive_timeout``'s business.
+connection (and its memory) as long as it likes (slowloris), and one that sends nothing at all is kept
+for ever. Here a request's line and headers must arrive within ``header_timeout_s`` of the
+connection's opening or of its first byte, else the client gets 408 and the connection is closed. The
+clock starts when the connection opens, and when a byte arrives on a connection with no request in
+progress, and stops when the edge's middleware sees the request (:meth:`EdgeProtocol.request_started`);
+an idle keep-alive connection between requests is aiohttp's ``keepalive_timeout``'s business.
+
+aiohttp answers an ``Expect`` other than ``100-continue`` before any middleware runs, in plain text
+(and with a 500 when the value is not UTF-8): :func:`expectation_guard` answers it with the
+contract's 417 instead.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
 from captionfleet.runtime.web.errors import INTERNAL, ErrorReply
@@ -76,10 +83,13 @@ class EdgeProtocol(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_request = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_timer()  # a connection that never sends a byte is timed out too
+
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and not self._in_request and data:
-            loop = asyncio.get_running_loop()
-            self._header_timer = loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        if data:
+            self._start_timer()
         super().data_received(data)
 
     def request_started(self) -> None:
@@ -121,7 +131,32 @@ class EdgeProtocol(RequestHandler):
         self.transport.write(raw_response(reply, uuid.uuid4().hex))
         self.force_close()
 
+    def _start_timer(self) -> None:
+        if self._header_timer is None and not self._in_request:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
     def _stop_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def expectation_guard(handler: Handler) -> Handler:
+    """``handler``, except for a request whose ``Expect`` is not ``100-continue`` (the only expectation
+    HTTP defines, RFC 9110 10.1.1): that gets the contract's 417 with a fresh request id."""
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is None or expect.strip().lower() == "100-continue" or request.version < (1, 1):
+            return await handler(request)
+        request_id = uuid.uuid4().hex
+        reply = ErrorReply(417, "expectation_failed", "only 'Expect: 100-continue' is supported")
+        response = reply.response(request_id, {"X-Request-Id": request_id})
+        response.force_close()  # its body, if any, is not read
+        return response
+
+    return guarded

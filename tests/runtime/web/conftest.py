@@ -2,7 +2,8 @@
 
 ``start_edge(kind, **settings)`` starts ``server`` (an in-process ``captionfleet serve`` with the tiny
 model) or ``router`` (an in-process ``captionfleet router`` with static routes to such a server), with
-the given edge settings on the process under test, and returns its base URL.
+the given edge settings on the process under test, and returns its base URL. ``upstream_settings``
+are the server's in both cases (the router's upstream), such as its job store.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ StartEdge = Callable[..., Awaitable[Edge]]
 async def start_edge(start_server: Callable[..., Awaitable[Server]]) -> AsyncIterator[StartEdge]:
     listeners: list[Listener] = []
 
-    async def start(kind: str, **overrides: Any) -> Edge:
+    async def start(kind: str, upstream_settings: dict[str, Any] | None = None, **overrides: Any) -> Edge:
         if kind == "server":
-            server = await start_server(**overrides)
+            server = await start_server(**{**(upstream_settings or {}), **overrides})
             return Edge(kind, server.url, server.listener.app)
-        upstream = await start_server()
+        upstream = await start_server(**(upstream_settings or {}))
         settings = RouterSettings(
             host="127.0.0.1", port=0, routes=(f"v1={upstream.url}",), drain_grace_s=0, **overrides
         )
