@@ -129,17 +129,6 @@ def _bad_chunks() -> list[bytes]:
     return [head + b"zz\r\nnot a chunk\r\n0\r\n\r\n"]
 
 
-def _unknown_encoding_unused() -> list[bytes]:
-    return [
-        request_bytes(
-            "POST",
-            "/v1/caption",
-            [("Host", "x"), ("Content-Encoding", "bogus"), ("Content-Length", "3")],
-            b"abc",
-        )
-    ]
-
-
 def _not_http() -> list[bytes]:
     return [b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 hello\r\n\r\n"]
 
