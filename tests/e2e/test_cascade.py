@@ -93,7 +93,11 @@ async def test_unsure_requests_are_answered_by_the_quality_model(fleet: Any) -> 
     table = await until(fleet, resolved, 180, "both tiers routed and the threshold resolved")
     threshold = table["cascade"]["threshold"]
     assert threshold == pytest.approx(expected) and fleet.status(NAME)["cascade"]["threshold"] == threshold
-    assert [e[1] for e in fleet.events(NAME, "CascadeThreshold")]
+
+    async def threshold_events() -> list[str]:  # posted after the status patch the router reads
+        return [e[2] for e in fleet.events(NAME, "CascadeThreshold")]
+
+    assert str(threshold) in (await until(fleet, threshold_events, 30, "the CascadeThreshold Event"))[0]
     outcomes = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         for image, _ in held_out_scenes(SCENES):
