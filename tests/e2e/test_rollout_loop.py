@@ -118,7 +118,8 @@ async def test_a_healthy_canary_is_promoted_step_by_step_and_users_stay_sticky(
     assert weight_history(log) == [25, 50, 75, 100]
     steps = [message for _, _, message in fleet.events(NAME, "CanaryStep")]
     assert [m.split(": ", 1)[1].split(" (")[0] for m in steps] == ["25 % -> 50 %", "50 % -> 75 %"], steps
-    promoted = fleet.events(NAME, "Promoted")
+    # An Event is posted after the status change it reports: it may be a moment behind.
+    promoted = await fleet.eventually(lambda: fleet.events(NAME, "Promoted"), 30, "the Promoted Event")
     assert len(promoted) == 1 and "healthy at 75 %" in promoted[0][2], promoted
     status = fleet.status(NAME)
     assert (status["stableVersion"], status.get("canaryVersion")) == ("v2", None)
@@ -181,7 +182,7 @@ async def test_an_erroring_canary_is_rolled_back_and_gets_no_traffic_once_the_ro
         conditions["RolledBack"]["status"] == "True" and "error rate" in conditions["RolledBack"]["message"]
     )
     assert fleet.status(NAME)["phase"] == "RolledBack"
-    rolled_back = fleet.events(NAME, "RolledBack")
+    rolled_back = await fleet.eventually(lambda: fleet.events(NAME, "RolledBack"), 30, "the RolledBack Event")
     assert [kind for kind, _, _ in rolled_back] == ["Warning"], rolled_back
 
     # Once the router had the rollback, no request sent reached the canary.

@@ -97,7 +97,8 @@ async def test_a_good_canary_is_shadowed_with_no_user_served_then_the_weight_ste
     shadowed = [a for a in before if a.sent >= copying_from]  # copies going on (the canary's pod up)
     passes = [m for _, _, m in fleet.events(NAME, "ShadowCheckPassed")]
     assert len(passes) == 2, passes
-    first_step = next(m for _, _, m in fleet.events(NAME, "CanaryStep"))
+    steps = await fleet.eventually(lambda: fleet.events(NAME, "CanaryStep"), 30, "the CanaryStep Event")
+    first_step = steps[0][2]
     assert "0 % -> 25 %" in first_step and "shadow checks passed" in first_step, first_step
     state = rollout(fleet)
     assert state["shadow"]["passed"] == 3 and state["shadow"]["agreement"] >= 0.95, state
