@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from captionfleet.operator.spec import LABEL_VALUE_PATTERN, QUALIFIED_NAME_PATTERN
+from captionfleet.operator.spec import LABEL_VALUE_PATTERN, is_qualified_name
 
 NAMESPACE_PATTERN = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"  # a DNS-1123 label
 
@@ -24,8 +24,7 @@ ONE_INTEGER = ("Gt", "Lt")
 
 def _key(key: Any, where: str) -> list[str]:
     text = str(key or "")
-    prefix, _, name = text.rpartition("/")
-    if not re.fullmatch(QUALIFIED_NAME_PATTERN, text) or len(prefix) > 253 or len(name) > 63:
+    if not is_qualified_name(text):
         return [f"{where}: {text!r} is not a qualified name (an optional DNS prefix and '/', then a name)"]
     return []
 

@@ -65,11 +65,20 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 """A share or a probability: 0 to 1."""
 
 
+MAX_PREFIX = 253
+"""Most characters of a qualified name's DNS prefix (the pattern cannot count them)."""
+
+
+def is_qualified_name(text: str) -> bool:
+    """A label key or topologyKey: an optional DNS prefix and '/', then a name of at most 63 characters."""
+    return bool(re.fullmatch(QUALIFIED_NAME_PATTERN, text)) and len(text.rpartition("/")[0]) <= MAX_PREFIX
+
+
 def _label_key(key: str) -> str:
-    """The pattern cannot count the prefix: a DNS subdomain, at most 253 characters."""
+    """The pattern checks the rest (pydantic: its own message); the prefix's length is checked here."""
     prefix, slash, _ = key.rpartition("/")
-    if slash and len(prefix) > 253:
-        raise ValueError(f"the prefix of {key[:40]!r}... is {len(prefix)} characters, at most 253")
+    if slash and len(prefix) > MAX_PREFIX:
+        raise ValueError(f"the prefix of {key[:40]!r}... is {len(prefix)} characters, at most {MAX_PREFIX}")
     return key
 
 

@@ -38,7 +38,7 @@ from captionfleet.runtime.router.sources import TableHolder
 from captionfleet.runtime.router.startup import source_context
 from captionfleet.runtime.router.stats import RouterStats
 from captionfleet.runtime.router.table import RoutingTable, Version
-from captionfleet.runtime.web.body import BodyBudget, check_declared_size
+from captionfleet.runtime.web.body import BodyBudget
 from captionfleet.runtime.web.coding import read_decoded
 from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
@@ -162,9 +162,7 @@ class Router:
         twice), or the edge error, counted without a version."""
         try:
             self.guard.authenticate(request.headers.get(API_KEY_HEADER), request.remote)
-            check_declared_size(request.content_length, limit)
-            if request.content_length is not None:
-                await request[BODY].reserve(request.content_length)
+            await request[BODY].reserve_declared(request.content_length, limit)
             return await read_decoded(request.headers, request.content, request[BODY], limit)
         except EdgeError as exc:
             self.count_unrouted(exc, bulk=bulk)

@@ -30,6 +30,7 @@ from captionfleet.runtime.web.parsing import (
     OPTION_FIELDS,
     BodySource,
     decoded_source,
+    is_text,
     json_object,
     json_source,
     multipart_parts,
@@ -201,13 +202,8 @@ def _item_id(value: object, where: str) -> str | None:
     A filename that is not UTF-8 arrives with its bytes escaped as lone surrogates: no text either."""
     if value is None:
         return None
-    if isinstance(value, str) and len(value) <= MAX_ITEM_ID_CHARS:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            pass
-        else:
-            return value
+    if isinstance(value, str) and len(value) <= MAX_ITEM_ID_CHARS and is_text(value):
+        return value
     raise InvalidRequest(
         f"{where} must be UTF-8 text of at most {MAX_ITEM_ID_CHARS} characters", code="invalid_field"
     )

@@ -109,6 +109,15 @@ class BodyAllowance:
         await self.budget.take(missing, wait_s)
         self.taken += missing
 
+    async def reserve_declared(self, declared: int | None, limit: int) -> None:
+        """413 for a declared body size (Content-Length) over ``limit``; else room for all of it, taken
+        before the first byte is read (no declared size: room is taken as the bytes arrive)."""
+        if declared is None:
+            return
+        if declared > limit:
+            raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit} bytes")
+        await self.reserve(declared)
+
     async def keep(self, size: int) -> None:
         """Count ``size`` bytes of body as held (room taken first)."""
         await self.reserve(size)
@@ -144,8 +153,3 @@ async def read_all(
         if allowance is not None:
             await allowance.keep(len(chunk))
         chunks.append(chunk)
-
-
-def check_declared_size(declared: int | None, limit: int) -> None:
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit} bytes")

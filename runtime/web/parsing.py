@@ -36,7 +36,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from captionfleet.runtime.serving.sources import ImageSource
-from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, check_declared_size, read_all
+from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, read_all
 from captionfleet.runtime.web.coding import content_coding, read_decoded
 from captionfleet.runtime.web.context import BODY
 from captionfleet.runtime.web.errors import InvalidRequest
@@ -151,9 +151,7 @@ async def decoded_source(
     """``request`` and ``allowance``, its declared size checked and room for it taken; when its body is
     in a ``Content-Encoding``, a :class:`BufferedBody` of the decoded bytes (``web/coding.py``: counted
     in ``allowance`` already) and that body's own allowance instead."""
-    check_declared_size(request.content_length, limit)
-    if request.content_length is not None:
-        await allowance.reserve(request.content_length)  # all of it before the first byte
+    await allowance.reserve_declared(request.content_length, limit)
     if content_coding(request.headers) == "identity":
         return request, allowance
     body = await read_decoded(request.headers, request.content, allowance, limit)
@@ -263,14 +261,22 @@ def _check_text(value: object) -> None:
     elif isinstance(value, list):
         for inner in value:
             _check_text(inner)
-    elif isinstance(value, str) and not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest(
-                "the JSON body holds a lone surrogate (\\ud800-\\udfff): not Unicode text",
-                code="invalid_json",
-            ) from None
+    elif isinstance(value, str) and not is_text(value):
+        raise InvalidRequest(
+            "the JSON body holds a lone surrogate (\\ud800-\\udfff): not Unicode text", code="invalid_json"
+        )
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is Unicode text, i.e. holds no lone surrogate: JSON's ``"\\ud800"``, or the
+    bytes of a multipart filename that were not UTF-8, which arrive escaped as surrogates."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_json(body: bytes, batch: bool) -> ParsedRequest:
