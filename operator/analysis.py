@@ -10,7 +10,10 @@ nothing is read at all and the next look is ``IDLE_INTERVAL_S`` away (or the nex
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,8 @@ class Tools:
     source: Source
     metrics: OperatorMetrics
     gate: gate_run.GateClients | None = None  # how the quality gate reaches the versions' pods
+    # The CaptionModel's lock (by uid) let go of while a gate run waits on pods: none in plain calls.
+    unlocked: Callable[[str], AbstractAsyncContextManager[None]] = lambda uid: contextlib.nullcontext()
 
 
 async def check_once(tools: Tools, namespace: str, name: str) -> CheckOutcome:
@@ -104,9 +109,20 @@ async def _gate(
     """Run the quality gate once the canary has a ready pod, and reconcile with its verdict."""
     if tools.gate is None:
         return outcome
-    result = await gate_run.run(tools.gate, tools.api, body, spec, reconcile.now())
+    # A run takes up to qualityGate.timeout: meanwhile edits, actions and deletion are reconciled.
+    async with tools.unlocked(body["metadata"]["uid"]):
+        result = await gate_run.run(tools.gate, tools.api, body, spec, reconcile.now())
     if result is None:
         return outcome  # the canary has no ready pod yet: look again next interval
+    body = await _still_gated(tools, body, spec, state)
+    if not body:
+        message = (
+            f"the quality gate run of canary {state.version} is discarded: the canary, its rollout or "
+            "rollout.qualityGate changed (or the CaptionModel went away) during the run"
+        )
+        log.info(message)
+        outcome.interval_s = 0.0  # the next check starts what the changed spec asks for
+        return outcome
     new_state = gate.apply(state, result)
     outcome.decision = rollout.Decision(GATE_DECISIONS[result.verdict], new_state, result.message)
     reconciled = await reconcile.reconcile(tools.api, body, tools.config, rollout_state=new_state)
@@ -119,6 +135,36 @@ async def _gate(
     if result.verdict == "failed":
         tools.metrics.rollbacks.labels(namespace=namespace, captionmodel=name, version=state.version).inc()
     return outcome
+
+
+async def _still_gated(
+    tools: Tools, body: dict[str, Any], spec: Any, state: rollout.CanaryState
+) -> dict[str, Any]:
+    """The CaptionModel as stored after a gate run, if its verdict still applies: the same canary
+    (name and spec hash), still awaiting its gate with the same qualityGate, in a reconciled spec; else
+    {} (an edit's own reconciliation starts what follows)."""
+    meta = body["metadata"]
+    found = await tools.api.get(kube.CAPTION_MODEL, meta["namespace"], meta["name"])
+    if (
+        found is None
+        or found["metadata"].get("uid") != meta["uid"]
+        or found["metadata"].get("deletionTimestamp")
+    ):
+        return {}
+    now_spec, problems = validation.check(meta["name"], found.get("spec"), tools.config)
+    if problems or now_spec is None or now_spec.rollout.quality_gate != spec.rollout.quality_gate:
+        return {}
+    status = found.get("status") or {}
+    if status.get("observedGeneration") != found["metadata"].get("generation"):
+        return {}
+    now_state = rollout.current(now_spec, status.get("rollout"))
+    same = now_state is not None and (now_state.version, now_state.spec_hash) == (
+        state.version,
+        state.spec_hash,
+    )
+    if not same or now_state is None or now_state.phase != "Progressing" or not now_state.awaits_gate:
+        return {}
+    return found
 
 
 async def _check(
@@ -143,10 +189,13 @@ async def _check(
         total=rollout.pool(spec),
         now=reconcile.now(),
         baseline=reading.baseline,
+        unavailable="; ".join(reading.problems),
     )
     outcome.decision = decision
     if decision.kind == "hold" and decision.state == state:
-        return outcome  # nothing new to write (no figures at all)
+        return outcome  # nothing new to write (no figures, for the reason already in the status)
+    if reading.figures is None:  # said once per cause: the state changed only by its message
+        outcome.events.append(Event.warning(Reason.FIGURES_UNAVAILABLE, decision.message))
     result = await reconcile.reconcile(tools.api, body, tools.config, rollout_state=decision.state)
     outcome.events += [e for e in result.events if e.reason in CHECK_REPORTS]
     if decision.kind in DECISION_EVENTS:

@@ -7,6 +7,8 @@ and the per-CaptionModel locks and wake-ups are shared by every handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -56,6 +58,25 @@ class OperatorContext:
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
+    @contextlib.asynccontextmanager
+    async def released(self, uid: str) -> AsyncIterator[None]:
+        """Let the lock of ``uid`` go for a while (a quality gate run waiting on pods) and take it
+        back after, even when cancelled meanwhile: the caller's ``async with`` then releases it."""
+        lock = self.lock(uid)
+        if not lock.locked():
+            yield
+            return
+        lock.release()
+        try:
+            yield
+        finally:
+            taking = asyncio.ensure_future(lock.acquire())
+            try:
+                await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                await taking  # held again before the cancellation goes on
+                raise
+
     def wakeup(self, uid: str) -> asyncio.Event:
         return self.wakeups.setdefault(uid, asyncio.Event())
 
@@ -76,7 +97,7 @@ class OperatorContext:
             return await kube.ready_endpoints(namespace, service, names.HTTP_PORT_NAME)
 
         gate = GateClients(clients.http, version_pods, self.config.operator_key)
-        return Tools(kube, self.config, clients.figures, clients.metrics, gate)
+        return Tools(kube, self.config, clients.figures, clients.metrics, gate, self.released)
 
     def polling(self) -> Polling:
         clients = self.require()

@@ -28,6 +28,8 @@ class Reason(StrEnum):
     CHECK_FAILED = "CheckFailed"
     ROLLED_BACK = "RolledBack"
     ROLLOUT_ACTION = "RolloutAction"
+    FIGURES_UNAVAILABLE = "FiguresUnavailable"  # a check without figures (Warning, when its cause is new)
+    ROLLOUT_RESTARTED = "RolloutRestarted"  # the canary's spec changed mid-rollout: a fresh rollout
     CASCADE_THRESHOLD = "CascadeThreshold"
     CASCADE_CALIBRATION = "CascadeCalibrationUnavailable"
     # The quality gate (gate.py): passed (Normal), failed and rolled back, or could not run (Warning).

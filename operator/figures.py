@@ -168,6 +168,11 @@ class RouterStats:
             body = await response.json(content_type=None)
         if not isinstance(body, dict) or not isinstance(body.get("versions"), dict):
             raise ValueError("not a router stats body")
+        try:  # a body whose figures do not add up is left out like a router that did not answer
+            for version in body["versions"]:
+                sum_router_stats([body], version)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"router stats not understood: {e}") from e
         return body
 
     async def bodies(
@@ -200,6 +205,26 @@ class RouterStats:
         return Reading(sum_router_stats(bodies, version), problems, baseline)
 
 
+def _sample(data: Any) -> float | None:
+    """The value of a query answer's first sample; None without one (or NaN: no data in the window).
+    What no counter or latency can be (not a number, infinite, negative) is an answer not understood:
+    a ValueError, so the check has no figures rather than wrong ones."""
+    result = data.get("result") if isinstance(data, dict) else None
+    if result == []:
+        return None
+    if not result:
+        raise ValueError(f"not a Prometheus query result: {str(data)[:200]}")
+    sample = result[0].get("value") if isinstance(result, list) and isinstance(result[0], dict) else None
+    if not isinstance(sample, list) or len(sample) != 2 or not isinstance(sample[1], str):
+        raise ValueError(f"not a Prometheus vector sample: {str(result)[:200]}")
+    value = float(sample[1])
+    if math.isnan(value):
+        return None
+    if math.isinf(value) or value < 0:
+        raise ValueError(f"sample {sample[1]!r} is no count or latency")
+    return value
+
+
 class Prometheus:
     """Figures from the routers' metrics as scraped by Prometheus (the chart's ServiceMonitor)."""
 
@@ -214,13 +239,11 @@ class Prometheus:
             timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
         ) as response:
             body = await response.json(content_type=None)
+        if not isinstance(body, dict):
+            raise ValueError(f"HTTP {response.status}: not a Prometheus query answer: {str(body)[:200]}")
         if response.status != 200 or body.get("status") != "success":
-            raise ValueError(f"HTTP {response.status}: {body.get('error') or body}")
-        result = (body.get("data") or {}).get("result") or []
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return None if math.isnan(value) else value
+            raise ValueError(f"HTTP {response.status}: {body.get('error') or body}"[:300])
+        return _sample(body.get("data"))
 
     async def _increase(self, metric: str, labels: str, window_s: int) -> float:
         return await self._scalar(f"sum(increase({metric}{{{labels}}}[{window_s}s]))") or 0.0

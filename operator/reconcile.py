@@ -354,6 +354,9 @@ async def reconcile(
     if previous.get("phase") == "Invalid":
         outcome.events.append(Event.normal(Reason.RECOVERED, "the spec is valid again"))
     state = rollout_state or rollout.current(spec, previous.get("rollout"))
+    restarted = rollout.restart_note(previous.get("rollout"), state)
+    if restarted is not None:
+        outcome.events.append(Event.warning(Reason.ROLLOUT_RESTARTED, restarted))
     state, manual = await _manual_action(api, fresh, spec, state)
     outcome.events += manual
     owned = await owned_children(api, meta["namespace"], meta["name"], meta["uid"])

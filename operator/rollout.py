@@ -53,6 +53,7 @@ DecisionKind = Literal[
     "gate_error",
     "shadow",
 ]
+NO_ROUTER = "no router answered"
 # Fields of a version that do not make it another version: how much traffic and how many pods it gets.
 _NOT_HASHED = {"weight", "canary", "min_replicas", "max_replicas"}
 
@@ -173,6 +174,26 @@ def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> Canar
     return state
 
 
+def restart_note(previous: Mapping[str, Any] | None, state: CanaryState | None) -> str | None:
+    """What happened to an undecided rollout that the spec no longer continues, in one sentence (the
+    RolloutRestarted Event; None when nothing did): as Flagger does on a new revision, a canary whose
+    spec changed mid-rollout starts again from the beginning (gate, shadow, first step); a canary flag
+    moved to another version starts that one's rollout; a spec without canary or stable ends it."""
+    if not previous:
+        return None
+    stored = CanaryState.model_validate(dict(previous))
+    if stored.phase not in ("Progressing", "Paused"):
+        return None  # decided: a new spec hash is a new rollout, as it always is
+    if state is not None and state.version == stored.version and state.spec_hash == stored.spec_hash:
+        return None
+    was = f"the rollout of canary {stored.version} ({stored.phase} at {stored.weight} %, step {stored.step})"
+    if state is None:
+        return f"{was} ended undecided: the spec has no canary in rollout, or no stable version to replace"
+    if state.version == stored.version:
+        return f"{was} starts again: the canary's spec changed; {state.message}"
+    return f"{was} ended undecided: the canary is now {state.version}; {state.message}"
+
+
 def _limit(analysis: Analysis, total: int) -> int:
     return min(analysis.max_weight, total)
 
@@ -185,14 +206,18 @@ def check(
     total: int,
     now: str,
     baseline: Figures | None = None,
+    unavailable: str = NO_ROUTER,
 ) -> Decision:
     """One analysis check of a Progressing rollout; ``total`` is the pool (see :func:`pool`);
-    ``baseline``: the stable version's figures (its confidence, for maxConfidenceDrop)."""
+    ``baseline``: the stable version's figures (its confidence, for maxConfidenceDrop);
+    ``unavailable``: why there are no figures, when ``figures`` is None (said in the status)."""
     if state.phase != "Progressing":
         return Decision("idle", state, f"rollout is {state.phase}: nothing to check")
+    if figures is None:
+        return _no_figures(state, unavailable)
     if shadow_phase.shadowing(state.shadow):
         return _shadow_check(analysis, state, figures, total, now)
-    if figures is None or figures.requests == 0 or figures.requests < analysis.min_requests:
+    if figures.requests == 0 or figures.requests < analysis.min_requests:
         return _held(analysis, state, figures, now)
     problems = _problems(analysis, figures, baseline)
     if problems:
@@ -200,20 +225,18 @@ def check(
     return _passed(analysis, state, figures, total, now, baseline)
 
 
-def _shadow_check(
-    analysis: Analysis, state: CanaryState, figures: Figures | None, total: int, now: str
-) -> Decision:
+def _shadow_check(analysis: Analysis, state: CanaryState, figures: Figures, total: int, now: str) -> Decision:
     """A check of the shadow phase, on the copies' figures (``shadow.py``)."""
     assert state.shadow is not None
-    copies = (figures.shadow if figures is not None else None) or ShadowFigures()
+    copies = figures.shadow or ShadowFigures()
     observed = shadow_phase.observed(state.shadow, copies)
     watched = state.model_copy(update={"shadow": observed})
-    if figures is None or copies.copies == 0 or copies.copies < analysis.min_requests:
+    if copies.copies == 0 or copies.copies < analysis.min_requests:
         message = (
             f"canary {state.version} (shadow): {copies.copies} copies in the window, below minRequests "
             f"{analysis.min_requests}; the check neither passes nor fails"
         )
-        last = _check(copies.as_live(), "hold", now) if figures is not None else state.last_check
+        last = _check(copies.as_live(), "hold", now)
         return Decision("hold", watched.model_copy(update={"message": message, "last_check": last}), message)
     problems = shadow_phase.problems(analysis, copies)
     described = shadow_phase.describe(copies)
@@ -233,12 +256,15 @@ def _shadow_check(
     return Decision("step", watched.model_copy(update=update), message)
 
 
-def _held(analysis: Analysis, state: CanaryState, figures: Figures | None, now: str) -> Decision:
-    """Hold when there are no figures, or fewer requests than minRequests: neither pass nor fail."""
+def _no_figures(state: CanaryState, why: str) -> Decision:
+    """Hold without figures: missing evidence never promotes, nor rolls back; the status says why."""
+    message = f"canary {state.version}: no figures ({why or NO_ROUTER}); the check neither passes nor fails"
+    return Decision("hold", state.model_copy(update={"message": message}), message)
+
+
+def _held(analysis: Analysis, state: CanaryState, figures: Figures, now: str) -> Decision:
+    """Hold with fewer requests than minRequests: neither pass nor fail."""
     name = state.version
-    if figures is None:
-        message = f"canary {name}: no figures (no router answered); the check neither passes nor fails"
-        return Decision("hold", state.model_copy(update={"message": message}), message)
     message = (
         f"canary {name}: {figures.requests} requests in the window, below minRequests "
         f"{analysis.min_requests}; the check neither passes nor fails"

@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from captionfleet.operator.figures import Prometheus
+from captionfleet.operator.figures import Prometheus, Wanted
 
 LABELS = 'namespace="ml",captionmodel="demo",version="v2"'
-Answer = Callable[[str], dict[str, Any]]
+Answer = Callable[[str], Any]  # a JSON body, or a str sent as it is
 
 
 def vector(value: str) -> dict[str, Any]:
@@ -42,7 +42,10 @@ async def prometheus() -> AsyncIterator[Callable[[Answer], Awaitable[tuple[Prome
             promql = request.query["query"]
             queries.append(promql)
             body = answer(promql)
-            return web.json_response(body, status=200 if body.get("status") == "success" else 400)
+            if isinstance(body, str):  # not JSON at all
+                return web.Response(text=body, content_type="text/html")
+            failed = isinstance(body, dict) and body.get("status") not in (None, "success")
+            return web.json_response(body, status=400 if failed else 200)
 
         app = web.Application()
         app.router.add_get("/api/v1/query", query)
@@ -102,3 +105,37 @@ async def test_an_unreachable_prometheus_means_no_figures() -> None:
     async with aiohttp.ClientSession() as session:
         reading = await Prometheus(session, "http://127.0.0.1:9").read("ml", "demo", "v2", 60)
     assert reading.figures is None and "Prometheus http://127.0.0.1:9" in reading.problems[0]
+
+
+def sample(value: Any) -> dict[str, Any]:
+    return {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": value}]}}
+
+
+GARBAGE = {
+    "html": "<html>502 Bad Gateway</html>",
+    "a list": [1, 2, 3],
+    "no data": {"status": "success", "data": "nothing"},
+    "result not a list": {"status": "success", "data": {"result": "x"}},
+    "result items not objects": {"status": "success", "data": {"result": ["x"]}},
+    "no value": {"status": "success", "data": {"result": [{"metric": {}}]}},
+    "value not a pair": sample("12"),
+    "value a number": sample([1, 12]),
+    "value not a number": sample([1, "many"]),
+    "infinite": sample([1, "+Inf"]),
+    "negative": sample([1, "-3"]),
+}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_a_prometheus_answering_garbage_means_no_figures_and_says_why(prometheus, garbage: Any) -> None:
+    """No figures, never a crash or made-up ones (the check then holds: nothing is promoted)."""
+    source, _ = await prometheus(lambda promql: garbage)
+    reading = await source.read("ml", "demo", "v2", 60, Wanted(baseline="v1", shadow=True))
+    assert reading.figures is None and reading.baseline is None
+    assert len(reading.problems) == 1 and "Prometheus http://127.0.0.1:" in reading.problems[0]
+
+
+async def test_garbage_in_a_single_series_spoils_the_whole_reading(prometheus) -> None:
+    source, _ = await prometheus(lambda promql: sample([1, "oops"]) if "errors" in promql else vector("50"))
+    reading = await source.read("ml", "demo", "v2", 60)
+    assert reading.figures is None and "oops" in reading.problems[0]

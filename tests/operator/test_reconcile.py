@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from captionfleet.operator import analysis, gate_run, kube, reconcile
 from captionfleet.operator.builders.common import ClusterConfig
@@ -303,3 +306,106 @@ async def test_a_quality_gate_that_cannot_read_its_configmap_says_so_once_and_ke
     assert (status["rollout"]["phase"], status["rollout"]["gate"]["phase"]) == ("Progressing", "Error")
     condition = next(c for c in status["conditions"] if c["type"] == "QualityGate")
     assert (condition["status"], condition["reason"]) == ("False", "QualityGateError")
+
+
+class Unavailable:
+    """A figures source that has none, and says why."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    async def read(self, namespace: str, model: str, version: str, window_s: int, *_: Any) -> Reading:
+        return Reading(None, [self.why])
+
+
+async def test_a_check_without_figures_holds_and_says_why_once() -> None:
+    api = FakeKube()
+    await reconcile.reconcile(api, model(api, CANARY), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+    await reconcile.reconcile(api, api.of("CaptionModel", "fleet"), CONFIG)  # type: ignore[arg-type]
+    why = "Prometheus http://prom:9090: ValueError: not a Prometheus query answer: [1, 2]"
+    tools = analysis.Tools(api, CONFIG, Unavailable(why), OperatorMetrics())
+    first = await analysis.check_once(tools, NS, "fleet")
+    second = await analysis.check_once(tools, NS, "fleet")
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "FiguresUnavailable")]
+    assert why in first.events[0].message and second.events == []  # said once per cause
+    rollout = api.of("CaptionModel", "fleet")["status"]["rollout"]  # type: ignore[index]
+    assert (rollout["phase"], rollout["weight"], rollout["step"]) == ("Progressing", 20, 1)
+    assert why in rollout["message"]
+
+
+async def test_a_canary_edited_mid_rollout_restarts_it_with_a_warning() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    await reconcile.reconcile(api, model(api, copy.deepcopy(CANARY)), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+    await analysis.check_once(analysis.Tools(api, CONFIG, source, OperatorMetrics()), NS, "fleet")
+    body = api.of("CaptionModel", "fleet")
+    assert body is not None and body["status"]["rollout"]["weight"] == 40
+    body["spec"]["versions"][1]["model"] = "file:///m3"  # the stored object's own spec: a copy of CANARY
+    outcome = await reconcile.reconcile(api, body, CONFIG)
+    (restarted,) = [e for e in outcome.events if e.reason == "RolloutRestarted"]
+    assert restarted.type == "Warning"
+    assert restarted.message.startswith("the rollout of canary v2 (Progressing at 40 %, step 2) starts again")
+    rollout = api.of("CaptionModel", "fleet")["status"]["rollout"]  # type: ignore[index]
+    assert (rollout["weight"], rollout["step"], rollout["reason"]) == (20, 1, "Started")
+    again = await reconcile.reconcile(api, api.of("CaptionModel", "fleet"), CONFIG)  # type: ignore[arg-type]
+    assert "RolloutRestarted" not in [e.reason for e in again.events]
+
+
+def _edit_model(body: dict[str, Any]) -> None:
+    body["spec"]["versions"][1]["model"] = "file:///m3"
+    body["metadata"]["generation"] += 1
+
+
+def _edit_gate(body: dict[str, Any]) -> None:
+    body["spec"]["rollout"]["qualityGate"]["minScore"] = 0.9
+    body["metadata"]["generation"] += 1
+
+
+def _abort(body: dict[str, Any]) -> None:
+    body["metadata"]["annotations"] = {"captionfleet.io/rollout-action": "abort"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_edit_model, ("Progressing", "QualityGatePending", "Pending")),
+        (_edit_gate, ("Progressing", "QualityGatePending", "Pending")),
+        (_abort, ("RolledBack", "Aborted", "Pending")),
+    ],
+    ids=["canary model", "qualityGate thresholds", "abort action"],
+)
+async def test_a_gate_verdict_on_a_spec_changed_during_the_run_is_discarded(
+    edit: Callable[[dict[str, Any]], None], expected: tuple[str, str, str]
+) -> None:
+    """The gate's run lets the lock go; what was reconciled meanwhile stands, the stale verdict is dropped."""
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    spec = copy.deepcopy(CANARY)
+    spec["rollout"]["qualityGate"] = {"minScore": 0.0}  # the run passes, if it counted
+    await reconcile.reconcile(api, model(api, spec), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+
+    async def caption(request: web.Request) -> web.Response:
+        return web.json_response({"caption": "a red circle"})
+
+    app = web.Application()
+    app.router.add_post("/v1/caption", caption)
+    edited: list[str] = []
+
+    async def pods(namespace: str, service: str) -> list[str]:
+        if service == "fleet-v2" and len(edited) == 1:  # the run's own look, after the ready check
+            body = api.of("CaptionModel", "fleet")
+            assert body is not None
+            edit(body)
+            await reconcile.reconcile(api, copy.deepcopy(body), CONFIG)  # the handler's, meanwhile
+        edited.append(service)
+        return [str(server.make_url("")).rstrip("/")]
+
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        tools = analysis.Tools(api, CONFIG, source, OperatorMetrics(), gate_run.GateClients(http, pods))
+        outcome = await analysis.check_once(tools, NS, "fleet")
+    assert len(edited) >= 2 and outcome.events == [] and outcome.interval_s == 0.0
+    rollout = api.of("CaptionModel", "fleet")["status"]["rollout"]  # type: ignore[index]
+    assert (rollout["phase"], rollout["reason"], rollout["gate"]["phase"]) == expected
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 100, "v2": 0}

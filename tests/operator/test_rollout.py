@@ -295,3 +295,59 @@ def test_the_spec_hash_ignores_traffic_and_replicas_only() -> None:
 def test_figures_describe_themselves() -> None:
     assert r.Figures(200, 3, 812.4).describe() == "3/200 requests failed (1.50 %), p99 812 ms"
     assert r.Figures(0, 0).error_rate is None
+
+
+def stored(state: r.CanaryState) -> dict[str, Any]:
+    return state.model_dump(by_alias=True, mode="json")
+
+
+def test_a_canary_edited_mid_rollout_starts_again_and_says_so() -> None:
+    state = r.current(spec_of(), None)
+    assert state is not None
+    stepped = run(spec_of(), state, HEALTHY).state
+    assert (
+        stepped.weight == 40
+        and r.restart_note(stored(stepped), r.current(spec_of(), stored(stepped))) is None
+    )
+
+    edited = r.current(spec_of(image="registry.test/runtime:2"), stored(stepped))
+    assert edited is not None and (edited.phase, edited.weight, edited.step) == ("Progressing", 20, 1)
+    note = r.restart_note(stored(stepped), edited)
+    assert note is not None
+    assert note.startswith("the rollout of canary v2 (Progressing at 40 %, step 2) starts again")
+    assert "the canary's spec changed" in note
+
+    # traffic or replica edits are not a new canary: nothing restarts
+    assert r.restart_note(stored(stepped), r.current(spec_of(minReplicas=2), stored(stepped))) is None
+
+
+def test_a_rollout_ended_undecided_says_so_and_a_decided_one_is_quiet() -> None:
+    state = r.current(spec_of(), None)
+    assert state is not None
+    note = r.restart_note(stored(state), None)
+    assert note is not None and "ended undecided: the spec has no canary in rollout" in note
+    paused = r.current(spec_of(paused=True), stored(state))
+    assert paused is not None
+    assert "Paused at" in (r.restart_note(stored(paused), None) or "")
+
+    other = state.model_copy(update={"version": "v3", "message": "canary v3 starts at 20 %"})
+    moved = r.restart_note(stored(state), other)
+    assert moved is not None and "the canary is now v3; canary v3 starts at 20 %" in moved
+
+    rolled = run(spec_of({"threshold": 1}), state, r.Figures(requests=200, errors=200)).state
+    assert rolled.phase == "RolledBack" and r.restart_note(stored(rolled), None) is None
+    assert r.restart_note(None, state) is None and r.restart_note({}, state) is None
+
+
+@pytest.mark.parametrize("mirror", [None, {"percent": 100, "checks": 1}])
+def test_no_figures_hold_and_the_state_says_why(mirror: dict[str, Any] | None) -> None:
+    """Missing evidence neither promotes nor rolls back, in the shadow phase too; the message names why."""
+    spec = spec_of({"minRequests": 0, "threshold": 1, "mirror": mirror})
+    state = r.current(spec, None)
+    assert state is not None
+    why = "Prometheus http://prom:9090: ValueError: sample '+Inf' is no count or latency"
+    decision = r.check(spec.rollout.analysis, state, None, total=r.pool(spec), now=NOW, unavailable=why)
+    assert decision.kind == "hold"
+    assert decision.state.model_copy(update={"message": state.message}) == state  # nothing else moved
+    assert decision.state.message == f"canary v2: no figures ({why}); the check neither passes nor fails"
+    assert "(no router answered)" in run(spec, state, None).message
