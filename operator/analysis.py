@@ -112,8 +112,6 @@ async def _gate(
     # A run takes up to qualityGate.timeout: meanwhile edits, actions and deletion are reconciled.
     async with tools.unlocked(body["metadata"]["uid"]):
         result = await gate_run.run(tools.gate, tools.api, body, spec, reconcile.now())
-    if result is None:
-        return outcome  # the canary has no ready pod yet: look again next interval
     body = await _still_gated(tools, body, spec, state)
     if not body:
         message = (
@@ -123,6 +121,33 @@ async def _gate(
         log.info(message)
         outcome.interval_s = 0.0  # the next check starts what the changed spec asks for
         return outcome
+    if result is None:
+        return await _no_ready_pod(tools, body, spec, state, outcome)
+    return await _verdict(tools, body, state, result, outcome)
+
+
+async def _no_ready_pod(
+    tools: Tools, body: dict[str, Any], spec: Any, state: rollout.CanaryState, outcome: CheckOutcome
+) -> CheckOutcome:
+    """No ready canary pod to score yet: wait (said in the gate's state once), up to the timeout."""
+    assert state.gate is not None
+    waited = gate.no_ready_pod(spec.rollout.quality_gate, state.gate, state.version, reconcile.now())
+    if isinstance(waited, gate.GateOutcome):
+        return await _verdict(tools, body, state, waited, outcome)
+    if waited != state.gate:
+        waiting = state.model_copy(update={"gate": waited})
+        await reconcile.reconcile(tools.api, body, tools.config, rollout_state=waiting)
+    return outcome
+
+
+async def _verdict(
+    tools: Tools,
+    body: dict[str, Any],
+    state: rollout.CanaryState,
+    result: gate.GateOutcome,
+    outcome: CheckOutcome,
+) -> CheckOutcome:
+    """Reconcile with a gate run's verdict, and report it."""
     new_state = gate.apply(state, result)
     outcome.decision = rollout.Decision(GATE_DECISIONS[result.verdict], new_state, result.message)
     reconciled = await reconcile.reconcile(tools.api, body, tools.config, rollout_state=new_state)

@@ -6,8 +6,9 @@ the canary (and, with ``maxDrop``, through the stable version) and scores both w
 ``captionfleet eval`` (``captionfleet.scoring``); the I/O is ``gate_run.py``. Then:
 
 - every threshold met: the gate ``Passed`` and the rollout continues (shadow checks, weight steps);
-- ``minScore`` or ``maxDrop`` missed, or the run took longer than ``timeout``: the gate ``Failed``, and
-  the canary is rolled back (weight 0, reason ``QualityGateFailed``) before any client request reached it;
+- ``minScore`` or ``maxDrop`` missed, the run took longer than ``timeout``, or the canary had no ready pod
+  to score for longer than ``timeout`` (``waitingSince``): the gate ``Failed``, and the canary is rolled
+  back (weight 0, reason ``QualityGateFailed``) before any client request reached it;
 - the run could not be made (the dataset's ConfigMap missing or malformed, no ready stable pod to compare
   with, ``spec.auth`` without an operator key: ``NoOperatorKey``): the gate stays unjudged (``Error``),
   the canary still gets nothing, and the next check tries again; a Warning Event is posted when the
@@ -16,13 +17,14 @@ the canary (and, with ``maxDrop``, through the stable version) and scores both w
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from captionfleet.operator.events import Reason
-from captionfleet.operator.spec import QualityGate, StatusModel
+from captionfleet.operator.spec import QualityGate, StatusModel, seconds
 
 if TYPE_CHECKING:
     from captionfleet.operator.rollout import CanaryState
@@ -57,6 +59,11 @@ class GateState(StatusModel):
     reason: str | None = Field(
         default=None,
         description="Why the gate could not run, where more precise than its phase (NoOperatorKey).",
+    )
+    waiting_since: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When a check first found no ready canary pod to score; past timeout, the gate fails.",
     )
 
     def condition_reason(self) -> str:
@@ -142,6 +149,30 @@ def timed_out(spec: QualityGate, version: str, now: str) -> GateOutcome:
     message = f"canary {version} failed the quality gate: scoring took longer than timeout {spec.timeout}"
     gate = pending(spec).model_copy(update={"phase": "Failed", "time": now, "message": message})
     return GateOutcome("failed", gate)
+
+
+def _age_s(since: str, now: str) -> float:
+    def parse(text: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    return (parse(now) - parse(since)).total_seconds()
+
+
+def no_ready_pod(spec: QualityGate, gate: GateState, version: str, now: str) -> GateState | GateOutcome:
+    """A check that found no ready canary pod to score: the gate starts waiting (the state to store;
+    unchanged while it waits), and fails once it has waited longer than ``timeout``: a canary whose
+    pods never become ready is rolled back like one that scores too slowly, never left pending."""
+    if gate.waiting_since is None:
+        message = f"waiting for a ready pod of canary {version} to score (at most timeout {spec.timeout})"
+        return gate.model_copy(update={"waiting_since": now, "message": message})
+    if _age_s(gate.waiting_since, now) <= seconds(spec.timeout):
+        return gate
+    message = (
+        f"canary {version} failed the quality gate: no ready pod to score within timeout {spec.timeout} "
+        f"(waiting since {gate.waiting_since}; the Degraded condition says why its pods do not start)"
+    )
+    update = {"phase": "Failed", "time": now, "message": message}
+    return GateOutcome("failed", gate.model_copy(update=update))
 
 
 def unjudged(spec: QualityGate, version: str, why: str, now: str) -> GateOutcome:

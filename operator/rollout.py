@@ -167,6 +167,11 @@ def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> Canar
     if state is None:
         state = _fresh(spec, canary)
     state = state.model_copy(update={"weight": min(state.weight, pool(spec))})
+    if state.awaits_gate and spec.rollout.quality_gate is None and state.phase in ("Progressing", "Paused"):
+        message = (
+            f"rollout.qualityGate was removed before canary {canary.name} was judged: it goes on without"
+        )
+        state = state.model_copy(update={"gate": None, "reason": "QualityGateRemoved", "message": message})
     if spec.rollout.paused and state.phase == "Progressing":
         return state.model_copy(update={"phase": "Paused", "reason": "Paused", "message": "rollout.paused"})
     if not spec.rollout.paused and state.phase == "Paused":

@@ -411,8 +411,8 @@ class QualityGate(SpecModel):
         str, _cel_within(MIN_GATE_TIMEOUT, MAX_GATE_TIMEOUT), _within(MIN_GATE_TIMEOUT, MAX_GATE_TIMEOUT)
     ] = Field(
         default="5m",
-        description=f"Longest time the scoring may take ({MIN_GATE_TIMEOUT} to {MAX_GATE_TIMEOUT}); "
-        "slower fails the gate.",
+        description=f"Longest time the scoring may take ({MIN_GATE_TIMEOUT} to {MAX_GATE_TIMEOUT}), and "
+        "the longest wait for a ready canary pod to score; slower fails the gate (a rollback).",
     )
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@ run against real runtime-shaped HTTP peers (operator/gate_run.py)."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,7 @@ from aiohttp import web
 from captionfleet import evalsets
 from captionfleet.operator import gate, gate_run
 from captionfleet.operator import rollout as r
-from captionfleet.operator.spec import CaptionModelSpec, QualityGate, parse_spec
+from captionfleet.operator.spec import CaptionModelSpec, QualityGate, parse_spec, seconds
 from captionfleet.operator.status import fleet_status
 from captionfleet.operator.traffic import shares
 
@@ -129,6 +130,54 @@ def test_an_unjudged_gate_changes_nothing_but_says_why_once() -> None:
     assert not gate.is_new_problem(waiting.gate, outcome)
     timed_out = gate.timed_out(quality, "v2", NOW)
     assert timed_out.verdict == "failed" and "longer than timeout 5m" in timed_out.message
+
+
+@pytest.mark.parametrize("timeout", ["1s", "5m", "1h"])
+def test_a_canary_that_never_gets_a_ready_pod_fails_the_gate_after_its_timeout(timeout: str) -> None:
+    spec = spec_of(timeout=timeout)
+    quality, state = spec.rollout.quality_gate, fresh(spec)
+    assert quality is not None and state.gate is not None
+    limit_s = int(seconds(timeout))
+
+    def at(offset_s: int) -> str:
+        moment = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=offset_s)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    waiting = gate.no_ready_pod(quality, state.gate, "v2", at(0))
+    assert isinstance(waiting, gate.GateState)
+    assert (waiting.phase, waiting.waiting_since) == ("Pending", at(0))
+    assert f"waiting for a ready pod of canary v2 to score (at most timeout {timeout})" in waiting.message
+    assert gate.no_ready_pod(quality, waiting, "v2", at(limit_s)) == waiting  # at the limit: still waits
+    failed = gate.no_ready_pod(quality, waiting, "v2", at(limit_s + 1))
+    assert isinstance(failed, gate.GateOutcome) and failed.verdict == "failed"
+    assert f"no ready pod to score within timeout {timeout}" in failed.message
+    rolled = gate.apply(state.model_copy(update={"gate": waiting}), failed)
+    assert (rolled.phase, rolled.reason, rolled.weight, rolled.gate.phase) == (  # type: ignore[union-attr]
+        "RolledBack",
+        "QualityGateFailed",
+        0,
+        "Failed",
+    )
+
+
+def test_a_gate_removed_before_its_verdict_lets_the_rollout_go_on_without_it() -> None:
+    stored = fresh(spec_of()).model_dump(by_alias=True, mode="json")
+    ungated = parse_spec(
+        {
+            **spec_of().model_dump(by_alias=True, exclude_none=True),
+            "rollout": {"analysis": {"stepWeight": 20}},
+        }
+    )
+    state = r.current(ungated, stored)
+    assert state is not None and state.gate is None and not state.awaits_gate
+    assert (state.phase, state.reason) == ("Progressing", "QualityGateRemoved")
+    assert {s.name: s.weight for s in shares(ungated, state, canary_ready=True)} == {"v1": 80, "v2": 20}
+    # a gate already passed stays in the record
+    passed = fresh(spec_of()).model_copy(
+        update={"gate": gate.pending(spec_of().rollout.quality_gate).model_copy(update={"phase": "Passed"})}
+    )  # type: ignore[arg-type]
+    kept = r.current(ungated, passed.model_dump(by_alias=True, mode="json"))
+    assert kept is not None and kept.gate is not None and kept.gate.phase == "Passed"
 
 
 def test_a_gate_must_judge_something_and_names_a_known_dataset() -> None:

@@ -409,3 +409,52 @@ async def test_a_gate_verdict_on_a_spec_changed_during_the_run_is_discarded(
     assert (rollout["phase"], rollout["reason"], rollout["gate"]["phase"]) == expected
     status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
     assert {v["name"]: v["weight"] for v in status["versions"]} == {"v1": 100, "v2": 0}
+
+
+async def no_pods(namespace: str, service: str) -> list[str]:
+    return []
+
+
+async def test_a_gated_canary_that_never_gets_ready_is_rolled_back_after_the_gate_timeout() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    spec = copy.deepcopy(CANARY)
+    spec["rollout"]["qualityGate"] = {"minScore": 0.5, "timeout": "1m"}
+    await reconcile.reconcile(api, model(api, spec), CONFIG)
+    async with aiohttp.ClientSession() as http:
+        tools = analysis.Tools(api, CONFIG, source, OperatorMetrics(), gate_run.GateClients(http, no_pods))
+        first = await analysis.check_once(tools, NS, "fleet")
+        status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+        gate_state = status["rollout"]["gate"]
+        assert first.events == [] and gate_state["phase"] == "Pending" and gate_state["waitingSince"]
+        assert "waiting for a ready pod of canary v2" in gate_state["message"]
+        written = [c for c in api.calls if c[0] == "patch_status"]
+        await analysis.check_once(tools, NS, "fleet")
+        assert [c for c in api.calls if c[0] == "patch_status"] == written  # waiting: nothing new to write
+        gate_state["waitingSince"] = "2020-01-01T00:00:00Z"  # long ago
+        late = await analysis.check_once(tools, NS, "fleet")
+    assert [(e.type, e.reason) for e in late.events] == [("Warning", "QualityGateFailed")]
+    assert "no ready pod to score within timeout 1m" in late.events[0].message
+    status = api.of("CaptionModel", "fleet")["status"]  # type: ignore[index]
+    assert (status["rollout"]["phase"], status["rollout"]["reason"]) == ("RolledBack", "QualityGateFailed")
+    condition = next(c for c in status["conditions"] if c["type"] == "QualityGate")
+    assert (condition["status"], condition["reason"]) == ("False", "QualityGateFailed")
+    assert source.reads == 0
+
+
+async def test_a_quality_gate_removed_while_pending_never_crashes_a_check() -> None:
+    api, source = FakeKube(), Figuring(Figures(requests=50, errors=0))
+    spec = copy.deepcopy(CANARY)
+    spec["rollout"]["qualityGate"] = {"minScore": 0.5}
+    await reconcile.reconcile(api, model(api, spec), CONFIG)
+    body = api.of("CaptionModel", "fleet")
+    assert body is not None and body["status"]["rollout"]["gate"]["phase"] == "Pending"
+    del body["spec"]["rollout"]["qualityGate"]
+    body["metadata"]["generation"] += 1
+    await reconcile.reconcile(api, copy.deepcopy(body), CONFIG)
+    api.of("Deployment", "fleet-v2")["status"] = {"readyReplicas": 1}  # type: ignore[index]
+    async with aiohttp.ClientSession() as http:
+        tools = analysis.Tools(api, CONFIG, source, OperatorMetrics(), gate_run.GateClients(http, no_pods))
+        outcome = await analysis.check_once(tools, NS, "fleet")
+    assert [e.reason for e in outcome.events] == ["CanaryStep"] and source.reads == 1
+    rollout = api.of("CaptionModel", "fleet")["status"]["rollout"]  # type: ignore[index]
+    assert rollout.get("gate") is None and rollout["weight"] == 40
