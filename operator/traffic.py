@@ -41,6 +41,9 @@ class Share:
     retired: bool = False
     capacity: int | None = None  # the weight its replica bounds are sized for; None: ``weight``
     mirror: int = 0  # percent of the requests copied to it (the canary's shadow phase)
+    # An undecided rollout needs this version's pods (the canary; the stable while the quality gate
+    # may score it): never below one pod, and never scaled to zero meanwhile (replicas.py).
+    judged: bool = False
 
     @property
     def sized_for(self) -> int:
@@ -58,11 +61,10 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
     canary_weight = rollout.weight if canary_ready and not rollout.awaits_gate else 0
     if role == "canary":  # in its shadow phase (after the gate): sized for the copies it gets
         mirror = 0 if rollout.awaits_gate else mirror_percent(rollout.shadow)
-        return Share(
-            "", role, canary_weight, capacity=rollout.weight or mirror_percent(rollout.shadow), mirror=mirror
-        )
+        capacity = rollout.weight or mirror_percent(rollout.shadow)
+        return Share("", role, canary_weight, capacity=capacity, mirror=mirror, judged=True)
     capacity = total - rollout.weight if rollout.checked else total
-    return Share("", role, total - canary_weight, capacity=capacity)
+    return Share("", role, total - canary_weight, capacity=capacity, judged=rollout.awaits_gate)
 
 
 def shares(

@@ -4,7 +4,9 @@
 its share of them, rounded up, so a 10 % canary runs on a tenth of the stable version's pods (and
 GPUs), not on as many. A version keeps at least one pod (zero only when the fleet's floor is zero,
 which needs KEDA), and its own ``minReplicas``/``maxReplicas`` override what is derived. A retired
-version (a rolled-back canary, or the stable version a promoted canary replaced) gets no pods at all.
+version (a rolled-back canary, or the stable version a promoted canary replaced) gets no pods at all;
+a canary whose rollout is undecided (and the stable while a quality gate is pending) at least one,
+whatever the floors: it never scales to zero before the rollout has judged it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def replica_bounds(spec: CaptionModelSpec, share: Share) -> tuple[int, int]:
     if version.max_replicas is not None:
         high = version.max_replicas
         low = min(low, high)
+    if share.judged:  # an idle canary would never be judged (nor a stable the gate compares with)
+        low = max(low, 1)
     return low, high
 
 

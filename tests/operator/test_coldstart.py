@@ -8,13 +8,14 @@ from typing import Any
 import pydantic
 import pytest
 
-from captionfleet.operator import builders, coldstart, spec
+from captionfleet.operator import builders, coldstart, rollout, spec
 from captionfleet.operator.builders import autoscaling, runtime
 from captionfleet.operator.builders.common import ColdPhase, FleetContext
+from captionfleet.operator.builders.replicas import replica_bounds
 from captionfleet.operator.coldstart import ColdState, Demand
 from captionfleet.operator.status import fleet_status
 
-from .test_builders import context, example
+from .test_builders import CONFIG, context, example
 
 AFTER_S = 60.0
 NOW = 1_000_000.0
@@ -189,3 +190,50 @@ def test_the_routers_deadline_is_router_request_timeout_longer_than_the_hold_in_
         raw["router"]["requestTimeout"] = bad
         with pytest.raises(pydantic.ValidationError, match=r"requestTimeout|request_timeout"):
             spec.parse_spec(raw)
+
+
+def test_a_canary_never_scales_to_zero_before_its_rollout_is_decided() -> None:
+    """Idle, it would get no pods, so no traffic, so no figures (or gate run): a rollout stuck for good."""
+    raw = example("ab-canary.yaml")
+    raw["autoscaling"] = {**raw["autoscaling"], "minReplicas": 0}
+    raw["versions"][2]["minReplicas"] = 0  # the canary's own floor too
+    parsed = spec.parse_spec(raw)
+
+    def states(state: rollout.CanaryState | None) -> tuple[list[str], dict[str, int]]:
+        ctx = FleetContext.create(
+            name="fleet",
+            namespace="ml",
+            uid="u",
+            spec=parsed,
+            config=CONFIG,
+            rollout=state,
+            canary_ready=True,
+        )
+        floors = {share.name: replica_bounds(parsed, share)[0] for share in ctx.shares}
+        return sorted(coldstart.current(ctx, {}, NOW)), floors
+
+    running = rollout.current(parsed, None)
+    assert running is not None and running.phase == "Progressing"
+    assert states(running) == (["base", "large"], {"base": 0, "large": 0, "base-next": 1})
+    paused = running.model_copy(update={"phase": "Paused"})
+    assert states(paused)[0] == ["base", "large"]
+    promoted = running.model_copy(update={"phase": "Promoted", "drained": True})
+    assert states(promoted)[0] == [
+        "base-next",
+        "large",
+    ]  # decided: the new stable may sleep; the old is retired
+
+    gated_raw = raw | {"rollout": {"qualityGate": {"minScore": 0.5, "maxDrop": 0.1}}}
+    gated_spec = spec.parse_spec(gated_raw)
+    gated = rollout.current(gated_spec, None)
+    assert gated is not None and gated.awaits_gate
+    ctx = FleetContext.create(
+        name="fleet",
+        namespace="ml",
+        uid="u",
+        spec=gated_spec,
+        config=CONFIG,
+        rollout=gated,
+        canary_ready=True,
+    )
+    assert sorted(coldstart.current(ctx, {}, NOW)) == ["large"]  # the gate may score the stable: awake
