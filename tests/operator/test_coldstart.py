@@ -192,48 +192,31 @@ def test_the_routers_deadline_is_router_request_timeout_longer_than_the_hold_in_
             spec.parse_spec(raw)
 
 
+def _sleepers(parsed: spec.CaptionModelSpec, state: rollout.CanaryState) -> tuple[list[str], dict[str, int]]:
+    """The versions that may scale to zero in ``state``, and every version's replica floor."""
+    ctx = FleetContext.create(
+        name="fleet", namespace="ml", uid="u", spec=parsed, config=CONFIG, rollout=state, canary_ready=True
+    )
+    floors = {share.name: replica_bounds(parsed, share)[0] for share in ctx.shares}
+    return sorted(coldstart.current(ctx, {}, NOW)), floors
+
+
 def test_a_canary_never_scales_to_zero_before_its_rollout_is_decided() -> None:
     """Idle, it would get no pods, so no traffic, so no figures (or gate run): a rollout stuck for good."""
     raw = example("ab-canary.yaml")
     raw["autoscaling"] = {**raw["autoscaling"], "minReplicas": 0}
     raw["versions"][2]["minReplicas"] = 0  # the canary's own floor too
     parsed = spec.parse_spec(raw)
-
-    def states(state: rollout.CanaryState | None) -> tuple[list[str], dict[str, int]]:
-        ctx = FleetContext.create(
-            name="fleet",
-            namespace="ml",
-            uid="u",
-            spec=parsed,
-            config=CONFIG,
-            rollout=state,
-            canary_ready=True,
-        )
-        floors = {share.name: replica_bounds(parsed, share)[0] for share in ctx.shares}
-        return sorted(coldstart.current(ctx, {}, NOW)), floors
-
     running = rollout.current(parsed, None)
     assert running is not None and running.phase == "Progressing"
-    assert states(running) == (["base", "large"], {"base": 0, "large": 0, "base-next": 1})
+    assert _sleepers(parsed, running) == (["base", "large"], {"base": 0, "large": 0, "base-next": 1})
     paused = running.model_copy(update={"phase": "Paused"})
-    assert states(paused)[0] == ["base", "large"]
+    assert _sleepers(parsed, paused)[0] == ["base", "large"]
+    # decided: the new stable may sleep again; the old one is retired
     promoted = running.model_copy(update={"phase": "Promoted", "drained": True})
-    assert states(promoted)[0] == [
-        "base-next",
-        "large",
-    ]  # decided: the new stable may sleep; the old is retired
+    assert _sleepers(parsed, promoted)[0] == ["base-next", "large"]
 
-    gated_raw = raw | {"rollout": {"qualityGate": {"minScore": 0.5, "maxDrop": 0.1}}}
-    gated_spec = spec.parse_spec(gated_raw)
+    gated_spec = spec.parse_spec(raw | {"rollout": {"qualityGate": {"minScore": 0.5, "maxDrop": 0.1}}})
     gated = rollout.current(gated_spec, None)
     assert gated is not None and gated.awaits_gate
-    ctx = FleetContext.create(
-        name="fleet",
-        namespace="ml",
-        uid="u",
-        spec=gated_spec,
-        config=CONFIG,
-        rollout=gated,
-        canary_ready=True,
-    )
-    assert sorted(coldstart.current(ctx, {}, NOW)) == ["large"]  # the gate may score the stable: awake
+    assert _sleepers(gated_spec, gated)[0] == ["large"]  # the gate may score the stable: awake
