@@ -76,6 +76,11 @@ class CanaryState(StatusModel):
 
     version: str = Field(description="The canary this rollout is about.")
     spec_hash: str = Field(description="Hash of that version's spec; a change starts a new rollout.")
+    stable: str = Field(
+        default="",
+        description="The version the canary replaces (the stable one when the rollout started); "
+        "another stable version before a decision starts a new rollout.",
+    )
     phase: RolloutPhase
     weight: int = Field(
         description="The canary's weight in percent; it receives it once it has a ready pod (0 before)."
@@ -127,12 +132,13 @@ def pool(spec: CaptionModelSpec) -> int:
     return (canary.weight if canary else 0) + (stable.weight if stable else 0)
 
 
-def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
+def _fresh(spec: CaptionModelSpec, canary: ModelVersion, stable: ModelVersion) -> CanaryState:
     weight = min(spec.rollout.analysis.step_weight, pool(spec))
     quality_gate = spec.rollout.quality_gate
     state = CanaryState(
         version=canary.name,
         spec_hash=spec_hash(canary),
+        stable=stable.name,
         phase="Progressing",
         weight=weight,
         reason="Started",
@@ -156,16 +162,18 @@ def _fresh(spec: CaptionModelSpec, canary: ModelVersion) -> CanaryState:
 def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> CanaryState | None:
     """The rollout state for this spec: the stored one while it is about the same canary (same name
     and spec hash), else a fresh one; None without a canary. ``rollout.paused`` applies here."""
-    canary = spec.canary()
-    if canary is None or spec.stable() is None:
+    canary, stable = spec.canary(), spec.stable()
+    if canary is None or stable is None:
         return None
     state: CanaryState | None = None
     if previous:
         stored = CanaryState.model_validate(dict(previous))
         if stored.version == canary.name and stored.spec_hash == spec_hash(canary):
-            state = stored
+            state = None if _stable_moved(stored, stable.name) else stored
+    if state is not None and not state.stable:  # stored by an operator that did not record it
+        state = state.model_copy(update={"stable": stable.name})
     if state is None:
-        state = _fresh(spec, canary)
+        state = _fresh(spec, canary, stable)
     state = state.model_copy(update={"weight": min(state.weight, pool(spec))})
     if state.awaits_gate and spec.rollout.quality_gate is None and state.phase in ("Progressing", "Paused"):
         message = (
@@ -179,6 +187,14 @@ def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> Canar
     return state
 
 
+def _stable_moved(stored: CanaryState, stable: str) -> bool:
+    """Whether an undecided rollout's canary now replaces another version (the one it took its weight
+    from left the spec, or a version with more traffic was added): its figures and its promotion would
+    be about another pair. A decided one keeps its verdict (removing the retired stable is a cleanup)."""
+    undecided = stored.phase in ("Progressing", "Paused")
+    return undecided and stored.stable not in ("", stable)
+
+
 def restart_note(previous: Mapping[str, Any] | None, state: CanaryState | None) -> str | None:
     """What happened to an undecided rollout that the spec no longer continues, in one sentence (the
     RolloutRestarted Event; None when nothing did): as Flagger does on a new revision, a canary whose
@@ -189,13 +205,16 @@ def restart_note(previous: Mapping[str, Any] | None, state: CanaryState | None) 
     stored = CanaryState.model_validate(dict(previous))
     if stored.phase not in ("Progressing", "Paused"):
         return None  # decided: a new spec hash is a new rollout, as it always is
-    if state is not None and state.version == stored.version and state.spec_hash == stored.spec_hash:
+    same = (stored.version, stored.spec_hash, stored.stable or (state.stable if state else ""))
+    if state is not None and (state.version, state.spec_hash, state.stable) == same:
         return None
     was = f"the rollout of canary {stored.version} ({stored.phase} at {stored.weight} %, step {stored.step})"
     if state is None:
         return f"{was} ended undecided: the spec has no canary in rollout, or no stable version to replace"
-    if state.version == stored.version:
+    if state.version == stored.version and state.spec_hash != stored.spec_hash:
         return f"{was} starts again: the canary's spec changed; {state.message}"
+    if state.version == stored.version:
+        return f"{was} starts again: it now replaces {state.stable}, not {stored.stable}; {state.message}"
     return f"{was} ended undecided: the canary is now {state.version}; {state.message}"
 
 

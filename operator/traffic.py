@@ -67,6 +67,12 @@ def _in_rollout(role: Role, rollout: CanaryState, total: int, canary_ready: bool
     return Share("", role, total - canary_weight, capacity=capacity, judged=rollout.awaits_gate)
 
 
+def _promotion_done(rollout: CanaryState, stable: str) -> bool:
+    """A promoted canary whose old stable version the spec no longer has (removed after the promotion):
+    the version the spec now calls stable is not the one to retire."""
+    return rollout.phase == "Promoted" and rollout.stable not in ("", stable)
+
+
 def shares(
     spec: CaptionModelSpec, rollout: CanaryState | None = None, *, canary_ready: bool = False
 ) -> list[Share]:
@@ -77,7 +83,12 @@ def shares(
     total = pool(spec)
     for version in spec.versions:
         role: Role = "canary" if version.canary else "stable" if stable and version is stable else "variant"
-        if rollout is not None and role in ("canary", "stable"):
+        if rollout is not None and _promotion_done(rollout, stable.name if stable else ""):
+            # the stable it replaced has left the spec: the promoted canary is the stable, and every
+            # version (the spec's new stable too, a variant of before) has its spec weight
+            role = "stable" if version.canary else "variant"
+            result.append(Share(version.name, role, version.weight))
+        elif rollout is not None and role in ("canary", "stable"):
             share = _in_rollout(role, rollout, total, canary_ready)
             result.append(dataclasses.replace(share, name=version.name))
         else:

@@ -351,3 +351,71 @@ def test_no_figures_hold_and_the_state_says_why(mirror: dict[str, Any] | None) -
     assert decision.state.model_copy(update={"message": state.message}) == state  # nothing else moved
     assert decision.state.message == f"canary v2: no figures ({why}); the check neither passes nor fails"
     assert "(no router answered)" in run(spec, state, None).message
+
+
+def spec_with(versions: list[dict[str, Any]]) -> CaptionModelSpec:
+    return parse_spec({"versions": versions, "rollout": {"analysis": {"stepWeight": 20, "minRequests": 100}}})
+
+
+CANARY_V2 = {"name": "v2", "model": "org/next", "weight": 10, "canary": True}
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        # a version with more traffic than v1 added mid-rollout: the canary would take its weight from it
+        [{"name": "v1", "model": "org/base", "weight": 40}, {"name": "v3", "model": "org/x", "weight": 50}],
+        # v1 removed mid-rollout: ab becomes the stable
+        [{"name": "ab", "model": "org/large", "weight": 90}],
+    ],
+    ids=["bigger version added", "stable removed"],
+)
+def test_a_canary_that_now_replaces_another_version_starts_again(after: list[dict[str, Any]]) -> None:
+    before = spec_with(
+        [
+            {"name": "v1", "model": "org/base", "weight": 60},
+            {"name": "ab", "model": "org/large", "weight": 30},
+            CANARY_V2,
+        ]
+    )
+    state = r.current(before, None)
+    assert state is not None and state.stable == "v1"
+    stepped = run(before, state, HEALTHY).state
+    assert (stepped.weight, stepped.step) == (40, 2)
+    moved_spec = spec_with([*after, CANARY_V2])
+    moved = r.current(moved_spec, stored(stepped))
+    stable = moved_spec.stable()
+    assert moved is not None and stable is not None and stable.name != "v1"
+    assert (moved.stable, moved.weight, moved.step) == (stable.name, 20, 1)
+    note = r.restart_note(stored(stepped), moved)
+    assert note is not None and f"starts again: it now replaces {stable.name}, not v1" in note
+    # decided rollouts keep their verdict: removing the retired stable after a promotion is a cleanup
+    promoted = r.act("promote", stepped, total=r.pool(before)).state
+    kept = r.current(moved_spec, stored(promoted))
+    assert kept is not None and kept.phase == "Promoted" and r.restart_note(stored(promoted), kept) is None
+
+
+def test_a_rollout_stored_without_its_stable_keeps_going_and_learns_it() -> None:
+    state = r.current(spec_of(), None)
+    assert state is not None
+    old = {key: value for key, value in stored(state).items() if key != "stable"}
+    resumed = r.current(spec_of(), old)
+    assert resumed is not None and resumed.stable == "v1" and r.restart_note(old, resumed) is None
+
+
+def test_removing_the_old_stable_after_a_promotion_retires_nobody_else() -> None:
+    """The spec's stable is then the biggest variant: it must keep its traffic and pods, not be retired."""
+    spec = spec_of()
+    state = r.current(spec, None)
+    assert state is not None
+    promoted = r.drain(r.act("promote", state, total=r.pool(spec)).state).state
+    assert weights(spec, promoted) == {
+        "v1": ("variant", 0, True),
+        "ab": ("variant", 30, False),
+        "v2": ("stable", 70, False),
+    }
+    cleaned = spec_with([{"name": "ab", "model": "org/large", "weight": 30}, {**CANARY_V2, "weight": 70}])
+    kept = r.current(cleaned, stored(promoted))
+    assert kept is not None and kept.phase == "Promoted"
+    assert weights(cleaned, kept) == {"ab": ("variant", 30, False), "v2": ("stable", 70, False)}
+    assert [s.sized_for for s in shares(cleaned, kept, canary_ready=True)] == [30, 70]
