@@ -24,6 +24,7 @@ same number, and the status shows it (``cascade_check.py`` reads the calibration
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -98,9 +99,11 @@ def threshold_from_calibration(calibration: Any, rate: float) -> tuple[float, Si
     if (
         not isinstance(points, list)
         or len(points) != QUANTILES
-        or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in points)
-    ):
-        raise ValueError(f"calibration.{key} must be {QUANTILES} numbers (q = 0..1)")
+        or not all(
+            isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p) for p in points
+        )
+    ):  # NaN would pass the order check below and end as a threshold no JSON status can hold
+        raise ValueError(f"calibration.{key} must be {QUANTILES} finite numbers (q = 0..1)")
     if any(b < a for a, b in itertools.pairwise(points)):
         raise ValueError(f"calibration.{key} must not decrease")
     chosen: Signal = "confidence" if signal == "confidence" else "ood"

@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp.web
 import attrs
+import jsonpatch
 import jsonschema
 import kmock
 import kubernetes_validate
@@ -640,7 +641,17 @@ class ApiServer(kmock.KubernetesEmulator):
                     # A real server writes nothing for an update that changes nothing: the
                     # resourceVersion stays and no watch event is sent.
                     return aiohttp.web.json_response(old)
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except (
+            jsonpatch.JsonPatchTestFailed,
+            jsonpatch.JsonPatchConflict,
+            jsonpatch.JsonPointerException,
+        ) as e:
+            # A JSON patch that does not apply (a failed "test" of the resourceVersion, as kopf sends
+            # with its finalizers) is 422 on a real server, which kopf takes as "try again next
+            # cycle"; not the 500 kmock would answer, which kopf retries for a minute.
+            raise k8s.KubernetesError(422, "Invalid", f"the patch does not apply: {e}") from e
 
     def _prune(self, request: rendering.Request, data: dict[str, Any]) -> None:
         """A CaptionModel's unknown fields: refused with ``fieldValidation=Strict`` (kubectl's default),

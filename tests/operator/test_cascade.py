@@ -97,6 +97,8 @@ def test_the_threshold_is_the_quantile_of_the_target_rate() -> None:
         {"signal": "mood"},
         {"confidence_quantiles": [0.1, 0.2]},
         {"confidence_quantiles": [1.0] * 50 + [0.0] * 51},
+        {"confidence_quantiles": [float("nan")] * 101},
+        {"confidence_quantiles": [0.0] * 100 + [float("inf")]},
     ):
         with pytest.raises(ValueError, match="calibration"):
             cascade.threshold_from_calibration(bad, 0.3)

@@ -167,3 +167,31 @@ async def test_a_deployments_selector_cannot_change(cluster: Any) -> None:
         "PATCH", f"{deployments}/d?fieldManager=test", json=body, headers={"Content-Type": APPLY}
     ) as response:
         assert response.status == 422 and "field is immutable" in await response.text()
+
+
+async def test_a_json_patch_that_does_not_apply_is_422_as_kopf_expects(cluster: Any) -> None:
+    """kopf removes its finalizer with a JSON patch testing the resourceVersion first; a real server
+    answers a failed test with 422 (kopf: try again next cycle), never a 500 (kopf: retry for a minute)."""
+    created = await cluster._send("PATCH", PATH, service_account(False), APPLY)
+    path = f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/reader"
+    stale = [
+        {
+            "op": "test",
+            "path": "/metadata/resourceVersion",
+            "value": created["metadata"]["resourceVersion"] + "0",
+        },
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+    ]
+    missing = [{"op": "replace", "path": "/metadata/annotations/nothing", "value": "x"}]
+    for ops in (stale, missing):
+        async with cluster.api.request(
+            "PATCH", path, json=ops, headers={"Content-Type": "application/json-patch+json"}
+        ) as response:
+            body = await response.json()
+        assert (response.status, body.get("reason")) == (422, "Invalid"), body
+    assert "labels" not in cluster.get("v1/serviceaccounts", "reader")["metadata"]
+    fresh = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": created["metadata"]["resourceVersion"]}
+    ]
+    await cluster._send("PATCH", path, [*fresh, *stale[1:]], "application/json-patch+json")
+    assert cluster.get("v1/serviceaccounts", "reader")["metadata"]["labels"] == {"a": "b"}
