@@ -146,28 +146,6 @@ async def _either(stopped: kopf.DaemonStopped, wakeup: asyncio.Event) -> None:
             waiter.cancel()
 
 
-async def _unless_stopped(stopped: kopf.DaemonStopped, step: Awaitable[_Step]) -> _Step | None:
-    """The step's outcome, or None once the daemon is stopped first: a step in progress (a quality
-    gate run waits on pods up to its timeout) is cancelled then, not left to kopf's cancellation
-    timeout, which a deletion would wait for. What an abandoned step raises on its way out (the
-    clients it used may be closing: the operator stops) is not the daemon's failure."""
-    running = asyncio.ensure_future(step)
-    stopping = asyncio.ensure_future(stopped.wait())
-    abandoned = False
-    try:
-        await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-        if not running.done():
-            running.cancel()
-            try:
-                await running
-            except (asyncio.CancelledError, Exception) as e:
-                log.debug("a stopped daemon's step ended: %r", e)
-            abandoned = True
-    return None if abandoned else running.result()
-
-
 class _Step(Protocol):
     interval_s: float
     events: list[Event]
@@ -226,9 +204,7 @@ async def run_periodic(
         interval = daemon.retry_s
         try:
             async with memo.lock(uid):
-                outcome = await _unless_stopped(stopped, daemon.step(memo, namespace, name))
-            if outcome is None:
-                return  # stopped (the CaptionModel is being deleted, or the operator stops)
+                outcome = await daemon.step(memo, namespace, name)
             interval = outcome.interval_s
             if outcome.model is not None:
                 _post(outcome.model, outcome.events)

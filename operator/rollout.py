@@ -174,16 +174,36 @@ def current(spec: CaptionModelSpec, previous: Mapping[str, Any] | None) -> Canar
         state = state.model_copy(update={"stable": stable.name})
     if state is None:
         state = _fresh(spec, canary, stable)
-    state = state.model_copy(update={"weight": min(state.weight, pool(spec))})
-    if state.awaits_gate and spec.rollout.quality_gate is None and state.phase in ("Progressing", "Paused"):
-        message = (
-            f"rollout.qualityGate was removed before canary {canary.name} was judged: it goes on without"
-        )
-        state = state.model_copy(update={"gate": None, "reason": "QualityGateRemoved", "message": message})
+    state = _follow_spec(spec, state.model_copy(update={"weight": min(state.weight, pool(spec))}))
     if spec.rollout.paused and state.phase == "Progressing":
         return state.model_copy(update={"phase": "Paused", "reason": "Paused", "message": "rollout.paused"})
     if not spec.rollout.paused and state.phase == "Paused":
         return state.model_copy(update={"phase": "Progressing", "reason": "Resumed", "message": "resumed"})
+    return state
+
+
+def _follow_spec(spec: CaptionModelSpec, state: CanaryState) -> CanaryState:
+    """An undecided rollout after edits of its phases' settings: a qualityGate removed before its
+    verdict is skipped; in the shadow phase, a changed mirror.percent applies at once and a removed
+    mirror ends the phase (the first weight step comes, as after passed shadow checks)."""
+    if state.phase not in ("Progressing", "Paused"):
+        return state
+    name, mirror = state.version, spec.rollout.analysis.mirror
+    if state.awaits_gate and spec.rollout.quality_gate is None:
+        message = f"rollout.qualityGate was removed before canary {name} was judged: it goes on without"
+        state = state.model_copy(update={"gate": None, "reason": "QualityGateRemoved", "message": message})
+    shadow = state.shadow
+    if shadow is None or not shadow_phase.shadowing(shadow):
+        return state
+    if mirror is None:
+        weight = min(spec.rollout.analysis.step_weight, _limit(spec.rollout.analysis, pool(spec)))
+        message = (
+            f"rollout.analysis.mirror was removed: canary {name}'s shadow phase ends at 0 % -> {weight} %"
+        )
+        update = {"shadow": shadow.model_copy(update={"done": True}), "weight": weight}
+        return state.model_copy(update=update | {"reason": "ShadowRemoved", "message": message})
+    if mirror.percent != shadow.percent:
+        return state.model_copy(update={"shadow": shadow.model_copy(update={"percent": mirror.percent})})
     return state
 
 

@@ -179,3 +179,24 @@ def test_with_a_quality_gate_the_copies_begin_only_once_the_gate_has_passed() ->
     passed = state.model_copy(update={"gate": state.gate.model_copy(update={"phase": "Passed"})})
     canary = {s.name: s for s in shares(spec, passed, canary_ready=True)}["v2"]
     assert (canary.weight, canary.mirror) == (0, 20)  # then the shadow phase
+
+
+def test_mirror_edited_mid_shadow_applies_at_once_and_removed_it_ends_the_phase() -> None:
+    spec, state = started()
+    once = run(spec, state, copies(GOOD_COPIES)).state
+    stored = once.model_dump(by_alias=True, mode="json")
+
+    wider = r.current(spec_of(mirror=MIRROR | {"percent": 50}), stored)
+    assert wider is not None and wider.shadow is not None
+    assert (wider.shadow.percent, wider.shadow.passed, wider.weight) == (50, 1, 0)  # the same phase, wider
+    assert {s.name: s.mirror for s in shares(spec_of(mirror=MIRROR), wider, canary_ready=True)}["v2"] == 50
+
+    unmirrored = spec_of()
+    ended = r.current(unmirrored, stored)
+    assert ended is not None and ended.shadow is not None and ended.shadow.done
+    assert (ended.phase, ended.weight, ended.reason) == ("Progressing", 20, "ShadowRemoved")
+    assert {s.name: (s.weight, s.mirror) for s in shares(unmirrored, ended, canary_ready=True)} == {
+        "v1": (80, 0),
+        "v2": (20, 0),
+    }
+    assert run(unmirrored, ended, r.Figures(requests=200, errors=0)).kind == "step"  # live checks now
