@@ -223,8 +223,16 @@ def restart_note(previous: Mapping[str, Any] | None, state: CanaryState | None) 
     if not previous:
         return None
     stored = CanaryState.model_validate(dict(previous))
+    if stored.phase == "Promoted" and state is not None and state.version == stored.version:
+        if state.spec_hash == stored.spec_hash:
+            return None
+        return (  # still marked canary: the edit is rolled out again, against the retired stable
+            f"canary {stored.version} changed after its promotion while still marked canary: a new rollout "
+            f"against {state.stable} begins ({state.stable} is scaled up again; until it has a ready pod "
+            f"the routers send its share to the versions that have one); {state.message}"
+        )
     if stored.phase not in ("Progressing", "Paused"):
-        return None  # decided: a new spec hash is a new rollout, as it always is
+        return None  # rolled back: a new spec hash is a new rollout, as it always is
     same = (stored.version, stored.spec_hash, stored.stable or (state.stable if state else ""))
     if state is not None and (state.version, state.spec_hash, state.stable) == same:
         return None

@@ -419,3 +419,18 @@ def test_removing_the_old_stable_after_a_promotion_retires_nobody_else() -> None
     assert kept is not None and kept.phase == "Promoted"
     assert weights(cleaned, kept) == {"ab": ("variant", 30, False), "v2": ("stable", 70, False)}
     assert [s.sized_for for s in shares(cleaned, kept, canary_ready=True)] == [30, 70]
+
+
+def test_a_promoted_canary_edited_while_still_marked_canary_starts_a_rollout_and_says_so() -> None:
+    spec = spec_of()
+    state = r.current(spec, None)
+    assert state is not None
+    promoted = r.drain(r.act("promote", state, total=r.pool(spec)).state).state
+    assert r.restart_note(stored(promoted), r.current(spec, stored(promoted))) is None  # unchanged
+    edited_spec = spec_of(model="org/base")  # back to the old model
+    again = r.current(edited_spec, stored(promoted))
+    assert again is not None and (again.phase, again.weight, again.drained) == ("Progressing", 20, False)
+    note = r.restart_note(stored(promoted), again)
+    assert note is not None and note.startswith("canary v2 changed after its promotion while still marked")
+    assert "a new rollout against v1 begins (v1 is scaled up again" in note
+    assert weights(edited_spec, again)["v1"] == ("stable", 50, False)  # no longer retired
