@@ -109,10 +109,17 @@ class _ConnectFailed(Exception):
 def forwarded_headers(
     incoming: Mapping[str, str] | CIMultiDictProxy[str], remote: str | None
 ) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-For."""
+    """The client's headers minus hop-by-hop ones (those named in ``Connection`` too, RFC 9110
+    7.6.1), plus X-Forwarded-For."""
+    nominated = {
+        token.strip().lower()
+        for name, value in incoming.items()
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in _NOT_FORWARDED:
+        if name.lower() not in _NOT_FORWARDED and name.lower() not in nominated:
             headers.add(name, value)
     if remote:
         prior = headers.get("X-Forwarded-For")

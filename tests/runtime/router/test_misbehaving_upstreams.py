@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from captionfleet.runtime.router.app import ROUTER
+from captionfleet.runtime.web.testing import raw_exchange
 
 OK_BODY = json.dumps(
     {"caption": "x", "confidence": 0.5, "suggestions": [], "model_version": "v1", "cached": False,
@@ -137,30 +138,26 @@ def _no_connection_checked_out(router: Any) -> None:
     assert not connector._acquired  # a connection still checked out leaks: the pool never gets it back
 
 
-@pytest.mark.parametrize("case", list(BAD))
-async def test_an_answer_no_runtime_gives_is_a_json_502(
-    start_router: Any, raw_runtime: Any, case: str
-) -> None:
-    url = await raw_runtime(BAD[case])
-    router, status, body = await _caption_through(start_router, url, 1500)
-    assert status == 502, body
-    assert set(body["error"]) == {"code", "message"} and body["error"]["code"] == "bad_upstream_response"
-    assert int(body["retry-after"]) >= 1
-    figures = await router.figures("v1")
-    assert figures["bad_responses"] == 1 and figures["timeouts"] == 0
-    assert router.app[ROUTER].balancer.ejected_endpoints() == []  # it answered: the pod is alive
-    _no_connection_checked_out(router)
+OUTCOMES = {  # case -> (status, code, the figure it counts in)
+    **{case: (502, "bad_upstream_response", "bad_responses") for case in BAD},
+    **{case: (504, "deadline_exceeded", "timeouts") for case in SLOW},
+}
 
 
-@pytest.mark.parametrize("case", list(SLOW))
-async def test_an_answer_that_does_not_end_in_time_is_a_json_504(
+@pytest.mark.parametrize("case", list(OUTCOMES))
+async def test_an_answer_no_runtime_gives_is_a_json_502_or_504(
     start_router: Any, raw_runtime: Any, case: str
 ) -> None:
-    url = await raw_runtime(SLOW[case])
-    router, status, body = await _caption_through(start_router, url, 1100)
-    assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
+    status, code, figure = OUTCOMES[case]
+    url = await raw_runtime({**BAD, **SLOW}[case])
+    router, answered, body = await _caption_through(start_router, url, 1100)
+    assert answered == status, body
+    assert set(body["error"]) == {"code", "message"} and body["error"]["code"] == code
+    if status == 502:
+        assert int(body["retry-after"]) >= 1
     figures = await router.figures("v1")
-    assert figures["timeouts"] == 1
+    assert figures[figure] == 1 and figures["errors"] == 1, figures
+    assert router.app[ROUTER].balancer.ejected_endpoints() == []  # one timeout, or an answer: still in
     _no_connection_checked_out(router)
 
 
@@ -203,3 +200,24 @@ async def test_job_results_answered_with_a_redirect_are_a_json_502(
         body = await response.json()
         assert response.status == 502 and body["error"]["code"] == "bad_upstream_response"
         assert "Location" not in response.headers
+
+
+async def test_what_is_forwarded_is_the_clients_end_to_end_headers_and_an_origin_form_target(
+    start_runtime: Any, start_router: Any
+) -> None:
+    runtime = await start_runtime("v1")
+    router = await start_router(routes=(f"v1={runtime.url}",))
+    request = (
+        b"POST http://198.51.100.7/v1/caption?style=concise HTTP/1.1\r\nHost: 198.51.100.7\r\n"
+        b"Content-Type: image/png\r\nContent-Length: 4\r\nConnection: keep-alive, X-Secret-Hop\r\n"
+        b"X-Secret-Hop: 1\r\nX-User-Id: u1\r\n\r\nfake"
+    )
+    answer = await raw_exchange(router.url, [request])
+    assert answer.status == 200, answer.body
+    received = runtime.received[-1]
+    assert received.path_qs == "/v1/caption?style=concise"  # never the absolute form's host
+    assert received.headers["Host"] == runtime.url.split("//", 1)[1]
+    assert "X-Secret-Hop" not in received.headers  # named in Connection: hop-by-hop (RFC 9110 7.6.1)
+    assert received.headers["X-User-Id"] == "u1"
+    for added in ("User-Agent", "Accept", "Accept-Encoding"):  # not the HTTP client's own
+        assert added not in received.headers
