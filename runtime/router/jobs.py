@@ -44,7 +44,7 @@ from aiohttp import web
 from captionfleet.names import API_KEY_HEADER, REQUEST_ID_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.errors import BadUpstreamResponse, NoRoute, UnknownJob
 from captionfleet.runtime.router.proxy import CHUNK, Outgoing, UpstreamAnswer, relayed_headers
-from captionfleet.runtime.router.relay import checked_body
+from captionfleet.runtime.router.relay import checked_body, with_retry_after
 from captionfleet.runtime.router.table import RoutingTable, Version
 from captionfleet.runtime.web.context import REQUEST_ID, head_sent
 from captionfleet.runtime.web.errors import EdgeError
@@ -168,7 +168,7 @@ class JobRoutes:
                     response = web.Response(
                         status=upstream.status,
                         body=content,
-                        headers=relayed_headers(upstream.headers.items()),
+                        headers=with_retry_after(upstream.status, relayed_headers(upstream.headers.items())),
                     )
                     response.headers[ROUTED_VERSION_HEADER] = version.name
                     return response

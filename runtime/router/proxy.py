@@ -34,7 +34,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from captionfleet.names import REQUEST_ID_HEADER, TIMEOUT_HEADER
 from captionfleet.runtime.router.balancer import Balancer as Balancer
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
-from captionfleet.runtime.router.relay import check_sendable, check_status, checked_body
+from captionfleet.runtime.router.relay import check_sendable, check_status, checked_body, with_retry_after
 from captionfleet.runtime.router.table import Version
 from captionfleet.runtime.web.context import DEADLINE, REQUEST_ID
 
@@ -279,9 +279,8 @@ class Forwarder:
                         log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
                         response.close()
                         raise
-                return UpstreamAnswer(
-                    response.status, relayed_headers(response.headers.items()), content, url
-                )
+                headers = with_retry_after(response.status, relayed_headers(response.headers.items()))
+                return UpstreamAnswer(response.status, headers, content, url)
         except TimeoutError as exc:
             self._check_budget(budget, url, remaining, exc)
             raise

@@ -15,7 +15,8 @@ that is not in the contract's shape, is a 502 ``bad_upstream_response`` (``Retry
 the version's ``bad_responses``; its connection is closed, never reused. Such an answer does not count
 toward the endpoint's ejection (it answered: the pod is alive; ``balancer.py``). A JSON answer whose
 ``request_id`` is not the client's (a runtime's parser refused the request before reading its id)
-carries the client's.
+carries the client's, and a relayed 429, 502 or 503 without ``Retry-After`` gets the contract's
+default one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from multidict import CIMultiDict
+
 from captionfleet.runtime.router.errors import BadUpstreamResponse
-from captionfleet.runtime.web.errors import InvalidRequest
+from captionfleet.runtime.web.errors import DEFAULT_RETRY_AFTER_S, RETRY_STATUSES, InvalidRequest
 
 ADDED_BY_CLIENT = 2
 """Header lines aiohttp's client adds to what the router sets: ``Host`` and ``Content-Length``."""
@@ -77,6 +80,14 @@ def checked_body(status: int, body: bytes, request_id: str) -> bytes:
         document["request_id"] = request_id
         return json.dumps(document).encode()
     return body
+
+
+def with_retry_after(status: int, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """``headers`` of a relayed answer, with ``Retry-After`` where the contract wants one (429, 502,
+    503) and the runtime gave none."""
+    if status in RETRY_STATUSES and "Retry-After" not in headers:
+        headers["Retry-After"] = str(int(DEFAULT_RETRY_AFTER_S))
+    return headers
 
 
 def _is_contract_error(document: dict[str, Any]) -> bool:
