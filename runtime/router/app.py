@@ -8,7 +8,8 @@ over a window, for the operator's rollout analysis) and ``GET /openapi.json`` (a
 description with the router's additions).
 
 Every answer carries ``X-Request-Id``; a proxied one also ``X-Routed-Version``. The router's own errors
-use the contract's JSON error body (``errors.py``); a runtime's answers are relayed as they are.
+use the contract's JSON error body (``errors.py``); a runtime's answers are relayed as they are, once
+``relay.py`` found them a runtime's (else 502).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
   retry.
 - The body is read once by the edge, up to ``max_body_bytes`` (bounded, so it can be sent twice),
   and the answer up to ``max_response_bytes``; the runtime's status, headers and body are relayed
-  unchanged, so its ``model_version`` says who answered.
+  unchanged (once ``relay.py`` found them a runtime's answer), so its ``model_version`` says who
+  answered.
 """
 
 from __future__ import annotations
