@@ -15,7 +15,7 @@
 What is decided here, so callers can rely on it:
 - Empty bytes -> :class:`InvalidImage`.
 - Bytes that start like an allowed format (by magic number) but do not decode -> :class:`InvalidImage`.
-- Anything else PIL cannot identify as an allowed format (text, HTML, PDF, ICO, ...) ->
+- Anything else PIL cannot identify as an allowed format (text, HTML, PDF, SVG, ICO, HEIC, ...) ->
   :class:`UnsupportedImageFormat`: the request was "not an image we take", not a broken image.
 """
 
@@ -28,12 +28,15 @@ import warnings
 from collections.abc import Collection, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from captionfleet.runtime.engine.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
-"""Formats accepted by default, as PIL names them."""
+ALLOWED_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"} | ({"AVIF"} if features.check("avif") else set())
+)
+"""Formats accepted by default, as PIL names them. AVIF (what recent phones and browsers send) when
+this Pillow build decodes it (the wheels of Pillow 13 do); HEIC needs a plugin we do not ship."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """A sensible width * height limit (40 MP) for callers without their own setting."""
@@ -63,6 +66,8 @@ def sniff_format(data: bytes) -> str | None:
     """The allowed format whose magic number ``data`` starts with, if any (WEBP: RIFF....WEBP)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:12] in (b"ftypavif", b"ftypavis"):  # an ISO media file whose major brand is AVIF
+        return "AVIF"
     for name, magics in _MAGIC.items():
         if any(data.startswith(magic) for magic in magics):
             return name
