@@ -296,3 +296,27 @@ async def test_an_exif_rotated_scene_gets_the_caption_of_what_it_shows(
         unturned = (await r.json())["caption"]
     assert turned == scene.caption
     assert unturned != scene.caption
+
+
+async def test_moderation_judges_every_decodable_image_and_never_sees_the_rest(
+    start_server, http, moderation_service
+) -> None:
+    """Moderation sees the decoded picture (any mode, any shape: a 20000x20 strip too) as a JPEG of at
+    most 512 px; an image that does not decode gets its own 4xx and never reaches the service."""
+    server = await start_server(
+        moderation_url=moderation_service.url, moderation_allow_private=True, moderation_cache_size=0
+    )
+    wrong = {}
+    for name, (data, (status, code)) in CORPUS.items():
+        calls = moderation_service.calls
+        async with http.post(server.url + "/v1/caption", data=data) as response:
+            body = await response.json()
+            got = (response.status, body["error"]["code"] if "error" in body else None)
+        judged = moderation_service.calls - calls
+        # The service blocks mostly-red images: these are (the GIF's first frame is shapes_image(0)).
+        red = name in ("1x1", "1x300", "png 16-bit RGBA", "gif of 150 frames")
+        expected = ((422, "content_blocked") if red else OK, 1) if status == 200 else ((status, code), 0)
+        if (got, judged) != expected:
+            wrong[name] = (got, judged)
+    assert not wrong
+    assert max(max(size) for size in moderation_service.sizes) <= 512
