@@ -24,7 +24,7 @@ from aiohttp import web
 from PIL import Image, features
 
 from captionfleet.runtime.engine.captioner import Captioner, bundled_model_dir, load_captioner
-from captionfleet.runtime.server.testing import encode, png_bomb, serve_app, shapes_image
+from captionfleet.runtime.server.testing import encode, free_port, png_bomb, serve_app, shapes_image
 from captionfleet.runtime.training.scenes import scene_at
 from captionfleet.runtime.training.settings import HELD_OUT_SEED
 
@@ -166,6 +166,8 @@ async def image_host() -> AsyncIterator[str]:
     by_slug = {name.replace(" ", "_"): data for name, (data, _) in CORPUS.items()}
 
     async def image(request: web.Request) -> web.Response:
+        if request.match_info["slug"] not in by_slug:
+            raise web.HTTPNotFound()
         return web.Response(body=by_slug[request.match_info["slug"]], content_type="application/octet-stream")
 
     app = web.Application()
@@ -205,10 +207,11 @@ async def test_every_image_gets_one_answer_on_every_path(
     server = await start_server(
         allow_private_urls=True, cache_size=0, jobs_redis_url=redis_url, jobs_stream=stream
     )
-    items = [
+    by_value = [
         {"id": name, "image_base64": base64.b64encode(data).decode()} for name, (data, _) in CORPUS.items()
     ]
-    created = await submit(http, server.url, {"items": items})
+    by_url = [{"id": name, "url": f"{image_host}/{name.replace(' ', '_')}"} for name in CORPUS]
+    created = await submit(http, server.url, {"items": by_value + by_url})
     wrong: dict[str, Any] = {}
     direct: dict[str, tuple[int, str]] = {}
     for name, (data, (status, code)) in CORPUS.items():
@@ -225,8 +228,33 @@ async def test_every_image_gets_one_answer_on_every_path(
         expected = direct[line["id"]]
         got = (200, line["result"]["caption"]) if "result" in line else (expected[0], line["error"]["code"])
         if got != expected:
-            wrong[f"job item {line['id']}"] = (got, expected)
+            wrong[f"job item {line['index']}: {line['id']}"] = (got, expected)
     assert not wrong
+
+
+async def test_urls_that_fail_get_one_answer_directly_and_as_job_items(
+    start_server, http, redis_url: str, stream: str, image_host: str
+) -> None:
+    server = await start_server(allow_private_urls=True, jobs_redis_url=redis_url, jobs_stream=stream)
+    urls = {
+        "not found": f"{image_host}/no-such-image",
+        "nobody listening": f"http://127.0.0.1:{free_port()}/cat.png",
+        "not http": "ftp://127.0.0.1/cat.png",
+        "a document": f"{image_host}/html",
+    }
+    direct = {}
+    for name, url in urls.items():
+        async with http.post(server.url + "/v1/caption", json={"url": url}) as response:
+            body = await response.json()
+            assert 400 <= response.status < 500 or response.status in (502, 504), body
+            direct[name] = body["error"]["code"]
+    created = await submit(
+        http, server.url, {"items": [{"id": name, "url": url} for name, url in urls.items()]}
+    )
+    await finished(http, server.url, created["id"])
+    assert {
+        line["id"]: line["error"]["code"] for line in await results(http, server.url, created["id"])
+    } == direct
 
 
 def _base64_with_every_special_character() -> tuple[bytes, str]:
