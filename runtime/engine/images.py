@@ -58,8 +58,11 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION_TAG = 0x0112
 
-# Modes with an alpha channel (or palette transparency) that are composited on white.
+# Modes with an alpha channel that are composited on white.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Modes whose ``transparency`` info (a palette entry, a colour or a grey level) PIL turns into alpha.
+_KEYED_MODES = frozenset({"P", "RGB", "L", "1"})
+WHITE = (255, 255, 255)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -203,16 +206,24 @@ def decode_image(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, compositing transparency on white."""
+    """Convert any PIL mode to 8-bit RGB, compositing transparency on white.
+
+    Transparency is an alpha channel, a palette's transparent entries, or (PNG's tRNS, GIF's) one
+    colour or grey level of an RGB, L, 1 or 16-bit image that stands for "transparent": such pixels
+    are white too, as a browser on a white page shows them, not the key colour (often black)."""
     mode = image.mode
+    keyed = image.info.get("transparency")
+    if keyed is not None and mode in _KEYED_MODES:
+        return _composite_on_white(image.convert("RGBA"))
     if mode == "RGB":
         return image
-    if mode == "P" and "transparency" in image.info:
-        return _composite_on_white(image.convert("RGBA"))
     if mode in _ALPHA_MODES:
         return _composite_on_white(image.convert("RGBA"))
     if mode.startswith("I;16") or mode == "I":
-        return _wide_integers_to_rgb(image)
+        rgb = _wide_integers_to_rgb(image)
+        if isinstance(keyed, int):
+            rgb.paste(WHITE, mask=Image.fromarray(np.asarray(image) == keyed))
+        return rgb
     if mode == "F":
         return _floats_to_rgb(image)
     try:
@@ -224,7 +235,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _composite_on_white(rgba: Image.Image) -> Image.Image:
     if rgba.mode != "RGBA":
         rgba = rgba.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    white = Image.new("RGBA", rgba.size, (*WHITE, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
