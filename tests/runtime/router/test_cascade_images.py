@@ -60,4 +60,5 @@ async def test_every_image_gets_its_tiers_own_answer_through_the_cascade(
         if through != expected:
             wrong[name] = (through, expected)
     assert not wrong
-    assert tiers_used == {threshold == 1.0}  # the tier that was meant to answer did
+    # The tier meant to answer did: at 0 nothing is unsure enough, at 1 all but a (rare) sure answer are.
+    assert (True in tiers_used) == (threshold == 1.0) and (False in tiers_used or threshold == 1.0)
