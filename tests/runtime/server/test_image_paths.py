@@ -1,8 +1,9 @@
 """Images of every kind a user may send, on every path: one answer for each image, whichever way it came.
 
 Each image is sent as a raw body, a multipart field, JSON base64, a ``{"url"}`` to an image host on
-loopback, and as an item of one job on a real redis-server. All five must agree: the same caption (the
-result cache is off, so each path captions for itself) or the same 4xx code. The images are made here
+loopback, in ``/v1/caption/batch``, and as an item of one job on a real redis-server (by value and by
+URL). All must agree: the same caption (the result cache is off, so each path captions for itself) or
+the same 4xx code. The images are made here
 with Pillow: every PIL mode a file can carry, animations, multi-page files, strips, bombs that declare
 billions of pixels in a few bytes, broken files, and documents that are not images.
 """
@@ -201,6 +202,35 @@ async def _direct_answers(http: aiohttp.ClientSession, base: str, data: bytes, u
     return answers
 
 
+async def _batch_disagreements(
+    http: aiohttp.ClientSession, base: str, direct: dict[str, tuple[int, str]]
+) -> dict[str, Any]:
+    """``POST /v1/caption/batch`` with the corpus, 16 images a call: each result (or per-image error)
+    against the image's own direct answer."""
+    names, wrong = list(CORPUS), {}
+    for start in range(0, len(names), 16):
+        chunk = names[start : start + 16]
+        form = aiohttp.FormData()
+        for name in chunk:
+            form.add_field("images", CORPUS[name][0], filename=f"{name}.bin")
+        async with http.post(base + "/v1/caption/batch", data=form) as response:
+            body = await response.json()
+        answers = body.get("results")
+        if response.status != 200:  # only when every image failed: the first one's error answers
+            if any(direct[name][0] == 200 for name in chunk):
+                wrong[f"batch from {chunk[0]}"] = body
+            chunk, answers = chunk[:1], [{"error": body["error"], "status": response.status}]
+        for name, answer in zip(chunk, answers, strict=True):
+            got = (
+                (200, answer["caption"])
+                if "caption" in answer
+                else (answer["status"], answer["error"]["code"])
+            )
+            if got != direct[name]:
+                wrong[f"batch: {name}"] = (got, direct[name])
+    return wrong
+
+
 async def test_every_image_gets_one_answer_on_every_path(
     start_server, http, redis_url: str, stream: str, image_host: str
 ) -> None:
@@ -223,6 +253,7 @@ async def test_every_image_gets_one_answer_on_every_path(
             or len(set(answers.values())) > 1
         ):
             wrong[name] = answers
+    wrong |= await _batch_disagreements(http, server.url, direct)
     await finished(http, server.url, created["id"])
     for line in await results(http, server.url, created["id"]):
         expected = direct[line["id"]]
