@@ -8,7 +8,8 @@ over a window, for the operator's rollout analysis) and ``GET /openapi.json`` (a
 description with the router's additions).
 
 Every answer carries ``X-Request-Id``; a proxied one also ``X-Routed-Version``. The router's own errors
-use the contract's JSON error body (``errors.py``); a runtime's answers are relayed as they are.
+use the contract's JSON error body (``errors.py``); a runtime's answers are relayed as they are, once
+``relay.py`` found them a runtime's (else 502).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from captionfleet.runtime.web.keys import KeyGuard
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
 from captionfleet.runtime.web.parsing import FormLimits
 from captionfleet.runtime.web.probes import add_probe_routes
+from captionfleet.runtime.web.protocol import defer_continue
 from captionfleet.settings.router import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ class Router:
             connect_timeout_s=self.settings.connect_timeout_ms / 1000,
             retry=self.settings.retry,
             max_response_bytes=self.settings.max_response_bytes,
+            max_headers=self.settings.max_headers,
+            max_header_bytes=self.settings.max_header_bytes,
         )
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
@@ -304,8 +308,8 @@ def build_app(
     app.cleanup_ctx.append(_client_session)
     if start_source:
         app.cleanup_ctx.append(source_context(settings, holder, access))
-    app.router.add_post("/v1/caption", router.proxy)
-    app.router.add_post("/v1/caption/batch", router.proxy)
+    app.router.add_post("/v1/caption", router.proxy, expect_handler=defer_continue)
+    app.router.add_post("/v1/caption/batch", router.proxy, expect_handler=defer_continue)
     JobRoutes(router).add_to(app)
     add_probe_routes(app, router)
     app.router.add_get("/v1/models", models)
@@ -314,11 +318,16 @@ def build_app(
     return app
 
 
+NOT_ADDED = ("User-Agent", "Content-Type", "Accept", "Accept-Encoding")
+"""Headers aiohttp's client would add to a forwarded request: the client's own (if any) go on instead;
+each added line could take a request past the runtime's ``max_headers`` (``relay.py``)."""
+
+
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[ROUTER].settings
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type")
+        connector=connector, auto_decompress=False, skip_auto_headers=NOT_ADDED
     ) as session:
         app[ROUTER].attach(session)
         log.info("router started", extra={"source": settings.source()})

@@ -18,7 +18,8 @@ class UpstreamUnreachable(EdgeError, status=502):
 
 
 class BadUpstreamResponse(EdgeError, status=502):
-    """The runtime's answer could not be relayed: cut short, or larger than ``max_response_bytes``."""
+    """The runtime's answer could not be relayed: cut short, larger than ``max_response_bytes``, or not
+    what a runtime answers (``relay.py``)."""
 
 
 class UpstreamTimeout(EdgeError, status=504):

@@ -44,9 +44,11 @@ from aiohttp import web
 from captionfleet.names import API_KEY_HEADER, REQUEST_ID_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.errors import BadUpstreamResponse, NoRoute, UnknownJob
 from captionfleet.runtime.router.proxy import CHUNK, Outgoing, UpstreamAnswer, relayed_headers
+from captionfleet.runtime.router.relay import checked_body, with_retry_after
 from captionfleet.runtime.router.table import RoutingTable, Version
 from captionfleet.runtime.web.context import REQUEST_ID, head_sent
 from captionfleet.runtime.web.errors import EdgeError
+from captionfleet.runtime.web.protocol import defer_continue
 
 if TYPE_CHECKING:  # the app builds these routes: no import of it at run time
     from captionfleet.runtime.router.app import Replier, Router
@@ -116,7 +118,7 @@ class JobRoutes:
         self.router = router
 
     def add_to(self, app: web.Application) -> None:
-        app.router.add_post(JOBS_PATH, self.create)
+        app.router.add_post(JOBS_PATH, self.create, expect_handler=defer_continue)
         app.router.add_get(JOBS_PATH + "/{job}", self.status)
         app.router.add_delete(JOBS_PATH + "/{job}", self.status)
         app.router.add_get(JOBS_PATH + "/{job}/results", self.results)
@@ -162,10 +164,11 @@ class JobRoutes:
             async with forwarder.stream(version, outgoing, idle_s, on_retry) as upstream:
                 if upstream.status != 200:  # an error (or anything but the stream): small, relayed whole
                     content = await forwarder.read_answer(upstream, str(upstream.url))
+                    content = checked_body(upstream.status, content, outgoing.request_id)
                     response = web.Response(
                         status=upstream.status,
                         body=content,
-                        headers=relayed_headers(upstream.headers.items()),
+                        headers=with_retry_after(upstream.status, relayed_headers(upstream.headers.items())),
                     )
                     response.headers[ROUTED_VERSION_HEADER] = version.name
                     return response

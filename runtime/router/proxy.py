@@ -13,7 +13,8 @@
   retry.
 - The body is read once by the edge, up to ``max_body_bytes`` (bounded, so it can be sent twice),
   and the answer up to ``max_response_bytes``; the runtime's status, headers and body are relayed
-  unchanged, so its ``model_version`` says who answered.
+  unchanged (once ``relay.py`` found them a runtime's answer), so its ``model_version`` says who
+  answered.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from captionfleet.names import REQUEST_ID_HEADER, TIMEOUT_HEADER
 from captionfleet.runtime.router.balancer import Balancer as Balancer
 from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from captionfleet.runtime.router.relay import check_sendable, check_status, checked_body, with_retry_after
 from captionfleet.runtime.router.table import Version
 from captionfleet.runtime.web.context import DEADLINE, REQUEST_ID
 
@@ -108,10 +110,17 @@ class _ConnectFailed(Exception):
 def forwarded_headers(
     incoming: Mapping[str, str] | CIMultiDictProxy[str], remote: str | None
 ) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-For."""
+    """The client's headers minus hop-by-hop ones (those named in ``Connection`` too, RFC 9110
+    7.6.1), plus X-Forwarded-For."""
+    nominated = {
+        token.strip().lower()
+        for name, value in incoming.items()
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in _NOT_FORWARDED:
+        if name.lower() not in _NOT_FORWARDED and name.lower() not in nominated:
             headers.add(name, value)
     if remote:
         prior = headers.get("X-Forwarded-For")
@@ -148,6 +157,8 @@ class Forwarder:
     connect_timeout_s: float = field(kw_only=True)
     retry: bool = field(kw_only=True)
     max_response_bytes: int = field(kw_only=True)
+    max_headers: int = field(kw_only=True, default=128)  # the router's own edge limits (relay.py)
+    max_header_bytes: int = field(kw_only=True, default=8190)
 
     def __post_init__(self) -> None:
         probe_timeout_s = self.balancer.policy.probe_timeout_s
@@ -241,11 +252,11 @@ class Forwarder:
             raise UpstreamTimeout("the request's deadline passed before a runtime answered")
         return remaining
 
-    @staticmethod
-    def _headers(outgoing: Outgoing, remaining: float) -> CIMultiDict[str]:
+    def _headers(self, outgoing: Outgoing, remaining: float) -> CIMultiDict[str]:
         sent = CIMultiDict(outgoing.headers)
         sent[REQUEST_ID_HEADER] = outgoing.request_id
         sent[TIMEOUT_HEADER] = str(max(1, int(remaining * 1000)))
+        check_sendable(sent, max_headers=self.max_headers, max_header_bytes=self.max_header_bytes)
         return sent
 
     async def _attempt(self, url: str, outgoing: Outgoing) -> UpstreamAnswer:
@@ -259,12 +270,18 @@ class Forwarder:
                         content = await self.read_answer(response, url)
                     except aiohttp.ClientConnectionError as exc:  # dropped before the answer was in
                         raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=False) from exc
-                    except aiohttp.ClientPayloadError as exc:
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
                         log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
+                        response.close()
                         raise BadUpstreamResponse("the runtime's answer was cut short") from exc
-                return UpstreamAnswer(
-                    response.status, relayed_headers(response.headers.items()), content, url
-                )
+                    try:
+                        content = checked_body(response.status, content, outgoing.request_id)
+                    except BadUpstreamResponse as exc:
+                        log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
+                        response.close()
+                        raise
+                headers = with_retry_after(response.status, relayed_headers(response.headers.items()))
+                return UpstreamAnswer(response.status, headers, content, url)
         except TimeoutError as exc:
             self._check_budget(budget, url, remaining, exc)
             raise
@@ -278,13 +295,14 @@ class Forwarder:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(self.connect_timeout_s, remaining), sock_read=idle_timeout_s
         )
+        headers = self._headers(outgoing, remaining)
         try:
             async with asyncio.timeout(remaining) as budget:
                 try:
                     response = await self.session.request(
                         outgoing.method,
                         url + outgoing.path_qs,
-                        headers=self._headers(outgoing, remaining),
+                        headers=headers,
                         data=outgoing.body,
                         timeout=timeout,
                         allow_redirects=False,
@@ -297,6 +315,9 @@ class Forwarder:
                     if unsent:
                         self.balancer.connect_failed(url)
                     raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=unsent) from exc
+                except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+                    log.warning("runtime answer is not HTTP", extra={"endpoint": url, "error": str(exc)})
+                    raise BadUpstreamResponse("the runtime's answer is not valid HTTP") from exc
                 except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
                     log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})
                     raise BadUpstreamResponse("the version's endpoint address is not usable") from exc
@@ -304,6 +325,12 @@ class Forwarder:
             self._check_budget(budget, url, remaining, exc)
             raise
         self.balancer.succeeded(url)
+        try:
+            check_status(response.status)
+        except BadUpstreamResponse as exc:
+            log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
+            response.close()  # a connection that switched protocols, or after a redirect: never reused
+            raise
         return response
 
     def _check_budget(self, budget: asyncio.Timeout, url: str, remaining: float, exc: TimeoutError) -> None:

@@ -25,6 +25,7 @@ from captionfleet.runtime.web.errors import reply_for
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
 from captionfleet.runtime.web.parsing import FormLimits, ParsedRequest, parse_request
 from captionfleet.runtime.web.probes import add_probe_routes
+from captionfleet.runtime.web.protocol import defer_continue
 
 
 def _deadline(request: web.Request) -> float | None:
@@ -137,8 +138,8 @@ def build_app(state: ServerState) -> web.Application:
         middlewares=[edge_middleware(policy)], client_max_size=state.settings.max_body_bytes
     )
     app[STATE] = state
-    app.router.add_post("/v1/caption", caption)
-    app.router.add_post("/v1/caption/batch", caption_batch)
+    app.router.add_post("/v1/caption", caption, expect_handler=defer_continue)
+    app.router.add_post("/v1/caption/batch", caption_batch, expect_handler=defer_continue)
     app.router.add_get("/v1/models", models)
     add_job_routes(app)
     add_probe_routes(app, state)

@@ -37,6 +37,7 @@ from captionfleet.runtime.web.parsing import (
     query_fields,
     text_field,
 )
+from captionfleet.runtime.web.protocol import defer_continue
 
 SUBMISSION_FIELDS = ("items", "options", "webhook", "webhook_secret")
 ITEM_FIELDS = ("id", "url", "image_base64")
@@ -88,7 +89,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 
 def add_job_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/jobs", create_job)
+    app.router.add_post("/v1/jobs", create_job, expect_handler=defer_continue)
     app.router.add_get("/v1/jobs/{job_id}", job_status)
     app.router.add_get("/v1/jobs/{job_id}/results", job_results)
     app.router.add_delete("/v1/jobs/{job_id}", cancel_job)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, StreamReader
@@ -97,6 +98,8 @@ class BodyAllowance:
         self.deadline = deadline
         self.taken = 0
         self.used = 0
+        self.on_admitted: Callable[[], Awaitable[None]] | None = None
+        """Awaited once, when the body is let in (:meth:`reserve_declared`): the deferred ``100 Continue``."""
 
     async def reserve(self, size: int) -> None:
         """Take room for ``size`` more bytes (or none, when room for them is taken already)."""
@@ -111,12 +114,15 @@ class BodyAllowance:
 
     async def reserve_declared(self, declared: int | None, limit: int) -> None:
         """413 for a declared body size (Content-Length) over ``limit``; else room for all of it, taken
-        before the first byte is read (no declared size: room is taken as the bytes arrive)."""
-        if declared is None:
-            return
-        if declared > limit:
-            raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit} bytes")
-        await self.reserve(declared)
+        before the first byte is read (no declared size: room is taken as the bytes arrive). Then the
+        body is let in (``on_admitted``)."""
+        if declared is not None:
+            if declared > limit:
+                raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit}")
+            await self.reserve(declared)
+        admitted, self.on_admitted = self.on_admitted, None
+        if admitted is not None:
+            await admitted()
 
     async def keep(self, size: int) -> None:
         """Count ``size`` bytes of body as held (room taken first)."""

@@ -16,6 +16,8 @@ DEADLINE = web.RequestKey("deadline", float)
 """Monotonic seconds by which the request must be answered; inf: none."""
 BODY = web.RequestKey("body", BodyAllowance)
 """The request's share of the process's body budget (``web.body``)."""
+CONTINUE_DEFERRED = web.RequestKey("continue_deferred", bool)
+"""The client waits for ``100 Continue`` before it sends the body (``protocol.defer_continue``)."""
 BACKSTOP = web.RequestKey("backstop", asyncio.Timeout)
 """The edge's deadline timer of the request (absent without a deadline): see :func:`head_sent`."""
 

@@ -12,7 +12,9 @@ For every request:
   never a late 200. A handler that streams its answer stops the timer once the head is out
   (``context.head_sent``) and bounds the gaps between chunks itself.
 - **Body budget**: ``request[BODY]``, the request's share of ``max_body_bytes_in_flight``, given back
-  when the answer is ready.
+  when the answer is ready. A client that sent ``Expect: 100-continue`` gets its ``100 Continue`` only
+  once the declared size is checked and room for it taken (``protocol.defer_continue``), so a body
+  over the limit gets its 413 (or a full server its 503) before the client sends it.
 - **Errors**: every exception becomes the contract's JSON error (:func:`~captionfleet.runtime.web.errors.
   reply_for` with the process's table of domain errors); an answer that leaves part of the body unread
   closes the connection, so a refused upload is not read on.
@@ -25,6 +27,7 @@ For every request:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -33,17 +36,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from captionfleet.names import REQUEST_ID_HEADER, ROUTED_VERSION_HEADER
 from captionfleet.runtime.serving.errors import DeadlineExceeded
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget
 from captionfleet.runtime.web.coding import DECODED_CODINGS, content_coding
-from captionfleet.runtime.web.context import ARRIVED, BACKSTOP, BODY, DEADLINE, REQUEST_ID, ms_since
-from captionfleet.runtime.web.errors import StatusTable, UnsupportedMediaType, reply_for
+from captionfleet.runtime.web.context import (
+    ARRIVED,
+    BACKSTOP,
+    BODY,
+    CONTINUE_DEFERRED,
+    DEADLINE,
+    REQUEST_ID,
+    ms_since,
+)
+from captionfleet.runtime.web.errors import InvalidRequest, StatusTable, UnsupportedMediaType, reply_for
 from captionfleet.runtime.web.logs import request_id_var
-from captionfleet.runtime.web.protocol import EdgeProtocol
+from captionfleet.runtime.web.protocol import EdgeProtocol, send_continue
 from captionfleet.runtime.web.timeouts import client_timeout_ms
 from captionfleet.settings.edge import EdgeSettings
 
@@ -107,6 +118,8 @@ def edge_middleware(policy: EdgePolicy) -> Middleware:
         if protocol is not None:
             protocol.request_started()
         request[BODY] = allowance = BodyAllowance(policy.budget, policy.body_wait_s, None)
+        if request.get(CONTINUE_DEFERRED):
+            allowance.on_admitted = functools.partial(send_continue, request)
         route = route_of(request)
         try:
             try:
@@ -131,6 +144,7 @@ def edge_middleware(policy: EdgePolicy) -> Middleware:
 async def _answer(request: web.Request, handler: Handler, policy: EdgePolicy) -> web.StreamResponse:
     """The handler's answer under the request's deadline, or the contract's JSON error."""
     try:
+        _check_framing(request)
         _check_content_encoding(request)
         deadline = _deadline(request, policy.timeout_ms)
         request[DEADLINE] = request[BODY].deadline = deadline
@@ -166,6 +180,25 @@ def _check_content_encoding(request: web.Request) -> None:
         )
 
 
+UNFRAMED = "unsupported_transfer_encoding"
+
+
+def _check_framing(request: web.Request) -> None:
+    """A body framed only by ``Transfer-Encoding: chunked`` on HTTP/1.1 (RFC 9112 6.1). aiohttp takes
+    ``gzip, chunked`` as chunked alone, and a coding it does not apply would pass for the body itself;
+    HTTP/1.0 has no transfer codings, so their framing is faulty there. Refused before the body is read
+    (the connection is closed: what follows on it cannot be framed)."""
+    coding = request.headers.get(hdrs.TRANSFER_ENCODING)
+    if coding is None:
+        return
+    if coding.strip().lower() != "chunked" or request.version < (1, 1):
+        raise InvalidRequest(
+            f"Transfer-Encoding {coding[:40]!r} is not supported: send the body with a Content-Length, or "
+            "chunked (HTTP/1.1 only)",
+            code=UNFRAMED,
+        )
+
+
 def _deadline(request: web.Request, timeout_ms: float) -> float:
     if route_of(request) in PROBE_ROUTES:
         return float("inf")  # probes answer at once; the kubelet has its own timeout
@@ -178,7 +211,7 @@ def _error(request: web.Request, error: BaseException, policy: EdgePolicy) -> we
     if reply.code == "internal_error":
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
     response = reply.response(request[REQUEST_ID])
-    if not request.content.is_eof():
+    if not request.content.is_eof() or reply.code == UNFRAMED:
         response.force_close()  # do not read on a body the answer refused (or did not need)
     return response
 

@@ -16,7 +16,9 @@ an idle keep-alive connection between requests is aiohttp's ``keepalive_timeout`
 
 aiohttp answers an ``Expect`` other than ``100-continue`` before any middleware runs, in plain text
 (and with a 500 when the value is not UTF-8): :func:`expectation_guard` answers it with the
-contract's 417 instead.
+contract's 417 instead. And aiohttp sends ``100 Continue`` as soon as the headers are in, so a client
+is told to send a body the limit then refuses: routes that take a body use :func:`defer_continue`,
+which leaves the ``100 Continue`` to the body's admission (``BodyAllowance.reserve_declared``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import hdrs, http_exceptions, web
+from aiohttp import HttpVersion11, hdrs, http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
+from captionfleet.runtime.web.context import CONTINUE_DEFERRED
 from captionfleet.runtime.web.errors import INTERNAL, ErrorReply
 
 log = logging.getLogger("captionfleet.runtime.web")
@@ -160,3 +163,16 @@ def expectation_guard(handler: Handler) -> Handler:
         return response
 
     return guarded
+
+
+async def defer_continue(request: web.Request) -> None:
+    """The ``expect_handler`` of a route that takes a body: ``Expect: 100-continue`` (the only one
+    :func:`expectation_guard` lets through) is answered when the body is let in, not at once."""
+    if request.version == HttpVersion11:
+        request[CONTINUE_DEFERRED] = True
+
+
+async def send_continue(request: web.Request) -> None:
+    """``100 Continue``: the client may send its body now (as aiohttp's own expect handler sends it)."""
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # not a part of the answer: an error may still follow
