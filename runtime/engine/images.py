@@ -15,7 +15,7 @@
 What is decided here, so callers can rely on it:
 - Empty bytes -> :class:`InvalidImage`.
 - Bytes that start like an allowed format (by magic number) but do not decode -> :class:`InvalidImage`.
-- Anything else PIL cannot identify as an allowed format (text, HTML, PDF, ICO, ...) ->
+- Anything else PIL cannot identify as an allowed format (text, HTML, PDF, SVG, ICO, HEIC, ...) ->
   :class:`UnsupportedImageFormat`: the request was "not an image we take", not a broken image.
 """
 
@@ -28,12 +28,15 @@ import warnings
 from collections.abc import Collection, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from captionfleet.runtime.engine.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
 
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
-"""Formats accepted by default, as PIL names them."""
+ALLOWED_FORMATS: frozenset[str] = frozenset(
+    {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"} | ({"AVIF"} if features.check("avif") else set())
+)
+"""Formats accepted by default, as PIL names them. AVIF (what recent phones and browsers send) when
+this Pillow build decodes it (the wheels of Pillow 13 do); HEIC needs a plugin we do not ship."""
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """A sensible width * height limit (40 MP) for callers without their own setting."""
@@ -55,14 +58,19 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION_TAG = 0x0112
 
-# Modes with an alpha channel (or palette transparency) that are composited on white.
+# Modes with an alpha channel that are composited on white.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Modes whose ``transparency`` info (a palette entry, a colour or a grey level) PIL turns into alpha.
+_KEYED_MODES = frozenset({"P", "RGB", "L", "1"})
+WHITE = (255, 255, 255)
 
 
 def sniff_format(data: bytes) -> str | None:
     """The allowed format whose magic number ``data`` starts with, if any (WEBP: RIFF....WEBP)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:12] in (b"ftypavif", b"ftypavis"):  # an ISO media file whose major brand is AVIF
+        return "AVIF"
     for name, magics in _MAGIC.items():
         if any(data.startswith(magic) for magic in magics):
             return name
@@ -198,16 +206,24 @@ def decode_image(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB, compositing transparency on white."""
+    """Convert any PIL mode to 8-bit RGB, compositing transparency on white.
+
+    Transparency is an alpha channel, a palette's transparent entries, or (PNG's tRNS, GIF's) one
+    colour or grey level of an RGB, L, 1 or 16-bit image that stands for "transparent": such pixels
+    are white too, as a browser on a white page shows them, not the key colour (often black)."""
     mode = image.mode
+    keyed = image.info.get("transparency")
+    if keyed is not None and mode in _KEYED_MODES:
+        return _composite_on_white(image.convert("RGBA"))
     if mode == "RGB":
         return image
-    if mode == "P" and "transparency" in image.info:
-        return _composite_on_white(image.convert("RGBA"))
     if mode in _ALPHA_MODES:
         return _composite_on_white(image.convert("RGBA"))
     if mode.startswith("I;16") or mode == "I":
-        return _wide_integers_to_rgb(image)
+        rgb = _wide_integers_to_rgb(image)
+        if isinstance(keyed, int):
+            rgb.paste(WHITE, mask=Image.fromarray(np.asarray(image) == keyed))
+        return rgb
     if mode == "F":
         return _floats_to_rgb(image)
     try:
@@ -219,7 +235,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _composite_on_white(rgba: Image.Image) -> Image.Image:
     if rgba.mode != "RGBA":
         rgba = rgba.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    white = Image.new("RGBA", rgba.size, (*WHITE, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 

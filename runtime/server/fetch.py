@@ -158,6 +158,11 @@ def absolute_url(text: str, what: str = "the URL") -> URL:
         url = URL(text.strip())
     except (ValueError, TypeError) as exc:
         raise UrlRefused(f"{what} is not a valid URL: {exc}") from exc
+    if url.scheme == "data":  # hostless, so "not absolute" below would mislead: say where it belongs
+        raise UrlRefused(
+            f"{what} is a data: URL, which is not fetched (only http and https are); "
+            "an image's bytes go in image_base64"
+        )
     if not url.is_absolute():
         raise UrlRefused(f"{what} must be absolute (http:// or https://)")
     return url

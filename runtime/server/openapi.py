@@ -12,7 +12,7 @@ _ERROR_CODES = {
     "missing image field, refused or unfetchable URL",
     "401": "Missing or unknown X-API-Key",
     "413": "Body (or fetched image) larger than the limit",
-    "415": "Not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF; sniffed from the bytes)",
+    "415": "Not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF; sniffed)",
     "422": "content_blocked: the moderation service refused the image (the reason in the message)",
     "429": "Rate limit of the API key exceeded (see Retry-After)",
     "500": "Server fault",

@@ -199,6 +199,15 @@ class RedisProcess:
         self.stop()
         self._start()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an evicted pod: only what the append-only file holds survives;
+        :meth:`start_again` brings it back on the same port."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def start_again(self) -> None:
+        self._start()
+
     def _answers(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server exited with {self.process.returncode}")

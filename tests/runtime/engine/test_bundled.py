@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from transformers import BlipImageProcessorPil
 
 from captionfleet.runtime.engine.captioner import (
@@ -152,3 +153,74 @@ def test_scenes_from_bytes_get_the_same_captions_as_with_blip_image_processor(
     assert [c.text for c in ours_captions] == [c.text for c in theirs_captions]
     for mine, other in zip(ours_captions, theirs_captions, strict=True):
         assert mine.confidence == pytest.approx(other.confidence, abs=0.02)
+
+
+def _transparent_background(scene: Scene) -> bytes:
+    """The scene as an RGBA PNG whose background is fully transparent (its colour bytes black): only
+    compositing on white, as ``to_rgb`` does, shows the white-background scene it was drawn as."""
+    rgb = scene.render()
+    pixels = np.array(rgb.convert("RGBA"))
+    background = np.all(np.abs(pixels[..., :3].astype(int) - scene.background_rgb) <= 2, axis=-1)
+    pixels[background] = (0, 0, 0, 0)
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+def _exif_rotated(scene: Scene) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 270 degrees: stored turned 90
+    return encode(scene.render(256).transpose(Image.Transpose.ROTATE_90), "JPEG", quality=92, exif=exif)
+
+
+def _noisy(scene: Scene) -> bytes:
+    pixels = np.asarray(scene.render(), dtype=np.float64)
+    noise = np.random.default_rng(0).normal(0.0, 8.0, pixels.shape)
+    return encode(Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)), "PNG")
+
+
+VARIANTS = {
+    "png": lambda scene: encode(scene.render(), "PNG"),
+    "1024 px jpeg q90": lambda scene: encode(scene.render(1024), "JPEG", quality=90),
+    "256 px jpeg q30": lambda scene: encode(scene.render(256), "JPEG", quality=30),
+    "webp q80": lambda scene: encode(scene.render(200), "WEBP", quality=80),
+    "palette of 32": lambda scene: encode(scene.render().quantize(32), "PNG"),
+    "non-square 192x128": lambda scene: encode(scene.render().resize((192, 128)), "PNG"),
+    "blurred": lambda scene: encode(scene.render().filter(ImageFilter.GaussianBlur(1)), "PNG"),
+    "noise sigma 8": _noisy,
+    "exif-rotated jpeg": _exif_rotated,
+}
+
+UNSEEN_SEED = 2000003
+"""Neither the training seed nor the held-out one the model card reports."""
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_unseen_scenes_in_other_encodings_keep_the_exact_match_level(
+    bundled: Captioner, variant: str
+) -> None:
+    """Measured on 200 scenes of this seed: 0.955-0.975 exact for every variant, the same as their
+    PNGs (0.970; the model card: 0.986 on 500 held-out scenes); 48 here, at least 44 exact."""
+    chosen = [scene_at(UNSEEN_SEED, index) for index in range(48)]
+    pixels = torch.stack(
+        [
+            bundled.preprocessor.decode_and_preprocess(VARIANTS[variant](s), max_pixels=50_000_000)
+            for s in chosen
+        ]
+    )
+    captions = bundled.caption_pixels(pixels, resolve_options())
+    exact = sum(caption.text == scene.caption for caption, scene in zip(captions, chosen, strict=True))
+    assert exact >= 44, [
+        (c.text, s.caption) for c, s in zip(captions, chosen, strict=True) if c.text != s.caption
+    ]
+
+
+def test_a_transparent_background_is_composited_on_white(bundled: Captioner) -> None:
+    chosen = [scene for scene in (scene_at(UNSEEN_SEED, i) for i in range(60)) if scene.background == "white"]
+    pixels = torch.stack(
+        [
+            bundled.preprocessor.decode_and_preprocess(_transparent_background(s), max_pixels=10**6)
+            for s in chosen
+        ]
+    )
+    captions = bundled.caption_pixels(pixels, resolve_options())
+    assert all(caption.text.endswith("on a white background") for caption in captions)
+    assert sum(c.text == s.caption for c, s in zip(captions, chosen, strict=True)) >= len(chosen) - 2

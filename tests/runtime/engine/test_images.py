@@ -254,6 +254,24 @@ def test_palette_transparency_is_composited_on_white() -> None:
     assert pixel(gif, (15, 10)) == WHITE
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_a_transparent_colour_key_is_composited_on_white(mode: str) -> None:
+    """PNG's tRNS for a colour or grey image names one value as transparent: those pixels are white,
+    as a browser shows them, not the key's colour (black here)."""
+    picture = Image.new("RGB", (20, 20), (0, 0, 0))
+    picture.paste(RED, (0, 0, 10, 20))
+    if mode == "I;16":
+        keyed = Image.fromarray(np.asarray(picture.convert("L")).astype(np.uint16) * 257)
+    else:
+        keyed = picture.convert(mode)
+    key = (0, 0, 0) if mode == "RGB" else 0
+    data = encode(keyed, "PNG", transparency=key)
+    assert Image.open(io.BytesIO(data)).mode == mode and "transparency" in Image.open(io.BytesIO(data)).info
+    decoded = decode_image(data, max_pixels=LIMIT)
+    assert pixel(decoded, (15, 10)) == WHITE
+    assert pixel(decoded, (5, 10)) != WHITE  # the opaque half keeps its colour (or grey level)
+
+
 def test_cmyk_jpeg_and_tiff_become_rgb() -> None:
     cmyk = Image.new("CMYK", (20, 20), (0, 255, 255, 0))  # no cyan and black, full magenta and yellow: red
     for fmt in ("JPEG", "TIFF"):
