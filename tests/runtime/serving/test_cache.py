@@ -29,6 +29,11 @@ def variants(image: Image.Image) -> dict[str, Image.Image]:
         "png of jpeg": _reload(encode(_reload(encode(image, "JPEG", quality=85)), "PNG")),
         "50 %": _reload(encode(half, "PNG")),
         "50 % jpeg q85": _reload(encode(half, "JPEG", quality=85)),
+        "jpeg at Pillow's default quality (75)": _reload(encode(image, "JPEG")),
+        "webp q80": _reload(encode(image, "WEBP", quality=80)),
+        "200 % jpeg q85": _reload(
+            encode(image.resize((image.width * 2, image.height * 2)), "JPEG", quality=85)
+        ),
     }
 
 
