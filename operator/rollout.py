@@ -4,7 +4,8 @@ The state lives in ``status.rollout`` (never in the spec) and names the canary i
 name and a hash of that version's spec, so a rolled-back or promoted version stays so until its spec
 changes, and then a fresh rollout starts. One check reads the canary's figures over the window:
 
-- fewer than ``minRequests`` (or no figures at all): hold, neither pass nor fail;
+- fewer than ``minRequests`` (or no figures at all; or, with ``maxConfidenceDrop``, no confidence
+  figures from a version that answered): hold, neither pass nor fail;
 - error rate above ``errorRateThreshold`` percent, p99 above ``latencyP99Ms`` when set, or the mean
   confidence more than ``maxConfidenceDrop`` below the stable's when set: a failed check;
   ``threshold`` failed checks in a row roll the canary back (weight 0, scaled down);
@@ -271,6 +272,9 @@ def check(
         return _shadow_check(analysis, state, figures, total, now)
     if figures.requests == 0 or figures.requests < analysis.min_requests:
         return _held(analysis, state, figures, now)
+    missing = _confidence_missing(analysis, figures, baseline)
+    if missing is not None:
+        return _no_figures(state, missing)
     problems = _problems(analysis, figures, baseline)
     if problems:
         return _failed(analysis, state, _check(figures, "fail", now, baseline), problems, figures.describe())
@@ -323,6 +327,19 @@ def _held(analysis: Analysis, state: CanaryState, figures: Figures, now: str) ->
     )
     held = state.model_copy(update={"last_check": _check(figures, "hold", now), "message": message})
     return Decision("hold", held, message)
+
+
+def _confidence_missing(analysis: Analysis, figures: Figures, baseline: Figures | None) -> str | None:
+    """Why maxConfidenceDrop cannot be judged though both versions answered (missing evidence holds
+    the check); None when it can, or is not set. A stable that answered nothing in the window (no
+    ``baseline``: the canary has the whole pool) leaves nothing to compare with: not a hold."""
+    if analysis.max_confidence_drop is None or baseline is None or baseline.requests <= baseline.errors:
+        return None
+    if figures.confidence is None and figures.requests > figures.errors:
+        return "the canary's answers carry no confidence figures, which maxConfidenceDrop compares"
+    if baseline.confidence is None:
+        return "the stable's answers carry no confidence figures, which maxConfidenceDrop compares"
+    return None
 
 
 def _problems(analysis: Analysis, figures: Figures, baseline: Figures | None) -> list[tuple[str, str]]:

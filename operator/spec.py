@@ -373,7 +373,8 @@ class Analysis(SpecModel):
     max_confidence_drop: Fraction | None = Field(
         default=None,
         description="Largest acceptable fall of the canary's mean caption confidence below the stable's, "
-        "over the window (both from the answers the routers relay); unset: not checked.",
+        "over the window (both from the answers the routers relay); a check without confidence figures "
+        "from a version that answered holds. Unset: not checked.",
     )
 
 

@@ -131,7 +131,23 @@ def test_a_confidence_drop_fails_a_check_at_error_rate_0_only_when_max_confidenc
     # A drop within the limit, or no confidence seen on either side, is no problem.
     near = r.Figures(requests=200, errors=0, confidence=0.85)
     assert run(spec, state, near, baseline=stable).kind == "step"
-    assert run(spec, state, collapsed, baseline=None).kind == "step"
+    assert run(spec, state, collapsed, baseline=None).kind == "step"  # the stable answered nothing
+
+
+def test_max_confidence_drop_holds_when_an_answering_side_has_no_confidence_figures() -> None:
+    """Missing evidence never promotes: with maxConfidenceDrop set, figures without confidence hold."""
+    spec = spec_of(maxConfidenceDrop=0.1)
+    state = r.current(spec, None)
+    assert state is not None
+    stable = r.Figures(requests=900, errors=0, confidence=0.92)
+    unscored = r.Figures(requests=200, errors=0)
+    for canary, baseline in ((unscored, stable), (r.Figures(200, 0, confidence=0.9), r.Figures(900, 0))):
+        held = run(spec, state, canary, baseline=baseline)
+        assert held.kind == "hold" and held.state.weight == state.weight, held.message
+        assert "no confidence figures" in held.message and held.state.failed_checks == 0
+    assert run(spec_of(), state, unscored, baseline=r.Figures(900, 0)).kind == "step"  # not asked for
+    failing = r.Figures(requests=200, errors=200)  # no answer to score: the error rate decides
+    assert run(spec, state, failing, baseline=stable).kind == "fail"
 
 
 def test_router_stats_sum_the_confidence_and_the_shadow_figures_of_every_router() -> None:
