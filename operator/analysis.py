@@ -183,13 +183,9 @@ async def _still_gated(
     if status.get("observedGeneration") != found["metadata"].get("generation"):
         return {}
     now_state = rollout.current(now_spec, status.get("rollout"))
-    same = now_state is not None and (now_state.version, now_state.spec_hash) == (
-        state.version,
-        state.spec_hash,
-    )
-    if not same or now_state is None or now_state.phase != "Progressing" or not now_state.awaits_gate:
+    if now_state is None or (now_state.version, now_state.spec_hash) != (state.version, state.spec_hash):
         return {}
-    return found
+    return found if now_state.phase == "Progressing" and now_state.awaits_gate else {}
 
 
 async def _check(

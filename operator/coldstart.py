@@ -19,7 +19,6 @@ because its routers could not be asked). The routers only report (``held``, ``la
 
 from __future__ import annotations
 
-import datetime
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from typing import Any
 
 from captionfleet.operator.builders.common import ColdPhase, FleetContext
 from captionfleet.operator.builders.replicas import replica_bounds
-from captionfleet.operator.spec import CaptionModelSpec, seconds
+from captionfleet.operator.spec import CaptionModelSpec, seconds, unix
 from captionfleet.operator.traffic import Share
 
 PHASES: tuple[ColdPhase, ...] = typing.get_args(ColdPhase)
@@ -54,21 +53,6 @@ class Demand:
 def scales_to_zero(spec: CaptionModelSpec, share: Share) -> bool:
     """Whether the version's replica floor is 0 (a retired version has no pods anyway)."""
     return not share.retired and replica_bounds(spec, share)[0] == 0
-
-
-def iso(unix_s: float | None) -> str | None:
-    if unix_s is None:
-        return None
-    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def unix(text: Any) -> float | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
 
 
 def current(ctx: FleetContext, previous: Mapping[str, Any], now_s: float) -> dict[str, ColdState]:

@@ -23,6 +23,7 @@ from captionfleet.operator.builders.common import ClusterConfig, FleetContext
 from captionfleet.operator.coldstart import ColdState, Demand
 from captionfleet.operator.events import REPAIRS, Event, Reason
 from captionfleet.operator.figures import RouterStats
+from captionfleet.operator.spec import iso
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,7 @@ def _changed(before: ColdState, after: ColdState) -> bool:
     """A new phase, or (awake: polled slowly) a last request the status would show differently."""
     if before.phase != after.phase:
         return True
-    return after.phase == "Ready" and coldstart.iso(before.last_request_at) != coldstart.iso(
-        after.last_request_at
-    )
+    return after.phase == "Ready" and iso(before.last_request_at) != iso(after.last_request_at)
 
 
 async def poll_once(polling: Polling, namespace: str, name: str) -> PollOutcome:

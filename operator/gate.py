@@ -17,14 +17,13 @@ the canary (and, with ``maxDrop``, through the stable version) and scores both w
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from captionfleet.operator.events import Reason
-from captionfleet.operator.spec import QualityGate, StatusModel, seconds
+from captionfleet.operator.spec import QualityGate, StatusModel, seconds, unix
 
 if TYPE_CHECKING:
     from captionfleet.operator.rollout import CanaryState
@@ -151,21 +150,15 @@ def timed_out(spec: QualityGate, version: str, now: str) -> GateOutcome:
     return GateOutcome("failed", gate)
 
 
-def _age_s(since: str, now: str) -> float:
-    def parse(text: str) -> datetime.datetime:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-    return (parse(now) - parse(since)).total_seconds()
-
-
 def no_ready_pod(spec: QualityGate, gate: GateState, version: str, now: str) -> GateState | GateOutcome:
     """A check that found no ready canary pod to score: the gate starts waiting (the state to store;
     unchanged while it waits), and fails once it has waited longer than ``timeout``: a canary whose
     pods never become ready is rolled back like one that scores too slowly, never left pending."""
-    if gate.waiting_since is None:
+    since, current = unix(gate.waiting_since), unix(now)
+    if since is None or current is None:  # not waiting yet (or a stored time that does not parse)
         message = f"waiting for a ready pod of canary {version} to score (at most timeout {spec.timeout})"
         return gate.model_copy(update={"waiting_since": now, "message": message})
-    if _age_s(gate.waiting_since, now) <= seconds(spec.timeout):
+    if current - since <= seconds(spec.timeout):
         return gate
     message = (
         f"canary {version} failed the quality gate: no ready pod to score within timeout {spec.timeout} "

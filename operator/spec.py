@@ -8,6 +8,7 @@ What a schema cannot say (weights summing to 100, unique names, ...) is checked 
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -91,6 +92,23 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 def seconds(duration: str) -> float:
     """A duration such as ``1m30s`` in seconds."""
     return sum(int(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(duration))
+
+
+def iso(unix_s: float | None) -> str | None:
+    """A status timestamp (RFC 3339, UTC, seconds) of a Unix time."""
+    if unix_s is None:
+        return None
+    return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def unix(text: Any) -> float | None:
+    """The Unix time of a status timestamp; None when absent or unreadable (a status is user-editable)."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _within(low: str, high: str) -> AfterValidator:

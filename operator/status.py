@@ -16,12 +16,12 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from captionfleet.operator.builders.common import ColdPhase
 from captionfleet.operator.cascade import CascadeStatus
-from captionfleet.operator.coldstart import ColdState, iso
+from captionfleet.operator.coldstart import ColdState
 from captionfleet.operator.events import Reason
 from captionfleet.operator.gate import GateState
 from captionfleet.operator.pods import POD_REASONS, ROUTER_KEY, PodProblem
 from captionfleet.operator.rollout import CanaryState
-from captionfleet.operator.spec import StatusModel
+from captionfleet.operator.spec import StatusModel, iso
 from captionfleet.operator.traffic import Role, Share
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid", "RolledBack"]

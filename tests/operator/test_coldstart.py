@@ -132,7 +132,7 @@ def test_the_status_says_a_version_is_idle_and_keeps_its_state_across_reconcilia
     (version,) = status["versions"]
     assert version["coldStart"] is True
     assert version["state"] == "Idle" and version["reason"] == "ScaledToZero"
-    assert version["lastRequestAt"] == coldstart.iso(NOW - 900)
+    assert version["lastRequestAt"] == spec.iso(NOW - 900)
     assert status["phase"] == "Ready"  # at zero on purpose is not waiting for anything
     assert coldstart.current(ctx, status, NOW + 5)["v1"] == ColdState("Idle", NOW, NOW - 900)
 

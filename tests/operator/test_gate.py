@@ -148,6 +148,10 @@ def test_a_canary_that_never_gets_a_ready_pod_fails_the_gate_after_its_timeout(t
     assert (waiting.phase, waiting.waiting_since) == ("Pending", at(0))
     assert f"waiting for a ready pod of canary v2 to score (at most timeout {timeout})" in waiting.message
     assert gate.no_ready_pod(quality, waiting, "v2", at(limit_s)) == waiting  # at the limit: still waits
+    edited = waiting.model_copy(update={"waiting_since": "yesterday"})  # a status is user-editable
+    assert gate.no_ready_pod(quality, edited, "v2", at(limit_s)) == waiting.model_copy(
+        update={"waiting_since": at(limit_s)}
+    )
     failed = gate.no_ready_pod(quality, waiting, "v2", at(limit_s + 1))
     assert isinstance(failed, gate.GateOutcome) and failed.verdict == "failed"
     assert f"no ready pod to score within timeout {timeout}" in failed.message
