@@ -104,7 +104,7 @@ def _autoscaling(spec: CaptionModelSpec, config: ClusterConfig) -> list[str]:
         problems.append(
             f"spec.autoscaling: minReplicas {a.min_replicas} is above maxReplicas {a.max_replicas}"
         )
-    if a.provider == "keda" and not config.prometheus_url:
+    if a.provider == "keda" and not config.settings.prometheus_url:
         problems.append(
             "spec.autoscaling.provider: keda needs a Prometheus to query; this operator runs without "
             "--prometheus-url (CAPTIONFLEET_PROMETHEUS_URL)"

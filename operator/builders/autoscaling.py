@@ -54,7 +54,7 @@ def hpa(ctx: common.FleetContext, version: ModelVersion) -> dict[str, Any]:
                 {
                     "type": "Pods",
                     "pods": {
-                        "metric": {"name": ctx.config.queue_depth_metric},
+                        "metric": {"name": ctx.config.settings.queue_depth_metric},
                         "target": {
                             "type": "AverageValue",
                             "averageValue": str(autoscaling.target_queue_depth),
@@ -88,7 +88,7 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
     name = common.version_name(ctx, version.name)
     # Pods of a Deployment are named <deployment>-<replicaset hash>-<pod hash>.
     query = (
-        f'sum(avg_over_time({ctx.config.queue_depth_metric}{{namespace="{ctx.namespace}",'
+        f'sum(avg_over_time({ctx.config.settings.queue_depth_metric}{{namespace="{ctx.namespace}",'
         f'pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}}[1m]))'
     )
     return {
@@ -103,7 +103,7 @@ def scaled_object(ctx: common.FleetContext, version: ModelVersion) -> dict[str, 
                 {
                     "type": "prometheus",
                     "metadata": {
-                        "serverAddress": ctx.config.prometheus_url,
+                        "serverAddress": ctx.config.settings.prometheus_url,
                         "query": query,
                         "threshold": str(autoscaling.target_queue_depth),
                     },

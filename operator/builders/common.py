@@ -26,24 +26,16 @@ ColdPhase = Literal["Ready", "Idle", "Waking"]
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """What this operator installation decides for every fleet (from OperatorSettings)."""
+    """What this operator installation decides for every fleet: its settings (the default image, the
+    pull policy, the metrics sources), and the operator key the settings name, loaded once."""
 
-    default_image: str
-    pull_policy: str
-    queue_depth_metric: str
-    prometheus_url: str
+    settings: OperatorSettings = field(default_factory=OperatorSettings)
     operator_key: OperatorKey | None = None  # the quality gate's way past spec.auth (operator_key.py)
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> ClusterConfig:
         """Raises OperatorKeyError when the operator key file cannot be used."""
-        return cls(
-            default_image=settings.default_runtime_image,
-            pull_policy=settings.image_pull_policy,
-            queue_depth_metric=settings.queue_depth_metric,
-            prometheus_url=settings.prometheus_url,
-            operator_key=OperatorKey.load(settings.operator_key_file),
-        )
+        return cls(settings, OperatorKey.load(settings.operator_key_file))
 
 
 @dataclass(frozen=True)
@@ -90,7 +82,7 @@ class FleetContext:
     def image(self, version: ModelVersion | None = None) -> str:
         if version is not None and version.image:
             return version.image
-        return self.spec.image or self.config.default_image
+        return self.spec.image or self.config.settings.default_runtime_image
 
 
 # Child names; validation.py checks they fit in 63 characters.

@@ -74,7 +74,7 @@ def pod_spec(ctx: common.FleetContext) -> dict[str, Any]:
     container = {
         "name": "router",
         "image": ctx.image(),
-        "imagePullPolicy": ctx.config.pull_policy,
+        "imagePullPolicy": ctx.config.settings.image_pull_policy,
         "command": ["captionfleet", "router"],
         "ports": [common.container_port()],
         "env": router_env(ctx),

@@ -54,7 +54,7 @@ def _model_wiring(ctx: common.FleetContext, version: ModelVersion) -> Wiring:
     fetch = {
         "name": "fetch-model",
         "image": ctx.image(version),
-        "imagePullPolicy": ctx.config.pull_policy,
+        "imagePullPolicy": ctx.config.settings.image_pull_policy,
         "command": ["python", "-c", DOWNLOAD_SCRIPT],
         "args": [source.location, source.revision or "", f"{MODEL_MOUNT}/weights"],
         "env": [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HOME", "value": "/tmp"}],
@@ -75,7 +75,7 @@ def _container(
     return {
         "name": "runtime",
         "image": ctx.image(version),
-        "imagePullPolicy": ctx.config.pull_policy,
+        "imagePullPolicy": ctx.config.settings.image_pull_policy,
         "command": ["captionfleet", "serve"],
         "ports": [common.container_port()],
         "env": runtime_env(ctx, version),

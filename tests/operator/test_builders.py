@@ -15,6 +15,7 @@ from captionfleet.operator.builders import autoscaling, runtime
 from captionfleet.operator.builders.common import ClusterConfig, FleetContext
 from captionfleet.operator.builders.env import FOREIGN_ENV, ROUTER_ENV, RUNTIME_ENV
 from captionfleet.operator.builders.replicas import replica_bounds
+from captionfleet.operator.settings import OperatorSettings
 from captionfleet.operator.traffic import Share
 from captionfleet.settings import env_name
 from captionfleet.settings.serve import ServeSettings
@@ -25,10 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 K8S_VERSION = "1.33"
 CONFIG = ClusterConfig(
-    default_image="registry.test/runtime:1",
-    pull_policy="IfNotPresent",
-    queue_depth_metric="captionfleet_queue_depth",
-    prometheus_url="http://prometheus:9090",
+    OperatorSettings(default_runtime_image="registry.test/runtime:1", prometheus_url="http://prometheus:9090")
 )
 
 JOBS: dict[str, Any] = {

@@ -12,10 +12,11 @@ from aiohttp import web
 from captionfleet import names
 from captionfleet.operator import cascade, cascade_check, validation
 from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.settings import OperatorSettings
 from captionfleet.operator.spec import parse_spec
 from captionfleet.runtime.web.testing import base_url, start_fake_peer
 
-CONFIG = ClusterConfig("registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "")
+CONFIG = ClusterConfig(OperatorSettings(default_runtime_image="registry.test/runtime:1"))
 
 
 def v(name: str, weight: int, **more: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from .conftest import caption_peer
 
 MASTER = "m" * 20 + "-the-operator's-master-secret"
 KEY = OperatorKey(MASTER.encode())
-CONFIG = ClusterConfig("registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "", KEY)
+CONFIG = ClusterConfig(OperatorSettings(default_runtime_image="registry.test/runtime:1"), KEY)
 USER_KEY = "the-users-own-key"
 NOW = "2024-01-01T00:00:00Z"
 AUTH = {"secretName": "fleet-keys"}

@@ -19,6 +19,7 @@ from captionfleet.operator.permissions import (
     as_manifests,
     for_mode,
 )
+from captionfleet.operator.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,9 @@ def granted(rules: tuple, group: str, resource: str) -> set[str]:
 
 
 def test_the_operator_may_manage_every_kind_it_builds() -> None:
-    config = ClusterConfig("img", "IfNotPresent", "m", "http://p")
+    config = ClusterConfig(
+        OperatorSettings(default_runtime_image="img", queue_depth_metric="m", prometheus_url="http://p")
+    )
     for path in sorted((REPO / "examples").glob("*.yaml")):
         cr = yaml.safe_load(path.read_text())
         for provider in ("hpa", "keda"):
@@ -97,7 +100,7 @@ def test_the_router_role_is_built_from_the_same_data() -> None:
         namespace="ns",
         uid="u",
         spec=spec.parse_spec({"versions": [{"name": "v", "model": "hf://a/b"}]}),
-        config=ClusterConfig("img", "IfNotPresent", "m", ""),
+        config=ClusterConfig(OperatorSettings(default_runtime_image="img", queue_depth_metric="m")),
     )
     role = next(m for m in builders.fleet(ctx) if m["kind"] == "Role")
     assert role["rules"] == as_manifests(ROUTER_RULES)

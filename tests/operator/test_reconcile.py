@@ -17,12 +17,10 @@ from captionfleet.operator import analysis, gate_run, kube, reconcile
 from captionfleet.operator.builders.common import ClusterConfig
 from captionfleet.operator.figures import Figures, Reading
 from captionfleet.operator.metrics import OperatorMetrics
+from captionfleet.operator.settings import OperatorSettings
 
 CONFIG = ClusterConfig(
-    default_image="registry.test/runtime:1",
-    pull_policy="IfNotPresent",
-    queue_depth_metric="captionfleet_queue_depth",
-    prometheus_url="http://prometheus:9090",
+    OperatorSettings(default_runtime_image="registry.test/runtime:1", prometheus_url="http://prometheus:9090")
 )
 NS = "ml"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import yaml
 
 from captionfleet.operator import spec, validation
 from captionfleet.operator.builders.common import ClusterConfig
+from captionfleet.operator.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = ClusterConfig(
-    "registry.test/runtime:1", "IfNotPresent", "captionfleet_queue_depth", "http://prom:9090"
+    OperatorSettings(default_runtime_image="registry.test/runtime:1", prometheus_url="http://prom:9090")
 )
 
 
@@ -153,7 +155,7 @@ def test_the_schema_refuses_unusable_moderation(moderation: dict[str, Any]) -> N
 def test_keda_needs_the_operator_to_know_a_prometheus() -> None:
     raw = {"versions": [v("a")], "autoscaling": {"provider": "keda"}}
     assert validation.check("fleet", raw, CONFIG)[1] == []
-    without = ClusterConfig(CONFIG.default_image, CONFIG.pull_policy, CONFIG.queue_depth_metric, "")
+    without = ClusterConfig(replace(CONFIG.settings, prometheus_url=""))
     (problem,) = validation.check("fleet", raw, without)[1]
     assert "keda needs a Prometheus to query" in problem and "CAPTIONFLEET_PROMETHEUS_URL" in problem
 
