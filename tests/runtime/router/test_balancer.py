@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import astuple, replace
 
 import pytest
 
@@ -14,14 +14,9 @@ from captionfleet.settings.router import RouterSettings
 
 A, B, C = "http://10.0.0.1:8080", "http://10.0.0.2:8080", "http://10.0.0.3:8080"
 V = Version("v1", 100, "stable", (A, B, C))
-POLICY = OutlierPolicy(
-    connect_failures=1,
-    timeouts=2,
-    timeout_min_budget_s=1.0,
-    base_ejection_s=2.0,
-    max_ejection_s=60.0,
-    probe_timeout_s=1.0,
-)
+POLICY = OutlierPolicy.from_settings(RouterSettings())
+"""The defaults, which the tests below count with: out after one refused connection, or two timeouts in
+a row of requests that had at least 1 s of budget; out 2 s, doubling up to 60 s; a probe gets 1 s."""
 
 
 class Clock:
@@ -34,7 +29,8 @@ class Clock:
 
 def test_the_defaults_are_the_settings() -> None:
     defaults = RouterSettings()
-    assert Balancer().policy == OutlierPolicy.from_settings(defaults) == POLICY
+    assert Balancer().policy == POLICY
+    assert astuple(POLICY) == (1, 2, 1.0, 2.0, 60.0, 1.0)  # the numbers POLICY's docstring gives
     assert not any("outlier" in p for p in defaults.check())
     bad = RouterSettings(outlier_base_ejection_s=0, outlier_timeouts=-1, outlier_max_ejection_s=0)
     problems = bad.check()
