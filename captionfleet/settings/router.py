@@ -82,6 +82,12 @@ class RouterSettings(EdgeSettings):
         "Requests in a row that got no answer from an endpoint within their budget that take it out of "
         "rotation (one may be a slow batch; two with no answer in between is a hung pod); 0: never.",
     )
+    outlier_bad_responses: int = setting(
+        3,
+        "Answers in a row from an endpoint that could not be relayed (not HTTP, cut short, a status or "
+        "body no runtime sends: 502 bad_upstream_response) that take it out of rotation; 0: never. "
+        "Well-formed errors (a busy runtime's 503) do not count.",
+    )
     outlier_timeout_min_budget_ms: float = setting(
         1000.0,
         "A timeout counts against an endpoint only when the attempt had at least this long (a client's "
@@ -211,7 +217,10 @@ class RouterSettings(EdgeSettings):
         for name in ("outlier_base_ejection_s", "outlier_max_ejection_s", "outlier_probe_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
-        for name in ("outlier_connect_failures", "outlier_timeouts", "outlier_timeout_min_budget_ms"):
+        for name in (
+            *("outlier_connect_failures", "outlier_timeouts", "outlier_bad_responses"),
+            "outlier_timeout_min_budget_ms",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         if self.cold_start_max_held < 0 or self.cold_start_max_held_bytes < 0:

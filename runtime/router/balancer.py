@@ -10,13 +10,17 @@ Passive health checking, as Envoy's outlier detection does it, with an active pr
   the request went out (a reset, a kept-alive connection the runtime closed as it was reused) counts
   as neither: the request is retried, and a pod that is gone refuses the retry's connection, which
   counts. Ejecting on a drop would answer every other request of a one-pod version 503 until the
-  retry came back. Any answer, whatever its status, resets both counts.
+  retry came back. An endpoint is ejected too after ``bad_responses`` answers in a row that could
+  not be relayed (default 3: bytes that are not HTTP, an answer cut short, a status or body no
+  runtime sends), a broken runtime whose port still answers. A well-formed error (a busy runtime's
+  503) is an answer like any other. A good answer resets all three counts; a bad one, the first two.
 - An ejected endpoint takes no requests. After its ejection time a background task asks it
-  ``GET /readyz`` (``probe_timeout_s``); a 200 brings it back, anything else ejects it again. The
-  ejection time is ``base_ejection_s`` doubled with each ejection in a row (a failed probe included),
-  at most ``max_ejection_s``; an endpoint that stays in for ``max_ejection_s`` starts again from the
-  base. Without a probe (no HTTP client attached, no event loop) an endpoint comes back when its
-  ejection time is up. So no endpoint is out for ever, not even the last one of a version.
+  ``GET /readyz`` (``probe_timeout_s``); a runtime's 200 ``{"ready": true}`` brings it back,
+  anything else ejects it again. The ejection time is ``base_ejection_s`` doubled with each
+  ejection in a row (a failed probe included), at most ``max_ejection_s``; an endpoint that stays in
+  for ``max_ejection_s`` starts again from the base. Without a probe (no HTTP client attached, no
+  event loop) an endpoint comes back when its ejection time is up. So no endpoint is out for ever,
+  not even the last one of a version.
 - When every endpoint of a version is ejected, :meth:`Balancer.choose` fails at once with
   :class:`NoLiveEndpoint` (503, ``Retry-After``: until the next probe) instead of sending the request
   to a pod that hangs. :meth:`Balancer.live_endpoints` says which endpoints are in rotation, for
@@ -42,7 +46,9 @@ from captionfleet.settings.router import RouterSettings
 log = logging.getLogger(__name__)
 
 Probe = Callable[[str], Awaitable[bool]]  # endpoint -> ready?
-CAUSES = ("connect", "timeout")
+CAUSES = ("connect", "timeout", "bad_response")
+# What each cause counts, in a row: the same name in OutlierPolicy (its limit) and _Health (the count).
+_IN_A_ROW = {"connect": "connect_failures", "timeout": "timeouts", "bad_response": "bad_responses"}
 _MAX_DOUBLINGS = 30  # 2**30 * any sane base is past any cap; keeps the float finite
 
 
@@ -59,6 +65,7 @@ class OutlierPolicy:
 
     connect_failures: int
     timeouts: int
+    bad_responses: int
     timeout_min_budget_s: float
     base_ejection_s: float
     max_ejection_s: float
@@ -69,6 +76,7 @@ class OutlierPolicy:
         return cls(
             connect_failures=settings.outlier_connect_failures,
             timeouts=settings.outlier_timeouts,
+            bad_responses=settings.outlier_bad_responses,
             timeout_min_budget_s=settings.outlier_timeout_min_budget_ms / 1000,
             base_ejection_s=settings.outlier_base_ejection_s,
             max_ejection_s=settings.outlier_max_ejection_s,
@@ -89,9 +97,14 @@ class EjectionCounts:
 class _Health:
     connect_failures: int = 0  # in a row
     timeouts: int = 0  # in a row
+    bad_responses: int = 0  # in a row
     ejections: int = 0  # in a row: the back-off's exponent
     out_until: float | None = None  # ejected: when the probe (or the return) is due
     returned_at: float = float("-inf")
+
+    def clear(self) -> None:
+        """No failures in a row (after a good answer, an ejection, a return)."""
+        self.connect_failures = self.timeouts = self.bad_responses = 0
 
 
 class Balancer:
@@ -179,29 +192,33 @@ class Balancer:
         if budget_s >= self.policy.timeout_min_budget_s:
             self._failed(endpoint, "timeout")
 
+    def bad_response(self, endpoint: str) -> None:
+        """``endpoint`` answered, with something that could not be relayed (a 502 to the client)."""
+        health = self._health.setdefault(endpoint, _Health())
+        health.connect_failures = health.timeouts = 0  # it did answer
+        self._failed(endpoint, "bad_response")
+
     def _failed(self, endpoint: str, cause: str) -> None:
         """One more failure of ``cause`` in a row; ejected once the policy's limit for it is reached
         (a limit of 0: never). Failures of an endpoint already out do not count."""
         health = self._health.setdefault(endpoint, _Health())
         if health.out_until is not None:
             return
-        if cause == "connect":
-            health.connect_failures += 1
-            in_a_row, limit = health.connect_failures, self.policy.connect_failures
-        else:
-            health.timeouts += 1
-            in_a_row, limit = health.timeouts, self.policy.timeouts
-        if 0 < limit <= in_a_row:
+        counter = _IN_A_ROW[cause]
+        in_a_row = getattr(health, counter) + 1
+        setattr(health, counter, in_a_row)
+        if 0 < getattr(self.policy, counter) <= in_a_row:
             self._eject(endpoint, health, cause)
 
     def succeeded(self, endpoint: str) -> None:
-        """``endpoint`` answered (any status): the failures in a row end; an ejected one is back."""
+        """``endpoint`` answered with something relayed (any status): the failures in a row end; an
+        ejected one is back."""
         health = self._health.get(endpoint)
         if health is None:
             return
         if health.out_until is not None:
             self._return(endpoint, health)
-        health.connect_failures = health.timeouts = 0
+        health.clear()
 
     def probed(self, endpoint: str, ready: bool) -> None:
         """A probe's outcome: back in rotation, or ejected again for twice as long."""
@@ -224,7 +241,7 @@ class Balancer:
         health.ejections += 1
         duration = min(self.policy.max_ejection_s, self.policy.base_ejection_s * 2**doublings)
         health.out_until = now + duration
-        health.connect_failures = health.timeouts = 0
+        health.clear()
         log.warning(
             "endpoint ejected" if cause else "endpoint still failing its probe",
             extra={"endpoint": endpoint, "cause": cause or "probe", "for_s": duration},
@@ -234,7 +251,7 @@ class Balancer:
     def _return(self, endpoint: str, health: _Health) -> None:
         health.out_until = None
         health.returned_at = self._clock()
-        health.connect_failures = health.timeouts = 0
+        health.clear()
         self.counts.returns += 1
         log.info("endpoint back in rotation", extra={"endpoint": endpoint})
 

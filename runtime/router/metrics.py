@@ -197,7 +197,8 @@ def _outlier_figures(balancer: Balancer) -> Iterator[Metric]:
     counts = balancer.counts
     ejections = CounterMetricFamily(
         "captionfleet_router_endpoint_ejections",
-        "Endpoints taken out of rotation, by cause (connect: refused or connect timeout; timeout: no answer)",
+        "Endpoints taken out of rotation, by cause (connect: refused or connect timeout; timeout: no answer; "
+        "bad_response: answers that could not be relayed)",
         labels=["cause"],
     )
     for cause, count in counts.ejections.items():

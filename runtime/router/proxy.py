@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -136,15 +137,27 @@ def relayed_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return headers
 
 
+PROBE_MAX_BYTES = 64 * 1024  # a runtime's /readyz answer is a few hundred bytes
+
+
 async def probe_readyz(session: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> bool:
-    """Whether ``endpoint`` answers ``GET /readyz`` with 200 within ``timeout_s``. Raises RuntimeError
-    once ``session`` is closed (the probe's task then ends)."""
+    """Whether ``endpoint`` answers ``GET /readyz`` as a runtime does, within ``timeout_s``: 200 and
+    ``{"ready": true, ...}`` (a broken runtime whose port answers anything with a 200 stays out).
+    Raises RuntimeError once ``session`` is closed (the probe's task then ends)."""
     try:
         async with session.get(
             endpoint + "/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
         ) as response:
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            if response.status != 200 or (response.content_length or 0) > PROBE_MAX_BYTES:
+                return False
+            body = b""
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > PROBE_MAX_BYTES:
+                    return False
+            answer = json.loads(body)
+            return isinstance(answer, dict) and answer.get("ready") is True
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError, RecursionError):  # bad JSON too
         return False
 
 
@@ -203,7 +216,9 @@ class Forwarder:
         most ``idle_timeout_s`` (``aiohttp.ServerTimeoutError``). Nothing is retried once a byte of
         the body may have been relayed."""
         _, response, _ = await self._reach(
-            version, functools.partial(self._open, outgoing=outgoing, idle_timeout_s=idle_timeout_s), on_retry
+            version,
+            functools.partial(self._open, outgoing=outgoing, idle_timeout_s=idle_timeout_s, streamed=True),
+            on_retry,
         )
         async with response:
             yield response
@@ -272,14 +287,15 @@ class Forwarder:
                         raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=False) from exc
                     except (aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
                         log.warning("runtime answer cut short", extra={"endpoint": url, "error": str(exc)})
-                        response.close()
+                        self._refuse(response, url)
                         raise BadUpstreamResponse("the runtime's answer was cut short") from exc
                     try:
                         content = checked_body(response.status, content, outgoing.request_id)
                     except BadUpstreamResponse as exc:
                         log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
-                        response.close()
+                        self._refuse(response, url)
                         raise
+                self.balancer.succeeded(url)
                 headers = with_retry_after(response.status, relayed_headers(response.headers.items()))
                 return UpstreamAnswer(response.status, headers, content, url)
         except TimeoutError as exc:
@@ -287,10 +303,12 @@ class Forwarder:
             raise
 
     async def _open(
-        self, url: str, outgoing: Outgoing, idle_timeout_s: float | None
+        self, url: str, outgoing: Outgoing, idle_timeout_s: float | None, *, streamed: bool = False
     ) -> aiohttp.ClientResponse:
         """The response once its status and headers are in, within the request's budget; its body
-        unread (each read of it waits at most ``idle_timeout_s``; None: no limit of its own)."""
+        unread (each read of it waits at most ``idle_timeout_s``; None: no limit of its own).
+        ``streamed``: the body is relayed as it comes, so a good head is the endpoint's good answer;
+        otherwise the caller reads the body and tells the balancer."""
         remaining = self._remaining(outgoing)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(self.connect_timeout_s, remaining), sock_read=idle_timeout_s
@@ -317,6 +335,7 @@ class Forwarder:
                     raise _ConnectFailed(f"{url}: {type(exc).__name__}: {exc}", unsent=unsent) from exc
                 except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
                     log.warning("runtime answer is not HTTP", extra={"endpoint": url, "error": str(exc)})
+                    self.balancer.bad_response(url)
                     raise BadUpstreamResponse("the runtime's answer is not valid HTTP") from exc
                 except (aiohttp.InvalidURL, ValueError) as exc:  # the table checks URLs; never a 500
                     log.error("endpoint URL not usable", extra={"endpoint": url, "error": str(exc)})
@@ -324,14 +343,20 @@ class Forwarder:
         except TimeoutError as exc:
             self._check_budget(budget, url, remaining, exc)
             raise
-        self.balancer.succeeded(url)
         try:
             check_status(response.status)
         except BadUpstreamResponse as exc:
             log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
-            response.close()  # a connection that switched protocols, or after a redirect: never reused
+            self._refuse(response, url)  # a connection that switched protocols, or after a redirect
             raise
+        if streamed:
+            self.balancer.succeeded(url)
         return response
+
+    def _refuse(self, response: aiohttp.ClientResponse, url: str) -> None:
+        """An answer not relayed: its connection is never reused, and it counts against the endpoint."""
+        response.close()
+        self.balancer.bad_response(url)
 
     def _check_budget(self, budget: asyncio.Timeout, url: str, remaining: float, exc: TimeoutError) -> None:
         """A timeout of the request's budget is the endpoint's (504); any other one is re-raised."""

@@ -15,8 +15,9 @@ from captionfleet.settings.router import RouterSettings
 A, B, C = "http://10.0.0.1:8080", "http://10.0.0.2:8080", "http://10.0.0.3:8080"
 V = Version("v1", 100, "stable", (A, B, C))
 POLICY = OutlierPolicy.from_settings(RouterSettings())
-"""The defaults, which the tests below count with: out after one refused connection, or two timeouts in
-a row of requests that had at least 1 s of budget; out 2 s, doubling up to 60 s; a probe gets 1 s."""
+"""The defaults, which the tests below count with: out after one refused connection, two timeouts in a
+row of requests that had at least 1 s of budget, or three answers in a row that could not be relayed;
+out 2 s, doubling up to 60 s; a probe gets 1 s."""
 
 
 class Clock:
@@ -30,7 +31,7 @@ class Clock:
 def test_the_defaults_are_the_settings() -> None:
     defaults = RouterSettings()
     assert Balancer().policy == POLICY
-    assert astuple(POLICY) == (1, 2, 1.0, 2.0, 60.0, 1.0)  # the numbers POLICY's docstring gives
+    assert astuple(POLICY) == (1, 2, 3, 1.0, 2.0, 60.0, 1.0)  # the numbers POLICY's docstring gives
     assert not any("outlier" in p for p in defaults.check())
     bad = RouterSettings(outlier_base_ejection_s=0, outlier_timeouts=-1, outlier_max_ejection_s=0)
     problems = bad.check()
@@ -45,7 +46,7 @@ def test_round_robin_skips_an_endpoint_that_refused_a_connection() -> None:
     balancer.connect_failed(B)
     assert balancer.live_endpoints(V) == [A, C] and balancer.ejected_endpoints() == [B]
     assert {balancer.choose(V) for _ in range(6)} == {A, C}
-    assert balancer.counts.ejections == {"connect": 1, "timeout": 0}
+    assert balancer.counts.ejections == {"connect": 1, "timeout": 0, "bad_response": 0}
     # A retry after B failed takes the next live endpoint in the version's order.
     assert balancer.choose(V, avoid=B) == C and balancer.choose(V, avoid=C) == A
 
@@ -62,14 +63,36 @@ def test_timeouts_eject_only_in_a_row_and_only_with_a_real_budget() -> None:
     assert A in balancer.live_endpoints(V)
     balancer.timed_out(A, budget_s=30.0)
     assert balancer.live_endpoints(V) == [B, C]
-    assert balancer.counts.ejections == {"connect": 0, "timeout": 1}
+    assert balancer.counts.ejections == {"connect": 0, "timeout": 1, "bad_response": 0}
+
+
+def test_bad_answers_eject_only_in_a_row() -> None:
+    balancer = Balancer(POLICY, clock=Clock())
+    for _ in range(2):
+        balancer.bad_response(A)
+    balancer.succeeded(A)  # a good answer in between: the count starts again
+    balancer.bad_response(A)
+    balancer.bad_response(A)
+    assert balancer.live_endpoints(V) == [A, B, C]
+    balancer.bad_response(A)
+    assert balancer.live_endpoints(V) == [B, C]
+    assert balancer.counts.ejections == {"connect": 0, "timeout": 0, "bad_response": 1}
+
+
+def test_a_bad_answer_is_still_an_answer_for_the_other_counts() -> None:
+    balancer = Balancer(POLICY, clock=Clock())
+    balancer.timed_out(A, budget_s=30.0)
+    balancer.bad_response(A)  # it answered: the timeouts in a row end
+    balancer.timed_out(A, budget_s=30.0)
+    assert balancer.live_endpoints(V) == [A, B, C]
 
 
 def test_zero_thresholds_never_eject() -> None:
-    balancer = Balancer(replace(POLICY, connect_failures=0, timeouts=0), clock=Clock())
+    balancer = Balancer(replace(POLICY, connect_failures=0, timeouts=0, bad_responses=0), clock=Clock())
     for _ in range(10):
         balancer.connect_failed(A)
         balancer.timed_out(A, budget_s=30.0)
+        balancer.bad_response(A)
     assert balancer.live_endpoints(V) == [A, B, C]
 
 

@@ -225,3 +225,42 @@ async def test_what_is_forwarded_is_the_clients_end_to_end_headers_and_an_origin
     assert received.headers["X-User-Id"] == "u1"
     for added in ("User-Agent", "Accept", "Accept-Encoding"):  # not the HTTP client's own
         assert added not in received.headers
+
+
+async def test_a_runtime_that_keeps_answering_garbage_is_ejected_and_its_200_probe_does_not_bring_it_back(
+    start_router: Any, raw_runtime: Any, eventually: Any
+) -> None:
+    # Its port answers every request, /readyz included, with a 200 in HTML: a broken pod behind a
+    # proxy, say. Three such answers in a row take it out; a probe wants a runtime's {"ready": true}.
+    broken = await raw_runtime(BAD["200 with HTML"])
+    good = await raw_runtime([answer(200, OK_BODY)])
+    router = await start_router(
+        routes=(f"v1={broken}", f"v1={good}"), outlier_base_ejection_s=0.2, outlier_max_ejection_s=1.0
+    )
+    balancer = router.app[ROUTER].balancer
+    statuses = [(await router.caption()).status for _ in range(5)]  # round robin: broken, good, ...
+    assert statuses == [502, 200, 502, 200, 502]
+    assert balancer.ejected_endpoints() == [broken]
+    assert balancer.counts.ejections["bad_response"] == 1
+
+    async def probed_and_refused() -> bool:
+        return balancer.counts.probe_failures >= 2
+
+    await eventually(probed_and_refused, timeout_s=20, what="failed probes of the broken runtime")
+    assert balancer.ejected_endpoints() == [broken] and balancer.counts.returns == 0
+    assert [(await router.caption()).status for _ in range(6)] == [200] * 6
+    figures = await router.figures("v1")
+    assert figures["bad_responses"] == 3 and figures["requests"] == 11
+    async with router.client.get(router.url + "/metrics") as scraped:
+        text = await scraped.text()
+    assert 'captionfleet_router_endpoint_ejections_total{cause="bad_response"} 1.0' in text
+
+
+async def test_a_busy_runtimes_503s_never_eject_it(start_router: Any, raw_runtime: Any) -> None:
+    busy = {"error": {"code": "overloaded", "message": "queue full"}, "request_id": "r"}
+    url = await raw_runtime([answer(503, json.dumps(busy).encode(), extra=b"Retry-After: 1\r\n")])
+    router = await start_router(routes=(f"v1={url}",))
+    for _ in range(6):
+        response = await router.caption()
+        assert response.status == 503 and (await response.json())["error"]["code"] == "overloaded"
+    assert router.app[ROUTER].balancer.ejected_endpoints() == []

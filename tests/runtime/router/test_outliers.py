@@ -34,7 +34,7 @@ async def test_a_hung_endpoint_is_ejected_and_later_requests_go_to_the_healthy_o
     assert timeouts == 2  # outlier_timeouts
     assert balancer.live_endpoints(version) == [healthy.url]
     assert balancer.ejected_endpoints() == [hung_url]
-    assert balancer.counts.ejections == {"connect": 0, "timeout": 1}
+    assert balancer.counts.ejections == {"connect": 0, "timeout": 1, "bad_response": 0}
     for _ in range(10):
         started = time.monotonic()
         response = await router.caption()
@@ -124,7 +124,11 @@ async def test_a_connection_dropped_after_the_request_went_out_is_retried_withou
     balancer = router.app[ROUTER].balancer
     first = await router.caption()
     assert first.status == 200 and len(runtime.received) == 2  # retried on the same address
-    assert balancer.ejected_endpoints() == [] and balancer.counts.ejections == {"connect": 0, "timeout": 0}
+    assert balancer.ejected_endpoints() == [] and balancer.counts.ejections == {
+        "connect": 0,
+        "timeout": 0,
+        "bad_response": 0,
+    }
     assert (await router.caption()).status == 200
     figures = await router.figures("v1")
     assert figures["requests"] == 2 and figures["retries"] == 1 and figures["errors"] == 0
