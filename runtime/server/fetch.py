@@ -58,6 +58,8 @@ def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         ("loopback", ip.is_loopback),
         ("unspecified", ip.is_unspecified),
         ("link-local", ip.is_link_local),
+        # Deprecated (RFC 3879) but still routed inside old networks; Python counts it as global.
+        ("site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local),
         ("multicast", ip.is_multicast),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),

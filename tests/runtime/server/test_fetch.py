@@ -29,7 +29,7 @@ IMAGE = b"\x89PNG\r\n\x1a\n" + b"pixels" * 100
     "address",
     ["127.0.0.1", "127.8.9.10", "::1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "fe80::1",
      "fc00::1", "224.0.0.1", "ff02::1", "0.0.0.0", "::", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "100.64.0.1",
-     "240.0.0.1", "255.255.255.255", "192.0.2.1"],
+     "240.0.0.1", "255.255.255.255", "192.0.2.1", "fec0::1", "feff::1"],  # fec0::/10: IPv6 site-local
 )  # fmt: skip
 def test_non_public_addresses_are_refused(address: str) -> None:
     assert address_refusal(address) is not None
