@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
+from captionfleet.names import API_KEY_HEADER, ROUTED_VERSION_HEADER, USER_ID_HEADER
 from captionfleet.runtime.router.answers import AnswerObserver
 from captionfleet.runtime.router.balancer import Balancer, OutlierPolicy
 from captionfleet.runtime.router.cascade import Cascade
@@ -45,7 +45,7 @@ from captionfleet.runtime.web.context import ARRIVED, BODY, REQUEST_ID
 from captionfleet.runtime.web.errors import EdgeError, InvalidRequest, reply_for
 from captionfleet.runtime.web.keys import KeyGuard
 from captionfleet.runtime.web.middleware import EdgePolicy, edge_middleware
-from captionfleet.runtime.web.parsing import FormLimits
+from captionfleet.runtime.web.parsing import FormLimits, priority_of
 from captionfleet.runtime.web.probes import add_probe_routes
 from captionfleet.runtime.web.protocol import defer_continue
 from captionfleet.settings.router import RouterSettings
@@ -273,8 +273,9 @@ class Router:
 
 
 def is_bulk(request: web.Request) -> bool:
-    """``X-Priority: bulk``: work that must never pass for interactive demand."""
-    return request.headers.get(PRIORITY_HEADER, "").strip().lower() == "bulk"
+    """``X-Priority: bulk``: work that must never pass for interactive demand (400 for a value the
+    runtime would refuse)."""
+    return priority_of(request.headers) == "bulk"
 
 
 def _ms_since(start: float) -> float:

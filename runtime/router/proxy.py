@@ -39,6 +39,7 @@ from captionfleet.runtime.router.errors import BadUpstreamResponse, UpstreamTime
 from captionfleet.runtime.router.relay import check_sendable, check_status, checked_body, with_retry_after
 from captionfleet.runtime.router.table import Version
 from captionfleet.runtime.web.context import DEADLINE, REQUEST_ID
+from captionfleet.runtime.web.parsing import is_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,7 +113,12 @@ def forwarded_headers(
     incoming: Mapping[str, str] | CIMultiDictProxy[str], remote: str | None
 ) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (those named in ``Connection`` too, RFC 9110
-    7.6.1), plus X-Forwarded-For."""
+    7.6.1) and those whose value is not UTF-8, plus X-Forwarded-For.
+
+    aiohttp's client cannot send a value's bytes as they came: it would cut the bytes that are not
+    UTF-8 out of it (``\xffsecret`` forwarded as ``secret``), so the runtime would read another value
+    than a direct client's request gives. Such a header is dropped whole: a runtime refuses a
+    non-UTF-8 ``X-API-Key`` (401) either way, and reads no other header the router lets through."""
     nominated = {
         token.strip().lower()
         for name, value in incoming.items()
@@ -121,7 +127,7 @@ def forwarded_headers(
     }
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in _NOT_FORWARDED and name.lower() not in nominated:
+        if name.lower() not in _NOT_FORWARDED and name.lower() not in nominated and is_text(value):
             headers.add(name, value)
     if remote:
         prior = headers.get("X-Forwarded-For")

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from captionfleet.names import API_KEY_HEADER, PRIORITY_HEADER
+from captionfleet.names import API_KEY_HEADER
 from captionfleet.runtime.server.fetch import UrlFetcher
 from captionfleet.runtime.server.metrics import ServerMetrics
 from captionfleet.runtime.serving.batcher import Priority
@@ -23,8 +23,8 @@ from captionfleet.runtime.serving.job_worker import JobWorker
 from captionfleet.runtime.serving.jobs import JobStore
 from captionfleet.runtime.serving.service import CaptionService
 from captionfleet.runtime.web.body import BodyBudget
-from captionfleet.runtime.web.errors import InvalidRequest
 from captionfleet.runtime.web.keys import KeyGuard, RateLimiter
+from captionfleet.runtime.web.parsing import priority_of
 from captionfleet.settings.serve import ServeSettings
 
 
@@ -97,10 +97,4 @@ def admit(request: web.Request, state: ServerState) -> tuple[CaptionService, str
 
 def priority(request: web.Request) -> Priority:
     """The request's ``X-Priority`` (interactive when absent)."""
-    value = request.headers.get(PRIORITY_HEADER, Priority.INTERACTIVE.value).strip().lower()
-    try:
-        return Priority(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"{PRIORITY_HEADER} must be 'interactive' or 'bulk', not {value[:40]!r}", code="invalid_header"
-        ) from None
+    return Priority(priority_of(request.headers))

@@ -35,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
+from captionfleet.names import PRIORITY_HEADER
 from captionfleet.runtime.serving.sources import ImageSource
 from captionfleet.runtime.web.body import BodyAllowance, BodyBudget, read_all
 from captionfleet.runtime.web.coding import content_coding, read_decoded
@@ -265,6 +266,21 @@ def _check_text(value: object) -> None:
         raise InvalidRequest(
             "the JSON body holds a lone surrogate (\\ud800-\\udfff): not Unicode text", code="invalid_json"
         )
+
+
+PRIORITIES = ("interactive", "bulk")
+
+
+def priority_of(headers: Mapping[str, str]) -> str:
+    """The request's ``X-Priority``, ``interactive`` when absent; 400 ``invalid_header`` for any other
+    value. One rule for the server and the router, so that neither acts on a header the other refuses
+    (the router would take ``\xffbulk`` for interactive while the runtime behind it got ``bulk``)."""
+    value = headers.get(PRIORITY_HEADER, PRIORITIES[0]).strip().lower()
+    if value not in PRIORITIES:
+        raise InvalidRequest(
+            f"{PRIORITY_HEADER} must be 'interactive' or 'bulk', not {value[:40]!r}", code="invalid_header"
+        )
+    return value
 
 
 def is_text(value: str) -> bool:

@@ -88,6 +88,30 @@ async def test_headers_that_are_not_utf8_get_a_clear_answer(
 
 
 @pytest.mark.parametrize("kind", EDGE_KINDS)
+@pytest.mark.parametrize("value", [b"\xffbulk", b"urgent", "bulk\u00e9".encode()])
+async def test_an_x_priority_the_runtime_refuses_the_router_refuses_too(
+    start_edge: StartEdge, kind: str, value: bytes
+) -> None:
+    # The router used to take \xffbulk for interactive and forward it as "bulk" (aiohttp's client cuts
+    # the bytes that are not UTF-8 out of a value), so the runtime behind it queued it as bulk.
+    edge = await start_edge(kind)
+    answer = await post(edge.url, [("Content-Type", "image/png"), ("X-Priority", value)], IMAGE)
+    assert_contract_error(answer, 400, "invalid_header")
+
+
+@pytest.mark.parametrize("kind", EDGE_KINDS)
+async def test_a_key_that_is_not_utf8_is_never_forwarded_as_another_key(
+    start_edge: StartEdge, kind: str
+) -> None:
+    # The runtime holds the keys, the router none: \xffsecret reached the runtime as "secret" (200).
+    edge = await start_edge(kind, upstream_settings={"api_keys": ("secret",)})
+    headers: list[tuple[str, str | bytes]] = [("Content-Type", "image/png"), ("X-API-Key", b"\xffsecret")]
+    assert_contract_error(await post(edge.url, headers, IMAGE), 401, "unauthorized")
+    ok = await post(edge.url, [("Content-Type", "image/png"), ("X-API-Key", "secret")], IMAGE)
+    assert ok.status == 200, ok.body
+
+
+@pytest.mark.parametrize("kind", EDGE_KINDS)
 async def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(
     start_edge: StartEdge, kind: str
 ) -> None:
