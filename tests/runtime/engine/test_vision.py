@@ -27,8 +27,20 @@ def test_states_are_transformers_vision_states(model_dir: Path, int8: bool) -> N
     with torch.inference_mode():
         ours = encode_images(model.vision_model, pixels)
         theirs = model.vision_model(pixel_values=pixels)[0]
+        exact = captioner.model.vision_model(pixel_values=pixels)[0] if int8 else theirs
     assert ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if not int8:
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        return
+    # int8 quantises each linear layer's input by its own range: the fused attention's last-bit
+    # differences from the eager one (none on some CPUs, ~2e-6 on others) can move an activation by a
+    # rounding step there. So ours must be transformers' up to such steps: far closer to it than int8
+    # is to fp32, and no further from fp32 than transformers' int8 states are.
+    int8_error = (theirs - exact).abs()
+    assert (ours - theirs).abs().mean() <= 0.1 * int8_error.mean()
+    assert (ours - theirs).abs().max() <= int8_error.max()
+    ours_error = (ours - exact).abs().mean()
+    assert abs(ours_error - int8_error.mean()) <= 0.05 * int8_error.mean()
 
 
 def test_a_batch_is_its_images_encoded_alone() -> None:
