@@ -125,7 +125,7 @@ class JobRoutes:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         router = self.router
-        body = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
+        body, _ = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
         version = router.pick(request, sticky_key(request), bulk=True)
         reply = router.sent_to(  # no job twice
             version, lambda ready: router.buffered(ready, named(ready, required=True), once=True)
