@@ -164,7 +164,7 @@ class JobRoutes:
             async with forwarder.stream(version, outgoing, idle_s, on_retry) as upstream:
                 if upstream.status != 200:  # an error (or anything but the stream): small, relayed whole
                     content = await forwarder.read_answer(upstream, str(upstream.url))
-                    content = checked_body(upstream.status, content, outgoing.request_id)
+                    content = checked_body(upstream.status, content, outgoing.request_id, outgoing.method)
                     response = web.Response(
                         status=upstream.status,
                         body=content,

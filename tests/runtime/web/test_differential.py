@@ -497,6 +497,25 @@ def _route_cases() -> dict[str, bytes]:
         "jobs-get-no-version": request("/v1/jobs/v9.abc", body=b"", method="GET"),
         "jobs-get-odd-id": request("/v1/jobs/%FF%00", body=b"", method="GET"),
         "head-caption": request(method="HEAD", body=b""),
+        "head-job-unknown": request("/v1/jobs/v1.nope", body=b"", method="HEAD"),
+        "head-job-wrong-key": request("/v1/jobs/v1.nope", [("X-API-Key", "wrong")], b"", "HEAD"),
+        "head-healthz": request("/healthz", body=b"", method="HEAD"),
+        "head-readyz": request("/readyz", body=b"", method="HEAD"),
+        "head-models": request("/v1/models", body=b"", method="HEAD"),
+        "options-star": request("*", body=b"", method="OPTIONS"),
+        "http10": request(headers=[("Content-Length", str(len(IMAGE)))]).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+        "chunked-trailer": request(
+            headers=[("Transfer-Encoding", "chunked")],
+            body=b"%x\r\n" % len(IMAGE) + IMAGE + b"\r\n0\r\nX-API-Key: wrong\r\n\r\n",
+        ),
+        "gzip-bomb": request(headers=[("Content-Encoding", "gzip")], body=_gzip(bytes(40 * 1024**2))),
+        "declared-too-large-expect": request(
+            headers=[("Content-Length", str(10**9)), ("Expect", "100-continue")], body=b""
+        ),
+        "jobs-get-body": request("/v1/jobs/v1.nope", [JSON], b"{}", "GET"),
+        "jobs-get-encoded-version": request("/v1/jobs/%76%31.nope", body=b"", method="GET"),
+        "jobs-get-empty-id": request("/v1/jobs/v1.", body=b"", method="GET"),
+        "jobs-get-slash-id": request("/v1/jobs/v1.a%2Fb", body=b"", method="GET"),
         "get-caption": request(method="GET", body=b""),
         "put-caption": request(method="PUT"),
         "options-caption": request(method="OPTIONS", body=b""),
@@ -676,13 +695,26 @@ def test_a_job_lives_alike_through_both(pair: Pair) -> None:
             steps = [verdict(created, None)]
             for method, suffix, key in (
                 ("GET", "", KEY),
+                ("HEAD", "", KEY),
                 ("GET", "", "wrong"),
                 ("GET", "/results", KEY),
+                ("HEAD", "/results", KEY),
                 ("DELETE", "", KEY),
+                ("HEAD", "", KEY),
             ):
                 raw = request(path + suffix, [("X-API-Key", key)], b"", method)
-                steps.append(verdict(await raw_exchange(url, [raw]), None))
+                answer = await raw_exchange(url, [raw], bodyless=method == "HEAD")
+                steps.append(verdict(answer, None))
             return steps
 
         answers.append(pair.loop.run(life()))
     assert answers[1] == answers[0]
+
+
+def test_heads_do_not_eject_the_runtime(pair: Pair) -> None:
+    # Was: the runtime's 404 to a HEAD has no body, which the router took for a bad answer (502,
+    # counted against the endpoint): three in a row ejected the version's only runtime (503 after).
+    raw = request("/v1/jobs/v1.nope", body=b"", method="HEAD")
+    statuses = [pair.loop.run(raw_exchange(pair.router_url, [raw], bodyless=True)).status for _ in range(4)]
+    assert statuses == [404] * 4
+    assert pair.loop.run(raw_exchange(pair.router_url, [request()])).status == 200
