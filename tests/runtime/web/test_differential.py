@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import socket
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -395,6 +396,18 @@ def _query_cases() -> dict[str, bytes]:
             ("beams-unicode-digit", "num_beams=%D9%A3"),
             ("tokens-negative", "max_new_tokens=-1"),
             ("semicolon", "num_beams=1;suggestions=2"),
+            ("encoded-plus", "prompt=a%2Bb"),
+            ("encoded-amp", "prompt=a%26suggestions%3D9"),
+            ("encoded-percent", "prompt=100%25"),
+            ("encoded-space", "prompt=a%20b"),
+            ("encoded-unreserved", "prompt=%7E%41"),
+            ("encoded-name", "%70rompt=x"),
+            ("encoded-hash", "prompt=a%23b"),
+            ("lower-escape", "prompt=%c3%a9"),
+            ("raw-utf8", "prompt=\u00e9"),
+            ("raw-space", "prompt=a b"),
+            ("raw-quote", 'prompt="x"'),
+            ("raw-brackets", "prompt=[x]{y}|^`"),
         )
     }
 
@@ -531,6 +544,9 @@ def _route_cases() -> dict[str, bytes]:
         "jobs-get-slash-id": request("/v1/jobs/v1.a%2Fb", body=b"", method="GET"),
         "get-caption": request(method="GET", body=b""),
         "put-caption": request(method="PUT"),
+        "lower-method": request(method="post"),
+        "odd-method": request(method="FOO"),
+        "connect": request("edge:80", body=b"", method="CONNECT"),
         "options-caption": request(method="OPTIONS", body=b""),
         "trailing-slash": request("/v1/caption/"),
         "double-slash": request("//v1/caption"),
@@ -731,3 +747,58 @@ def test_heads_do_not_eject_the_runtime(pair: Pair) -> None:
     statuses = [pair.loop.run(raw_exchange(pair.router_url, [raw], bodyless=True)).status for _ in range(4)]
     assert statuses == [404] * 4
     assert pair.loop.run(raw_exchange(pair.router_url, [request()])).status == 200
+
+
+@pytest.fixture(scope="module")
+def orphan_url(pair: Pair) -> Iterator[str]:
+    """A router whose version's one runtime is gone: a loopback port nobody listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    router = pair.loop.run(start_router(gone, **SAME_EDGE))
+    yield router.url
+    pair.loop.run(router.stop())
+
+
+GONE = frozenset({(502, "upstream_unreachable"), (503, "no_route")})
+"""The router's answers when its version's runtime refuses connections: 502 while it tries the
+endpoint, 503 once the balancer has taken it out of rotation; both with Retry-After."""
+UPSTREAM_GONE: dict[str, tuple[bytes, tuple[int, str | None], frozenset[tuple[int, str | None]]]] = {
+    "caption": (request(), (200, None), GONE),
+    "batch": (
+        request("/v1/caption/batch", [JSON], json.dumps({"images": [{"image_base64": B64}]}).encode()),
+        (200, None),
+        GONE,
+    ),
+    "job": (request("/v1/jobs/v1.nope", body=b"", method="GET"), (404, "job_not_found"), GONE),
+    "bad-body": (request(headers=[JSON], body=b"{"), (400, "invalid_json"), GONE),
+    "wrong-key": (request(headers=[("X-API-Key", "wrong")]), (401, "unauthorized"), {(401, "unauthorized")}),
+}
+"""By design: a router whose runtimes are gone answers its own 502 or 503 for what it would forward,
+even a body the runtime would refuse (only a runtime parses it); what the router checks itself (the
+key) it still answers as the runtime. id -> (request, the runtime's answer, the router's)."""
+
+
+@pytest.mark.parametrize("case", sorted(UPSTREAM_GONE))
+def test_a_router_without_runtimes_answers_its_own_5xx(pair: Pair, orphan_url: str, case: str) -> None:
+    raw, runtime, router = UPSTREAM_GONE[case]
+    direct = verdict(pair.loop.run(raw_exchange(pair.server_url, [raw])), None)
+    routed = verdict(pair.loop.run(raw_exchange(orphan_url, [raw])), None)
+    assert (direct.status, direct.code) == runtime
+    assert (routed.status, routed.code) in router
+    assert routed.retry_after == (routed.status >= 500)
+
+
+def test_a_runtime_job_id_means_nothing_to_the_router(pair: Pair) -> None:
+    # By design: the router's job ids name their version ("v1.<the runtime's id>"), so that a job's
+    # later requests reach the version that holds it; the runtime's bare id names no version.
+    job = json.dumps({"items": [{"image_base64": B64}]}).encode()
+    created = pair.loop.run(raw_exchange(pair.server_url, [request("/v1/jobs", [JSON], job)]))
+    own = created.json()["id"]
+    answers = [
+        verdict(
+            pair.loop.run(raw_exchange(url, [request(f"/v1/jobs/{job_id}", body=b"", method="GET")])), None
+        )
+        for url, job_id in ((pair.server_url, own), (pair.router_url, own), (pair.router_url, f"v1.{own}"))
+    ]
+    assert [(a.status, a.code) for a in answers] == [(200, None), (404, "job_not_found"), (200, None)]
