@@ -142,8 +142,7 @@ class Router:
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/caption`` and ``/v1/caption/batch``: to the version of the user (``X-User-Id``),
         else a weighted random one."""
-        bulk = is_bulk(request)
-        body = await self.admit(request, self.settings.max_body_bytes, bulk=bulk)
+        body, bulk = await self.admit(request, self.settings.max_body_bytes)
         sticky = request.headers.get(USER_ID_HEADER, "").strip() or None
         if self.cascade.plan is not None:
             return await self.cascade.answer(request, body, sticky, bulk)
@@ -161,15 +160,22 @@ class Router:
             self.answers.answered(table, version, outgoing_of(request, body), response.status, response.body)
         return response
 
-    async def admit(self, request: web.Request, limit: int, *, bulk: bool) -> bytes:
-        """The API key checked and the whole body read (once, through the edge's budget: it may be sent
-        twice), or the edge error, counted without a version."""
+    async def admit(
+        self, request: web.Request, limit: int, *, bulk: bool | None = None
+    ) -> tuple[bytes, bool]:
+        """The API key checked, then (``bulk`` None) the request's ``X-Priority`` read, then the whole body
+        read (once, through the edge's budget: it may be sent twice): the body and whether the request
+        is bulk, or the edge error, counted without a version. The key comes first, as in the runtime
+        (``server/state.py`` ``admit``), so that both refuse a request with a wrong key and a bad
+        priority for its key (401), not one for its priority (400)."""
         try:
             self.guard.authenticate(request.headers.get(API_KEY_HEADER), request.remote)
+            if bulk is None:
+                bulk = is_bulk(request)
             await request[BODY].reserve_declared(request.content_length, limit)
-            return await read_decoded(request.headers, request.content, request[BODY], limit)
+            return await read_decoded(request.headers, request.content, request[BODY], limit), bulk
         except EdgeError as exc:
-            self.count_unrouted(exc, bulk=bulk)
+            self.count_unrouted(exc, bulk=bool(bulk))
             raise
 
     def pick(self, request: web.Request, sticky: str | None, *, bulk: bool) -> Version:

@@ -125,7 +125,7 @@ class JobRoutes:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         router = self.router
-        body = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
+        body, _ = await router.admit(request, router.settings.jobs_max_bytes, bulk=True)
         version = router.pick(request, sticky_key(request), bulk=True)
         reply = router.sent_to(  # no job twice
             version, lambda ready: router.buffered(ready, named(ready, required=True), once=True)
@@ -164,7 +164,7 @@ class JobRoutes:
             async with forwarder.stream(version, outgoing, idle_s, on_retry) as upstream:
                 if upstream.status != 200:  # an error (or anything but the stream): small, relayed whole
                     content = await forwarder.read_answer(upstream, str(upstream.url))
-                    content = checked_body(upstream.status, content, outgoing.request_id)
+                    content = checked_body(upstream.status, content, outgoing.request_id, outgoing.method)
                     response = web.Response(
                         status=upstream.status,
                         body=content,

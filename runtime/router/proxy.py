@@ -296,7 +296,7 @@ class Forwarder:
                         self._refuse(response, url)
                         raise BadUpstreamResponse("the runtime's answer was cut short") from exc
                     try:
-                        content = checked_body(response.status, content, outgoing.request_id)
+                        content = checked_body(response.status, content, outgoing.request_id, outgoing.method)
                     except BadUpstreamResponse as exc:
                         log.warning("runtime answer not relayed", extra={"endpoint": url, "error": str(exc)})
                         self._refuse(response, url)

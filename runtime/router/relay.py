@@ -10,12 +10,12 @@ request id and no runtime is asked.
 
 Relayed: only what a runtime answers. A status that is not final (1xx, ``101`` switching protocols), a
 redirect (3xx: a runtime never redirects, and a ``Location`` elsewhere must not reach the client), a
-status past 599, bytes that are not HTTP, a buffered answer that is not a JSON object, or an error
-that is not in the contract's shape, is a 502 ``bad_upstream_response`` (``Retry-After``), counted in
-the version's ``bad_responses``; its connection is closed, never reused. Such an answer does not count
-toward the endpoint's ejection (it answered: the pod is alive; ``balancer.py``). A JSON answer whose
-``request_id`` is not the client's (a runtime's parser refused the request before reading its id)
-carries the client's, and a relayed 429, 502 or 503 without ``Retry-After`` gets the contract's
+status past 599, bytes that are not HTTP, a buffered answer that is not a JSON object (but for a HEAD,
+which has no body), or an error that is not in the contract's shape, is a 502 ``bad_upstream_response``
+(``Retry-After``), counted in the version's ``bad_responses``; its connection is closed, never reused.
+Such answers in a row eject the endpoint (``outlier_bad_responses``, ``balancer.py``). A JSON answer
+whose ``request_id`` is not the client's (a runtime's parser refused the request before reading its
+id) carries the client's, and a relayed 429, 502 or 503 without ``Retry-After`` gets the contract's
 default one.
 """
 
@@ -64,10 +64,14 @@ def check_status(status: int) -> None:
         raise BadUpstreamResponse(f"the runtime answered with status {status}, which it never does")
 
 
-def checked_body(status: int, body: bytes, request_id: str) -> bytes:
-    """``body``, a buffered answer of ``status``, when it is a runtime's: a JSON object, an error in the
-    contract's shape; with ``request_id`` as its ``request_id`` when it had another one."""
+def checked_body(status: int, body: bytes, request_id: str, method: str) -> bytes:
+    """``body``, a buffered answer of ``status`` to a ``method`` request, when it is a runtime's: a JSON
+    object, an error in the contract's shape; with ``request_id`` as its ``request_id`` when it had
+    another one. An answer to a HEAD has no body (RFC 9110 9.3.2): only its status is checked, else a
+    runtime's ``HEAD /v1/jobs/{id}`` 404 was a 502 and counted against its endpoint."""
     check_status(status)
+    if method == "HEAD":
+        return b""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):

@@ -54,6 +54,7 @@ from captionfleet.runtime.web.context import (
 )
 from captionfleet.runtime.web.errors import InvalidRequest, StatusTable, UnsupportedMediaType, reply_for
 from captionfleet.runtime.web.logs import request_id_var
+from captionfleet.runtime.web.parsing import is_text
 from captionfleet.runtime.web.protocol import EdgeProtocol, send_continue
 from captionfleet.runtime.web.timeouts import client_timeout_ms
 from captionfleet.settings.edge import EdgeSettings
@@ -145,6 +146,7 @@ async def _answer(request: web.Request, handler: Handler, policy: EdgePolicy) ->
     """The handler's answer under the request's deadline, or the contract's JSON error."""
     try:
         _check_framing(request)
+        _check_content_type(request)
         _check_content_encoding(request)
         deadline = _deadline(request, policy.timeout_ms)
         request[DEADLINE] = request[BODY].deadline = deadline
@@ -178,6 +180,16 @@ def _check_content_encoding(request: web.Request) -> None:
             "deflate of it",
             code="unsupported_content_encoding",
         )
+
+
+def _check_content_type(request: web.Request) -> None:
+    """A ``Content-Type`` that is not UTF-8 text is refused before the body is read, by both processes:
+    the router cannot forward its bytes (its HTTP client cuts the bytes that are not UTF-8 out, so it
+    drops the header: ``proxy.forwarded_headers``), and the runtime behind it would then read the body
+    as another type than a direct request's (a multipart body sniffed as a raw image: 415, not 400)."""
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is not None and not is_text(content_type):
+        raise InvalidRequest("Content-Type is not UTF-8 text", code="invalid_header")
 
 
 UNFRAMED = "unsupported_transfer_encoding"

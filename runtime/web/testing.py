@@ -28,15 +28,20 @@ class RawAnswer:
         return json.loads(self.body)
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> RawAnswer:
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("the connection closed without an answer")
-    status = int(status_line.split()[1])
-    headers: dict[str, str] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
+async def _read_answer(reader: asyncio.StreamReader, *, bodyless: bool = False) -> RawAnswer:
+    """The final answer (interim 1xx ones skipped); ``bodyless``: the answer to a HEAD, no body read."""
+    status = 100
+    while 100 <= status < 200:
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the connection closed without an answer")
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if bodyless:
+        return RawAnswer(status, headers, b"")
     length = headers.get("content-length")
     body = await reader.readexactly(int(length)) if length is not None else await reader.read()
     return RawAnswer(status, headers, body)
@@ -48,8 +53,10 @@ async def raw_exchange(
     *,
     between: Callable[[], Awaitable[None]] | None = None,
     timeout_s: float = 30.0,
+    bodyless: bool = False,
 ) -> RawAnswer:
-    """Send ``pieces`` on one new connection (awaiting ``between()`` after each), then read the answer.
+    """Send ``pieces`` on one new connection (awaiting ``between()`` after each), then read the answer
+    (``bodyless``: the head only, as for a HEAD request).
 
     Writing stops early, without error, once the server has closed its side: what it answered then is
     read and returned.
@@ -59,7 +66,7 @@ async def raw_exchange(
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         # Read while writing: a server that answers early and closes makes later writes fail, and the
         # stream then refuses to hand over what had arrived already.
-        answer = asyncio.create_task(_read_answer(reader))
+        answer = asyncio.create_task(_read_answer(reader, bodyless=bodyless))
         try:
             for piece in pieces:
                 if answer.done() or writer.is_closing():

@@ -1,17 +1,15 @@
 """Property: whatever a client sends to ``POST /v1/caption``, the answer is a 200 caption or a 4xx in the
 contract's JSON body, never a 500 (hypothesis generates the requests; a real server answers them).
 
-The server runs in a thread of its own with its own event loop, so that hypothesis can drive it from
-a plain synchronous test, one request per example over a real socket.
+The server runs in a thread of its own with its own event loop (``conftest.server_in_thread``), so that
+hypothesis can drive it from a plain synchronous test, one request per example over a real socket.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import http.client
 import json
-import threading
 import urllib.parse
 import zlib
 from collections.abc import Iterator
@@ -23,9 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from captionfleet.runtime.engine.captioner import Captioner
-from captionfleet.runtime.server.lifecycle import Server
 from captionfleet.runtime.server.testing import encode, shapes_image
-from captionfleet.settings.serve import ServeSettings
+from tests.runtime.web.conftest import server_in_thread
 
 PNG = encode(shapes_image(2))
 OPTION_NAMES = ("suggestions", "style", "prompt", "num_beams", "max_new_tokens")
@@ -34,24 +31,11 @@ FIELD_NAMES = (*OPTION_NAMES, "url", "image_base64", "images", "image", "other")
 
 @pytest.fixture(scope="module")
 def server_url(tiny_model_dir: Path, tiny_captioner: Captioner) -> Iterator[str]:
-    settings = ServeSettings(
-        host="127.0.0.1",
-        port=0,
-        model=str(tiny_model_dir),
-        num_beams=1,
-        max_new_tokens=4,
-        cache_size=100,
-        max_form_fields=6,  # low, so that the examples' field counts cross it
-    )
-    loop = asyncio.new_event_loop()
-    server = Server(settings, captioner=tiny_captioner)
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=120)
-    yield server.url
-    asyncio.run_coroutine_threadsafe(server.drain(), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=30)
+    # max_form_fields low, so that the examples' field counts cross it
+    with server_in_thread(
+        tiny_model_dir, tiny_captioner, max_new_tokens=4, cache_size=100, max_form_fields=6
+    ) as (_, server):
+        yield server.url
 
 
 text = st.text(max_size=40)
@@ -158,11 +142,13 @@ def _assert_caption_or_json_4xx(status: int, answer: Any) -> None:
         assert set(answer["error"]) == {"code", "message"}, answer
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+SLOW = settings(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
+"""Each example is a real request: no per-example deadline, and a module's servers as the fixture."""
+
+
+@settings(SLOW, max_examples=200)
 @given(body=bodies, headers=extra_headers, query=queries)
 def test_any_request_gets_a_caption_or_a_json_4xx(
     server_url: str, body: tuple[str, bytes], headers: dict[str, str], query: dict[str, str]
@@ -172,18 +158,15 @@ def test_any_request_gets_a_caption_or_a_json_4xx(
     _assert_caption_or_json_4xx(status, answer)
 
 
-def _encoded(data: bytes, coding: str) -> bytes:
+def encoded(data: bytes, coding: str) -> bytes:
+    """``data`` in ``coding``: gzip, deflate (zlib) or deflate-raw (what some clients send as deflate)."""
     if coding == "deflate-raw":
         compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
         return compressor.compress(data) + compressor.flush()
     return gzip.compress(data) if coding == "gzip" else zlib.compress(data)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(SLOW, max_examples=60)
 @given(
     body=bodies,
     coding=st.sampled_from(["gzip", "deflate", "deflate-raw"]),
@@ -195,8 +178,8 @@ def test_any_coded_body_gets_a_caption_or_a_json_4xx(
 ) -> None:
     # Whole, cut short by up to 30 bytes, or followed by other bytes: decoded whole or refused.
     content_type, data = body
-    encoded = _encoded(data, coding)
-    sent = encoded[: len(encoded) - cut] + garbage
+    whole = encoded(data, coding)
+    sent = whole[: len(whole) - cut] + garbage
     headers = {"Content-Type": content_type, "Content-Encoding": coding.removesuffix("-raw")}
     status, answer = _send(server_url, sent, headers, {})
     _assert_caption_or_json_4xx(status, answer)
