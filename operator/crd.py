@@ -112,6 +112,10 @@ def structural(node: dict[str, Any], defs: dict[str, Any], *, field: bool = Fals
             out["properties"] = {name: structural(sub, defs, field=True) for name, sub in properties.items()}
         elif isinstance(extra, dict) and extra:
             out["additionalProperties"] = structural(extra, defs)
+        elif len(patterns := node.get("patternProperties") or {}) == 1:
+            # dict[LabelKey, LabelValue]: a structural schema cannot constrain the keys (validation.py
+            # does), but the server checks every value (a string, its pattern and length).
+            out["additionalProperties"] = structural(next(iter(patterns.values())), defs)
         elif extra is not False:  # dict[str, Any]: free-form, like an Affinity
             out["x-kubernetes-preserve-unknown-fields"] = True
     elif node.get("type") == "array":

@@ -42,8 +42,11 @@ MAX_REPLICAS = 1000  # per version and fleet-wide: the autoscalers' bounds are i
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _HF_REPO = r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?"
-_PVC = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+"
-MODEL_PATTERN = rf"^(hf://{_HF_REPO}|pvc://{_PVC}|file:///[^\s]*|{_HF_REPO})$"
+# A path or URL reaches the containers as an environment variable: no spaces, and no control characters
+# (a NUL cannot be passed to a process at all, so the container would never start).
+VISIBLE = r"[^\s\x00-\x1f\x7f]"
+_PVC = rf"[a-z0-9]([-a-z0-9]*[a-z0-9])?/{VISIBLE}+"
+MODEL_PATTERN = rf"^(hf://{_HF_REPO}|pvc://{_PVC}|file:///{VISIBLE}*|{_HF_REPO})$"
 
 
 def _quantity(value: int | str) -> int | str:
@@ -164,9 +167,10 @@ def _extended_resource(name: str) -> str:
     return name
 
 
+# The Field before the validator: pydantic leaves the pattern out of the JSON schema (so out of the CRD)
+# when a validator function comes first.
 ExtendedResource = Annotated[
     str,
-    AfterValidator(_extended_resource),
     Field(
         pattern=QUALIFIED_NAME_PATTERN,
         max_length=316,
@@ -181,6 +185,7 @@ ExtendedResource = Annotated[
             ]
         },
     ),
+    AfterValidator(_extended_resource),
 ]
 
 
@@ -467,7 +472,7 @@ class Cache(SpecModel):
 
     redis_url: str | None = Field(
         default=None,
-        pattern=r"^rediss?://[^\s]+$",
+        pattern=rf"^rediss?://{VISIBLE}+$",
         max_length=1024,
         description="redis:// URL; credentials in it (user-info, query) are Invalid: use redisUrlSecret.",
     )
@@ -524,7 +529,7 @@ class Moderation(SpecModel):
     ``content_blocked`` and is never captioned. Leave out ``moderation`` for none."""
 
     url: str = Field(
-        pattern=r"^https?://[^\s]+$",
+        pattern=rf"^https?://{VISIBLE}+$",
         max_length=2048,
         description="http(s) URL of the moderation service; credentials in it (user-info, query): Invalid.",
     )
@@ -611,7 +616,7 @@ class CaptionModelSpec(SpecModel):
     image: Image | None = Field(
         default=None, description="Runtime and router image; default: the operator's."
     )
-    image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN)]] = Field(
+    image_pull_secrets: list[Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]] = Field(
         default_factory=list
     )
     batching: Batching = Field(default_factory=Batching)

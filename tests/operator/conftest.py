@@ -407,6 +407,16 @@ def _affinity_problems(affinity: Mapping[str, Any], where: str) -> list[str]:
     return problems
 
 
+def _hpa_problems(spec: Mapping[str, Any]) -> list[str]:
+    """ValidateHorizontalPodAutoscalerSpec's bounds (without the HPAScaleToZero feature gate)."""
+    low, high = spec.get("minReplicas", 1), spec.get("maxReplicas", 0)
+    if low < 1:
+        return [f"spec.minReplicas: Invalid value: {low}: must be greater than or equal to 1"]
+    if high < low:
+        return [f"spec.maxReplicas: Invalid value: {high}: must be greater than or equal to `minReplicas`"]
+    return []
+
+
 def pod_template_problems(obj: Mapping[str, Any]) -> list[str]:
     template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
     return pod_spec_problems(template, "spec.template.spec")
@@ -448,6 +458,8 @@ def schema_problems(obj: Mapping[str, Any]) -> list[str]:
         return out_of_range
     if obj.get("kind") == "Pod":
         return pod_spec_problems(obj.get("spec") or {}, "spec")
+    if obj.get("kind") == "HorizontalPodAutoscaler":
+        return _hpa_problems(obj.get("spec") or {})
     return pod_template_problems(obj) if obj.get("kind") == "Deployment" else []
 
 

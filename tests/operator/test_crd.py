@@ -210,6 +210,18 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "toleration key that is no label key": _bad("tolerations/0/key", "bad key!", "does not match"),
     "cache that is not Redis": _bad("cache/redisUrl", "memcached://x", "does not match"),
     "toleration with a bad effect": _bad("tolerations/0/effect", "Sometimes", "is not one of"),
+    # Found by test_admitted.py: the CRD let these through to the operator.
+    "GPU resource that is no resource name": _bad(
+        "resources/gpuResource", "nvidia.com/a gpu", "does not match"
+    ),
+    "node selector value that is no string": _bad("nodeSelector/disktype", 5, "is not of type 'string'"),
+    "node selector value that is no label value": _bad("nodeSelector/disktype", "ssd!", "does not match"),
+    "model path with a NUL": _bad("versions/0/model", "file:///opt/m\x00", "does not match"),
+    "cache URL with a control character": _bad("cache/redisUrl", "redis://r\x1b:6379", "does not match"),
+    "pull secret longer than a name": (
+        _with({"imagePullSecrets": ["s" * 254]}),
+        f"spec/imagePullSecrets/0: {'s' * 254!r} is too long",
+    ),
     "no spec": (
         {"apiVersion": "captionfleet.io/v1alpha1", "kind": "CaptionModel"},
         ": 'spec' is a required property",

@@ -35,6 +35,9 @@ def test_the_examples_have_no_problems(path: Path) -> None:
     assert problems == [] and parsed is not None
 
 
+REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+ODD_TERM = {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"a\x10": "x!"}}}
+
 CASES: list[tuple[str, dict[str, Any], str]] = [
     (
         "weights",
@@ -113,6 +116,18 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "moderation by a bare Service name",
         moderated("http://moderation:8080/check"),
         "spec.moderation.url: 'moderation' is a private",
+    ),
+    # Found by test_admitted.py: a map key is any text, and was written into the message as it came.
+    (
+        "node selector key with a control character",
+        {"versions": [v("a")], "nodeSelector": {"a\x19": "x"}},
+        "spec.nodeSelector['a\\x19'] (the key): String should match pattern",
+    ),
+    (
+        "affinity label key with a control character",
+        {"versions": [v("a")], "affinity": {"podAffinity": {REQUIRED: [ODD_TERM]}}},
+        "spec.affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].labelSelector"
+        ".matchLabels['a\\x10']: 'x!' is not a label value",
     ),
     (
         "long child names",
