@@ -32,7 +32,7 @@ MAX_NAME = 63  # Services and labels: a DNS-1035 label
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    """pydantic's location as a path; a map key that is no plain name (a nodeSelector's, which may be
+    """pydantic's location as a path; a map key that is not printable text (a nodeSelector's may be
     any text) in brackets, escaped, so that the message stays one readable line."""
     path = "spec"
     for part in loc:
@@ -41,7 +41,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
         elif part == "[key]":  # pydantic's mark: the key itself is refused, not its value
             path += " (the key)"
         else:
-            path += f".{part}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) else f"[{part!a}]"
+            path += f".{part}" if part.isprintable() else f"[{part!a}]"
     return path
 
 
