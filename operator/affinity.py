@@ -86,7 +86,8 @@ def _label_selector(selector: Mapping[str, Any], where: str) -> list[str]:
     for key, value in (selector.get("matchLabels") or {}).items():
         problems += _key(key, f"{where}.matchLabels")
         if len(str(value)) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, str(value)):
-            problems.append(f"{where}.matchLabels[{key!a}]: {value!r} is not a label value")
+            shown = key if isinstance(key, str) and key.isprintable() else ascii(key)  # one readable line
+            problems.append(f"{where}.matchLabels[{shown}]: {value!r} is not a label value")
     for i, req in enumerate(selector.get("matchExpressions") or []):
         at = f"{where}.matchExpressions[{i}]"
         problems += _key(req.get("key"), f"{at}.key")

@@ -146,6 +146,20 @@ def relayed_headers(incoming: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
 PROBE_MAX_BYTES = 64 * 1024  # a runtime's /readyz answer is a few hundred bytes
 
 
+async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body of ``response``, or None when it has (or declares) more than ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    chunks = []
+    size = 0
+    async for chunk in response.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def probe_readyz(session: aiohttp.ClientSession, endpoint: str, timeout_s: float) -> bool:
     """Whether ``endpoint`` answers ``GET /readyz`` as a runtime does, within ``timeout_s``: 200 and
     ``{"ready": true, ...}`` (a broken runtime whose port answers anything with a 200 stays out).
@@ -154,13 +168,9 @@ async def probe_readyz(session: aiohttp.ClientSession, endpoint: str, timeout_s:
         async with session.get(
             endpoint + "/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
         ) as response:
-            if response.status != 200 or (response.content_length or 0) > PROBE_MAX_BYTES:
+            body = await read_within(response, PROBE_MAX_BYTES) if response.status == 200 else None
+            if body is None:
                 return False
-            body = b""
-            async for chunk in response.content.iter_any():
-                body += chunk
-                if len(body) > PROBE_MAX_BYTES:
-                    return False
             answer = json.loads(body)
             return isinstance(answer, dict) and answer.get("ready") is True
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, RecursionError):  # bad JSON too
@@ -374,15 +384,11 @@ class Forwarder:
 
     async def read_answer(self, response: aiohttp.ClientResponse, url: str) -> bytes:
         """The whole answer, up to ``max_response_bytes`` (BadUpstreamResponse beyond)."""
-        declared = response.content_length
         limit = self.max_response_bytes
+        content = await read_within(response, limit)
+        if content is not None:
+            return content
+        declared = response.content_length
         if declared is not None and declared > limit:
             raise BadUpstreamResponse(f"the runtime's answer has {declared} bytes; the limit is {limit}")
-        chunks = []
-        size = 0
-        async for chunk in response.content.iter_chunked(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise BadUpstreamResponse(f"the runtime's answer has more than {limit} bytes, the limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        raise BadUpstreamResponse(f"the runtime's answer has more than {limit} bytes, the limit")
