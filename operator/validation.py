@@ -182,7 +182,10 @@ def _moderation(spec: CaptionModelSpec) -> list[str]:
         return [
             "spec.moderation.url: holds credentials, which would be stored in plain text in the Deployments"
         ]
-    host = (urlsplit(moderation.url).hostname or "").rstrip(".").lower()
+    try:
+        host = (urlsplit(moderation.url).hostname or "").rstrip(".").lower()
+    except ValueError as exc:  # an unclosed "[" (IPv6 literal) and the like: no runtime could use it
+        return [f"spec.moderation.url: is not a URL ({exc})"]
     if not moderation.allow_private_addresses and _private_host(host):
         return [
             f"spec.moderation.url: {host!r} is a private, loopback or cluster-internal address, which the "

@@ -112,6 +112,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         moderated("http://10.1.2.3/check"),
         "spec.moderation.url: '10.1.2.3' is a private",
     ),
+    (  # found by test_admitted.py: urlsplit raised in check (no status, a crash loop)
+        "moderation URL with a stray bracket",
+        moderated("http://mod]eration.example.com/check"),
+        "spec.moderation.url: is not a URL (Invalid IPv6 URL)",
+    ),
     (
         "moderation by a bare Service name",
         moderated("http://moderation:8080/check"),
